@@ -1,0 +1,66 @@
+# ECG-R1. On a fresh machine: `make run` (the whole pipeline on the embedded default) and
+# `make test`. Both create what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+DVC_VENV := .venv-dvc
+PY := $(VENV)/bin/python
+export DAGSTER_HOME := $(CURDIR)/.dagster
+export ECG_R1_HOME := $(CURDIR)
+# dvc lives in its own venv: it pins an antlr4 runtime that breaks dagster (../shared/STACK.md).
+export ECG_R1_DVC := $(CURDIR)/$(DVC_VENV)/bin/dvc
+UI_PORT ?= 3000
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup run test test-fast ui mlflow-ui bench lint format clean
+
+setup: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+
+# torch first, from the local CPU wheel; constraints.txt stops pip swapping it for a CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+$(DVC_VENV)/.installed:
+	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
+	$(DVC_VENV)/bin/pip install -q dvc==3.67.1
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+run: setup
+	$(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job
+	$(VENV)/bin/ecg-r1 where
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+ui: setup
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(UI_PORT) -m dagster_project.definitions
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --default-artifact-root $(CURDIR)/mlflow/artifacts
+
+bench: setup
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check ecg_r1 dagster_project tests benchmarks scripts
+	$(VENV)/bin/ruff format --check ecg_r1 dagster_project tests benchmarks scripts
+
+format: setup
+	$(VENV)/bin/ruff check --fix ecg_r1 dagster_project tests benchmarks scripts
+	$(VENV)/bin/ruff format ecg_r1 dagster_project tests benchmarks scripts
+
+clean:
+	rm -rf $(DAGSTER_HOME) .pytest_cache

@@ -1,0 +1,99 @@
+"""The on-disk cohort: a Parquet metadata table beside one memory-mapped signal array.
+
+A cohort folder holds
+
+* ``cohort.parquet``: one row a loaded record (see :data:`COHORT_SCHEMA`); its ``row`` column
+  indexes the signal array;
+* ``signals.f32`` + ``signals.json``: all signals as one float32 array of shape
+  (n_records, 12, 5000) in millivolts, opened with :func:`open_signals` as a read-only
+  ``numpy.memmap`` so 100,000 records never become 100,000 Python objects;
+* ``quarantine.parquet``: one row a refused record, with its source path and reason;
+* ``summary.json``: the ingest summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ecg_r1.canonical import LEADS, N_SAMPLES
+
+SIGNALS_FILE = "signals.f32"
+SIGNALS_META = "signals.json"
+COHORT_FILE = "cohort.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+SUMMARY_FILE = "summary.json"
+
+LABELS = ("ischemic", "non-ischemic", "unknown")
+
+# The cohort table every reader fills and every later stage reads.
+COHORT_SCHEMA: dict[str, pl.DataType] = {
+    "record_id": pl.String,  # unique in the cohort, prefixed by its source ("cinc2021/E00666")
+    "patient_id": pl.String,  # the record id where the source has no patient ids
+    "hospital": pl.String,
+    "source_format": pl.String,  # ptbxl | cinc | ludb | manifest
+    "source_path": pl.String,
+    "checksum": pl.String,  # sha256 of the signal file
+    "source_fs": pl.Float64,
+    "source_gain": pl.Float64,  # median ADC gain (units per mV) over the leads
+    "derived_leads": pl.String,  # comma-joined leads derived from I and II
+    "cropped_samples": pl.Int64,
+    "padded_samples": pl.Int64,
+    "age": pl.Float64,
+    "sex": pl.String,  # "M" | "F" | null
+    "note": pl.String,  # clinical text as the source has it (complaint, history, troponin...)
+    "report": pl.String,  # the ECG report where the source has one (never shown to the model)
+    "raw_codes": pl.String,  # the codes / statements the label was derived from
+    "twi": pl.Boolean,  # in the T-wave-inversion cohort
+    "twi_leads": pl.String,  # comma-joined leads with TWI where the source says or it is measured
+    "label": pl.String,  # one of LABELS
+    "row": pl.Int64,  # index into the signal array
+}
+
+
+def signal_nbytes() -> int:
+    return len(LEADS) * N_SAMPLES * 4
+
+
+def open_signals(cohort_dir: str | Path) -> np.ndarray:
+    """Open a cohort's signals read-only as a memmap of shape (n_records, 12, 5000)."""
+    meta = json.loads((Path(cohort_dir) / SIGNALS_META).read_text())
+    shape = tuple(meta["shape"])
+    if shape[0] == 0:
+        return np.zeros(shape, dtype=np.float32)
+    return np.memmap(Path(cohort_dir) / SIGNALS_FILE, dtype=np.float32, mode="r", shape=shape)
+
+
+class SignalWriter:
+    """Appends canonical signals to a cohort folder's signal file; returns each one's row."""
+
+    def __init__(self, cohort_dir: str | Path) -> None:
+        self.dir = Path(cohort_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.dir / SIGNALS_FILE, "wb")  # noqa: SIM115 - closed in close()
+        self.rows = 0
+
+    def append(self, signal: np.ndarray) -> int:
+        if signal.shape != (len(LEADS), N_SAMPLES) or signal.dtype != np.float32:
+            raise ValueError(f"expected float32 {(len(LEADS), N_SAMPLES)}, got {signal.dtype} {signal.shape}")
+        self._file.write(signal.tobytes())
+        self.rows += 1
+        return self.rows - 1
+
+    def close(self) -> None:
+        self._file.close()
+        meta = {"dtype": "float32", "shape": [self.rows, len(LEADS), N_SAMPLES], "leads": list(LEADS)}
+        (self.dir / SIGNALS_META).write_text(json.dumps(meta))
+
+    def __enter__(self) -> SignalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_cohort(cohort_dir: str | Path) -> pl.DataFrame:
+    return pl.read_parquet(Path(cohort_dir) / COHORT_FILE)
