@@ -1,0 +1,1 @@
+"""Assets, one module a pipeline stage (data, images, models, evaluation); discovered automatically."""

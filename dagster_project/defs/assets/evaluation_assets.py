@@ -1,0 +1,381 @@
+"""Evaluation: reference baselines, the model comparison, and the promotion of new model versions.
+
+* ``reference_baselines``: majority class and the feature baseline, fitted on the training split.
+* ``model_comparison``: :func:`ecg_r1.comparison.run_comparison` on the model assets' stage
+  folders (``data/models/<asset>/``); the metrics go onto each model version's MLflow run (the
+  MLflow UI compares versions side by side), the table and plots into an ``evaluation`` run.
+* ``model_promotion``: per registered model, the new version (challenger) against the current
+  ``champion`` on the cross-hospital split, by :func:`ecg_r1.promotion.decide_promotion`; the
+  decision and its figures are written on the version (:func:`ecg_r1.promotion.record_decision`).
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from dagster_project.defs.assets.data_assets import markdown_table
+from dagster_project.defs.assets.image_assets import _inline_png
+from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
+from ecg_r1 import comparison as comparison_lib
+from ecg_r1 import tracking
+from ecg_r1.evaluate import Predictions, align
+from ecg_r1.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
+from ecg_r1.split import TEST_EXTERNAL, TRAIN, VAL
+
+GROUP = "evaluation"
+EVALUATION_DIR = "evaluation"  # under the data folder: the reports are versioned with the data
+BASELINES_ASSET = "reference_baselines"
+REGISTRY_FILE = "registered.json"  # row name -> "model-name/version" of this comparison
+VERSION_PREDICTIONS = "evaluation/predictions.parquet"  # on each version's run, for later champions
+MODEL_ASSETS = ("sft_model", "grpo_model", "grpo_from_sft_model")
+
+
+class BaselineConfig(dg.Config):
+    """The feature baseline's hyperparameters."""
+
+    seed: int = Field(default=0, description="Random state of the gradient boosting.")
+    max_iter: int = Field(default=300, description="Boosting rounds.")
+    learning_rate: float = Field(default=0.05, description="Boosting learning rate.")
+    use_note: bool = Field(default=True, description="Use the note's word flags.")
+
+
+class ComparisonConfig(dg.Config):
+    """Which models are compared, and how."""
+
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"GRPO": "grpo_model", "GRPO from SFT": "grpo_from_sft_model", "SFT": "sft_model"},
+        description="Row name -> model asset (its stage folder data/models/<asset>/), in table order.",
+    )
+    pairs: list[list[str]] = Field(
+        default_factory=lambda: [["GRPO", "SFT"], ["GRPO from SFT", "SFT"]],
+        description="Paired comparisons [A, B] on the same cases.",
+    )
+    profile: str = Field(default="tiny", description="Model profile of the compared models.")
+    n_boot: int = Field(default=2000, description="Bootstrap resamples per interval.")
+    batch_size: int = Field(default=8, description="Examples per forward pass.")
+    max_new_tokens: int = Field(default=0, description="Completion cap; 0: the profile's.")
+    seed: int = Field(default=0, description="Seed of the bootstrap and of the cases shown.")
+    n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
+
+
+class PromotionConfig(dg.Config):
+    """The promotion rule (see ``ecg_r1.promotion``) and the rows whose new versions are judged."""
+
+    candidates: list[str] = Field(
+        default_factory=lambda: ["SFT", "GRPO"],
+        description="Comparison rows whose registered versions are challengers, in this order.",
+    )
+    test: str = Field(default="mcnemar", description="mcnemar | paired_bootstrap.")
+    alpha: float = Field(default=0.05, description="Significance level of the two-sided paired test.")
+    margin: float = Field(default=0.0, description="Non-inferiority margin (paired_bootstrap only).")
+    n_boot: int = Field(default=2000, description="Paired bootstrap resamples.")
+    seed: int = Field(default=0, description="Resampling seed.")
+
+
+def evaluation_dir(layout: DataLayout) -> Path:
+    return layout.data / EVALUATION_DIR
+
+
+def _registered(stage_dir: Path | None) -> tuple[str, int] | None:
+    """(model name, version) a training stage registered, or None."""
+    if stage_dir is None:
+        return None
+    from ecg_r1.training.stages import read_result
+
+    result = read_result(stage_dir)
+    if result is None or not result.registered:
+        return None
+    name, version = result.registered.rsplit("/", 1)
+    return name, int(version)
+
+
+@dg.asset(group_name=GROUP, deps=[dg.AssetKey("ecg_images")], kinds={"python", "scikitlearn"})
+def reference_baselines(
+    context: dg.AssetExecutionContext, config: BaselineConfig, layout: DataLayout, dvc: DvcResource
+) -> dg.MaterializeResult:
+    """The majority class and the feature baseline (gradient boosting on measured ECG features and
+    the clinical fields), fitted on the training split; validation accuracy in metadata."""
+    from ecg_r1.baselines import FeatureBaseline, MajorityBaseline
+    from ecg_r1.evaluate import evaluate_predictions
+
+    train, val = (
+        comparison_lib.add_features(
+            comparison_lib.evaluation_cases(layout.cohort, layout.splits / "splits.parquet", layout.images, s),
+            layout.cohort,
+        )
+        for s in (TRAIN, VAL)
+    )
+    baselines = comparison_lib.ReferenceBaselines(
+        MajorityBaseline().fit(train),
+        FeatureBaseline(
+            seed=config.seed, max_iter=config.max_iter, learning_rate=config.learning_rate, use_note=config.use_note
+        ).fit(train),
+    )
+    out = layout.models / BASELINES_ASSET
+    files = baselines.save(out)
+    feature_val = evaluate_predictions(baselines.feature.predict(val), val, n_boot=0)
+    majority_val = evaluate_predictions(baselines.majority.predict(val), val, n_boot=0)
+    context.log.info(f"feature baseline validation accuracy {feature_val.accuracy.value:.3f}")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "files": ", ".join(p.name for p in files.values()),
+            "train_cases": train.height,
+            "train_prevalence": baselines.majority.prevalence,
+            "val_cases": val.height,
+            "feature_baseline_val_accuracy": feature_val.accuracy.value,
+            "feature_baseline_val_auroc": feature_val.auroc.value,
+            "majority_val_accuracy": majority_val.accuracy.value,
+            **dvc.record(context),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[reference_baselines, *(dg.AssetKey(name) for name in MODEL_ASSETS)],
+    kinds={"python", "mlflow"},
+)
+def model_comparison(
+    context: dg.AssetExecutionContext,
+    config: ComparisonConfig,
+    layout: DataLayout,
+    dvc: DvcResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """Every model and reference row on the internal and cross-hospital test splits (n, 95 % CIs,
+    per hospital, paired comparisons); metrics logged on each model version's MLflow run."""
+    import mlflow as mlflow_lib
+
+    folders = {}
+    for name, asset in config.models.items():
+        folder = layout.models / asset
+        if not (folder / comparison_lib.RESULT_FILE).is_file():
+            raise dg.Failure(f"{folder} holds no finished training stage (result.json): materialize {asset} first")
+        folders[name] = folder
+    out = evaluation_dir(layout)
+    truth = layout.simulated / "truth.parquet"
+    splits_path = layout.splits / "splits.parquet"
+    truth_path = truth if truth.is_file() and _truth_covers(truth, layout, splits_path) else None
+    if truth_path is None:
+        context.log.info("no simulator truth for these cases: the table has no Bayes ceiling row")
+    result = comparison_lib.run_comparison(
+        folders,
+        config.profile,
+        layout.cohort,
+        splits_path,
+        layout.images,
+        out,
+        truth_path=truth_path,
+        seed=config.seed,
+        baselines_dir=layout.models / BASELINES_ASSET,
+        pairs=[(a, b) for a, b in config.pairs if a in folders and b in folders],
+        n_boot=config.n_boot,
+        batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens or None,
+        n_case_figures=config.n_case_figures,
+    )
+    provenance = dvc.record(context)
+    uri = mlflow.configure()
+    registered: dict[str, str] = {}
+    version_runs: dict[str, str] = {}
+    for name in folders:
+        found = _registered(result.stages[name])
+        if found is None:
+            context.log.warning(f"{name}: its stage registered no model version; metrics not logged on a version")
+            continue
+        model_name, version = found
+        registered[name] = f"{model_name}/{version}"
+        run_id = tracking.log_version_metrics(
+            model_name,
+            version,
+            result.model_metrics(name),
+            tags={"evaluation.data_version": provenance["data_version"], "evaluation.row": name},
+        )
+        # The fixed name lets a later promotion read this version's answers as the champion's.
+        _log_as(run_id, result.files[f"predictions_{comparison_lib.slug(name)}"], VERSION_PREDICTIONS)
+        version_runs[name] = run_id
+    (out / REGISTRY_FILE).write_text(json.dumps(registered, indent=2))
+
+    with tracking.start_or_resume_run(config.profile, "evaluation", tags={"stage": "evaluation"}) as run:
+        tracking.log_params_flat(
+            {
+                "models": {n: registered.get(n, str(f)) for n, f in folders.items()},
+                "n_boot": config.n_boot,
+                "seed": config.seed,
+                **provenance,
+            },
+            prefix="evaluation.",
+        )
+        figures = {k: v for k, v in result.figures().items() if v == v}  # NaN: not chartable
+        mlflow_lib.log_metrics({k.replace(" ", "_"): v for k, v in figures.items()})
+        mlflow_lib.log_artifacts(str(out), "evaluation")
+        evaluation_run = run.info.run_id
+
+    metadata = {
+        "path": dg.MetadataValue.path(str(out)),
+        "comparison": dg.MetadataValue.md(result.table),
+        "tracking_uri": uri,
+        "evaluation_run_id": evaluation_run,
+        "evaluation_run": dg.MetadataValue.url(mlflow.run_url(evaluation_run)),
+        "registered_versions": ", ".join(f"{n}: {v}" for n, v in registered.items()) or "none",
+        **{f"run_id_{comparison_lib.slug(n)}": r for n, r in version_runs.items()},
+        **provenance,
+    }
+    for name in folders:
+        for split in comparison_lib.EVAL_SPLITS:
+            m = result.results[name][split]
+            key = f"{comparison_lib.slug(name)}_{split}"
+            metadata[f"{key}_accuracy"] = m.accuracy.value
+            metadata[f"{key}_valid_rate"] = m.valid_rate.value
+            metadata[f"{key}_n"] = m.n
+    for key, path in result.plots.items():
+        metadata[f"plot_{key}"] = dg.MetadataValue.md(_inline_png(path))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _truth_covers(truth: Path, layout: DataLayout, splits_path: Path) -> bool:
+    """The simulator's truth knows every split record (it does not after ingesting real data)."""
+    known = set(pl.read_parquet(truth, columns=["record_id"])["record_id"].to_list())
+    wanted = pl.read_parquet(splits_path, columns=["record_id"])["record_id"].to_list()
+    return all(rid in known for rid in wanted)
+
+
+def _log_as(run_id: str, path: Path, artifact_file: str) -> None:
+    from mlflow import MlflowClient
+
+    parent, name = artifact_file.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / name
+        copy.write_bytes(path.read_bytes())
+        MlflowClient().log_artifact(run_id, str(copy), parent)
+
+
+@dg.asset_check(
+    asset=model_comparison,
+    blocking=True,
+    description="Every model's accuracy and valid rate are finite on both test splits, with n > 0.",
+)
+def check_evaluation_metrics_finite(layout: DataLayout) -> dg.AssetCheckResult:
+    metrics = comparison_lib.read_metrics(evaluation_dir(layout))
+    bad = [
+        f"{r['name']} {r['split']}"
+        for r in metrics["rows"]
+        if r["kind"] == "measured" and (r["accuracy"] is None or r["valid_rate"] is None or not r["n"])
+    ]
+    measured = [r for r in metrics["rows"] if r["kind"] == "measured"]
+    return dg.AssetCheckResult(
+        passed=bool(measured) and not bad,
+        metadata={
+            "measured_rows": len(measured),
+            "rows_not_finite": ", ".join(bad) or "none",
+            "test_internal_n": metrics["splits"]["test_internal"]["n"],
+            "test_external_n": metrics["splits"]["test_external"]["n"],
+        },
+    )
+
+
+def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, profile: str) -> Predictions:
+    """The champion's answers on the cases: from its run's evaluation, else predicted anew."""
+    import mlflow
+
+    run_id = tracking.version_run_id(model_name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=VERSION_PREDICTIONS, dst_path=tmp)
+            saved = Predictions.from_frame(f"{model_name} v{version}", pl.read_parquet(local))
+            align(saved, cases)  # raises when the saved answers miss some of these cases
+            return saved
+        except (OSError, ValueError, mlflow.exceptions.MlflowException):
+            pass  # evaluated on other cases (new data) or never: predict below
+    folder = tracking.load_registered(f"models:/{model_name}/{version}")
+    predictions, _ = comparison_lib.predict_cases(folder, profile, cases, name=f"{model_name} v{version}")
+    return predictions
+
+
+@dg.asset(group_name=GROUP, deps=[model_comparison], kinds={"python", "mlflow"})
+def model_promotion(
+    context: dg.AssetExecutionContext, config: PromotionConfig, layout: DataLayout, mlflow: MlflowResource
+) -> dg.MaterializeResult:
+    """Per registered model, the new version (challenger) becomes champion unless its cross-hospital
+    accuracy is significantly worse than the champion's on the same cases (paired test)."""
+    mlflow.configure()
+    try:
+        rule = PromotionRule(
+            split=TEST_EXTERNAL,
+            test=config.test,
+            alpha=config.alpha,
+            margin=config.margin,
+            n_boot=config.n_boot,
+            seed=config.seed,
+        )
+    except ValueError as error:
+        raise dg.Failure(f"invalid promotion rule: {error}") from error
+    out = evaluation_dir(layout)
+    registered = json.loads((out / REGISTRY_FILE).read_text()) if (out / REGISTRY_FILE).is_file() else {}
+    all_cases = pl.read_parquet(out / comparison_lib.CASES_FILE)
+    cases = all_cases.filter(pl.col("split") == TEST_EXTERNAL)
+    profile = json.loads((out / comparison_lib.METRICS_FILE).read_text()).get("profile", "tiny")
+    rows, metadata = [], {}
+    for name in config.candidates:
+        if name not in registered:
+            context.log.warning(f"{name}: no registered version in this comparison; nothing to promote")
+            continue
+        model_name, version = registered[name].rsplit("/", 1)
+        challenger = comparison_lib.read_predictions(out, name)
+        y, challenger_pred, _ = align(challenger, cases)
+        champion = tracking.alias_version(model_name, CHAMPION)
+        champion_pred = None
+        if champion is not None and champion != int(version):
+            saved = _champion_predictions(model_name, champion, cases, profile)
+            champion_pred = align(saved, cases)[1]
+        elif champion == int(version):
+            context.log.info(f"{model_name} v{version} is already champion")
+        decision = decide_promotion(y, champion_pred, challenger_pred, rule)
+        record_decision(model_name, version, decision)
+        context.log.info(f"{model_name} v{version}: {decision.reason}")
+        rows.append(
+            {
+                "model": model_name,
+                "challenger": int(version),
+                "champion_before": champion,
+                "decision": "promoted" if decision.promote else "refused",
+                "champion_after": tracking.alias_version(model_name, CHAMPION),
+                "challenger_accuracy": decision.figures.get("challenger_accuracy"),
+                "champion_accuracy": decision.figures.get("champion_accuracy"),
+                "p_mid": decision.figures.get("mcnemar_p_mid"),
+            }
+        )
+        slug = comparison_lib.slug(model_name)
+        metadata[f"{slug}_decision"] = rows[-1]["decision"]
+        metadata[f"{slug}_reason"] = decision.reason
+        metadata[f"{slug}_champion"] = rows[-1]["champion_after"]
+        metadata |= {
+            f"{slug}_{k}": v for k, v in decision.figures.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    (out / "promotion.json").write_text(json.dumps(rows, indent=2, default=str))
+    table = markdown_table(pl.DataFrame(rows)) if rows else "(no registered versions to judge)"
+    return dg.MaterializeResult(
+        metadata={
+            "decisions": dg.MetadataValue.md(table),
+            "rule": f"{rule.test}, alpha {rule.alpha}, margin {rule.margin}, split {rule.split}",
+            "cases": cases.height,
+            **metadata,
+        }
+    )
+
+
+@dg.asset_check(asset=model_promotion, description="Every judged model has a champion after promotion.")
+def check_every_judged_model_has_a_champion(layout: DataLayout, mlflow: MlflowResource) -> dg.AssetCheckResult:
+    mlflow.configure()
+    path = evaluation_dir(layout) / "promotion.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    missing = sorted({r["model"] for r in rows if tracking.alias_version(r["model"], CHAMPION) is None})
+    return dg.AssetCheckResult(
+        passed=not missing,
+        metadata={"judged": len(rows), "without_champion": ", ".join(missing) or "none"},
+    )

@@ -1,0 +1,201 @@
+"""Training stages as assets: base model -> vision pre-training -> format warm-up -> GRPO, and the
+SFT baseline (plus GRPO from SFT, the common R1 recipe, for comparison).
+
+Each asset is one call of an ``ecg_r1.training.stages`` function writing ``data/models/<asset>/``
+(``model/``, ``checkpoints/``, ``result.json``); a run killed part-way resumes from its last
+checkpoint when the asset is materialized again. Hyperparameters live in the profile YAML
+(``ecg_r1/configs/profiles``); the config classes here only name the profile and override steps
+or seed.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from dagster_project.defs.assets.image_assets import ecg_images
+from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
+from ecg_r1.split import SPLITS_FILE
+from ecg_r1.training import stages
+
+GROUP = "models"
+MODEL_DIR = stages.MODEL
+
+
+class StageConfig(dg.Config):
+    """Which profile trains, and overrides of its stage settings."""
+
+    profile: str = Field(default="tiny", description="Profile name or YAML path (ecg_r1/configs/profiles).")
+    max_steps: int = Field(default=0, description="Optimiser steps; 0: the profile's setting.")
+    seed: int = Field(default=-1, description="Random seed; -1: the profile's seed.")
+
+
+def _data(layout: DataLayout) -> dict[str, Path]:
+    return {
+        "cohort_dir": layout.cohort,
+        "splits_path": layout.splits / SPLITS_FILE,
+        "images_dir": layout.images,
+    }
+
+
+def _overrides(config: StageConfig) -> dict:
+    return {
+        "max_steps": config.max_steps or None,
+        "seed": None if config.seed < 0 else config.seed,
+    }
+
+
+def stage_dir(layout: DataLayout, asset_name: str) -> Path:
+    return layout.models / asset_name
+
+
+def model_folder(layout: DataLayout, asset_name: str) -> Path:
+    """The model folder an upstream asset left (a finished stage's, or the base model's)."""
+    result = stages.read_result(stage_dir(layout, asset_name))
+    folder = Path(result.model_dir) if result else stage_dir(layout, asset_name) / MODEL_DIR
+    if not (folder / "config.json").is_file():
+        raise dg.Failure(f"{asset_name} has no finished model in {folder}; materialize {asset_name} first")
+    return folder
+
+
+def _metadata(result: stages.StageResult, mlflow: MlflowResource, extra: dict) -> dict:
+    finals = {
+        f"final_{key.replace('/', '_')}": round(float(value), 4)
+        for key, value in result.metrics.items()
+        if key.startswith(("rewards/", "reward", "loss", "kl", "completions/mean_length", "format_valid"))
+        or key.endswith("accuracy")
+    }
+    return {
+        "model_dir": dg.MetadataValue.path(str(result.model_dir)),
+        "mlflow_run_id": result.run_id or "none",
+        "mlflow_run": dg.MetadataValue.url(mlflow.run_url(result.run_id)) if result.run_id else "none",
+        "registered_version": result.registered or "not registered",
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "training_seconds": round(result.seconds, 1),
+        "seconds_per_step": round(result.seconds_per_step, 3),
+        "samples_per_s": round(result.samples_per_second, 2),
+        "peak_rss_mb": round(result.peak_rss_mb, 1),
+        **finals,
+        **extra,
+    }
+
+
+def _train(
+    context: dg.AssetExecutionContext,
+    stage: str,
+    start_asset: str | None,
+    config: StageConfig,
+    layout: DataLayout,
+    dvc: DvcResource,
+    mlflow: MlflowResource,
+    **kwargs,
+) -> dg.MaterializeResult:
+    mlflow.configure()
+    out_dir = stage_dir(layout, context.asset_key.path[-1])
+    start = model_folder(layout, start_asset) if start_asset else None
+    run = stages.stage_function(stage)
+    result = run(
+        config.profile,
+        start,
+        out_dir=out_dir,
+        repo_root=layout.root,
+        run_name=context.asset_key.path[-1],
+        **_data(layout),
+        **_overrides(config),
+        **kwargs,
+    )
+    context.log.info(f"{stage}: {result.steps} steps in {result.seconds:.0f} s, run {result.run_id}")
+    return dg.MaterializeResult(
+        metadata=_metadata(
+            result, mlflow, {"profile": config.profile, "start_model": str(start)} | dvc.record(context)
+        )
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[ecg_images], kinds={"pytorch"})
+def base_model(
+    context: dg.AssetExecutionContext, config: StageConfig, layout: DataLayout, dvc: DvcResource
+) -> dg.MaterializeResult:
+    """The profile's starting model: for ``tiny`` a random-init Qwen2-VL with a tokenizer trained on
+    the training split's texts; for hub profiles the pretrained checkpoint."""
+    out_dir = stage_dir(layout, "base_model")
+    shutil.rmtree(out_dir, ignore_errors=True)  # a new cohort means a new tokenizer
+    folder = stages.build_start_model(config.profile, out_dir=out_dir / MODEL_DIR, **_data(layout))
+    info_file = folder / "ecg_r1_model.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return dg.MaterializeResult(
+        metadata={
+            "model_dir": dg.MetadataValue.path(str(folder)),
+            "profile": config.profile,
+            **{k: v for k, v in info.items() if isinstance(v, int | float | str)},
+            **dvc.record(context),
+        }
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[base_model], kinds={"pytorch", "mlflow"})
+def vision_pretrained_model(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    layout: DataLayout,
+    dvc: DvcResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """Signal-grounded vision pre-training: the vision tower learns measurements of the raw signal
+    (TWI leads, ST level, QRS width and voltage) from the rendered page; no ischemia label."""
+    return _train(context, "vision", "base_model", config, layout, dvc, mlflow)
+
+
+@dg.asset(group_name=GROUP, deps=[vision_pretrained_model], kinds={"pytorch", "mlflow"})
+def format_warmup_model(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    layout: DataLayout,
+    dvc: DvcResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """Label-free format warm-up: the output contract with the answer masked out of the loss (or at
+    random), so any accuracy GRPO reaches is learned by reinforcement."""
+    return _train(context, "warmup", "vision_pretrained_model", config, layout, dvc, mlflow)
+
+
+@dg.asset(group_name=GROUP, deps=[format_warmup_model], kinds={"pytorch", "mlflow"})
+def grpo_model(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    layout: DataLayout,
+    dvc: DvcResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """GRPO (format + accuracy rewards, grounding switchable) from the warm-up model; registers a
+    version of ``ecg-r1-grpo``."""
+    return _train(context, "grpo", "format_warmup_model", config, layout, dvc, mlflow)
+
+
+@dg.asset(group_name=GROUP, deps=[vision_pretrained_model], kinds={"pytorch", "mlflow"})
+def sft_model(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    layout: DataLayout,
+    dvc: DvcResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """The SFT baseline (TRL SFTTrainer) from the vision-pre-trained model; registers a version of
+    ``ecg-r1-sft``."""
+    return _train(context, "sft", "vision_pretrained_model", config, layout, dvc, mlflow)
+
+
+@dg.asset(group_name=GROUP, deps=[sft_model], kinds={"pytorch", "mlflow"})
+def grpo_from_sft_model(
+    context: dg.AssetExecutionContext,
+    config: StageConfig,
+    layout: DataLayout,
+    dvc: DvcResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """GRPO from the SFT model (the common R1 recipe), for comparison; not registered, so the
+    registry's ``ecg-r1-grpo`` versions stay the paper's recipe."""
+    return _train(context, "grpo", "sft_model", config, layout, dvc, mlflow, register=False)
