@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ecg_r1.canonical import LEADS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -192,10 +194,8 @@ def describe_patient(age: float | int | None, sex: str | None, note: str | None)
     Returns:
         Three lines: age, sex, clinical note.
     """
-    if age is None or age != age:  # NaN from a pandas/polars null
-        age_text = "unknown"
-    else:
-        age_text = f"{float(age):.0f} years"
+    # age != age is NaN, how pandas hands over a null.
+    age_text = "unknown" if age is None or age != age else f"{float(age):.0f} years"
     sex_key = (sex or "").strip().lower()
     sex_text = {"m": "male", "male": "male", "f": "female", "female": "female"}.get(sex_key, "unknown")
     note_text = (note or "").strip() or "none given"
@@ -348,20 +348,23 @@ _TERRITORIES = (
 )
 
 
-def rationale_from_findings(twi_leads: str | Iterable[str] | None, features_row: Mapping[str, Any] | None = None) -> str:
+def rationale_from_findings(
+    twi_leads: str | Iterable[str] | None, features_row: Mapping[str, Any] | None = None
+) -> str:
     """Build a short reasoning text from known or measured findings, for SFT targets.
 
     The rationale states findings only (leads with TWI, their territory, measured values when
-    given); it never states the label, so a model trained on it still has to decide.
+    given); it never states the label, so a model trained on it still has to decide. Only the
+    TWI sentence names leads, so a model imitating it is not pushed to name other leads (which
+    the grounding reward would count against it).
 
     Args:
         twi_leads: the leads with TWI (comma-joined string or list), known on simulated cases or
-            measured from the signal.
-        features_row: optional measured features; the keys read when present (others ignored):
-            ``st_max_mv`` / ``st_min_mv`` (largest ST elevation / depression, mV), ``qrs_ms``
-            (QRS duration), ``t_min_mv`` (deepest T wave, mV), ``t_symmetry`` (0..1, 1 =
-            symmetric), ``qrs_voltage_mv`` (largest QRS amplitude), ``heart_rate`` (bpm).
-            None values and NaN are skipped.
+            measured from the signal (``twi_leads`` of :func:`ecg_r1.features.measure_features`).
+        features_row: optional row of :func:`ecg_r1.features.measure_features`; read when present
+            (None and NaN skipped): ``hr_bpm``, ``qrs_ms``, ``qt_ms``, ``t_amp_<lead>`` (deepest T
+            over the TWI leads), ``t_sym_<lead>`` (mean over the TWI leads), ``st_<lead>`` and
+            ``qrs_amp_<lead>`` (extremes over all leads).
 
     Returns:
         One or a few sentences, e.g. "T-wave inversion in V1-V4 (anterior). QRS 96 ms."
@@ -375,7 +378,7 @@ def rationale_from_findings(twi_leads: str | Iterable[str] | None, features_row:
     else:
         sentences = ["No lead-level T-wave inversion findings are available."]
     if features_row:
-        sentences.extend(_feature_sentences(features_row))
+        sentences.extend(_feature_sentences(features_row, leads))
     return " ".join(sentences)
 
 
@@ -390,21 +393,33 @@ def _number(row: Mapping[str, Any], key: str) -> float | None:
     return None if number != number else number
 
 
-def _feature_sentences(row: Mapping[str, Any]) -> list[str]:
+def _over_leads(row: Mapping[str, Any], prefix: str, leads: Iterable[str]) -> list[float]:
+    return [v for lead in leads if (v := _number(row, f"{prefix}{lead}")) is not None]
+
+
+# A T wave whose rise and fall last within this ratio of each other is called symmetric.
+_SYMMETRY_RATIO = 1.3
+
+
+def _feature_sentences(row: Mapping[str, Any], twi: list[str]) -> list[str]:
     out = []
-    if (rate := _number(row, "heart_rate")) is not None:
+    if (rate := _number(row, "hr_bpm")) is not None:
         out.append(f"Heart rate {rate:.0f} bpm.")
-    if (depth := _number(row, "t_min_mv")) is not None:
-        out.append(f"Deepest T wave {depth:.2f} mV.")
-    if (symmetry := _number(row, "t_symmetry")) is not None:
-        out.append(f"T waves {'symmetric' if symmetry >= 0.5 else 'asymmetric'}.")
-    st_up, st_down = _number(row, "st_max_mv"), _number(row, "st_min_mv")
-    if st_up is not None and st_up >= 0.1:
-        out.append(f"ST elevation up to {st_up:.2f} mV.")
-    if st_down is not None and st_down <= -0.05:
-        out.append(f"ST depression down to {st_down:.2f} mV.")
+    if twi and (depths := _over_leads(row, "t_amp_", twi)):
+        out.append(f"Deepest T wave {min(depths):.2f} mV.")
+    if twi and (ratios := [r for r in _over_leads(row, "t_sym_", twi) if r > 0]):
+        ratio = float(np.exp(np.mean(np.log(ratios))))  # geometric mean: ratios are scale-free
+        shape = "symmetric" if 1 / _SYMMETRY_RATIO <= ratio <= _SYMMETRY_RATIO else "asymmetric"
+        out.append(f"Inverted T waves {shape} (limb ratio {ratio:.1f}).")
+    st = _over_leads(row, "st_", LEADS)
+    if st and max(st) >= 0.1:
+        out.append(f"ST elevation up to {max(st):.2f} mV.")
+    if st and min(st) <= -0.05:
+        out.append(f"ST depression down to {min(st):.2f} mV.")
     if (qrs := _number(row, "qrs_ms")) is not None:
         out.append(f"QRS {qrs:.0f} ms{' (wide)' if qrs >= 120 else ''}.")
-    if (voltage := _number(row, "qrs_voltage_mv")) is not None:
-        out.append(f"QRS voltage up to {voltage:.1f} mV.")
+    if (qt := _number(row, "qt_ms")) is not None:
+        out.append(f"QT {qt:.0f} ms.")
+    if voltages := _over_leads(row, "qrs_amp_", LEADS):
+        out.append(f"QRS voltage up to {max(voltages):.1f} mV.")
     return out

@@ -1,0 +1,252 @@
+"""Generation, P(Yes) at the answer position, and ``ecg-r1 predict`` on a written WFDB record.
+
+Uses a smaller variant of the tiny profile (same architecture, smaller sizes) to stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ecg_r1 import inference
+from ecg_r1.models import build_base_model, corpus_from_cases, load_model_and_processor, load_profile
+from ecg_r1.prompts import YES
+
+CASES = [{"age": 50 + i, "sex": "F", "note": f"Troponin {i}.", "twi_leads": "V2,V3"} for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def small_profile_path(tmp_path_factory) -> Path:
+    raw = yaml.safe_load(load_profile("tiny").path.read_text())
+    raw["name"] = "tiny"
+    raw["model"]["tiny"]["text"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    raw["model"]["tiny"]["vision"].update(embed_dim=32, depth=1, num_heads=2)
+    raw["model"]["tiny"]["tokenizer"]["vocab_size"] = 300
+    path = tmp_path_factory.mktemp("profile") / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(small_profile_path, tmp_path_factory) -> Path:
+    profile = load_profile(small_profile_path)
+    return build_base_model(profile, corpus_from_cases(CASES), tmp_path_factory.mktemp("model") / "base")
+
+
+@pytest.fixture
+def loaded(model_dir, small_profile_path):
+    return load_model_and_processor(model_dir, load_profile(small_profile_path))
+
+
+def page(seed: int):
+    from ecg_r1.render import render_page
+
+    signal = np.random.default_rng(seed).normal(0, 0.3, (12, 5000)).astype(np.float32)
+    return render_page(signal, load_profile("tiny").render_config())
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [
+        {"image": page(i), "age": 40 + 9 * i, "sex": "MF"[i % 2], "note": "chest pain " * i} for i in range(3)
+    ]
+
+
+class TestGenerate:
+    def test_one_string_per_example_and_batching_does_not_change_greedy_output(self, loaded, examples):
+        model, processor = loaded
+        batched = inference.generate(model, processor, examples, max_new_tokens=8, batch_size=3)
+        single = [inference.generate(model, processor, [ex], max_new_tokens=8)[0] for ex in examples]
+        assert len(batched) == 3 and all(isinstance(text, str) for text in batched)
+        assert batched == single
+        assert processor.tokenizer.padding_side == "right"  # restored after generation
+
+    def test_sampling_is_reproducible_with_a_seed(self, loaded, examples):
+        model, processor = loaded
+        first = inference.generate(model, processor, examples[:2], max_new_tokens=8, temperature=1.0, seed=3)
+        again = inference.generate(model, processor, examples[:2], max_new_tokens=8, temperature=1.0, seed=3)
+        assert first == again
+
+    def test_example_without_image_is_refused(self, loaded):
+        model, processor = loaded
+        with pytest.raises(ValueError, match="needs an 'image'"):
+            inference.generate(model, processor, [{"age": 1, "sex": "M", "note": ""}])
+
+
+class TestForcedAnswerPrefix:
+    @pytest.mark.parametrize(
+        "completion,prefix",
+        [
+            ("<think>TWI V1</think><answer>No</answer>", "<think>TWI V1</think><answer>"),
+            ("<think>cut off", "<think>cut off</think><answer>"),
+            ("<answer>Yes</answer>", "<think></think><answer>"),
+            ("free text", "<think>free text</think><answer>"),
+        ],
+    )
+    def test_keeps_the_reasoning_and_ends_at_the_answer(self, completion, prefix):
+        assert inference.forced_answer_prefix(completion) == prefix
+
+
+class TestAnswerProbability:
+    def test_equals_the_answer_words_probability_from_an_unpadded_pass(self, loaded, examples):
+        model, processor = loaded
+        completions = ["<think>TWI in V2</think><answer>Yes</answer>", "garbled", "<think>a"]
+        probabilities = inference.answer_probability(model, processor, examples, completions, batch_size=2)
+        assert probabilities.shape == (3,) and ((probabilities > 0) & (probabilities < 1)).all()
+        for example, completion, probability in zip(examples, completions, probabilities, strict=True):
+            prefix = inference.prompt_texts(processor, [example])[0] + inference.forced_answer_prefix(
+                completion
+            )
+            scores = []
+            for word in ("Yes", "No"):
+                inputs = processor(
+                    text=[prefix + word], images=[example["image"].convert("RGB")], return_tensors="pt"
+                )
+                n_word = len(processor.tokenizer(word, add_special_tokens=False)["input_ids"])
+                with torch.no_grad():
+                    logprobs = model(**inputs).logits[0].log_softmax(-1)
+                ids = inputs["input_ids"][0]
+                positions = range(len(ids) - n_word, len(ids))
+                scores.append(sum(logprobs[t - 1, ids[t]].item() for t in positions))
+            expected = 1 / (1 + np.exp(scores[1] - scores[0]))
+            assert probability == pytest.approx(expected, abs=1e-5)
+
+    def test_follows_a_model_taught_to_answer_yes(self, model_dir, small_profile_path, examples):
+        model, processor = load_model_and_processor(model_dir, load_profile(small_profile_path))
+        completion = "<think></think><answer>Yes</answer>"
+        before = inference.answer_probability(model, processor, examples, [completion] * 3)
+        text = (
+            inference.prompt_texts(processor, [examples[0]])[0]
+            + inference.forced_answer_prefix(completion)
+            + YES
+        )
+        inputs = processor(text=[text], images=[examples[0]["image"].convert("RGB")], return_tensors="pt")
+        n_word = len(processor.tokenizer(YES, add_special_tokens=False)["input_ids"])
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[0, -n_word:] = inputs["input_ids"][0, -n_word:]  # loss on the answer word only
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.train()
+        for _ in range(15):
+            optimizer.zero_grad()
+            model(**inputs, labels=labels).loss.backward()
+            optimizer.step()
+        after = inference.answer_probability(model, processor, examples, [completion] * 3)
+        assert after[0] > 0.9 > before[0]
+
+    def test_without_completions_it_generates_them(self, loaded, examples):
+        model, processor = loaded
+        probabilities = inference.answer_probability(model, processor, examples[:1], max_new_tokens=4)
+        assert probabilities.shape == (1,)
+
+    def test_completion_count_must_match(self, loaded, examples):
+        model, processor = loaded
+        with pytest.raises(ValueError, match="one per example"):
+            inference.answer_probability(model, processor, examples, ["x"])
+
+
+def write_record(folder: Path) -> Path:
+    """A 12-lead, 10 s, 500 Hz WFDB record with CinC-style age/sex comments."""
+    wfdb = pytest.importorskip("wfdb")
+    from ecg_r1.canonical import LEADS
+
+    t = np.arange(5000) / 500
+    signal = np.stack([0.8 * np.sin(2 * np.pi * 1.2 * t + k) for k in range(12)], axis=1)
+    wfdb.wrsamp(
+        "rec1",
+        fs=500,
+        units=["mV"] * 12,
+        sig_name=list(LEADS),
+        p_signal=signal,
+        fmt=["16"] * 12,
+        adc_gain=[1000.0] * 12,
+        baseline=[0] * 12,
+        comments=["Age: 71", "Sex: Female", "Dx: 164934002"],
+        write_dir=str(folder),
+    )
+    return folder / "rec1.hea"
+
+
+class TestPredictCli:
+    def test_prints_reasoning_answer_and_probability_from_a_folder(
+        self, model_dir, small_profile_path, tmp_path, capsys
+    ):
+        from ecg_r1.cli import main
+
+        record = write_record(tmp_path)
+        code = main(
+            [
+                "predict",
+                str(record),
+                "--model",
+                str(model_dir),
+                "--profile",
+                str(small_profile_path),
+                "--note",
+                "Chest pain, troponin 2.1",
+                "--max-new-tokens",
+                "6",
+                "--json",
+                "--save-image",
+                str(tmp_path / "page.png"),
+            ]
+        )
+        assert code == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["age"] == 71 and result["sex"] == "F" and result["note"] == "Chest pain, troponin 2.1"
+        assert 0 < result["p_yes"] < 1
+        assert (
+            result["valid"] is False and result["problem"]
+        )  # an untrained model breaks the format, and says so
+        assert (tmp_path / "page.png").stat().st_size > 0
+
+    def test_reads_a_registered_version(self, registry, model_dir, small_profile_path, capsys):
+        from ecg_r1 import tracking
+        from ecg_r1.cli import main
+
+        with tracking.start_or_resume_run("tiny", "grpo") as run:
+            version = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
+        record = write_record(registry / "records")
+        args = [
+            "predict",
+            str(record),
+            "--model",
+            f"models:/ecg-r1-grpo/{version}",
+            "--mlflow-root",
+            str(registry),
+        ]
+        assert (
+            main([*args, "--profile", str(small_profile_path), "--max-new-tokens", "4", "--age", "55"]) == 0
+        )
+        out = capsys.readouterr().out
+        assert f"models:/ecg-r1-grpo/{version}" in out and "P(Yes):" in out and "answer:" in out
+
+    def test_unknown_version_exits_with_a_message(self, registry):
+        from ecg_r1.cli import main
+
+        record = write_record(registry / "records")
+        with pytest.raises(SystemExit, match="not in the registry"):
+            main(
+                ["predict", str(record), "--model", "models:/ecg-r1-grpo/77", "--mlflow-root", str(registry)]
+            )
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A temporary MLflow store (the repository root holding mlflow/), shared: creating it takes seconds."""
+    mlflow = pytest.importorskip("mlflow")
+    from ecg_r1 import tracking
+
+    root = tmp_path_factory.mktemp("repo")
+    (root / "records").mkdir()
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        tracking.configure(root)
+        yield root
+        mlflow.set_tracking_uri(previous)

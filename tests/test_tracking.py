@@ -1,0 +1,226 @@
+"""MLflow helpers against a temporary SQLite store: experiments, resumed runs, params, the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from ecg_r1 import tracking  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store for the module: creating the SQLite schema takes seconds."""
+    root = tmp_path_factory.mktemp("repo")
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        uri = tracking.configure(root)
+        yield root, uri
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    return folder
+
+
+class TestTrackingUri:
+    def test_is_sqlite_under_mlflow_with_artifacts_beside(self, tmp_path):
+        uri = tracking.tracking_uri(tmp_path)
+        assert uri == f"sqlite:///{(tmp_path / 'mlflow' / 'mlflow.db').resolve()}"
+        assert (tmp_path / "mlflow" / "artifacts").is_dir()
+        assert tracking.artifact_root_for(uri) == (tmp_path / "mlflow" / "artifacts").resolve()
+
+
+class TestExperimentFor:
+    def test_one_experiment_per_profile_reused(self, store):
+        root, _ = store
+        first = tracking.experiment_for("tiny")
+        assert tracking.experiment_for("tiny") == first
+        assert tracking.experiment_for("qwen2-vl-2b") != first
+        experiment = mlflow.get_experiment(first)
+        assert experiment.name == "ecg-r1-tiny"
+        assert experiment.artifact_location.startswith((root / "mlflow" / "artifacts").resolve().as_uri())
+
+
+class TestStartOrResumeRun:
+    def test_resume_logs_to_the_same_run(self, store, tmp_path):
+        with tracking.start_or_resume_run("tiny", "sft", state_dir=tmp_path) as run:
+            run_id = run.info.run_id
+            mlflow.log_metric("loss", 2.0, step=1)
+        assert (tmp_path / tracking.RUN_ID_FILE).read_text() == run_id
+        with tracking.start_or_resume_run("tiny", "sft", state_dir=tmp_path) as resumed:
+            assert resumed.info.run_id == run_id
+            mlflow.log_metric("loss", 1.0, step=2)
+        history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+        assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+    def test_without_state_a_new_run_starts(self, store, tmp_path):
+        with tracking.start_or_resume_run("tiny", "a") as one:
+            pass
+        with tracking.start_or_resume_run("tiny", "a") as two:
+            pass
+        assert one.info.run_id != two.info.run_id
+
+    def test_exception_marks_the_run_failed(self, store, tmp_path):
+        with (
+            pytest.raises(RuntimeError),
+            tracking.start_or_resume_run("tiny", "x", state_dir=tmp_path) as run,
+        ):
+            raise RuntimeError("boom")
+        assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
+
+    def test_run_of_another_profile_is_refused(self, store, tmp_path):
+        with tracking.start_or_resume_run("tiny", "x", state_dir=tmp_path):
+            pass
+        with (
+            pytest.raises(ValueError, match="belongs to experiment"),
+            tracking.start_or_resume_run("qwen2-vl-2b", "x", state_dir=tmp_path),
+        ):
+            pass
+
+
+class TestLogParamsFlat:
+    def test_flattens_nested_params(self, store):
+        params = {
+            "profile": {"name": "tiny", "sft": {"learning_rate": 0.001}},
+            "seed": 7,
+            "leads": ["I", "V1"],
+        }
+        with tracking.start_or_resume_run("tiny", "p") as run:
+            flat = tracking.log_params_flat(params, prefix="ecg_r1.")
+        logged = mlflow.get_run(run.info.run_id).data.params
+        assert logged["ecg_r1.profile.sft.learning_rate"] == "0.001"
+        assert logged["ecg_r1.seed"] == "7"
+        assert logged["ecg_r1.leads"] == '["I", "V1"]'
+        assert flat == {k: v for k, v in logged.items() if k.startswith("ecg_r1.")}
+
+    def test_same_values_on_resume_are_accepted_changed_ones_refused(self, store, tmp_path):
+        with tracking.start_or_resume_run("tiny", "p", state_dir=tmp_path):
+            tracking.log_params_flat({"lr": 0.1, "seed": 1})
+        with tracking.start_or_resume_run("tiny", "p", state_dir=tmp_path):
+            tracking.log_params_flat({"lr": 0.1, "seed": 1, "new": "x"})
+            with pytest.raises(ValueError, match="different values"):
+                tracking.log_params_flat({"lr": 0.2})
+
+    def test_long_values_are_truncated_not_refused(self):
+        flat = tracking.flatten_params({"note": "x" * 10_000})
+        assert len(flat["note"]) == 6000 and flat["note"].endswith("[truncated]")
+
+    def test_without_a_run_it_says_so(self, store):
+        with pytest.raises(ValueError, match="no active MLflow run"):
+            tracking.log_params_flat({"a": 1})
+
+
+class TestRegistry:
+    def test_versions_aliases_and_loading(self, store, model_dir, tmp_path):
+        with tracking.start_or_resume_run("tiny", "sft") as run:
+            first = tracking.register_model_version(
+                run.info.run_id, model_dir, "ecg-r1-sft", tags={"data_version": "abc", "profile": "tiny"}
+            )
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "v": 2}))
+        with tracking.start_or_resume_run("tiny", "sft") as run2:
+            second = tracking.register_model_version(run2.info.run_id, model_dir, "ecg-r1-sft")
+        assert second == first + 1
+        version = mlflow.MlflowClient().get_model_version("ecg-r1-sft", str(first))
+        assert version.tags == {"data_version": "abc", "profile": "tiny"}
+        assert version.run_id == run.info.run_id
+
+        tracking.set_alias("ecg-r1-sft", "champion", first)
+        by_alias = tracking.load_registered("models:/ecg-r1-sft@champion", dst=tmp_path / "a")
+        by_number = tracking.load_registered(f"models:/ecg-r1-sft/{second}", dst=tmp_path / "b")
+        assert json.loads((by_alias / "config.json").read_text()) == {"model_type": "qwen2_vl"}
+        assert json.loads((by_number / "config.json").read_text())["v"] == 2
+        assert (by_alias / "model.safetensors").stat().st_size == 64
+        assert tracking.resolve_version("ecg-r1-sft@champion") == ("ecg-r1-sft", first)
+
+    def test_default_destination_is_a_reused_cache(self, store, model_dir):
+        with tracking.start_or_resume_run("tiny", "grpo") as run:
+            number = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
+        root, _ = store
+        first = tracking.load_registered(f"models:/ecg-r1-grpo/{number}")
+        assert first == (root / "mlflow" / "cache" / "ecg-r1-grpo" / str(number)).resolve()
+        assert (first / "config.json").is_file()
+        (first / "marker").write_text("kept")  # a second call reuses the folder, no new download
+        assert tracking.load_registered(f"models:/ecg-r1-grpo/{number}") == first
+        assert (first / "marker").is_file()
+
+    def test_unknown_version_or_alias_is_a_clear_error(self, store, model_dir):
+        with tracking.start_or_resume_run("tiny", "sft") as run:
+            tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-sft")
+        with pytest.raises(ValueError, match="not in the registry"):
+            tracking.load_registered("models:/ecg-r1-sft/999")
+        with pytest.raises(ValueError, match="not in the registry"):
+            tracking.load_registered("models:/ecg-r1-sft@nobody")
+
+    @pytest.mark.parametrize("uri", ["models:/ecg-r1-sft", "ecg-r1-sft/latest", "models:/@x"])
+    def test_malformed_uri_is_refused(self, uri):
+        with pytest.raises(ValueError, match="cannot read model URI"):
+            tracking.resolve_version(uri)
+
+    def test_a_folder_without_a_model_is_refused(self, store, tmp_path):
+        with (
+            tracking.start_or_resume_run("tiny", "x") as run,
+            pytest.raises(ValueError, match="not a model folder"),
+        ):
+            tracking.register_model_version(run.info.run_id, tmp_path, "ecg-r1-sft")
+
+
+class TestVersionEvaluation:
+    def test_metrics_land_on_the_version_run_and_its_tags(self, store, model_dir):
+        with tracking.start_or_resume_run("tiny", "grpo") as run:
+            version = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-eval")
+        run_id = tracking.log_version_metrics(
+            "ecg-r1-eval",
+            version,
+            {"external/accuracy": 0.71, "external/auroc": float("nan")},
+            tags={"eval": "v1"},
+        )
+        assert run_id == run.info.run_id
+        metrics = mlflow.get_run(run_id).data.metrics
+        assert metrics == {"external/accuracy": 0.71}  # the NaN is skipped, not charted as 0
+        tags = mlflow.MlflowClient().get_model_version("ecg-r1-eval", str(version)).tags
+        assert tags["metric.external/accuracy"] == "0.71" and tags["eval"] == "v1"
+
+    def test_alias_version_is_none_until_set(self, store, model_dir):
+        assert tracking.alias_version("ecg-r1-none", "champion") is None
+        with tracking.start_or_resume_run("tiny", "grpo") as run:
+            version = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-alias")
+        assert tracking.alias_version("ecg-r1-alias", "champion") is None
+        tracking.set_alias("ecg-r1-alias", "champion", version)
+        assert tracking.alias_version("ecg-r1-alias", "champion") == version
+
+    def test_unknown_version_is_a_clear_error(self, store):
+        with pytest.raises(ValueError, match="not in the registry"):
+            tracking.version_run_id("ecg-r1-alias", 99)
+
+
+class TestProvenance:
+    def test_dvc_file_gives_the_data_version(self, tmp_path):
+        (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  path: data\n")
+        assert tracking.dvc_data_version(tmp_path) == "0123abcd.dir"
+
+    def test_untracked_data_and_no_git_say_so(self, tmp_path):
+        assert tracking.dvc_data_version(tmp_path) == "untracked"
+        assert tracking.git_commit(tmp_path) == "unknown"
+        assert tracking.run_context(tmp_path) == {"git_commit": "unknown", "data_version": "untracked"}
+
+
+class TestCompletionsTable:
+    def test_logs_a_table_artifact(self, store):
+        rows = [{"prompt": "p", "completion": "<think></think><answer>Yes</answer>", "reward": 1.0}]
+        with tracking.start_or_resume_run("tiny", "t") as run:
+            tracking.log_completions_table(rows, "samples/step_1.json")
+        artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "samples")]
+        assert artifacts == ["samples/step_1.json"]
