@@ -19,6 +19,7 @@ Rules (also in the README, "Canonical form"):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -71,18 +72,18 @@ def canonicalize(signal: np.ndarray, fs: float, lead_names: list[str]) -> Canoni
             f"signal has shape {signal.shape} but the header names {len(lead_names)} leads; "
             "check that the header and the signal file belong together",
         )
-    columns: dict[str, int] = {}
-    unknown = []
-    for column, name in enumerate(lead_names):
-        standard = normalize_lead_name(name)
-        if standard is None:
-            unknown.append(name)
-        elif standard not in columns:
-            columns[standard] = column
+    columns, unknown = _lead_columns(tuple(lead_names))
     duration = signal.shape[0] / fs
     if all(lead in columns for lead in LEADS):
-        # Fast path (nearly every record): one gather-and-transpose copy, no float64 round trip.
-        stacked = signal[:, [columns[lead] for lead in LEADS]].T
+        # Fast path (nearly every record): no float64 round trip; when the reader hands a view of
+        # lead-major memory in standard order (the WFDB readers do) no copy at all.
+        order = [columns[lead] for lead in LEADS]
+        lead_major = signal.T
+        stacked = (
+            lead_major
+            if order == list(range(len(LEADS))) and signal.shape[1] == len(LEADS)
+            else np.take(lead_major, order, axis=0)
+        )
         derived: tuple[str, ...] = ()
     else:
         by_lead = {lead: signal[:, column].astype(np.float64) for lead, column in columns.items()}
@@ -117,6 +118,21 @@ def canonicalize(signal: np.ndarray, fs: float, lead_names: list[str]) -> Canoni
         cropped_samples=cropped,
         padded_samples=padded,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _lead_columns(lead_names: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
+    """Standard lead -> first column holding it, and the names that are no standard lead (cached:
+    records from one device repeat the same names; callers must not modify the result)."""
+    columns: dict[str, int] = {}
+    unknown = []
+    for column, name in enumerate(lead_names):
+        standard = normalize_lead_name(name)
+        if standard is None:
+            unknown.append(name)
+        elif standard not in columns:
+            columns[standard] = column
+    return columns, unknown
 
 
 def resample_to(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:

@@ -14,6 +14,7 @@ A cohort folder holds
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,20 @@ COHORT_SCHEMA: dict[str, pl.DataType] = {
     "twi": pl.Boolean,  # in the T-wave-inversion cohort
     "twi_leads": pl.String,  # comma-joined leads with TWI where the source says or it is measured
     "label": pl.String,  # one of LABELS
+    "device": pl.String,  # recording device where the source names it
+    "extra": pl.String,  # JSON object of manifest columns that are not cohort fields (kept, not dropped)
     "row": pl.Int64,  # index into the signal array
+}
+
+# One row a refused record (or input: an empty folder, an unreadable manifest).
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    "record_id": pl.String,
+    "patient_id": pl.String,
+    "hospital": pl.String,
+    "source_format": pl.String,
+    "source_path": pl.String,
+    "reason": pl.String,  # short key, counted in the summary
+    "message": pl.String,  # what was wrong and what to do
 }
 
 
@@ -95,5 +109,54 @@ class SignalWriter:
         self.close()
 
 
+class SlotFile:
+    """A signal file written out of order: each record goes to a pre-assigned slot.
+
+    Parallel ingest workers write their records straight into the file with ``os.pwrite`` at
+    ``slot * signal_nbytes()`` (no signal crosses a process boundary); afterwards
+    :meth:`compact` closes the gaps left by refused records, keeping the slots' order, and
+    writes ``signals.json``. Memory stays one record whatever the cohort size.
+    """
+
+    def __init__(self, cohort_dir: str | Path, n_slots: int) -> None:
+        self.dir = Path(cohort_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / SIGNALS_FILE
+        with open(self.path, "wb") as handle:
+            # Sparse: no disk is used for slots never written.
+            handle.truncate(n_slots * signal_nbytes())
+        self.n_slots = n_slots
+
+    @staticmethod
+    def write(path: str | Path, slot: int, signal: np.ndarray, fd: int | None = None) -> None:
+        """Write one canonical signal into its slot (``fd`` an open descriptor of ``path``, for speed)."""
+        if signal.shape != (len(LEADS), N_SAMPLES) or signal.dtype != np.float32:
+            raise ValueError(f"expected float32 {(len(LEADS), N_SAMPLES)}, got {signal.dtype} {signal.shape}")
+        data = memoryview(np.ascontiguousarray(signal)).cast("B")
+        if fd is None:
+            with open(path, "r+b") as handle:
+                os.pwrite(handle.fileno(), data, slot * signal_nbytes())
+        else:
+            os.pwrite(fd, data, slot * signal_nbytes())
+
+    def compact(self, kept_slots: list[int]) -> None:
+        """Move the kept slots (ascending) to rows 0..k-1, truncate the file, write ``signals.json``."""
+        nbytes = signal_nbytes()
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            for row, slot in enumerate(kept_slots):
+                if slot != row:
+                    os.pwrite(fd, os.pread(fd, nbytes, slot * nbytes), row * nbytes)
+            os.ftruncate(fd, len(kept_slots) * nbytes)
+        finally:
+            os.close(fd)
+        meta = {"dtype": "float32", "shape": [len(kept_slots), len(LEADS), N_SAMPLES], "leads": list(LEADS)}
+        (self.dir / SIGNALS_META).write_text(json.dumps(meta))
+
+
 def read_cohort(cohort_dir: str | Path) -> pl.DataFrame:
     return pl.read_parquet(Path(cohort_dir) / COHORT_FILE)
+
+
+def read_quarantine(cohort_dir: str | Path) -> pl.DataFrame:
+    return pl.read_parquet(Path(cohort_dir) / QUARANTINE_FILE)

@@ -14,12 +14,16 @@ stays the reference the tests and ``benchmarks/bench_ingest.py`` compare against
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import math
 import re
+import statistics
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,7 +38,6 @@ _SIGNAL_EXTENSIONS = (".mat", ".dat", ".hea")
 # Unit spellings converted to millivolts; anything else is taken as mV with a warning.
 _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3, "v": 1e3, "nu": 1.0}
 _FORMAT_RE = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")
-_GAIN_RE = re.compile(r"^([-+]?[\d.]+(?:[eE][-+]?\d+)?)(?:\((-?\d+)\))?(?:/(\S+))?$")
 _FS_RE = re.compile(r"^([\d.]+(?:[eE][-+]?\d+)?)(?:/[\d.]+)?(?:\(-?[\d.]+\))?$")
 # Formats read with numpy: dtype of one sample.
 _NUMPY_FORMATS = {16: "<i2", 61: ">i2", 80: "u1"}
@@ -48,9 +51,8 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class SignalSpec:
-    """One signal line of a WFDB header."""
+class SignalSpec(NamedTuple):
+    """One signal line of a WFDB header (a NamedTuple: built 12 times a record, it must be cheap)."""
 
     file_name: str
     fmt: int
@@ -65,9 +67,10 @@ class SignalSpec:
     init_value: int | None
     checksum: int | None
     description: str
+    mv_per_unit: float  # millivolts per ADC unit (units and gain folded together)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Header:
     """A parsed WFDB header."""
 
@@ -131,16 +134,29 @@ def parse_header(path: str | Path) -> Header:
         RecordError: ``missing_header`` or ``bad_header`` with what is wrong in the message.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecordError("missing_header", f"header {path} does not exist; give the path of a .hea file")
-    text, encoding = read_text(path)
+    try:
+        text, encoding = read_text(path)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise RecordError(
+            "missing_header", f"header {path} does not exist; give the path of a .hea file"
+        ) from exc
     warnings: list[str] = []
     if encoding != "utf-8":
         warnings.append(f"header is not UTF-8; decoded as {encoding}")
-    lines = [line.strip() for line in text.splitlines()]
-    comments = tuple(line[1:].strip() for line in lines if line.startswith("#"))
-    body = [line.split("#", 1)[0].strip() for line in lines if line and not line.startswith("#")]
-    body = [line for line in body if line]
+    comments_list = []
+    body = []
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line:
+            continue
+        if line[0] == "#":
+            comments_list.append(line[1:].strip())
+        else:
+            if "#" in line:
+                line = line.split("#", 1)[0].strip()
+            if line:
+                body.append(line)
+    comments = tuple(comments_list)
     if not body:
         raise RecordError("bad_header", f"header {path} has no record line; it is empty or not a WFDB header")
     for line in body:
@@ -198,63 +214,90 @@ def _parse_record_line(line: str, path: Path) -> tuple[str, int, float, int | No
             "'NAME N_SIGNALS FS N_SAMPLES'",
         ) from exc
     if n_sig <= 0 or fs <= 0:
-        raise RecordError("bad_header", f"header {path}: record line {line!r} gives {n_sig} signals at {fs} Hz")
+        raise RecordError(
+            "bad_header", f"header {path}: record line {line!r} gives {n_sig} signals at {fs} Hz"
+        )
     return name, n_sig, fs, n_samples
 
 
 def _parse_signal_line(line: str, path: Path, warnings: list[str]) -> SignalSpec:
     parts = line.split(maxsplit=8)
     try:
-        fmt_match = _FORMAT_RE.match(parts[1])
-        if fmt_match is None:
-            raise ValueError(f"format {parts[1]!r}")
-        fmt = int(fmt_match.group(1))
-        spf = int(fmt_match.group(2) or 1)
-        skew = int(fmt_match.group(3) or 0)
-        offset = int(fmt_match.group(4) or 0)
-        gain, baseline, units = WFDB_DEFAULT_GAIN, None, "mV"
-        if len(parts) > 2:
-            gain_match = _GAIN_RE.match(parts[2])
-            if gain_match is None:
-                raise ValueError(f"gain {parts[2]!r}")
-            gain = float(gain_match.group(1))
-            baseline = int(gain_match.group(2)) if gain_match.group(2) is not None else None
-            units = gain_match.group(3) or "mV"
-        adc_res = int(parts[3]) if len(parts) > 3 else 0
-        adc_zero = int(parts[4]) if len(parts) > 4 else 0
+        core = _signal_fields(*(parts[1:5] + [""] * (5 - len(parts))))
         init_value = int(parts[5]) if len(parts) > 5 else None
         checksum = int(parts[6]) if len(parts) > 6 else None
-        description = parts[8].strip() if len(parts) > 8 else ""
     except (IndexError, ValueError) as exc:
         raise RecordError(
             "bad_header",
             f"header {path}: cannot read the signal line {line!r} ({exc}); see the WFDB header "
             "format (FILE FORMAT GAIN(BASELINE)/UNITS ADCRES ADCZERO INIT CHECKSUM BLOCK LEAD)",
         ) from exc
-    if gain == 0:
-        warnings.append(f"signal {description or parts[0]} has gain 0 (uncalibrated); read as {WFDB_DEFAULT_GAIN:g}/mV")
-        gain = WFDB_DEFAULT_GAIN
-    if gain < 0 or not np.isfinite(gain):
+    description = parts[8].strip() if len(parts) > 8 else ""
+    fmt, spf, skew, offset, gain, baseline, units, adc_res, adc_zero, uncalibrated, mv_per_unit = core
+    if uncalibrated:
+        warnings.append(
+            f"signal {description or parts[0]} has gain 0 (uncalibrated); read as {WFDB_DEFAULT_GAIN:g}/mV"
+        )
+    if gain < 0 or not math.isfinite(gain):
         raise RecordError(
             "implausible_gain",
             f"header {path}: lead {description!r} has gain {gain}; a gain must be a positive number of "
             "ADC units per mV: fix the header",
         )
     return SignalSpec(
-        file_name=parts[0],
-        fmt=fmt,
-        samples_per_frame=spf,
-        skew=skew,
-        byte_offset=offset,
-        gain=gain,
-        baseline=adc_zero if baseline is None else baseline,
-        units=units,
-        adc_res=adc_res,
-        adc_zero=adc_zero,
-        init_value=init_value,
-        checksum=checksum,
-        description=description,
+        parts[0],
+        fmt,
+        spf,
+        skew,
+        offset,
+        gain,
+        baseline,
+        units,
+        adc_res,
+        adc_zero,
+        init_value,
+        checksum,
+        description,
+        mv_per_unit,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _signal_fields(
+    fmt_text: str, gain_text: str, adc_res_text: str, adc_zero_text: str
+) -> tuple[int, int, int, int, float, int, str, int, int, bool, float]:
+    """The fields of a signal line that repeat from record to record (cached: parsing them is a
+    large part of reading a record, and one device writes the same few lines again and again)."""
+    if fmt_text.isdigit():
+        fmt, spf, skew, offset = int(fmt_text), 1, 0, 0
+    else:
+        fmt_match = _FORMAT_RE.match(fmt_text)
+        if fmt_match is None:
+            raise ValueError(f"format {fmt_text!r}")
+        fmt = int(fmt_match.group(1))
+        spf = int(fmt_match.group(2) or 1)
+        skew = int(fmt_match.group(3) or 0)
+        offset = int(fmt_match.group(4) or 0)
+    gain, baseline, units = WFDB_DEFAULT_GAIN, None, "mV"
+    if gain_text:
+        value_text, _, units_text = gain_text.partition("/")
+        units = units_text or "mV"
+        value_text, paren, baseline_text = value_text.partition("(")
+        gain = float(value_text)
+        if paren:
+            baseline = int(baseline_text.rstrip(")"))
+    adc_res = int(adc_res_text) if adc_res_text else 0
+    adc_zero = int(adc_zero_text) if adc_zero_text else 0
+    uncalibrated = gain == 0
+    if uncalibrated:
+        gain = WFDB_DEFAULT_GAIN
+    scale = _UNIT_TO_MV.get(units.lower())
+    if scale is None:
+        logger.warning("unknown units %r in a signal line, taken as mV", units)
+        scale = 1.0
+    mv_per_unit = scale / gain if gain > 0 else math.nan
+    baseline = adc_zero if baseline is None else baseline
+    return fmt, spf, skew, offset, gain, baseline, units, adc_res, adc_zero, uncalibrated, mv_per_unit
 
 
 def parse_comments(comments: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -273,11 +316,13 @@ def parse_comments(comments: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
-def read_signal(header: Header) -> RawSignal:
+def read_signal(header: Header, out: np.ndarray | None = None) -> RawSignal:
     """Read a record's signal in millivolts, shape (n_samples, n_sig), float32.
 
     Args:
         header: the parsed header (its folder holds the signal file).
+        out: optional float32 buffer of shape (n_sig, n_samples) to convert into (ingest passes
+            a row of its chunk buffer, saving a copy); ignored when the shape differs.
 
     Returns:
         The physical signal and its provenance.
@@ -287,42 +332,42 @@ def read_signal(header: Header) -> RawSignal:
             ``unsupported_format`` or ``bad_signal_file``.
     """
     files = {spec.file_name for spec in header.signals}
-    fmts = {spec.fmt for spec in header.signals}
-    simple = (
-        len(files) == 1
-        and len(fmts) == 1
-        and all(spec.samples_per_frame == 1 and spec.skew == 0 for spec in header.signals)
-        and len({spec.byte_offset for spec in header.signals}) == 1
-    )
-    signal_path = header.path.parent / next(iter(sorted(files)))
-    if not signal_path.is_file():
+    layouts = {(spec.fmt, spec.samples_per_frame, spec.skew, spec.byte_offset) for spec in header.signals}
+    fmt, spf, skew, _ = next(iter(layouts))
+    simple = len(files) == 1 and len(layouts) == 1 and spf == 1 and skew == 0
+    signal_path = header.path.parent / min(files)
+    try:
+        if simple and signal_path.suffix.lower() == ".mat":
+            data = signal_path.read_bytes()
+            digital = _digital_from_mat(data, header, signal_path)
+            reader = "numpy"
+        elif simple and fmt in _NUMPY_FORMATS:
+            data = signal_path.read_bytes()
+            digital = _digital_from_dat(data, header, signal_path, fmt)
+            reader = "numpy"
+        else:
+            data = b"".join((header.path.parent / name).read_bytes() for name in sorted(files))
+            digital = _digital_from_wfdb(header)
+            reader = "wfdb"
+    except (FileNotFoundError, IsADirectoryError) as exc:
         raise RecordError(
             "missing_signal_file",
-            f"signal file {signal_path} named by {header.path} does not exist; copy it beside the header",
-        )
-    fmt = next(iter(fmts))
-    if simple and signal_path.suffix.lower() == ".mat":
-        data = signal_path.read_bytes()
-        digital = _digital_from_mat(data, header, signal_path)
-        reader = "numpy"
-    elif simple and fmt in _NUMPY_FORMATS:
-        data = signal_path.read_bytes()
-        digital = _digital_from_dat(data, header, signal_path, fmt)
-        reader = "numpy"
-    else:
-        data = b"".join(sorted((header.path.parent / name).read_bytes() for name in files))
-        digital = _digital_from_wfdb(header)
-        reader = "wfdb"
+            f"signal file {exc.filename} named by {header.path} does not exist; copy it beside the header",
+        ) from exc
     checksum = hashlib.sha256(data).hexdigest()
-    physical = _to_physical(digital, header)
-    gains = [spec.gain for spec in header.signals]
+    physical = _to_physical(digital, header, out)
     return RawSignal(
         signal=physical,
         checksum=checksum,
-        gain=float(np.median(gains)),
+        gain=_median_gain(tuple(spec.gain for spec in header.signals)),
         reader=reader,
         signal_path=signal_path,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _median_gain(gains: tuple[float, ...]) -> float:
+    return float(statistics.median(gains))
 
 
 def _check_length(n_frames: int, header: Header, signal_path: Path) -> None:
@@ -360,7 +405,8 @@ def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndar
         return _digital_from_mat5(signal_path, header)
     if len(data) < 20:
         raise RecordError(
-            "truncated_signal", f"{signal_path} has {len(data)} bytes, less than a MATLAB v4 header: copy it again"
+            "truncated_signal",
+            f"{signal_path} has {len(data)} bytes, less than a MATLAB v4 header: copy it again",
         )
     mopt, mrows, ncols, imagf, namlen = struct.unpack("<5i", data[:20])
     endian = "<"
@@ -401,11 +447,14 @@ def _digital_from_mat5(signal_path: Path, header: Header) -> np.ndarray:
     try:
         matrices = {k: v for k, v in loadmat(signal_path).items() if not k.startswith("__")}
     except Exception as exc:  # scipy raises several types for a bad file
-        raise RecordError("bad_signal_file", f"{signal_path}: cannot read MATLAB file ({exc}); re-export it") from exc
+        raise RecordError(
+            "bad_signal_file", f"{signal_path}: cannot read MATLAB file ({exc}); re-export it"
+        ) from exc
     val = matrices.get("val", next(iter(matrices.values()), None))
     if val is None or val.ndim != 2 or val.shape[0] != header.n_sig:
         raise RecordError(
-            "shape_mismatch", f"{signal_path}: expected a matrix 'val' of {header.n_sig} rows (leads x samples)"
+            "shape_mismatch",
+            f"{signal_path}: expected a matrix 'val' of {header.n_sig} rows (leads x samples)",
         )
     _check_length(val.shape[1], header, signal_path)
     return np.ascontiguousarray(val.T)
@@ -426,26 +475,41 @@ def _digital_from_wfdb(header: Header) -> np.ndarray:
     return digital
 
 
-def _to_physical(digital: np.ndarray, header: Header) -> np.ndarray:
-    gains = np.array([spec.gain for spec in header.signals], dtype=np.float32)
-    baselines = np.array([spec.baseline for spec in header.signals], dtype=np.float32)
-    scale = np.array([_unit_scale(spec.units, header) for spec in header.signals], dtype=np.float32)
-    physical = digital.astype(np.float32)
-    physical -= baselines
-    physical *= scale / gains
-    if digital.dtype == np.int16 or digital.dtype == np.dtype(">i2"):
-        invalid = digital == WFDB_INVALID_16
-        if invalid.any():
-            physical[invalid] = np.nan
-    return physical
+def _to_physical(digital: np.ndarray, header: Header, out: np.ndarray | None = None) -> np.ndarray:
+    """ADC units (n_samples, n_sig) to mV, returned as a (n_samples, n_sig) view of lead-major memory.
+
+    The one strided pass (frame-interleaved to lead-major) happens in the int-to-float copy, so
+    the canonical form later needs no further copy for records already in standard lead order.
+    """
+    offsets, factors = _conversion(
+        tuple([spec.baseline for spec in header.signals]),
+        tuple([spec.mv_per_unit for spec in header.signals]),
+    )
+    if out is not None and out.shape == digital.T.shape and out.dtype == np.float32:
+        np.copyto(out, digital.T, casting="unsafe")
+        physical = out
+    else:
+        physical = digital.T.astype(np.float32, order="C")
+    if offsets is not None:
+        physical -= offsets
+    physical *= factors
+    # min() is one cheap pass; the mask is built only for the rare record with gaps.
+    if digital.dtype.kind == "i" and digital.dtype.itemsize == 2 and digital.min() == WFDB_INVALID_16:
+        physical[(digital == WFDB_INVALID_16).T] = np.nan
+    return physical.T
 
 
-def _unit_scale(units: str, header: Header) -> float:
-    scale = _UNIT_TO_MV.get(units.lower())
-    if scale is None:
-        logger.warning("%s: unknown units %r, taken as mV", header.path, units)
-        return 1.0
-    return scale
+@functools.lru_cache(maxsize=1024)
+def _conversion(
+    baselines: tuple[int, ...], factors: tuple[float, ...]
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Column vectors of baselines (None when all 0) and mV-per-unit factors, cached per header layout."""
+    offsets = np.array(baselines, dtype=np.float32)[:, None] if any(baselines) else None
+    scale = np.array(factors, dtype=np.float32)[:, None]
+    for array in (offsets, scale):
+        if array is not None:
+            array.flags.writeable = False  # shared between records through the cache
+    return offsets, scale
 
 
 # --------------------------------------------------------------------------- annotations
@@ -458,8 +522,8 @@ _SKIP, _NUM, _SUB, _CHN, _AUX = 59, 60, 61, 62, 63
 def read_annotations(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """Read an MIT-format annotation file (such as LUDB's ``1.v1``).
 
-    About 100 times faster than ``wfdb.rdann`` for the small delineation files of LUDB (which
-    only use a few codes); the tests check it against ``wfdb.rdann``.
+    Much faster than ``wfdb.rdann`` for LUDB's small delineation files (which use a few codes
+    after a leading SKIP); the tests check it against ``wfdb.rdann``.
 
     Args:
         path: the annotation file.
@@ -467,15 +531,46 @@ def read_annotations(path: str | Path) -> tuple[np.ndarray, list[str]]:
     Returns:
         (sample indices as int64, symbols) in file order.
     """
+    samples, symbols = read_annotation_arrays(path)
+    return samples, symbols.tolist()
+
+
+_SYMBOL_TABLE = np.array([_ANN_SYMBOLS.get(code, f"<{code}>") for code in range(64)])
+
+
+def read_annotation_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_annotations` with the symbols as a numpy string array (for vectorised use)."""
     data = Path(path).read_bytes()
     words = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2")
-    samples: list[int] = []
-    symbols: list[str] = []
+    # Leading SKIP words (LUDB files start with one) move the time origin.
     time = 0
     i = 0
-    n = len(words)
+    while i < len(words) and words[i] >> 10 == _SKIP:
+        if i + 2 < len(words):
+            interval = (int(words[i + 1]) << 16) | int(words[i + 2])
+            time += interval - (1 << 32) if interval >= 1 << 31 else interval
+        i += 3
+    rest = words[i:]
+    ends = np.flatnonzero(rest == 0)
+    if len(ends):
+        rest = rest[: ends[0]]
+    codes = rest >> 10
+    if not np.any(codes >= _SKIP):
+        # Only plain annotations: each time is the running sum of the increments.
+        samples = time + np.cumsum(rest & 0x3FF, dtype=np.int64)
+        return samples, _SYMBOL_TABLE[codes]
+    return _read_annotations_loop(words.tolist())
+
+
+def _read_annotations_loop(word_list: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The general MIT annotation format (SKIP, AUX, NUM, SUB, CHN anywhere), word by word."""
+    samples: list[int] = []
+    codes: list[int] = []
+    time = 0
+    i = 0
+    n = len(word_list)
     while i < n:
-        word = int(words[i])
+        word = word_list[i]
         code, value = word >> 10, word & 0x3FF
         i += 1
         if code == 0 and value == 0:
@@ -483,7 +578,7 @@ def read_annotations(path: str | Path) -> tuple[np.ndarray, list[str]]:
         if code == _SKIP:
             # 32-bit interval in PDP-11 order: high word first.
             if i + 1 < n:
-                interval = (int(words[i]) << 16) | int(words[i + 1])
+                interval = (word_list[i] << 16) | word_list[i + 1]
                 if interval >= 1 << 31:
                     interval -= 1 << 32
                 time += interval
@@ -495,5 +590,48 @@ def read_annotations(path: str | Path) -> tuple[np.ndarray, list[str]]:
         else:
             time += value
             samples.append(time)
-            symbols.append(_ANN_SYMBOLS.get(code, f"<{code}>"))
-    return np.asarray(samples, dtype=np.int64), symbols
+            codes.append(code)
+    return np.asarray(samples, dtype=np.int64), _SYMBOL_TABLE[np.asarray(codes, dtype=np.intp)]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_record(
+    record_path: str | Path,
+    signal: np.ndarray,
+    fs: float,
+    lead_names: list[str] | tuple[str, ...],
+    gain: float = 1000.0,
+    comments: list[str] | tuple[str, ...] = (),
+) -> Path:
+    """Write a WFDB record (format 16 ``.dat`` + ``.hea``) from a signal in mV.
+
+    Args:
+        record_path: the record path without extension (``folder/rec1``).
+        signal: (n_samples, n_leads) in mV; NaN is written as WFDB's invalid value.
+        fs: sampling rate.
+        lead_names: one name a column.
+        gain: ADC units per mV (values beyond 16 bits are clipped).
+        comments: header comment lines without the ``#`` (``"Age: 61"``).
+
+    Returns:
+        The header path.
+    """
+    record_path = Path(record_path)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    digital = np.round(np.nan_to_num(signal, nan=0.0) * gain)
+    digital = np.clip(digital, WFDB_INVALID_16 + 1, 32767).astype("<i2")
+    digital[np.isnan(signal)] = WFDB_INVALID_16
+    digital.tofile(record_path.with_suffix(".dat"))
+    name = record_path.name
+    lines = [f"{name} {signal.shape[1]} {fs:g} {signal.shape[0]}"]
+    for column, lead in enumerate(lead_names):
+        first = int(digital[0, column]) if len(digital) else 0
+        checksum = int(digital[:, column].astype(np.int64).sum()) & 0xFFFF
+        checksum = checksum - 0x10000 if checksum >= 0x8000 else checksum
+        lines.append(f"{name}.dat 16 {gain:g}/mV 16 0 {first} {checksum} 0 {lead}")
+    lines.extend(f"# {comment}" for comment in comments)
+    header = record_path.with_suffix(".hea")
+    header.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return header

@@ -1,0 +1,73 @@
+"""Small records passed between discovery, the loading workers and the cohort writer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Quarantine reasons found while discovering records (before any signal is read).
+EMPTY_FOLDER = "empty_folder"
+MISSING_PATH = "missing_path"
+UNRECOGNISED_LAYOUT = "unrecognised_layout"
+MISSING_HEADER = "missing_header"
+MISSING_SIGNAL_FILE = "missing_signal_file"
+BAD_TABLE_ROW = "bad_table_row"
+BAD_MANIFEST_ROW = "bad_manifest_row"
+PATH_ESCAPES_FOLDER = "path_escapes_folder"
+DUPLICATE_RECORD_ID = "duplicate_record_id"
+PATIENT_IN_TWO_HOSPITALS = "patient_in_two_hospitals"
+READ_ERROR = "read_error"
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """A record found by discovery: where it is and what its source table says about it.
+
+    ``fields`` holds what is known before the signal is read (PTB-XL table row, manifest row,
+    a precomputed label decision); workers add what the header and signal say.
+    """
+
+    record_id: str
+    patient_id: str
+    hospital: str
+    source_format: str  # ptbxl | cinc | ludb | manifest
+    header_path: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A record (or input) that was refused, with what to do about it."""
+
+    source_path: str
+    reason: str
+    message: str
+    record_id: str | None = None
+    patient_id: str | None = None
+    hospital: str | None = None
+    source_format: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, ref: RecordRef, reason: str, message: str) -> Quarantine:
+        return cls(
+            source_path=ref.header_path,
+            reason=reason,
+            message=message,
+            record_id=ref.record_id,
+            patient_id=ref.patient_id,
+            hospital=ref.hospital,
+            source_format=ref.source_format,
+        )
+
+
+@dataclass(frozen=True)
+class LoadedRecord:
+    """One record in canonical form: signal (12, 5000) float32 mV in LEADS order, plus metadata."""
+
+    signal: np.ndarray
+    meta: dict[str, Any]
