@@ -32,7 +32,7 @@ $(DVC_VENV)/.installed:
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+	printf 'telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers: [ecg_r1]\n  python_log_level: INFO\n' > $@
 
 run: setup
 	$(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job
@@ -48,7 +48,7 @@ ui: setup
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(UI_PORT) -m dagster_project.definitions
 
 mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --default-artifact-root $(CURDIR)/mlflow/artifacts
 
 bench: setup
