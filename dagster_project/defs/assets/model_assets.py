@@ -136,66 +136,62 @@ def base_model(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[base_model], kinds={"pytorch", "mlflow"})
-def vision_pretrained_model(
-    context: dg.AssetExecutionContext,
-    config: StageConfig,
-    layout: DataLayout,
-    dvc: DvcResource,
-    mlflow: MlflowResource,
-) -> dg.MaterializeResult:
-    """Signal-grounded vision pre-training: the vision tower learns measurements of the raw signal
-    (TWI leads, ST level, QRS width and voltage) from the rendered page; no ischemia label."""
-    return _train(context, "vision", "base_model", config, layout, dvc, mlflow)
+def _stage_asset(
+    name: str, stage: str, start_asset: str, description: str, **stage_kwargs
+) -> dg.AssetsDefinition:
+    """One training stage as an asset: it starts from ``start_asset``'s model folder."""
+
+    @dg.asset(
+        name=name,
+        group_name=GROUP,
+        deps=[dg.AssetKey(start_asset)],
+        kinds={"pytorch", "mlflow"},
+        description=description,
+    )
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: StageConfig,
+        layout: DataLayout,
+        dvc: DvcResource,
+        mlflow: MlflowResource,
+    ) -> dg.MaterializeResult:
+        return _train(context, stage, start_asset, config, layout, dvc, mlflow, **stage_kwargs)
+
+    return _asset
 
 
-@dg.asset(group_name=GROUP, deps=[vision_pretrained_model], kinds={"pytorch", "mlflow"})
-def format_warmup_model(
-    context: dg.AssetExecutionContext,
-    config: StageConfig,
-    layout: DataLayout,
-    dvc: DvcResource,
-    mlflow: MlflowResource,
-) -> dg.MaterializeResult:
-    """Label-free format warm-up: the output contract with the answer masked out of the loss (or at
-    random), so any accuracy GRPO reaches is learned by reinforcement."""
-    return _train(context, "warmup", "vision_pretrained_model", config, layout, dvc, mlflow)
-
-
-@dg.asset(group_name=GROUP, deps=[format_warmup_model], kinds={"pytorch", "mlflow"})
-def grpo_model(
-    context: dg.AssetExecutionContext,
-    config: StageConfig,
-    layout: DataLayout,
-    dvc: DvcResource,
-    mlflow: MlflowResource,
-) -> dg.MaterializeResult:
-    """GRPO (format + accuracy rewards, grounding switchable) from the warm-up model; registers a
-    version of ``ecg-r1-grpo``."""
-    return _train(context, "grpo", "format_warmup_model", config, layout, dvc, mlflow)
-
-
-@dg.asset(group_name=GROUP, deps=[vision_pretrained_model], kinds={"pytorch", "mlflow"})
-def sft_model(
-    context: dg.AssetExecutionContext,
-    config: StageConfig,
-    layout: DataLayout,
-    dvc: DvcResource,
-    mlflow: MlflowResource,
-) -> dg.MaterializeResult:
-    """The SFT baseline (TRL SFTTrainer) from the vision-pre-trained model; registers a version of
-    ``ecg-r1-sft``."""
-    return _train(context, "sft", "vision_pretrained_model", config, layout, dvc, mlflow)
-
-
-@dg.asset(group_name=GROUP, deps=[sft_model], kinds={"pytorch", "mlflow"})
-def grpo_from_sft_model(
-    context: dg.AssetExecutionContext,
-    config: StageConfig,
-    layout: DataLayout,
-    dvc: DvcResource,
-    mlflow: MlflowResource,
-) -> dg.MaterializeResult:
-    """GRPO from the SFT model (the common R1 recipe), for comparison; not registered, so the
-    registry's ``ecg-r1-grpo`` versions stay the paper's recipe."""
-    return _train(context, "grpo", "sft_model", config, layout, dvc, mlflow, register=False)
+vision_pretrained_model = _stage_asset(
+    "vision_pretrained_model",
+    "vision",
+    "base_model",
+    "Signal-grounded vision pre-training: the vision tower learns measurements of the raw signal "
+    "(TWI leads, ST level, QRS width and voltage) from the rendered page; no ischemia label.",
+)
+format_warmup_model = _stage_asset(
+    "format_warmup_model",
+    "warmup",
+    "vision_pretrained_model",
+    "Label-free format warm-up: the output contract with the answer masked out of the loss (or "
+    "random), so any accuracy GRPO reaches is learned by reinforcement.",
+)
+grpo_model = _stage_asset(
+    "grpo_model",
+    "grpo",
+    "format_warmup_model",
+    "GRPO (format + accuracy rewards, grounding switchable) from the warm-up model, the paper's "
+    "recipe; registers a version of ecg-r1-grpo.",
+)
+sft_model = _stage_asset(
+    "sft_model",
+    "sft",
+    "vision_pretrained_model",
+    "The SFT baseline (TRL SFTTrainer) from the vision-pre-trained model; registers a version of ecg-r1-sft.",
+)
+grpo_from_sft_model = _stage_asset(
+    "grpo_from_sft_model",
+    "grpo",
+    "sft_model",
+    "GRPO from the SFT model (the common R1 recipe), for comparison; not registered, so the "
+    "registry's ecg-r1-grpo versions stay the paper's recipe.",
+    register=False,
+)
