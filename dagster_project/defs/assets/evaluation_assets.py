@@ -24,7 +24,7 @@ from ecg_r1 import comparison as comparison_lib
 from ecg_r1 import tracking
 from ecg_r1.evaluate import Predictions, align
 from ecg_r1.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
-from ecg_r1.split import TEST_EXTERNAL, TRAIN, VAL
+from ecg_r1.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 
 GROUP = "evaluation"
 EVALUATION_DIR = "evaluation"  # under the data folder: the reports are versioned with the data
@@ -47,7 +47,11 @@ class ComparisonConfig(dg.Config):
     """Which models are compared, and how."""
 
     models: dict[str, str] = Field(
-        default_factory=lambda: {"GRPO": "grpo_model", "GRPO from SFT": "grpo_from_sft_model", "SFT": "sft_model"},
+        default_factory=lambda: {
+            "GRPO": "grpo_model",
+            "GRPO from SFT": "grpo_from_sft_model",
+            "SFT": "sft_model",
+        },
         description="Row name -> model asset (its stage folder data/models/<asset>/), in table order.",
     )
     pairs: list[list[str]] = Field(
@@ -56,7 +60,12 @@ class ComparisonConfig(dg.Config):
     )
     profile: str = Field(default="tiny", description="Model profile of the compared models.")
     n_boot: int = Field(default=2000, description="Bootstrap resamples per interval.")
-    batch_size: int = Field(default=8, description="Examples per forward pass.")
+    batch_size: int = Field(
+        default=16, description="Examples per forward pass (16 ran 1.7x faster than 8 on CPU)."
+    )
+    max_cases_per_split: int = Field(
+        default=0, description="Evaluate a seeded sample of at most this many cases per split; 0: all."
+    )
     max_new_tokens: int = Field(default=0, description="Completion cap; 0: the profile's.")
     seed: int = Field(default=0, description="Seed of the bootstrap and of the cases shown.")
     n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
@@ -104,7 +113,7 @@ def reference_baselines(
 
     train, val = (
         comparison_lib.add_features(
-            comparison_lib.evaluation_cases(layout.cohort, layout.splits / "splits.parquet", layout.images, s),
+            comparison_lib.evaluation_cases(layout.cohort, layout.splits / SPLITS_FILE, layout.images, s),
             layout.cohort,
         )
         for s in (TRAIN, VAL)
@@ -112,7 +121,10 @@ def reference_baselines(
     baselines = comparison_lib.ReferenceBaselines(
         MajorityBaseline().fit(train),
         FeatureBaseline(
-            seed=config.seed, max_iter=config.max_iter, learning_rate=config.learning_rate, use_note=config.use_note
+            seed=config.seed,
+            max_iter=config.max_iter,
+            learning_rate=config.learning_rate,
+            use_note=config.use_note,
         ).fit(train),
     )
     out = layout.models / BASELINES_ASSET
@@ -155,11 +167,13 @@ def model_comparison(
     for name, asset in config.models.items():
         folder = layout.models / asset
         if not (folder / comparison_lib.RESULT_FILE).is_file():
-            raise dg.Failure(f"{folder} holds no finished training stage (result.json): materialize {asset} first")
+            raise dg.Failure(
+                f"{folder} holds no finished training stage (result.json): materialize {asset} first"
+            )
         folders[name] = folder
     out = evaluation_dir(layout)
     truth = layout.simulated / "truth.parquet"
-    splits_path = layout.splits / "splits.parquet"
+    splits_path = layout.splits / SPLITS_FILE
     truth_path = truth if truth.is_file() and _truth_covers(truth, layout, splits_path) else None
     if truth_path is None:
         context.log.info("no simulator truth for these cases: the table has no Bayes ceiling row")
@@ -178,6 +192,7 @@ def model_comparison(
         batch_size=config.batch_size,
         max_new_tokens=config.max_new_tokens or None,
         n_case_figures=config.n_case_figures,
+        max_cases_per_split=config.max_cases_per_split or None,
     )
     provenance = dvc.record(context)
     uri = mlflow.configure()
@@ -186,7 +201,9 @@ def model_comparison(
     for name in folders:
         found = _registered(result.stages[name])
         if found is None:
-            context.log.warning(f"{name}: its stage registered no model version; metrics not logged on a version")
+            context.log.warning(
+                f"{name}: its stage registered no model version; metrics not logged on a version"
+            )
             continue
         model_name, version = found
         registered[name] = f"{model_name}/{version}"
@@ -201,7 +218,11 @@ def model_comparison(
         version_runs[name] = run_id
     (out / REGISTRY_FILE).write_text(json.dumps(registered, indent=2))
 
-    with tracking.start_or_resume_run(config.profile, "evaluation", tags={"stage": "evaluation"}) as run:
+    from ecg_r1.models import load_profile
+
+    # The profile's experiment (a profile given as a YAML path is named by its `name`).
+    experiment = load_profile(config.profile).name
+    with tracking.start_or_resume_run(experiment, "evaluation", tags={"stage": "evaluation"}) as run:
         tracking.log_params_flat(
             {
                 "models": {n: registered.get(n, str(f)) for n, f in folders.items()},
@@ -286,7 +307,9 @@ def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, pr
     run_id = tracking.version_run_id(model_name, version)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=VERSION_PREDICTIONS, dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=VERSION_PREDICTIONS, dst_path=tmp
+            )
             saved = Predictions.from_frame(f"{model_name} v{version}", pl.read_parquet(local))
             align(saved, cases)  # raises when the saved answers miss some of these cases
             return saved
@@ -355,7 +378,9 @@ def model_promotion(
         metadata[f"{slug}_reason"] = decision.reason
         metadata[f"{slug}_champion"] = rows[-1]["champion_after"]
         metadata |= {
-            f"{slug}_{k}": v for k, v in decision.figures.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            f"{slug}_{k}": v
+            for k, v in decision.figures.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
         }
     (out / "promotion.json").write_text(json.dumps(rows, indent=2, default=str))
     table = markdown_table(pl.DataFrame(rows)) if rows else "(no registered versions to judge)"
@@ -370,7 +395,9 @@ def model_promotion(
 
 
 @dg.asset_check(asset=model_promotion, description="Every judged model has a champion after promotion.")
-def check_every_judged_model_has_a_champion(layout: DataLayout, mlflow: MlflowResource) -> dg.AssetCheckResult:
+def check_every_judged_model_has_a_champion(
+    layout: DataLayout, mlflow: MlflowResource
+) -> dg.AssetCheckResult:
     mlflow.configure()
     path = evaluation_dir(layout) / "promotion.json"
     rows = json.loads(path.read_text()) if path.is_file() else []

@@ -1,0 +1,124 @@
+"""``ecg-r1 evaluate``: compare model versions with the reference rows on the internal and
+cross-hospital test splits, and print the comparison table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="evaluate model versions against the baselines on the internal and cross-hospital tests",
+        description="Let each model answer the labelled TWI cases of test_internal and test_external (the "
+        "held-out hospitals), add the reference rows (majority class, feature baseline, the clinicians' "
+        "cited ~50%% PPV and, with --truth, the simulator's Bayes ceiling), and write the comparison "
+        "table, metrics.json, predictions and plots to --out. Invalid outputs count as wrong.",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[NAME=]MODEL",
+        help="models:/NAME/VERSION or models:/NAME@ALIAS from the MLflow registry, a model folder or a "
+        "training stage folder; repeat for several; NAME= sets the row name",
+    )
+    parser.add_argument("--cohort", type=Path, required=True, help="ingested cohort folder")
+    parser.add_argument("--splits", type=Path, required=True, help="split manifest (splits.parquet)")
+    parser.add_argument("--images", type=Path, required=True, help="rendered images folder (index.parquet)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for table, metrics and plots")
+    parser.add_argument(
+        "--truth", type=Path, default=None, help="simulator truth.parquet: adds the Bayes-optimal ceiling"
+    )
+    parser.add_argument(
+        "--baselines",
+        type=Path,
+        default=None,
+        help="fitted reference baselines folder (default: fit on train)",
+    )
+    parser.add_argument(
+        "--profile", default=None, help="model profile (default: the one recorded in the model, else tiny)"
+    )
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    parser.add_argument(
+        "--max-cases-per-split",
+        type=int,
+        default=None,
+        help="evaluate a seeded sample of at most this many cases per split (default: all)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="completion cap (default: the profile's)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the baselines")
+    parser.add_argument(
+        "--mlflow-root",
+        type=Path,
+        default=Path("."),
+        help="repository root holding mlflow/ (the registry) (default: current folder)",
+    )
+    parser.set_defaults(func=run)
+
+
+def _row_name(spec: str) -> tuple[str, str]:
+    """``NAME=MODEL`` -> (NAME, MODEL); a bare model gets a name from its URI or folder."""
+    if "=" in spec and not spec.startswith("models:/"):
+        name, model = spec.split("=", 1)
+        return name.strip(), model
+    if spec.startswith("models:/"):
+        return spec[len("models:/") :], spec
+    return Path(spec).name, spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecg_r1.cli.predict import resolve_model_dir
+    from ecg_r1.comparison import run_comparison
+    from ecg_r1.models import MODEL_INFO_FILE, load_profile
+    from ecg_r1.training.data import TrainingDataError
+
+    models: dict[str, Path] = {}
+    for spec in args.model:
+        name, model = _row_name(spec)
+        if name in models:
+            raise SystemExit(f"two --model rows are named {name!r}; give one a NAME= prefix")
+        models[name] = resolve_model_dir(model, args.mlflow_root)
+    profile_name = args.profile
+    if profile_name is None:
+        for folder in models.values():
+            for info in (folder / MODEL_INFO_FILE, folder / "model" / MODEL_INFO_FILE):
+                if info.is_file():
+                    profile_name = json.loads(info.read_text()).get("profile")
+                    break
+            if profile_name:
+                break
+    try:
+        profile = load_profile(profile_name or "tiny")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot load profile {profile_name!r}: {exc}; pass --profile") from exc
+    try:
+        result = run_comparison(
+            models,
+            profile,
+            args.cohort,
+            args.splits,
+            args.images,
+            args.out,
+            truth_path=args.truth,
+            seed=args.seed,
+            baselines_dir=args.baselines,
+            n_boot=args.n_boot,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            max_cases_per_split=args.max_cases_per_split,
+            progress=True,
+        )
+    except (TrainingDataError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"evaluation failed: {exc}") from exc
+    print(result.table)
+    print(f"Written to {result.out_dir}: {', '.join(sorted(p.name for p in result.plots.values()))}")
+    return 0

@@ -1,0 +1,285 @@
+"""The model comparison on a tiny cohort with an untrained tiny model, and ``ecg-r1 evaluate`` / ``where``.
+
+An untrained model writes no valid completion: every answer must count as wrong, and the table
+must say so through its valid rate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from test_train import make_cohort, tiny_test_profile
+
+from ecg_r1 import comparison
+from ecg_r1.baselines import CLINICIANS_NAME
+from ecg_r1.models import build_base_model, corpus_from_cases, load_profile
+
+N_BOOT = 200
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("comparison")
+    data = make_cohort(root, n=32)
+    profile_path = tiny_test_profile(root / "profile.yaml", grpo={"max_completion_length": 8})
+    profile = load_profile(profile_path)
+    cases = pl.read_parquet(data["cohort"] / "cohort.parquet").to_dicts()
+    model = build_base_model(profile, corpus_from_cases(cases), root / "stage" / "model")
+    # A stage folder with a training history that logged rewards (as GRPO writes it).
+    history = [
+        {"step": s, "reward": 0.1 * s, "rewards/format/mean": 0.05 * s, "loss": 1.0} for s in range(1, 6)
+    ]
+    history.append({"step": 5, "train_runtime": 1.0})
+    (root / "stage" / "result.json").write_text(
+        json.dumps(
+            {
+                "stage": "grpo",
+                "model_dir": str(model),
+                "run_id": None,
+                "registered": None,
+                "steps": 5,
+                "resumed_from": 0,
+                "seconds": 1.0,
+                "seconds_per_step": 0.2,
+                "samples_per_second": 1.0,
+                "peak_rss_mb": 1.0,
+                "metrics": {},
+                "history": history,
+            }
+        )
+    )
+    # Truth of a simulator: a posterior per case (here the label, slightly softened).
+    cohort = pl.read_parquet(data["cohort"] / "cohort.parquet")
+    truth = cohort.select(
+        "record_id",
+        pl.when(pl.col("label") == "ischemic").then(0.9).otherwise(0.2).alias("posterior_ischemic"),
+    )
+    truth.write_parquet(root / "truth.parquet")
+    return {
+        **data,
+        "profile": profile_path,
+        "stage": root / "stage",
+        "model": model,
+        "truth": root / "truth.parquet",
+    }
+
+
+@pytest.fixture(scope="module")
+def result(setup, tmp_path_factory) -> comparison.Comparison:
+    return comparison.run_comparison(
+        {"GRPO": setup["stage"], "SFT": setup["model"]},
+        setup["profile"],
+        setup["cohort"],
+        setup["splits"],
+        setup["images"],
+        tmp_path_factory.mktemp("out"),
+        truth_path=setup["truth"],
+        n_boot=N_BOOT,
+        max_new_tokens=8,
+    )
+
+
+class TestRunComparison:
+    def test_table_has_every_row_on_both_splits_with_n_and_intervals(self, result):
+        table = result.table
+        for split in ("internal test", "cross-hospital"):
+            for row in (
+                "GRPO",
+                "SFT",
+                "Feature baseline",
+                "Majority class",
+                "Bayes-optimal ceiling",
+                CLINICIANS_NAME,
+            ):
+                assert any(
+                    line.startswith(f"| {row}") and f"| {split} |" in line for line in table.splitlines()
+                ), (
+                    row,
+                    split,
+                )
+        external = pl.read_parquet(result.files["cases"]).filter(pl.col("split") == "test_external")
+        feature_row = next(
+            line
+            for line in table.splitlines()
+            if line.startswith("| Feature baseline") and "cross-hospital" in line
+        )
+        assert f"| {external.height} |" in feature_row
+        assert "[" in feature_row  # a bootstrap interval beside the accuracy
+        assert "(cited)" in table and "positive predictive value" in table
+
+    def test_invalid_outputs_count_wrong_and_the_invalid_rate_is_reported(self, result):
+        for split in comparison.EVAL_SPLITS:
+            m = result.results["GRPO"][split]
+            assert m.n_invalid == m.n  # an untrained model never follows the output contract
+            assert m.valid_rate.value == 0.0
+            assert m.accuracy.value == 0.0  # invalid = wrong, whatever the label
+        # P(Yes) is read for every case even so (the external split holds both classes).
+        assert np.isfinite(result.results["GRPO"]["test_external"].auroc.value)
+        rows = json.loads(result.files["metrics"].read_text())["rows"]
+        grpo = next(r for r in rows if r["name"] == "GRPO" and r["split"] == "test_external")
+        assert grpo["n_invalid"] == grpo["n"] > 0 and grpo["valid_rate"] == 0.0
+
+    def test_reference_rows_are_measured_on_the_same_cases(self, result):
+        majority = result.results["Majority class"]["test_internal"]
+        bayes = result.results["Bayes-optimal ceiling (simulator)"]["test_internal"]
+        assert majority.n == bayes.n == result.results["GRPO"]["test_internal"].n
+        assert bayes.accuracy.value == 1.0  # the posterior thresholded at 0.5 gives the label here
+        assert majority.valid_rate.value == 1.0
+
+    def test_paired_comparison_and_per_hospital(self, result):
+        assert {(p.a, p.b, p.split) for p in result.paired} == {
+            ("GRPO", "SFT", "test_internal"),
+            ("GRPO", "SFT", "test_external"),
+        }
+        # The same untrained weights: identical answers, no discordant case.
+        assert all(p.result.only_a_correct == p.result.only_b_correct == 0 for p in result.paired)
+        assert set(result.per_hospital["GRPO"]) == {"H1", "H2"}
+        assert "Paired comparisons" in result.table
+
+    def test_files_written(self, result):
+        for key in (
+            "table",
+            "metrics",
+            "cases",
+            "confusion_matrices",
+            "accuracy_per_hospital",
+            "cases_figure",
+        ):
+            assert result.files[key].is_file(), key
+        assert result.files["roc_test_external"].is_file()
+        assert "reward_curves_grpo" in result.files  # from the stage's history
+        # The SFT row was given the model folder inside the stage folder: it finds the stage too.
+        assert "reward_curves_sft" in result.files
+        saved = comparison.read_predictions(result.out_dir, "GRPO")
+        assert saved.record_id == result.predictions["GRPO"].record_id
+        assert all(v is None for v in saved.y_pred)
+        frame = pl.read_parquet(result.files["predictions_grpo"])
+        assert {"completion", "reasoning", "split"} <= set(frame.columns)
+        metrics = result.model_metrics("GRPO")
+        assert metrics["test_external/n"] == result.results["GRPO"]["test_external"].n
+        assert "hospital/h2/accuracy" in metrics
+
+    def test_without_truth_there_is_no_bayes_row(self, setup, tmp_path):
+        baselines = comparison.ReferenceBaselines.fit(
+            comparison.add_features(
+                comparison.evaluation_cases(setup["cohort"], setup["splits"], setup["images"], "train"),
+                setup["cohort"],
+            )
+        )
+        baselines.save(tmp_path / "baselines")
+        out = comparison.run_comparison(
+            {"SFT": setup["model"]},
+            setup["profile"],
+            setup["cohort"],
+            setup["splits"],
+            setup["images"],
+            tmp_path / "out",
+            baselines_dir=tmp_path / "baselines",
+            n_boot=0,
+            max_new_tokens=4,
+            n_case_figures=0,
+        )
+        assert "Bayes" not in out.table
+        assert set(out.results) == {"SFT", "Feature baseline (gradient boosting)", "Majority class"}
+
+    def test_sample_per_split_is_seeded_and_bounded(self, setup):
+        cases = comparison.evaluation_cases(
+            setup["cohort"], setup["splits"], setup["images"], list(comparison.EVAL_SPLITS)
+        )
+        sample = comparison.sample_per_split(cases, 3, seed=1)
+        assert sample["split"].value_counts().sort("split")["count"].to_list() == [3, 3]
+        assert sample.equals(comparison.sample_per_split(cases, 3, seed=1))
+        assert comparison.sample_per_split(cases, 100, seed=1).equals(cases)
+        with pytest.raises(ValueError, match="at least 1"):
+            comparison.sample_per_split(cases, 0, seed=1)
+
+    def test_truth_missing_cases_is_refused(self, setup, tmp_path):
+        partial = pl.read_parquet(setup["truth"]).head(3)
+        partial.write_parquet(tmp_path / "truth.parquet")
+        with pytest.raises(ValueError, match="not in the truth table"):
+            comparison.run_comparison(
+                {"SFT": setup["model"]},
+                setup["profile"],
+                setup["cohort"],
+                setup["splits"],
+                setup["images"],
+                tmp_path / "out",
+                truth_path=tmp_path / "truth.parquet",
+                n_boot=0,
+                max_new_tokens=2,
+                n_case_figures=0,
+            )
+
+    def test_stage_folder_of_a_bare_model_folder_is_none(self, setup, tmp_path):
+        import shutil
+
+        bare = shutil.copytree(setup["model"], tmp_path / "bare")
+        assert comparison.stage_folder(bare) == (bare, None)
+        assert comparison.stage_folder(setup["stage"]) == (setup["model"], setup["stage"])
+
+    def test_not_a_model_folder_is_refused(self, tmp_path):
+        with pytest.raises(ValueError, match="neither a model folder"):
+            comparison.stage_folder(tmp_path)
+
+
+class TestEvaluateCommand:
+    def test_prints_the_table_for_a_model_folder(self, setup, tmp_path, capsys):
+        from ecg_r1.cli import main
+
+        code = main(
+            [
+                "evaluate",
+                "--model",
+                f"SFT={setup['model']}",
+                "--cohort",
+                str(setup["cohort"]),
+                "--splits",
+                str(setup["splits"]),
+                "--images",
+                str(setup["images"]),
+                "--out",
+                str(tmp_path / "out"),
+                "--truth",
+                str(setup["truth"]),
+                "--profile",
+                str(setup["profile"]),
+                "--n-boot",
+                "0",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "| SFT | cross-hospital |" in out and "| Majority class |" in out and "Bayes-optimal" in out
+        assert (tmp_path / "out" / "comparison.md").read_text() in out
+
+    def test_unknown_registry_version_is_a_clear_error(self, setup, tmp_path, monkeypatch):
+        from ecg_r1.cli import main
+
+        # The command points MLflow at the store through the environment: restore it afterwards.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+        monkeypatch.setenv("MLFLOW_REGISTRY_URI", "")
+
+        with pytest.raises(SystemExit, match="ecg-r1-grpo/99"):
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    "models:/ecg-r1-grpo/99",
+                    "--cohort",
+                    str(setup["cohort"]),
+                    "--splits",
+                    str(setup["splits"]),
+                    "--images",
+                    str(setup["images"]),
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--mlflow-root",
+                    str(tmp_path),
+                ]
+            )
