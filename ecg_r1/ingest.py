@@ -20,6 +20,7 @@ folder, an unknown layout, an unreadable manifest) counts as one quarantined inp
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
@@ -139,7 +140,8 @@ def ingest(
         row["row"] = index
         del row["slot"]
 
-    cohort = pl.DataFrame([{k: row.get(k) for k in COHORT_SCHEMA} for row in rows], schema=COHORT_SCHEMA)
+    # Built column by column: a list of row dicts costs polars several times more per record.
+    cohort = pl.DataFrame({k: [row.get(k) for row in rows] for k in COHORT_SCHEMA}, schema=COHORT_SCHEMA)
     cohort.write_parquet(out_dir / COHORT_FILE)
     quarantine = pl.DataFrame(
         [{k: q.to_row()[k] for k in QUARANTINE_SCHEMA} for q in refused], schema=QUARANTINE_SCHEMA
@@ -240,6 +242,22 @@ def _close_worker() -> None:
 
 
 def _load_chunk(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str, Any]], list[Quarantine]]:
+    """Load a chunk of records (see :func:`_load_chunk_gc_off`) with the cyclic garbage collector paused.
+
+    Reading a record allocates hundreds of small objects and none of them form cycles, yet each
+    few hundred allocations start a collection that also walks every row kept so far (about 4 %
+    of ingest's time); collection resumes between chunks, so memory is still reclaimed.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_chunk_gc_off(task)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load_chunk_gc_off(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str, Any]], list[Quarantine]]:
     """Load a chunk of records, check their signals in small batches, write the good ones to their slots.
 
     Signals are converted straight into a chunk buffer (no per-record copy) and checked a
@@ -257,12 +275,22 @@ def _load_chunk(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str, Any]]
 
     def flush() -> None:
         issues = signal_issues(buffer[: len(pending)])
+        run_start = 0  # buffer index where the current run of passing records in consecutive slots began
         for index, ((slot, row), issue) in enumerate(zip(pending, issues, strict=True)):
             if issue is None:
-                SlotFile.write("", slot, buffer[index], fd=fd)
                 row["slot"] = slot
                 rows.append(row)
+                if (
+                    index + 1 < len(pending)
+                    and issues[index + 1] is None
+                    and pending[index + 1][0] == slot + 1
+                ):
+                    continue
+                # One write for the whole run: fewer system calls than one a record.
+                SlotFile.write_run(fd, pending[run_start][0], buffer[run_start : index + 1])
+                run_start = index + 1
                 continue
+            run_start = index + 1
             reason, message = issue
             refused.append(
                 Quarantine(

@@ -71,15 +71,23 @@ def signal_issues(signals: np.ndarray) -> list[tuple[str, str] | None]:
         One entry a record: ``(reason, message)`` or None.
     """
     measures = _measure(np.asarray(signals))
+    # Python scalars in one call each, and lead names only where a lead failed: the per-record
+    # loop runs for every record ingested.
+    nan_samples = measures["nan_samples"].tolist()
+    flat, saturated = measures["flat"], measures["saturated"]
+    any_flat = flat.any(axis=1).tolist()
+    any_saturated = saturated.any(axis=1).tolist()
+    max_abs = measures["max_abs"].tolist()
+    max_ptp = measures["max_ptp"].tolist()
     return [
         signal_issue(
-            int(measures["nan_samples"][i]),
-            _lead_names(measures["flat"][i]),
-            _lead_names(measures["saturated"][i]),
-            float(measures["max_abs"][i]),
-            float(measures["max_ptp"][i]),
+            nan_samples[i],
+            _lead_names(flat[i]) if any_flat[i] else "",
+            _lead_names(saturated[i]) if any_saturated[i] else "",
+            max_abs[i],
+            max_ptp[i],
         )
-        for i in range(len(measures["nan_samples"]))
+        for i in range(len(nan_samples))
     ]
 
 
