@@ -1,0 +1,132 @@
+"""``ecg-r1 train vision|warmup|sft|grpo``: run one training stage of a profile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+STAGE_HELP = {
+    "vision": "signal-grounded pre-training of the vision tower (targets measured from the raw signal)",
+    "warmup": "label-free format warm-up (output contract; answer masked or random)",
+    "sft": "supervised fine-tuning with TRL's SFTTrainer (the baseline); registers ecg-r1-sft",
+    "grpo": "GRPO with TRL's GRPOTrainer (format / accuracy / grounding rewards); registers ecg-r1-grpo",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model: vision pre-training, format warm-up, SFT or GRPO",
+        description="Run one training stage on the labelled TWI cases of the training split. The model "
+        "starts from --from (a model folder written by an earlier stage) or, without it, from the "
+        "profile's base model (tiny: built here, with a tokenizer trained on the cohort's texts; "
+        "hub profiles: the pretrained checkpoint). Writes OUT/model, OUT/checkpoints and "
+        "OUT/result.json; a stage killed part-way resumes from its last checkpoint when run again "
+        "with the same --out, logging to the same MLflow run. Prints the result as JSON.",
+    )
+    parser.add_argument(
+        "stage", choices=list(STAGE_HELP), help="; ".join(f"{k}: {v}" for k, v in STAGE_HELP.items())
+    )
+    parser.add_argument("--profile", default="tiny", help="profile name or YAML path (default tiny)")
+    parser.add_argument("--cohort", type=Path, required=True, metavar="DIR", help="ingested cohort folder")
+    parser.add_argument(
+        "--splits", type=Path, required=True, metavar="FILE", help="split manifest (splits.parquet)"
+    )
+    parser.add_argument(
+        "--images", type=Path, required=True, metavar="DIR", help="rendered images (with index.parquet)"
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the stage's output folder")
+    parser.add_argument(
+        "--from",
+        dest="start",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="model folder to start from (default: base model)",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, metavar="N", help="optimiser steps (default: from the profile)"
+    )
+    parser.add_argument("--seed", type=int, help="random seed (default: the profile's)")
+    parser.add_argument(
+        "--answer",
+        choices=["masked", "random"],
+        help="warmup only: answer kept out of the loss, or drawn at random",
+    )
+    rationale = parser.add_mutually_exclusive_group()
+    rationale.add_argument(
+        "--rationale",
+        dest="rationale",
+        action="store_true",
+        default=None,
+        help="sft only: findings rationale in targets",
+    )
+    rationale.add_argument(
+        "--no-rationale", dest="rationale", action="store_false", help="sft only: answer-only targets"
+    )
+    parser.add_argument(
+        "--mlflow",
+        type=Path,
+        metavar="DIR",
+        help="folder holding the MLflow store (DIR/mlflow/mlflow.db; default: the repository root)",
+    )
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (nor register)")
+    parser.add_argument(
+        "--no-register", action="store_true", help="log the run but register no model version"
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="ignore checkpoints in --out and start from step 0"
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ecg_r1 import tracking
+    from ecg_r1.models import load_profile
+    from ecg_r1.training import stages
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = load_profile(args.profile)
+    data = {"cohort_dir": args.cohort, "splits_path": args.splits, "images_dir": args.images}
+    tracked = not args.no_tracking
+    if tracked:
+        tracking.configure(args.mlflow or stages.REPO_ROOT)
+    start = args.start
+    if start is None:
+        start = stages.build_start_model(profile, out_dir=args.out / "base_model", **data)
+    elif not (Path(start) / "config.json").is_file():
+        raise SystemExit(
+            f"--from {start}: not a model folder (no config.json); pass OUT/model of an earlier stage"
+        )
+    common = {"max_steps": args.max_steps, "seed": args.seed, "tracking": tracked}
+    if args.stage == "vision":
+        result = stages.run_vision_stage(profile, start, out_dir=args.out, **data, **common)
+    else:
+        common |= {"progress": not args.no_progress, "resume": not args.restart}
+        if args.stage == "warmup":
+            result = stages.run_format_warmup(
+                profile, start, out_dir=args.out, answer=args.answer, **data, **common
+            )
+        elif args.stage == "sft":
+            result = stages.run_sft(
+                profile,
+                start,
+                out_dir=args.out,
+                rationale=args.rationale,
+                register=not args.no_register,
+                **data,
+                **common,
+            )
+        else:
+            result = stages.run_grpo(
+                profile, start, out_dir=args.out, register=not args.no_register, **data, **common
+            )
+    summary = json.loads(result.to_json())
+    summary.pop("history", None)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,40 @@
+"""Training stages of ECG-R1: signal-grounded vision pre-training, label-free format warm-up,
+SFT (TRL ``SFTTrainer``) and GRPO (TRL ``GRPOTrainer``), each tracked in MLflow.
+
+Library entry points (the CLI ``ecg-r1 train`` and the Dagster assets call these)::
+
+    run_vision_stage(profile, start_model, cohort_dir, splits_path, images_dir, out_dir, ...)
+    run_format_warmup(profile, start_model, cohort_dir, splits_path, images_dir, out_dir, ...)
+    run_sft(profile, start_model, cohort_dir, splits_path, images_dir, out_dir, ...)
+    run_grpo(profile, start_model, cohort_dir, splits_path, images_dir, out_dir, ...)
+
+Each returns a :class:`StageResult` and leaves ``out_dir/model`` (a model folder).
+"""
+
+from ecg_r1.training.data import TrainingDataError, grpo_dataset, load_cases, sft_dataset, sft_targets
+from ecg_r1.training.stages import (
+    STAGES,
+    StageResult,
+    read_result,
+    run_format_warmup,
+    run_grpo,
+    run_sft,
+    run_vision_stage,
+    stage_function,
+)
+
+__all__ = [
+    "STAGES",
+    "StageResult",
+    "TrainingDataError",
+    "grpo_dataset",
+    "load_cases",
+    "read_result",
+    "run_format_warmup",
+    "run_grpo",
+    "run_sft",
+    "run_vision_stage",
+    "sft_dataset",
+    "sft_targets",
+    "stage_function",
+]

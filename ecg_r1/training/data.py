@@ -1,0 +1,255 @@
+"""Training cases: the labelled TWI records of a split, with their prompt, image and findings.
+
+One table feeds every stage. :func:`load_cases` joins the cohort table, the split manifest and
+the image index, keeps the labelled TWI records of the requested splits and says loudly what is
+missing (a record without an image is an error, never a silent drop). The ``*_dataset``
+functions turn the table into the ``datasets.Dataset`` each TRL trainer reads:
+
+* GRPO: a conversational ``prompt`` (:func:`ecg_r1.prompts.build_prompt`, plain-string content:
+  TRL inserts the image placeholder itself), an ``image`` column, and the columns the rewards
+  read (``label``, ``twi_leads``) plus ``record_id`` and ``hospital``;
+* SFT and the format warm-up: the same ``prompt`` with a ``completion`` (prompt-completion form,
+  so the loss covers the completion only and SFT sees exactly the tokens GRPO sees) and an
+  ``images`` list.
+
+Images are an ``datasets.Image`` column over the PNG paths: decoded lazily, one at a time, when a
+batch is drawn, so a cohort of any size never sits in memory. The processor resizes each page to
+the profile's pixel bounds (``image.min_pixels``/``max_pixels``), so a page rendered at another
+size still gives the profile's number of image tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from ecg_r1.prompts import build_prompt, format_target, rationale_from_findings
+from ecg_r1.store import read_cohort
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.parquet"
+LABELLED = ("ischemic", "non-ischemic")
+CASE_COLUMNS = (
+    "record_id",
+    "hospital",
+    "split",
+    "age",
+    "sex",
+    "note",
+    "twi_leads",
+    "label",
+    "row",
+    "image_path",
+)
+
+
+class TrainingDataError(ValueError):
+    """The cohort, splits or images cannot give training cases; the message says what to fix."""
+
+
+def load_cases(
+    cohort_dir: str | Path,
+    splits_path: str | Path,
+    images_dir: str | Path,
+    splits: str | Sequence[str] = "train",
+    labelled_only: bool = True,
+) -> pl.DataFrame:
+    """The TWI cases of some splits, joined with their image paths.
+
+    Args:
+        cohort_dir: an ingested cohort folder (``cohort.parquet`` + signals).
+        splits_path: the split manifest (``splits.parquet``: record_id, split).
+        images_dir: the rendered images' folder (``index.parquet``: record_id, image_path relative
+            to the folder).
+        splits: one split name or several (``train``, ``val``, ``test_internal``, ``test_external``).
+        labelled_only: keep only ischemic / non-ischemic cases (training needs a label; the
+            vision pre-training and the format warm-up do not, and may pass False).
+
+    Returns:
+        One row a case with :data:`CASE_COLUMNS` (``label`` a bool, null when unlabelled;
+        ``image_path`` absolute), in the split manifest's order.
+
+    Raises:
+        TrainingDataError: when a file is missing, a split name is unknown, a case has no image,
+            or no case is left.
+    """
+    cohort_dir, splits_path, images_dir = Path(cohort_dir), Path(splits_path), Path(images_dir)
+    wanted = [splits] if isinstance(splits, str) else list(splits)
+    for path, what in (
+        (cohort_dir / "cohort.parquet", "cohort table (run `ecg-r1 ingest`)"),
+        (splits_path, "split manifest (run the splits step)"),
+        (images_dir / INDEX_FILE, "image index (run `ecg-r1 render`)"),
+    ):
+        if not path.is_file():
+            raise TrainingDataError(f"{path} not found: expected the {what}")
+    cohort = read_cohort(cohort_dir)
+    manifest = pl.read_parquet(splits_path)
+    missing = {"record_id", "split"} - set(manifest.columns)
+    if missing:
+        raise TrainingDataError(
+            f"{splits_path} lacks columns {sorted(missing)}; it must map record_id -> split"
+        )
+    known = set(manifest["split"].unique().to_list())
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise TrainingDataError(f"split(s) {unknown} not in {splits_path}; it has {sorted(known)}")
+    index = pl.read_parquet(images_dir / INDEX_FILE).select("record_id", "image_path")
+    chosen = manifest.filter(pl.col("split").is_in(wanted)).select("record_id", "split")
+    cases = chosen.join(cohort, on="record_id", how="left", maintain_order="left")
+    not_in_cohort = cases.filter(pl.col("row").is_null())["record_id"].to_list()
+    if not_in_cohort:
+        raise TrainingDataError(
+            f"{len(not_in_cohort)} records of {splits_path} are not in {cohort_dir}: {not_in_cohort[:5]}; "
+            "the splits and the cohort come from different ingests"
+        )
+    if "twi" in cases.columns:
+        cases = cases.filter(pl.col("twi").fill_null(False))
+    if labelled_only:
+        cases = cases.filter(pl.col("label").is_in(LABELLED))
+    cases = cases.join(index, on="record_id", how="left", maintain_order="left")
+    no_image = cases.filter(pl.col("image_path").is_null() | (pl.col("image_path") == ""))[
+        "record_id"
+    ].to_list()
+    if no_image:
+        raise TrainingDataError(
+            f"{len(no_image)} cases of split(s) {wanted} have no image in {images_dir / INDEX_FILE}: "
+            f"{no_image[:5]}; render them (`ecg-r1 render`) before training"
+        )
+    if cases.height == 0:
+        raise TrainingDataError(
+            f"no {'labelled ' if labelled_only else ''}TWI cases in split(s) {wanted} of {splits_path}"
+        )
+    root = str(images_dir.resolve())
+    return cases.select(
+        "record_id",
+        "hospital",
+        "split",
+        "age",
+        "sex",
+        "note",
+        pl.col("twi_leads").fill_null(""),
+        pl.when(pl.col("label") == "ischemic")
+        .then(True)
+        .when(pl.col("label") == "non-ischemic")
+        .then(False)
+        .otherwise(None)
+        .alias("label"),
+        "row",
+        (pl.lit(root + "/") + pl.col("image_path")).alias("image_path"),
+    )
+
+
+def _image_column(dataset: datasets.Dataset, column: str, as_list: bool) -> datasets.Dataset:
+    import datasets
+
+    feature = datasets.Image()
+    return dataset.cast_column(column, datasets.List(feature) if as_list else feature)
+
+
+def _prompts(cases: pl.DataFrame) -> list[list[dict]]:
+    return [build_prompt(r["age"], r["sex"], r["note"]) for r in cases.iter_rows(named=True)]
+
+
+def grpo_dataset(cases: pl.DataFrame) -> datasets.Dataset:
+    """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
+
+    Args:
+        cases: from :func:`load_cases`.
+
+    Returns:
+        A ``datasets.Dataset`` with ``prompt``, ``image`` (decoded lazily), ``label`` (bool),
+        ``twi_leads``, ``record_id``, ``hospital``.
+    """
+    import datasets
+
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": _prompts(cases),
+            "image": cases["image_path"].to_list(),
+            "label": cases["label"].to_list(),
+            "twi_leads": cases["twi_leads"].to_list(),
+            "record_id": cases["record_id"].to_list(),
+            "hospital": cases["hospital"].to_list(),
+        }
+    )
+    return _image_column(data, "image", as_list=False)
+
+
+def sft_targets(
+    cases: pl.DataFrame, rationale: bool, answers: Iterable[bool | None] | None = None
+) -> list[str]:
+    """The completion each case is trained to write.
+
+    Args:
+        cases: from :func:`load_cases`.
+        rationale: put a reasoning built from the case's known or measured findings
+            (:func:`ecg_r1.prompts.rationale_from_findings`: leads with TWI and their territory;
+            never the label) in the think block; else leave it empty.
+        answers: the answer to write per case; default the case's label.
+
+    Returns:
+        One target string per case, each accepted by :func:`ecg_r1.prompts.parse_completion`.
+
+    Raises:
+        TrainingDataError: when a case has no answer (unlabelled and none given).
+    """
+    answers = list(answers) if answers is not None else cases["label"].to_list()
+    targets = []
+    for row, answer in zip(cases.iter_rows(named=True), answers, strict=True):
+        if answer is None:
+            raise TrainingDataError(f"case {row['record_id']} has no label to train on; use labelled cases")
+        think = rationale_from_findings(row["twi_leads"]) if rationale else None
+        targets.append(format_target(bool(answer), think))
+    return targets
+
+
+def sft_dataset(cases: pl.DataFrame, targets: Sequence[str]) -> datasets.Dataset:
+    """The SFT dataset in TRL's prompt-completion form with one image per case.
+
+    Args:
+        cases: from :func:`load_cases`.
+        targets: one completion per case (:func:`sft_targets`).
+
+    Returns:
+        A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
+        ``images`` (a one-image list, decoded lazily), ``label``, ``record_id``.
+    """
+    import datasets
+
+    if len(targets) != cases.height:
+        raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": _prompts(cases),
+            "completion": [[{"role": "assistant", "content": target}] for target in targets],
+            "images": [[path] for path in cases["image_path"].to_list()],
+            "label": cases["label"].to_list(),
+            "record_id": cases["record_id"].to_list(),
+        }
+    )
+    return _image_column(data, "images", as_list=True)
+
+
+def random_answers(n: int, seed: int) -> list[bool]:
+    """Answers drawn at random (fair coin), for the label-free format warm-up."""
+    rng = random.Random(seed)
+    return [rng.random() < 0.5 for _ in range(n)]
+
+
+def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
+    """Counts worth logging with a run: cases, ischemic share, per hospital."""
+    labelled = cases.filter(pl.col("label").is_not_null())
+    return {
+        "cases": cases.height,
+        "ischemic_share": round(float(labelled["label"].mean()), 4) if labelled.height else None,
+        "hospitals": ",".join(sorted(str(h) for h in cases["hospital"].unique().to_list())),
+    }

@@ -1,0 +1,335 @@
+"""Signal-grounded pre-training of the vision tower.
+
+A randomly initialised Qwen2-VL learns the text of the prompt long before it learns to read the
+image tokens (``../shared/STACK.md``: SFT from scratch copied the clinical text and ignored the
+image). This stage teaches the vision tower to see what a cardiologist reads off the page, with
+targets measured from the **raw signal** (:func:`ecg_r1.features.measure_features`), never the
+ischemia label, so it runs on real cohorts as on simulated ones:
+
+* which leads show T-wave inversion (12 binary targets);
+* per-lead T amplitude, ST level and QRS voltage, QRS width and heart rate (regression targets,
+  standardised on the training cases).
+
+The head reads the vision tower's merged tokens (the exact vectors the language model receives
+as image tokens) through a small per-token projection followed by a linear map over token
+positions. Position matters: the page layout is fixed, so *where* a token sits says which lead
+it shows, and Qwen2-VL's vision features carry no absolute position of their own. The head is
+thrown away; the updated vision tower (patch embedding, blocks and merger) is saved in the model
+folder, and the language model is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from ecg_r1.canonical import LEADS
+from ecg_r1.store import open_signals
+
+if TYPE_CHECKING:
+    import torch
+
+    from ecg_r1.models import Profile
+
+logger = logging.getLogger(__name__)
+
+TWI_TARGETS = tuple(f"twi_{lead}" for lead in LEADS)
+REGRESSION_TARGETS = (
+    *(f"t_amp_{lead}" for lead in LEADS),
+    *(f"st_{lead}" for lead in LEADS),
+    *(f"qrs_amp_{lead}" for lead in LEADS),
+    "qrs_ms",
+    "hr_bpm",
+)
+
+
+@dataclass(frozen=True)
+class VisionTargets:
+    """Per-case targets measured from the signal.
+
+    Attributes:
+        twi: ``(n, 12)`` float, 1 where the lead shows TWI, NaN where unmeasurable.
+        regression: ``(n, k)`` standardised measurements, NaN where unmeasurable.
+        mean, std: the standardisation (from the cases it was built on).
+        names: regression target names.
+    """
+
+    twi: np.ndarray
+    regression: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    names: tuple[str, ...] = REGRESSION_TARGETS
+
+
+def measured_targets(features: pl.DataFrame) -> VisionTargets:
+    """Turn :func:`ecg_r1.features.measure_features` output into training targets.
+
+    Args:
+        features: one row per case with the per-lead ``t_amp_*``, ``st_*``, ``qrs_amp_*``
+            columns, ``qrs_ms``, ``hr_bpm`` and ``twi_leads``.
+
+    Returns:
+        :class:`VisionTargets`; a record that could not be measured has NaN targets (left out of
+        the loss, not dropped).
+    """
+    missing = [name for name in (*REGRESSION_TARGETS, "twi_leads") if name not in features.columns]
+    if missing:
+        raise ValueError(
+            f"features lack columns {missing}; compute them with ecg_r1.features.measure_features"
+        )
+    n = features.height
+    twi = np.full((n, len(LEADS)), np.nan)
+    for i, text in enumerate(features["twi_leads"].to_list()):
+        if text is None:  # unmeasurable record
+            continue
+        found = {name.strip() for name in text.split(",") if name.strip()}
+        twi[i] = [1.0 if lead in found else 0.0 for lead in LEADS]
+    values = features.select(REGRESSION_TARGETS).to_numpy().astype(np.float64)
+    mean = np.nanmean(values, axis=0) if n else np.zeros(len(REGRESSION_TARGETS))
+    std = np.nanstd(values, axis=0) if n else np.ones(len(REGRESSION_TARGETS))
+    mean = np.nan_to_num(mean)
+    std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0)
+    return VisionTargets(twi=twi, regression=(values - mean) / std, mean=mean, std=std)
+
+
+def _head(hidden: int, tokens: int, outputs: int, width: int = 8) -> torch.nn.Module:
+    import torch
+
+    class PositionalHead(torch.nn.Module):
+        """Per-token projection to ``width`` features, then a linear map over all positions."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(hidden)
+            self.token = torch.nn.Linear(hidden, width)
+            self.out = torch.nn.Linear(tokens * width, outputs)
+
+        def forward(self, merged: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden)
+            x = torch.nn.functional.gelu(self.token(self.norm(merged)))
+            return self.out(x.flatten(1))
+
+    return PositionalHead()
+
+
+@dataclass
+class VisionPretrainResult:
+    """What :func:`run_vision_pretrain` did.
+
+    Attributes:
+        model_dir: the saved model folder (updated vision tower).
+        steps: optimiser steps taken.
+        seconds: training wall time.
+        history: per logged step: step, loss, twi_loss, reg_loss, twi_accuracy (train batch).
+        eval: held-out figures when eval cases were given (twi_accuracy, twi_f1, reg_mse).
+    """
+
+    model_dir: Path
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+def _pixel_batches(processor: Any, image_paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-process every page once: ``(n, patches, dim)`` pixel values and the common grid."""
+    import torch
+    from PIL import Image
+
+    pixels, grid = [], None
+    for path in image_paths:
+        with Image.open(path) as image:
+            out = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        if grid is None:
+            grid = out["image_grid_thw"][0]
+        elif not torch.equal(grid, out["image_grid_thw"][0]):
+            raise ValueError(
+                f"{path} gives an image grid {out['image_grid_thw'][0].tolist()} unlike the first page's "
+                f"{grid.tolist()}: render all pages at one size for the vision pre-training"
+            )
+        # float16 halves the cache (a 224 px page is 192 x 1176 values); the model sees float32.
+        pixels.append(out["pixel_values"].to(torch.float16))
+    return torch.stack(pixels), grid
+
+
+def run_vision_pretrain(
+    model_dir: str | Path,
+    profile: Profile,
+    image_paths: list[str],
+    signal_rows: list[int],
+    cohort_dir: str | Path,
+    out_dir: str | Path,
+    steps: int | None = None,
+    learning_rate: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    eval_fraction: float = 0.1,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    log_every: int = 10,
+) -> VisionPretrainResult:
+    """Pre-train the vision tower of a model folder on signal-measured targets.
+
+    Args:
+        model_dir: the starting model folder (usually the base model).
+        profile: the model profile (image bounds, dtype; ``stages.vision_pretrain`` gives the
+            default steps, learning_rate and batch_size).
+        image_paths: rendered page of each case.
+        signal_rows: each case's row in the cohort's signal array (the targets are measured there).
+        cohort_dir: the cohort folder holding the signals.
+        out_dir: where the model folder with the updated vision tower is saved.
+        steps, learning_rate, batch_size, seed: override the profile's stage settings.
+        eval_fraction: share of the cases held out to report target accuracy (0 for none).
+        on_step: called as ``on_step(step, metrics)`` every ``log_every`` steps (MLflow, progress).
+        log_every: logging interval in steps.
+
+    Returns:
+        A :class:`VisionPretrainResult`.
+
+    Raises:
+        ValueError: when no case is given or image and signal lists differ in length.
+    """
+    import torch
+
+    from ecg_r1.features import measure_features
+    from ecg_r1.models import load_model_and_processor, save_model_folder
+
+    if not image_paths or len(image_paths) != len(signal_rows):
+        raise ValueError(
+            f"need one signal row per image and at least one case; got {len(image_paths)} images, "
+            f"{len(signal_rows)} rows"
+        )
+    stage = dict(profile.stages.get("vision_pretrain", {}))
+    steps = int(steps if steps is not None else stage.get("steps", 300))
+    learning_rate = float(learning_rate if learning_rate is not None else stage.get("learning_rate", 1e-3))
+    batch_size = int(batch_size if batch_size is not None else stage.get("batch_size", 32))
+    seed = int(seed if seed is not None else profile.seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    signals = open_signals(cohort_dir)
+    started = time.perf_counter()
+    features = measure_features(np.asarray(signals[np.asarray(signal_rows)]))
+    targets = measured_targets(features)
+    logger.info(
+        "measured vision targets for %d cases in %.1f s", len(signal_rows), time.perf_counter() - started
+    )
+
+    model, processor = load_model_and_processor(model_dir, profile)
+    pixels, grid = _pixel_batches(processor, image_paths)
+    logger.info("pre-processed %d pages to %s pixel patches", len(image_paths), tuple(pixels.shape[1:]))
+    visual = model.model.visual
+    merge = visual.spatial_merge_size
+    tokens = int(grid.prod()) // merge**2
+    hidden = model.config.text_config.hidden_size
+    head = _head(hidden, tokens, len(LEADS) + len(REGRESSION_TARGETS))
+
+    order = rng.permutation(len(image_paths))
+    n_eval = int(round(eval_fraction * len(order))) if len(order) >= 10 else 0
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    twi = torch.tensor(targets.twi, dtype=torch.float32)
+    reg = torch.tensor(targets.regression, dtype=torch.float32)
+
+    visual.train()
+    params = [*visual.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))),
+    )
+
+    def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = pixels[torch.as_tensor(idx)].to(torch.float32).flatten(0, 1)
+        grids = grid.unsqueeze(0).repeat(len(idx), 1)
+        merged = visual(batch, grid_thw=grids).pooler_output.view(len(idx), tokens, hidden)
+        out = head(merged)
+        return out[:, : len(LEADS)], out[:, len(LEADS) :], torch.as_tensor(idx)
+
+    def losses(logits: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, r = twi[idx], reg[idx]
+        t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
+        bce = (
+            torch.nn.functional.binary_cross_entropy_with_logits(logits[t_ok], t[t_ok], reduction="mean")
+            if t_ok.any()
+            else logits.sum() * 0
+        )
+        mse = ((values[r_ok] - r[r_ok]) ** 2).mean() if r_ok.any() else values.sum() * 0
+        hits = (
+            ((logits[t_ok] > 0).float() == t[t_ok]).float().mean()
+            if t_ok.any()
+            else torch.tensor(float("nan"))
+        )
+        return {"loss": bce + mse, "twi_loss": bce, "reg_loss": mse, "twi_accuracy": hits}
+
+    history: list[dict[str, float]] = []
+    train_started = time.perf_counter()
+    position = len(train_idx)
+    for step in range(1, steps + 1):
+        if position + batch_size > len(train_idx):
+            rng.shuffle(train_idx)
+            position = 0
+        idx = train_idx[position : position + batch_size]
+        position += batch_size
+        logits, values, tidx = forward(idx)
+        parts = losses(logits, values, tidx)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % log_every == 0 or step == steps:
+            metrics = {name: float(value.detach()) for name, value in parts.items()}
+            metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            history.append({"step": step, **metrics})
+            logger.info(
+                "vision pre-training step %d/%d: loss %.4f, TWI accuracy %.3f",
+                step,
+                steps,
+                metrics["loss"],
+                metrics["twi_accuracy"],
+            )
+            if on_step is not None:
+                on_step(step, metrics)
+    seconds = time.perf_counter() - train_started
+
+    evaluation: dict[str, float] = {}
+    if len(eval_idx):
+        visual.eval()
+        with torch.no_grad():
+            logit_parts, value_parts = [], []
+            for start in range(0, len(eval_idx), batch_size):
+                logits, values, _ = forward(eval_idx[start : start + batch_size])
+                logit_parts.append(logits)
+                value_parts.append(values)
+            logits, values = torch.cat(logit_parts), torch.cat(value_parts)
+        t, r = twi[torch.as_tensor(eval_idx)], reg[torch.as_tensor(eval_idx)]
+        t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
+        predicted, truth = (logits[t_ok] > 0), t[t_ok].bool()
+        tp = float((predicted & truth).sum())
+        evaluation = {
+            "eval_cases": float(len(eval_idx)),
+            "eval_twi_accuracy": float((predicted == truth).float().mean()),
+            "eval_twi_f1": 2 * tp / max(1.0, float(predicted.sum() + truth.sum())),
+            "eval_reg_mse": float(((values[r_ok] - r[r_ok]) ** 2).mean()) if r_ok.any() else float("nan"),
+        }
+        logger.info("vision pre-training held-out: %s", evaluation)
+    visual.eval()
+    info = {
+        "stage": "vision_pretrain",
+        "profile": profile.name,
+        "started_from": str(model_dir),
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "cases": len(image_paths),
+        **evaluation,
+    }
+    save_model_folder(model, processor, out_dir, info=info)
+    return VisionPretrainResult(Path(out_dir), steps, seconds, history, evaluation)
