@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,21 @@ def cinc_dir() -> Path:
 @pytest.fixture(scope="session")
 def ptbxl_meta_dir() -> Path:
     return _shared("ptbxl")
+
+
+@pytest.fixture(scope="session")
+def seed_mlflow_db(tmp_path_factory):
+    """Put an empty, already-migrated MLflow database at a path (``<root>/mlflow/mlflow.db`` for
+    ``ecg_r1.tracking``). Creating MLflow's schema takes seconds a store; copying one takes none,
+    and every test still gets a store of its own."""
+    from mlflow import MlflowClient
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()
+
+    def seed(db_path: Path) -> Path:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db_path)
+        return db_path
+
+    return seed

@@ -101,8 +101,9 @@ def register(profile_name: str, model_dir: Path, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def home(tmp_path_factory: pytest.TempPathFactory, seed_mlflow_db) -> dict:
     root = tmp_path_factory.mktemp("home")
+    seed_mlflow_db(root / "mlflow" / "mlflow.db")
     data = make_cohort(root / "data", n=32)
     shutil.move(str(data["splits"]), root / "data" / "splits_dir.parquet")
     (root / "data" / "splits").mkdir()

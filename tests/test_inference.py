@@ -236,12 +236,13 @@ class TestPredictCli:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, seed_mlflow_db):
     """A temporary MLflow store (the repository root holding mlflow/), shared: creating it takes seconds."""
     mlflow = pytest.importorskip("mlflow")
     from ecg_r1 import tracking
 
     root = tmp_path_factory.mktemp("repo")
+    seed_mlflow_db(root / "mlflow" / "mlflow.db")
     (root / "records").mkdir()
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as mp:

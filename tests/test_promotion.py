@@ -147,11 +147,11 @@ class TestBadInput:
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory):
+def mlflow_store(tmp_path_factory, seed_mlflow_db):
     """One registry (creating an MLflow database takes seconds) with two versions of ecg-r1-grpo."""
     mlflow = pytest.importorskip("mlflow")
     tmp_path = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{seed_mlflow_db(tmp_path / 'mlflow.db')}"
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)

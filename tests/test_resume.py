@@ -59,7 +59,9 @@ def _complete_checkpoints(out: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_sft_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(tmp_path: Path) -> None:
+def test_a_killed_sft_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
+    tmp_path: Path, seed_mlflow_db
+) -> None:
     from ecg_r1 import tracking
     from mlflow import MlflowClient
 
@@ -67,6 +69,7 @@ def test_a_killed_sft_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(tmp_p
     profile = tiny_test_profile(tmp_path / "profile.yaml", sft={"save_steps": 2, "save_total_limit": 2})
     assert yaml.safe_load(profile.read_text())["sft"]["save_steps"] == 2
     out, store = tmp_path / "run", tmp_path / "store"
+    seed_mlflow_db(store / "mlflow" / "mlflow.db")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(

@@ -13,9 +13,10 @@ from ecg_r1 import tracking  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, seed_mlflow_db):
     """One store for the module: creating the SQLite schema takes seconds."""
     root = tmp_path_factory.mktemp("repo")
+    seed_mlflow_db(root / "mlflow" / "mlflow.db")
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)

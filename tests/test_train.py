@@ -160,7 +160,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory, seed_mlflow_db):
     """A temporary MLflow store (SQLite + artifacts) for this module; the previous one restored."""
     import os
 
@@ -169,7 +169,9 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     previous = mlflow.get_tracking_uri()
-    uri = tracking.configure(tmp_path_factory.mktemp("mlflow"))
+    root = tmp_path_factory.mktemp("mlflow")
+    seed_mlflow_db(root / "mlflow" / "mlflow.db")
+    uri = tracking.configure(root)
     yield uri
     for key, value in saved.items():
         if value is None:
