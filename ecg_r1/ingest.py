@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -230,6 +231,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(rules: LabelRules, signals_path: str) -> None:
+    # A forked worker inherits its parent's signal handlers (an orchestrator's, say); the pool
+    # ends its workers with SIGTERM, which must just end them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["rules"] = rules
     _WORKER["fd"] = os.open(signals_path, os.O_WRONLY)
 

@@ -23,7 +23,7 @@ full_pipeline_job = dg.define_asset_job(
     # only slow each other, and every subprocess would pay torch's import again.
     executor_def=dg.in_process_executor,
     description="Everything: simulate (the embedded default), ingest, validate, split, render, train "
-    "(vision pre-training, warm-up, GRPO, SFT, GRPO from SFT), baselines, evaluation, promotion.",
+    "(vision pre-training, SFT, warm-up, GRPO, GRPO after warm-up), baselines, evaluation, promotion.",
 )
 
 retrain_job = dg.define_asset_job(

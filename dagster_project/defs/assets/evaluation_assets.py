@@ -31,7 +31,7 @@ EVALUATION_DIR = "evaluation"  # under the data folder: the reports are versione
 BASELINES_ASSET = "reference_baselines"
 REGISTRY_FILE = "registered.json"  # row name -> "model-name/version" of this comparison
 VERSION_PREDICTIONS = "evaluation/predictions.parquet"  # on each version's run, for later champions
-MODEL_ASSETS = ("sft_model", "grpo_model", "grpo_from_sft_model")
+MODEL_ASSETS = ("sft_model", "grpo_model", "grpo_after_warmup_model")
 
 
 class BaselineConfig(dg.Config):
@@ -49,13 +49,13 @@ class ComparisonConfig(dg.Config):
     models: dict[str, str] = Field(
         default_factory=lambda: {
             "GRPO": "grpo_model",
-            "GRPO from SFT": "grpo_from_sft_model",
+            "GRPO after warm-up": "grpo_after_warmup_model",
             "SFT": "sft_model",
         },
         description="Row name -> model asset (its stage folder data/models/<asset>/), in table order.",
     )
     pairs: list[list[str]] = Field(
-        default_factory=lambda: [["GRPO", "SFT"], ["GRPO from SFT", "SFT"]],
+        default_factory=lambda: [["GRPO", "SFT"], ["GRPO after warm-up", "SFT"]],
         description="Paired comparisons [A, B] on the same cases.",
     )
     profile: str = Field(default="tiny", description="Model profile of the compared models.")

@@ -1,5 +1,6 @@
-"""Training stages as assets: base model -> vision pre-training -> format warm-up -> GRPO, and the
-SFT baseline (plus GRPO from SFT, the common R1 recipe, for comparison).
+"""Training stages as assets: base model -> vision pre-training -> SFT baseline, format warm-up, and
+GRPO from the start the profile names (``stages.grpo.start``), plus GRPO after the label-free
+warm-up (the paper's RL-only recipe) for comparison.
 
 Each asset is one call of an ``ecg_r1.training.stages`` function writing ``data/models/<asset>/``
 (``model/``, ``checkpoints/``, ``result.json``); a run killed part-way resumes from its last
@@ -17,6 +18,7 @@ from pydantic import Field
 
 from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
+from ecg_r1.models import load_profile
 from ecg_r1.split import SPLITS_FILE
 from ecg_r1.training import stages
 
@@ -136,15 +138,41 @@ def base_model(
     )
 
 
+# Where GRPO may start (profile ``stages.grpo.start``) -> the asset holding that model.
+GRPO_STARTS = {
+    "base": "base_model",
+    "vision": "vision_pretrained_model",
+    "warmup": "format_warmup_model",
+    "sft": "sft_model",
+}
+
+
+def grpo_start_asset(profile: str) -> str:
+    """The asset the profile's GRPO starts from: the instruction-tuned base for the GPU profiles
+    (as the paper does), the SFT model for ``tiny`` (the recipe measured to work on a CPU)."""
+    start = str(load_profile(profile).stages.get("grpo", {}).get("start", "warmup"))
+    if start not in GRPO_STARTS:
+        raise dg.Failure(
+            f"profile {profile}: stages.grpo.start={start!r}; choose one of {sorted(GRPO_STARTS)}"
+        )
+    return GRPO_STARTS[start]
+
+
 def _stage_asset(
-    name: str, stage: str, start_asset: str, description: str, **stage_kwargs
+    name: str,
+    stage: str,
+    start_asset: str | None,
+    description: str,
+    deps: tuple[str, ...] = (),
+    **stage_kwargs,
 ) -> dg.AssetsDefinition:
-    """One training stage as an asset: it starts from ``start_asset``'s model folder."""
+    """One training stage as an asset. It starts from ``start_asset``'s model folder or, when that
+    is None, from the asset the profile's ``stages.grpo.start`` names (one of ``deps``)."""
 
     @dg.asset(
         name=name,
         group_name=GROUP,
-        deps=[dg.AssetKey(start_asset)],
+        deps=[dg.AssetKey(d) for d in (deps or (start_asset,))],
         kinds={"pytorch", "mlflow"},
         description=description,
     )
@@ -155,7 +183,8 @@ def _stage_asset(
         dvc: DvcResource,
         mlflow: MlflowResource,
     ) -> dg.MaterializeResult:
-        return _train(context, stage, start_asset, config, layout, dvc, mlflow, **stage_kwargs)
+        start = start_asset or grpo_start_asset(config.profile)
+        return _train(context, stage, start, config, layout, dvc, mlflow, **stage_kwargs)
 
     return _asset
 
@@ -174,24 +203,26 @@ format_warmup_model = _stage_asset(
     "Label-free format warm-up: the output contract with the answer masked out of the loss (or "
     "random), so any accuracy GRPO reaches is learned by reinforcement.",
 )
-grpo_model = _stage_asset(
-    "grpo_model",
-    "grpo",
-    "format_warmup_model",
-    "GRPO (format + accuracy rewards, grounding switchable) from the warm-up model, the paper's "
-    "recipe; registers a version of ecg-r1-grpo.",
-)
 sft_model = _stage_asset(
     "sft_model",
     "sft",
     "vision_pretrained_model",
     "The SFT baseline (TRL SFTTrainer) from the vision-pre-trained model; registers a version of ecg-r1-sft.",
 )
-grpo_from_sft_model = _stage_asset(
-    "grpo_from_sft_model",
+grpo_model = _stage_asset(
+    "grpo_model",
     "grpo",
-    "sft_model",
-    "GRPO from the SFT model (the common R1 recipe), for comparison; not registered, so the "
-    "registry's ecg-r1-grpo versions stay the paper's recipe.",
+    None,
+    "GRPO (format + accuracy rewards, grounding switchable) from the model the profile's "
+    "stages.grpo.start names (tiny: the SFT model; GPU profiles: the instruction-tuned base); "
+    "registers a version of ecg-r1-grpo.",
+    deps=("format_warmup_model", "sft_model"),
+)
+grpo_after_warmup_model = _stage_asset(
+    "grpo_after_warmup_model",
+    "grpo",
+    "format_warmup_model",
+    "GRPO after the label-free format warm-up (the paper's RL-only recipe for a model that cannot "
+    "yet write the format), for comparison; not registered.",
     register=False,
 )
