@@ -102,13 +102,14 @@ class DvcResource(dg.ConfigurableResource):
         """The data version recorded in ``data.dvc`` (None before the first track)."""
         return versioning.data_version(self.root, self.data_dir)
 
-    def record(self, context: dg.AssetExecutionContext | None = None) -> dict[str, Any]:
-        """Track the data folder (when enabled) and return flat metadata: data version and code commit."""
+    def record(self) -> dict[str, Any]:
+        """Track the data folder (when enabled) and return flat metadata: data version and code commit.
+
+        ``versioning.track_data`` logs the version; Dagster shows ``ecg_r1``'s log lines in the run
+        (``python_logs.managed_python_loggers`` in ``$DAGSTER_HOME/dagster.yaml``)."""
         if self.track:
             versioning.ensure_dvc_repo(self.root, self.remote_dir or None)
             version = versioning.track_data(self.root, self.data_dir, push=self.push)
-            if context is not None:
-                context.log.info(f"data version {version}")
         else:
             version = self.version()
         return {

@@ -148,7 +148,7 @@ def simulated_raw(
                 _dict_table(summary.cases_per_hospital, "hospital", "cases")
             ),
             "cases_per_hospital_and_mechanism": dg.MetadataValue.md(markdown_table(mechanisms)),
-            **dvc.record(context),
+            **dvc.record(),
         }
     )
 
@@ -182,7 +182,7 @@ def raw_cohort(
             "twi_cases": summary.twi_cases,
             "records_per_s": summary.records_per_s,
             "counts_by_hospital_and_label": dg.MetadataValue.md(counts_by(cohort, "hospital", "label")),
-            **dvc.record(context),
+            **dvc.record(),
         }
     )
 
@@ -214,7 +214,7 @@ def validated_cohort(
                 _dict_table(by_reason, "reason", "records") if by_reason else "(none)"
             ),
             "validation": dg.MetadataValue.md(result.to_markdown()),
-            **dvc.record(context),
+            **dvc.record(),
         }
     )
 
@@ -256,7 +256,7 @@ def cohort_splits(
         markdown_table(split_lib.split_summary(splits))
     )
     metadata["counts_by_split_and_label"] = dg.MetadataValue.md(counts_by(splits, "split", "label"))
-    return dg.MaterializeResult(metadata=metadata | dvc.record(context))
+    return dg.MaterializeResult(metadata=metadata | dvc.record())
 
 
 def read_split_config(splits_dir: Path) -> dict:

@@ -142,7 +142,7 @@ def reference_baselines(
             "feature_baseline_val_accuracy": feature_val.accuracy.value,
             "feature_baseline_val_auroc": feature_val.auroc.value,
             "majority_val_accuracy": majority_val.accuracy.value,
-            **dvc.record(context),
+            **dvc.record(),
         }
     )
 
@@ -194,7 +194,7 @@ def model_comparison(
         n_case_figures=config.n_case_figures,
         max_cases_per_split=config.max_cases_per_split or None,
     )
-    provenance = dvc.record(context)
+    provenance = dvc.record()
     uri = mlflow.configure()
     registered: dict[str, str] = {}
     version_runs: dict[str, str] = {}

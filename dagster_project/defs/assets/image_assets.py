@@ -64,6 +64,6 @@ def ecg_images(
             "examples": dg.MetadataValue.md("\n\n".join(_inline_png(p) for p in summary.examples[:PREVIEWS])),
             "example_paths": ", ".join(str(p) for p in summary.examples[:PREVIEWS]),
             **{f"page_{k}": v for k, v in page.describe().items()},
-            **dvc.record(context),
+            **dvc.record(),
         }
     )

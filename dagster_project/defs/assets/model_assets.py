@@ -112,7 +112,7 @@ def _train(
     context.log.info(f"{stage}: {result.steps} steps in {result.seconds:.0f} s, run {result.run_id}")
     return dg.MaterializeResult(
         metadata=_metadata(
-            result, mlflow, {"profile": config.profile, "start_model": str(start)} | dvc.record(context)
+            result, mlflow, {"profile": config.profile, "start_model": str(start)} | dvc.record()
         )
     )
 
@@ -133,7 +133,7 @@ def base_model(
             "model_dir": dg.MetadataValue.path(str(folder)),
             "profile": config.profile,
             **{k: v for k, v in info.items() if isinstance(v, int | float | str)},
-            **dvc.record(context),
+            **dvc.record(),
         }
     )
 
