@@ -59,6 +59,10 @@ from ecg_r1.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN
 logger = logging.getLogger(__name__)
 
 EVAL_SPLITS: tuple[str, ...] = (TEST_INTERNAL, TEST_EXTERNAL)
+# Input ablations: what the model is shown instead -> the row-name suffix. "image": the ECG page
+# with flat traces (grid, labels and calibration pulse kept, no ECG); "note": no clinical note
+# ("none given"). A model whose accuracy does not drop without the ECG is reading the note only.
+ABLATIONS: dict[str, str] = {"image": "no ECG", "note": "no note"}
 SPLIT_TITLES = {TEST_INTERNAL: report.INTERNAL, TEST_EXTERNAL: report.CROSS_HOSPITAL}
 TABLE_FILE = "comparison.md"
 METRICS_FILE = "metrics.json"
@@ -141,6 +145,7 @@ def predict_cases(
     max_new_tokens: int | None = None,
     name: str | None = None,
     progress: bool = False,
+    ablation: str | None = None,
 ) -> tuple[Predictions, list[str]]:
     """A model's answers on the cases: greedy completion, strict parse, P(Yes) at the answer.
 
@@ -154,6 +159,8 @@ def predict_cases(
         max_new_tokens: completion cap; None: the profile's GRPO ``max_completion_length``.
         name: the row name (default: the folder name).
         progress: show a tqdm progress bar.
+        ablation: None, or a key of :data:`ABLATIONS`: ``"image"`` shows every case the same page
+            with flat traces instead of its ECG, ``"note"`` shows no clinical note.
 
     Returns:
         ``(predictions, completions)``: answers (None where the completion broke the output
@@ -168,12 +175,23 @@ def predict_cases(
     from ecg_r1.prompts import parse_completion
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
     if max_new_tokens is None:
         max_new_tokens = int(profile.grpo.get("max_completion_length", 256))
     model, processor = load_model_and_processor(model_dir, profile)
     completions: list[str] = []
     p_yes = np.empty(cases.height, dtype=np.float64)
     rows = cases.select("image_path", "age", "sex", "note").to_dicts()
+    blank_page = None
+    if ablation == "image":
+        from ecg_r1.canonical import LEADS, N_SAMPLES
+        from ecg_r1.render import render_page
+
+        blank_page = render_page(np.zeros((len(LEADS), N_SAMPLES), np.float32), profile.render_config())
+        blank_page = blank_page.convert("RGB")
+    if ablation == "note":
+        rows = [{**row, "note": None} for row in rows]
     starts = range(0, len(rows), batch_size)
     if progress:
         from tqdm import tqdm
@@ -183,6 +201,9 @@ def predict_cases(
         batch = rows[start : start + batch_size]
         examples = []
         for row in batch:
+            if blank_page is not None:
+                examples.append({**row, "image": blank_page})
+                continue
             with Image.open(row["image_path"]) as image:
                 examples.append({**row, "image": image.convert("RGB")})
         texts = generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -484,6 +505,7 @@ def run_comparison(
     n_case_figures: int = 4,
     max_cases_per_split: int | None = None,
     progress: bool = False,
+    ablations: Sequence[str] = (),
 ) -> Comparison:
     """Evaluate models and reference rows on the internal and cross-hospital test splits.
 
@@ -505,6 +527,8 @@ def run_comparison(
         max_cases_per_split: evaluate a seeded random sample of at most this many cases per split
             (None: all). For time-boxed runs on a CPU; the table's n says how many were used.
         progress: tqdm progress bars while the models answer.
+        ablations: keys of :data:`ABLATIONS`; each model is also evaluated with that input taken
+            away (row ``"<name> (no ECG)"`` / ``"<name> (no note)"``) and paired with itself.
 
     Returns:
         A :class:`Comparison` with the written files.
@@ -517,6 +541,8 @@ def run_comparison(
 
     if not models:
         raise ValueError("no models to compare: pass at least one name -> model folder")
+    if unknown_ablations := [a for a in ablations if a not in ABLATIONS]:
+        raise ValueError(f"unknown ablations {unknown_ablations}; choose from {sorted(ABLATIONS)}")
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     out = Path(out_dir)
     (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
@@ -538,16 +564,28 @@ def run_comparison(
     folders = {name: stage_folder(path) for name, path in models.items()}
     predictions: dict[str, Predictions] = {}
     kinds: dict[str, str] = {}
+    ablated: dict[str, tuple[str, str]] = {}  # ablated row -> (model row, ablation)
     for name, (model_dir, _) in folders.items():
-        preds, completions = predict_cases(
-            model_dir, profile, cases, batch_size, max_new_tokens, name=name, progress=progress
-        )
-        predictions[name], kinds[name] = preds, report.MEASURED
-        frame = preds.to_frame().with_columns(
-            split=cases["split"], completion=pl.Series(completions, dtype=pl.String)
-        )
-        files[f"predictions_{slug(name)}"] = out / PREDICTIONS_DIR / f"{slug(name)}.parquet"
-        frame.write_parquet(files[f"predictions_{slug(name)}"])
+        for ablation in (None, *ablations):
+            row = name if ablation is None else f"{name} ({ABLATIONS[ablation]})"
+            preds, completions = predict_cases(
+                model_dir,
+                profile,
+                cases,
+                batch_size,
+                max_new_tokens,
+                name=row,
+                progress=progress,
+                ablation=ablation,
+            )
+            predictions[row], kinds[row] = preds, report.MEASURED
+            if ablation is not None:
+                ablated[row] = (name, ablation)
+            frame = preds.to_frame().with_columns(
+                split=cases["split"], completion=pl.Series(completions, dtype=pl.String)
+            )
+            files[f"predictions_{slug(row)}"] = out / PREDICTIONS_DIR / f"{slug(row)}.parquet"
+            frame.write_parquet(files[f"predictions_{slug(row)}"])
 
     # Reference rows.
     truth = pl.read_parquet(truth_path) if truth_path is not None else None
@@ -581,6 +619,8 @@ def run_comparison(
     if pairs is None:
         names = list(models)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    # Each model against itself without an input: how much of its accuracy that input carries.
+    pairs = [*pairs, *((name, row) for row, (name, _) in ablated.items())]
     paired = []
     for a, b in pairs:
         unknown = [n for n in (a, b) if n not in predictions]
@@ -611,9 +651,11 @@ def run_comparison(
         {f"{name}, {SPLIT_TITLES[s]}": results[name][s] for name in models for s in EVAL_SPLITS},
         plots / "confusion_matrices.png",
     )
+    # Ablated rows stay out of the plots: they are diagnostics, read in the table and the pairs.
+    plotted = {name: preds for name, preds in predictions.items() if name not in ablated}
     for split, part in by_split.items():
         curves = {}
-        for name, preds in predictions.items():
+        for name, preds in plotted.items():
             y, _, p = align(preds, part)
             if p is not None:
                 curves[name] = (y, p)
@@ -621,7 +663,7 @@ def run_comparison(
             curves, plots / f"roc_{split}.png", title=f"ROC, {SPLIT_TITLES[split]}"
         )
     files["accuracy_per_hospital"] = report.plot_group_accuracy(
-        {name: per_hospital[name] for name in predictions},
+        {name: per_hospital[name] for name in plotted},
         plots / "accuracy_per_hospital.png",
         reference={"clinicians ~50% (cited PPV)": CLINICIANS_ACCURACY},
     )

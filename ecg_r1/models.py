@@ -538,8 +538,8 @@ def corpus_from_cases(cases: Iterable[Mapping[str, Any]]) -> list[str]:
     """Texts for training the tiny tokenizer: each case's user message and target completions.
 
     Args:
-        cases: mappings with ``age``, ``sex``, ``note`` and optionally ``twi_leads`` (rows of the
-            cohort table, as dicts).
+        cases: mappings with ``age``, ``sex``, ``note`` and optionally ``twi_leads`` and the
+            measured features a findings rationale states (rows of the cohort table, as dicts).
 
     Returns:
         A list of strings: for every case its prompt text, and both possible targets with the
@@ -549,7 +549,7 @@ def corpus_from_cases(cases: Iterable[Mapping[str, Any]]) -> list[str]:
     texts = []
     for case in cases:
         texts.append(user_text(case.get("age"), case.get("sex"), case.get("note")))
-        rationale = rationale_from_findings(case.get("twi_leads"))
+        rationale = rationale_from_findings(case.get("twi_leads"), case)
         texts.extend((format_target(True, rationale), format_target(False, rationale)))
     return texts
 

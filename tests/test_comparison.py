@@ -283,3 +283,68 @@ class TestEvaluateCommand:
                     str(tmp_path),
                 ]
             )
+
+
+class TestAblations:
+    def test_what_each_ablation_shows_the_model(self, setup, monkeypatch):
+        """The image ablation shows every case one flat-line page; the note ablation no note."""
+        import ecg_r1.inference as inference
+
+        shown: list[dict] = []
+
+        def spy(model, processor, examples, **kwargs):
+            shown.extend(examples)
+            return ["<think></think><answer>No</answer>"] * len(examples)
+
+        monkeypatch.setattr(inference, "generate", spy)
+        cases = comparison.evaluation_cases(
+            setup["cohort"], setup["splits"], setup["images"], ["test_external"]
+        )
+        for ablation in (None, "image", "note"):
+            shown.clear()
+            preds, _ = comparison.predict_cases(setup["model"], setup["profile"], cases, ablation=ablation)
+            assert len(shown) == cases.height and all(p is False for p in preds.y_pred)
+            notes = [ex["note"] for ex in shown]
+            pages = {ex["image"].tobytes() for ex in shown}
+            if ablation == "note":
+                assert notes == [None] * cases.height
+            else:
+                assert notes == cases["note"].to_list()
+            if ablation == "image":
+                assert len(pages) == 1
+                page = np.asarray(next(ex["image"] for ex in shown))
+                assert page.shape[:2] == (173, 224) and len(np.unique(page.reshape(-1, 3), axis=0)) > 1
+            else:
+                assert len(pages) == cases.height  # every case its own ECG
+
+    def test_rows_and_self_pairs_for_every_model(self, setup, tmp_path):
+        result = comparison.run_comparison(
+            {"SFT": setup["model"]},
+            setup["profile"],
+            setup["cohort"],
+            setup["splits"],
+            setup["images"],
+            tmp_path,
+            n_boot=N_BOOT,
+            max_new_tokens=8,
+            max_cases_per_split=3,
+            n_case_figures=0,
+            ablations=["image", "note"],
+        )
+        assert {"SFT", "SFT (no ECG)", "SFT (no note)"} <= set(result.results)
+        assert "| SFT (no ECG) |" in result.table and "| SFT (no note) |" in result.table
+        pairs = {(p.a, p.b) for p in result.paired}
+        assert {("SFT", "SFT (no ECG)"), ("SFT", "SFT (no note)")} <= pairs
+        assert result.files["predictions_sft_no_ecg"].is_file()
+
+    def test_unknown_ablation_is_refused(self, setup, tmp_path):
+        with pytest.raises(ValueError, match="unknown ablations"):
+            comparison.run_comparison(
+                {"SFT": setup["model"]},
+                setup["profile"],
+                setup["cohort"],
+                setup["splits"],
+                setup["images"],
+                tmp_path,
+                ablations=["ecg"],
+            )

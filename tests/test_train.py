@@ -269,6 +269,45 @@ class TestDatasets:
         bare = parse_completion(sft_targets(cases, rationale=False)[0])
         assert bare.valid and bare.think == ""
 
+    def test_findings_rationale_states_what_was_measured_before_the_answer(self, data):
+        from ecg_r1.prompts import parse_completion
+        from ecg_r1.training.data import case_findings, load_cases, sft_targets
+
+        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
+        findings = case_findings(cases, data["cohort"])
+        assert findings["record_id"].to_list() == cases["record_id"].to_list()
+        targets = sft_targets(cases, rationale=True, findings=findings)
+        for target, label, measured in zip(
+            targets, cases["label"], findings.iter_rows(named=True), strict=True
+        ):
+            parsed = parse_completion(target)
+            assert parsed.valid and parsed.answer is label
+            assert f"QRS {measured['qrs_ms']:.0f} ms" in parsed.think
+            assert "ischemi" not in parsed.think.lower()  # findings, never the verdict
+        # The synthetic non-ischemic cases have the wide QRS: the rationale says so, from the signal.
+        wide = ["(wide)" in parse_completion(t).think for t in targets]
+        assert wide == [not label for label in cases["label"]]
+        with pytest.raises(ValueError, match="one per case"):
+            sft_targets(cases, rationale=True, findings=findings.head(1))
+
+    def test_note_dropout_hides_a_seeded_fraction_of_notes(self, data):
+        from ecg_r1.training.data import grpo_dataset, load_cases, sft_dataset, sft_targets
+
+        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
+        targets = sft_targets(cases, rationale=False)
+
+        def hidden(dataset) -> list[bool]:
+            return ["Clinical note: none given" in row["prompt"][1]["content"] for row in dataset]
+
+        assert not any(hidden(sft_dataset(cases, targets)))
+        assert all(hidden(sft_dataset(cases, targets, note_dropout=1.0)))
+        half = hidden(sft_dataset(cases, targets, note_dropout=0.5, seed=3))
+        assert 0 < sum(half) < len(half)
+        assert half == hidden(sft_dataset(cases, targets, note_dropout=0.5, seed=3))  # seeded
+        assert half == hidden(grpo_dataset(cases, note_dropout=0.5, seed=3))  # same draw for GRPO
+        with pytest.raises(ValueError, match="fraction"):
+            sft_dataset(cases, targets, note_dropout=1.5)
+
 
 class TestAnswerMasking:
     def test_only_the_answer_word_leaves_the_loss(self, base_model, profile):

@@ -57,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the baselines")
     parser.add_argument(
+        "--ablation",
+        action="append",
+        default=[],
+        metavar="INPUT",
+        help="also evaluate each model with this input taken away (image: a flat-line page; note: "
+        "no clinical note); repeatable",
+    )
+    parser.add_argument(
         "--mlflow-root",
         type=Path,
         default=Path("."),
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             max_cases_per_split=args.max_cases_per_split,
             progress=True,
+            ablations=args.ablation,
         )
     except (TrainingDataError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"evaluation failed: {exc}") from exc

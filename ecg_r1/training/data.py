@@ -155,15 +155,26 @@ def _image_column(dataset: datasets.Dataset, column: str, as_list: bool) -> data
     return dataset.cast_column(column, datasets.List(feature) if as_list else feature)
 
 
-def _prompts(cases: pl.DataFrame) -> list[list[dict]]:
-    return [build_prompt(r["age"], r["sex"], r["note"]) for r in cases.iter_rows(named=True)]
+def _prompts(cases: pl.DataFrame, note_dropout: float = 0.0, seed: int = 0) -> list[list[dict]]:
+    if not 0.0 <= note_dropout <= 1.0:
+        raise ValueError(f"note_dropout must be a fraction in [0, 1], got {note_dropout}")
+    rng = random.Random(seed)
+    prompts = []
+    for row in cases.iter_rows(named=True):
+        # One draw per case whatever the fraction, so the same seed drops the same notes.
+        note = None if rng.random() < note_dropout else row["note"]
+        prompts.append(build_prompt(row["age"], row["sex"], note))
+    return prompts
 
 
-def grpo_dataset(cases: pl.DataFrame) -> datasets.Dataset:
+def grpo_dataset(cases: pl.DataFrame, note_dropout: float = 0.0, seed: int = 0) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
     Args:
         cases: from :func:`load_cases`.
+        note_dropout: the fraction of cases shown without their clinical note ("none given"), so
+            the image alone must carry the answer for them (see :func:`sft_dataset`).
+        seed: which cases lose their note.
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``image`` (decoded lazily), ``label`` (bool),
@@ -173,7 +184,7 @@ def grpo_dataset(cases: pl.DataFrame) -> datasets.Dataset:
 
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases),
+            "prompt": _prompts(cases, note_dropout, seed),
             "image": cases["image_path"].to_list(),
             "label": cases["label"].to_list(),
             "twi_leads": cases["twi_leads"].to_list(),
@@ -185,7 +196,10 @@ def grpo_dataset(cases: pl.DataFrame) -> datasets.Dataset:
 
 
 def sft_targets(
-    cases: pl.DataFrame, rationale: bool, answers: Iterable[bool | None] | None = None
+    cases: pl.DataFrame,
+    rationale: bool,
+    answers: Iterable[bool | None] | None = None,
+    findings: pl.DataFrame | None = None,
 ) -> list[str]:
     """The completion each case is trained to write.
 
@@ -195,6 +209,10 @@ def sft_targets(
             (:func:`ecg_r1.prompts.rationale_from_findings`: leads with TWI and their territory;
             never the label) in the think block; else leave it empty.
         answers: the answer to write per case; default the case's label.
+        findings: measured ECG features, one row per case in the same order
+            (:func:`case_findings`); with ``rationale`` the reasoning then also states rate, T
+            depth and symmetry, ST, QRS width and voltage, so the model writes what it reads off
+            the page before it answers.
 
     Returns:
         One target string per case, each accepted by :func:`ecg_r1.prompts.parse_completion`.
@@ -203,21 +221,42 @@ def sft_targets(
         TrainingDataError: when a case has no answer (unlabelled and none given).
     """
     answers = list(answers) if answers is not None else cases["label"].to_list()
+    if findings is not None and findings.height != cases.height:
+        raise ValueError(f"{findings.height} findings rows for {cases.height} cases; pass one per case")
+    rows = findings.iter_rows(named=True) if findings is not None else (None for _ in range(cases.height))
     targets = []
-    for row, answer in zip(cases.iter_rows(named=True), answers, strict=True):
+    for row, answer, measured in zip(cases.iter_rows(named=True), answers, rows, strict=True):
         if answer is None:
             raise TrainingDataError(f"case {row['record_id']} has no label to train on; use labelled cases")
-        think = rationale_from_findings(row["twi_leads"]) if rationale else None
+        think = rationale_from_findings(row["twi_leads"], measured) if rationale else None
         targets.append(format_target(bool(answer), think))
     return targets
 
 
-def sft_dataset(cases: pl.DataFrame, targets: Sequence[str]) -> datasets.Dataset:
+def case_findings(cases: pl.DataFrame, cohort_dir: str | Path) -> pl.DataFrame:
+    """The ECG features measured from each case's raw signal (:mod:`ecg_r1.features`), one row
+    per case in ``cases``' order: the findings a findings rationale states. No label is read."""
+    from ecg_r1.baselines import with_features
+    from ecg_r1.features import FEATURE_COLUMNS
+    from ecg_r1.store import open_signals
+
+    measured = with_features(cases.select("record_id", "row"), open_signals(cohort_dir))
+    return measured.select("record_id", *FEATURE_COLUMNS)
+
+
+def sft_dataset(
+    cases: pl.DataFrame, targets: Sequence[str], note_dropout: float = 0.0, seed: int = 0
+) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 
     Args:
         cases: from :func:`load_cases`.
         targets: one completion per case (:func:`sft_targets`).
+        note_dropout: the fraction of cases (drawn with ``seed``) whose clinical note is replaced
+            by "none given". A model that can answer from the note learns to ignore the image;
+            cases without a note make the image carry the answer, which is what it has left at a
+            hospital whose notes it cannot read.
+        seed: which cases lose their note.
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
@@ -229,7 +268,7 @@ def sft_dataset(cases: pl.DataFrame, targets: Sequence[str]) -> datasets.Dataset
         raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases),
+            "prompt": _prompts(cases, note_dropout, seed),
             "completion": [[{"role": "assistant", "content": target}] for target in targets],
             "images": [[path] for path in cases["image_path"].to_list()],
             "label": cases["label"].to_list(),

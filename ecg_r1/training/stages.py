@@ -38,8 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from ecg_r1.models import Profile, load_model_and_processor, load_profile, lora_config, save_model_folder
 from ecg_r1.training.data import (
+    case_findings,
     data_summary,
     grpo_dataset,
     load_cases,
@@ -323,6 +326,8 @@ def _train(
     with _tracked_run(tracking, profile, stage, out_dir, run_name, tags) as run_id:
         _log_params(run_id, {**params, **provenance, "profile": _profile_params(profile)})
         model, processor = load_model_and_processor(start_model, profile)
+        if stage_settings(profile, stage).get("freeze_vision", False):
+            freeze_vision_tower(model)
         trainer = make_trainer(model, processor)
         attached = _attach_callbacks(trainer, stage, run_id, progress, callbacks)
         resumed_from = 0
@@ -401,6 +406,31 @@ def _train(
     )
     (out_dir / RESULT_FILE).write_text(result.to_json())
     return result
+
+
+# Stage name -> its section under the profile's ``stages``.
+_STAGE_SECTIONS = {"vision": "vision_pretrain", "warmup": "format_warmup", "sft": "sft", "grpo": "grpo"}
+
+
+def stage_settings(profile: Profile, stage: str) -> dict[str, Any]:
+    """The profile's ``stages`` section of a stage (``vision``, ``warmup``, ``sft``, ``grpo``)."""
+    return dict(profile.stages.get(_STAGE_SECTIONS[stage], {}))
+
+
+def freeze_vision_tower(model: Any) -> int:
+    """Keep the vision tower (patch embedding, blocks and merger) out of training.
+
+    After the signal-grounded pre-training the tower already reads the page; freezing it keeps
+    what it learned from being overwritten by a few hundred label-driven steps, and saves its
+    backward pass, which is most of a tiny model's step on a CPU (measured with cProfile: the
+    vision forward alone is over half the model's forward at 224 px).
+
+    Returns:
+        The number of parameters frozen.
+    """
+    visual = model.model.visual
+    visual.requires_grad_(False)
+    return sum(p.numel() for p in visual.parameters())
 
 
 def _digest(values: Mapping[str, Any]) -> str:
@@ -526,9 +556,12 @@ def _sft_like(
     params: dict[str, Any],
     register_as: str | None,
     eval_cases: Any,
+    note_dropout: float = 0.0,
     **common: Any,
 ) -> StageResult:
-    dataset = sft_dataset(cases, targets)
+    dataset = sft_dataset(
+        cases, targets, note_dropout=note_dropout, seed=int(seed if seed is not None else profile.seed)
+    )
     config_kwargs = _base_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
     config_kwargs.setdefault("completion_only_loss", True)
@@ -636,7 +669,7 @@ def run_format_warmup(
         classifier).
     """
     profile = _as_profile(profile)
-    stage_cfg = dict(profile.stages.get("format_warmup", {}))
+    stage_cfg = stage_settings(profile, "warmup")
     answer = answer or str(stage_cfg.get("answer", "masked"))
     if answer not in WARMUP_ANSWER_MODES:
         raise ValueError(f"format warm-up answer mode must be one of {WARMUP_ANSWER_MODES}, got {answer!r}")
@@ -709,8 +742,11 @@ def run_sft(
 
     profile = _as_profile(profile)
     rationale = profile.sft_rationale if rationale is None else bool(rationale)
+    with_findings = rationale and findings_rationale(profile)
+    note_dropout = float(stage_settings(profile, "sft").get("note_dropout", 0.0))
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
-    targets = sft_targets(cases, rationale=rationale)
+    findings = case_findings(cases, cohort_dir) if with_findings else None
+    targets = sft_targets(cases, rationale=rationale, findings=findings)
     return _sft_like(
         stage="sft",
         profile=profile,
@@ -722,9 +758,15 @@ def run_sft(
         max_steps=max_steps,
         seed=seed,
         mask_answer=False,
-        params={"sft_rationale": rationale, "seed": seed if seed is not None else profile.seed},
+        params={
+            "sft_rationale": rationale,
+            "rationale_findings": with_findings,
+            "note_dropout": note_dropout,
+            "seed": seed if seed is not None else profile.seed,
+        },
         register_as=MODEL_NAMES["sft"] if register and tracking else None,
         eval_cases=_eval_cases(cohort_dir, splits_path, images_dir),
+        note_dropout=note_dropout,
         **_common(tracking, progress, resume, repo_root, run_name, callbacks),
     )
 
@@ -779,7 +821,10 @@ def run_grpo(
 
     profile = _as_profile(profile)
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
-    dataset = grpo_dataset(cases)
+    config_seed = int(seed if seed is not None else profile.seed)
+    dataset = grpo_dataset(
+        cases, note_dropout=float(stage_settings(profile, "grpo").get("note_dropout", 0.0)), seed=config_seed
+    )
     reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)
     reward_funcs = get_reward_funcs(list(reward_map))
     config_kwargs = _base_config(profile, "grpo", Path(out_dir), max_steps, seed, dict(overrides or {}))
@@ -856,7 +901,7 @@ def run_vision_stage(
     _prepare_out_dir(out_dir, resume=False)
     cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
     provenance = _provenance(Path(repo_root))
-    stage_cfg = dict(profile.stages.get("vision_pretrain", {}))
+    stage_cfg = stage_settings(profile, "vision")
     with _tracked_run(
         tracking, profile, "vision", out_dir, run_name, {"profile": profile.name, **provenance}
     ) as run_id:
@@ -936,7 +981,15 @@ def build_start_model(
     if profile.is_tiny and (out_dir / "config.json").is_file():
         return out_dir
     cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
+    if findings_rationale(profile):  # the tokenizer learns the words and numbers of the findings too
+        cases = pl.concat([cases, case_findings(cases, cohort_dir).drop("record_id")], how="horizontal")
     return build_base_model(profile, corpus_from_cases(cases.to_dicts()), out_dir)
+
+
+def findings_rationale(profile: Profile) -> bool:
+    """Whether the profile's SFT targets state the measured findings (``stages.sft.rationale_findings``,
+    only with ``model.sft_rationale`` on)."""
+    return profile.sft_rationale and bool(stage_settings(profile, "sft").get("rationale_findings", False))
 
 
 def stage_function(stage: str) -> Any:

@@ -69,6 +69,10 @@ class ComparisonConfig(dg.Config):
     max_new_tokens: int = Field(default=0, description="Completion cap; 0: the profile's.")
     seed: int = Field(default=0, description="Seed of the bootstrap and of the cases shown.")
     n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
+    ablations: list[str] = Field(
+        default_factory=lambda: list(comparison_lib.ABLATIONS),
+        description="Inputs taken away for extra rows per model: image (a flat-line page), note.",
+    )
 
 
 class PromotionConfig(dg.Config):
@@ -193,6 +197,7 @@ def model_comparison(
         max_new_tokens=config.max_new_tokens or None,
         n_case_figures=config.n_case_figures,
         max_cases_per_split=config.max_cases_per_split or None,
+        ablations=config.ablations,
     )
     provenance = dvc.record()
     uri = mlflow.configure()
