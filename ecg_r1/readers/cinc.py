@@ -71,6 +71,7 @@ def discover(root: Path) -> tuple[list[RecordRef], list[Quarantine]]:
             elif lower.endswith(".mat"):
                 signals.append(os.path.join(folder, name))
     headers.sort()
+    real_root = os.path.realpath(root)
     for header in headers:
         stem = os.path.basename(header)[:-4]
         record_id = f"{root.name}/{stem}"
@@ -81,6 +82,7 @@ def discover(root: Path) -> tuple[list[RecordRef], list[Quarantine]]:
                 hospital=cinc_hospital(stem),
                 source_format="cinc",
                 header_path=header,
+                root=real_root,
             )
         )
     stems = {header[:-4] for header in headers}

@@ -187,6 +187,7 @@ def _ref(folder: Path, row: dict[str, str], rules: LabelRules, extra_columns: li
         hospital=row["hospital"],
         source_format="manifest",
         header_path=str(header),
+        root=str(folder),
         fields={
             "age": age if age is None else parse_age(str(age)),
             "sex": parse_sex(row.get("sex")),

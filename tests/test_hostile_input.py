@@ -1,0 +1,132 @@
+"""Hostile input: a record never reads outside the folder the user named, never opens anything but
+a regular file, never echoes a file's contents, and the rest of the batch still loads."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_bad_input import FS, ecg
+
+from ecg_r1.canonical import LEADS
+from ecg_r1.ingest import ingest
+from ecg_r1.readers.wfdb_io import write_record
+from ecg_r1.store import read_cohort, read_quarantine
+
+SECRET = "SECRET-LINE do not copy me"
+
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Turn a hang (a FIFO opened for reading waits for a writer) into a failure."""
+
+    def fail(*_: object) -> None:
+        raise TimeoutError("ingest hung")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the input holding what must never be read: a text file and a signal file."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret.txt").write_text(SECRET + "\n")
+    write_record(folder / "stolen", ecg(99), FS, LEADS)
+    return folder
+
+
+def _reasons(out: Path) -> dict[str, str]:
+    """record id (or source path) -> quarantine reason."""
+    rows = read_quarantine(out).to_dicts()
+    return {(row["record_id"] or row["source_path"]).split("/")[-1]: row["reason"] for row in rows}
+
+
+def _assert_never_echoed(out: Path) -> None:
+    messages = " ".join(read_quarantine(out)["message"].to_list())
+    assert "SECRET" not in messages
+
+
+class TestConfinement:
+    def test_header_naming_a_file_outside_is_refused_unread(self, tmp_path: Path, outside: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        for name, target in (("E2", str(outside / "stolen.dat")), ("E3", "../outside/stolen.dat")):
+            header = write_record(folder / name, ecg(2), FS, LEADS)
+            header.write_text(header.read_text().replace(f"{name}.dat ", f"{target} "))
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "path_escapes_folder", "E3": "path_escapes_folder"}
+        assert summary.loaded == 1 and summary.records_in == 3
+        _assert_never_echoed(tmp_path / "out")
+
+    def test_links_pointing_outside_are_not_followed(self, tmp_path: Path, outside: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        (folder / "E2.hea").symlink_to(outside / "secret.txt")  # its first line would be echoed
+        (folder / "E3.hea").symlink_to("/dev/zero")  # would read until memory runs out
+        linked = write_record(folder / "E4", ecg(4), FS, LEADS)
+        linked.with_suffix(".dat").unlink()
+        linked.with_suffix(".dat").symlink_to(outside / "stolen.dat")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {
+            "E2": "path_escapes_folder",
+            "E3": "path_escapes_folder",
+            "E4": "path_escapes_folder",
+        }
+        assert summary.loaded == 1
+        _assert_never_echoed(tmp_path / "out")
+
+    def test_links_inside_the_folder_are_read(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "store" / "X1", ecg(1), FS, LEADS)
+        (folder / "E5.hea").symlink_to(folder / "store" / "X1.hea")  # names X1.dat, beside the link
+        (folder / "X1.dat").symlink_to(folder / "store" / "X1.dat")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert summary.loaded == 2 and summary.quarantined == {}
+
+    def test_manifest_row_inside_whose_header_points_outside_is_refused(
+        self, tmp_path: Path, outside: Path
+    ) -> None:
+        export = tmp_path / "export"
+        header = write_record(export / "records" / "h1", ecg(1), FS, LEADS)
+        header.write_text(header.read_text().replace("h1.dat ", "../../outside/stolen.dat "))
+        write_record(export / "records" / "h2", ecg(2), FS, LEADS)
+        with (export / "manifest.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["signal_path", "record_id", "patient_id", "hospital"])
+            writer.writerows([("records/h1.hea", "H1", "P1", "a"), ("records/h2.hea", "H2", "P2", "a")])
+        summary = ingest([export], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"H1": "path_escapes_folder"}
+        assert read_cohort(tmp_path / "out")["record_id"].to_list() == ["H2"]
+        assert summary.records_in == 2
+
+    def test_fifo_header_is_refused_not_waited_on(self, tmp_path: Path, no_hang: None) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        os.mkfifo(folder / "E2.hea")
+        fifo_signal = write_record(folder / "E3", ecg(3), FS, LEADS).with_suffix(".dat")
+        fifo_signal.unlink()
+        os.mkfifo(fifo_signal)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "not_a_regular_file", "E3": "not_a_regular_file"}
+        assert summary.loaded == 1
+
+    def test_messages_never_quote_the_file(self, tmp_path: Path) -> None:
+        """A header may be any file someone copied in (hard links cannot be told apart): a message
+        names the line that is wrong, never repeats it."""
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        (folder / "E2.hea").write_text(f"{SECRET}\n")
+        (folder / "E3.hea").write_text(f"E3 1 500 5000\nE3.dat 16 {SECRET} 16 0\n")
+        (folder / "E4.hea").write_text(f"E4 1 500 5000\nE4.dat 16 200/mV 16 0 0 0 0 {SECRET}é\n")
+        ingest([folder], tmp_path / "out", workers=1)
+        assert set(_reasons(tmp_path / "out").values()) == {"bad_header"}
+        _assert_never_echoed(tmp_path / "out")
