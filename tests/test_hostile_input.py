@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from test_bad_input import FS, ecg
 
 from ecg_r1.canonical import LEADS
+from ecg_r1.cli import main as cli_main
 from ecg_r1.ingest import ingest
 from ecg_r1.readers.wfdb_io import write_record
 from ecg_r1.store import read_cohort, read_quarantine
@@ -130,3 +132,39 @@ class TestConfinement:
         ingest([folder], tmp_path / "out", workers=1)
         assert set(_reasons(tmp_path / "out").values()) == {"bad_header"}
         _assert_never_echoed(tmp_path / "out")
+
+
+class _Payload:
+    """Unpickling this runs a command: what a crafted ``feature_baseline.pkl`` would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+class TestNoCodeFromData:
+    @pytest.mark.parametrize("name", ["feature_baseline.pkl", "feature_baseline.parquet"])
+    def test_baselines_folder_cannot_run_code(self, tmp_path: Path, name: str) -> None:
+        from ecg_r1.comparison import MAJORITY_FILE, ReferenceBaselines
+
+        marker = tmp_path / "ran"
+        folder = tmp_path / "baselines"
+        folder.mkdir()
+        (folder / MAJORITY_FILE).write_text('{"prevalence": 0.4, "answer": false}')
+        (folder / name).write_bytes(pickle.dumps(_Payload(marker)))
+        with pytest.raises((FileNotFoundError, ValueError, OSError)):
+            ReferenceBaselines.load(folder)
+        assert not marker.exists()
+
+    @pytest.mark.parametrize("model", ["models:/ecg-r1-grpo", "models:/ecg-r1-grpo/1"])
+    def test_predict_with_a_bad_model_creates_no_store(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+    ) -> None:
+        header = write_record(tmp_path / "rec" / "E1", ecg(1), FS, LEADS)
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["predict", str(header), "--model", model, "--mlflow-root", str(tmp_path)])
+        assert "URI" in str(exc.value) or "no MLflow store" in str(exc.value)
+        assert not (tmp_path / "mlflow").exists()

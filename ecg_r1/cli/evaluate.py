@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from ecg_r1.cli.predict import add_mlflow_root
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,12 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=None, help="completion cap (default: the profile's)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the baselines")
-    parser.add_argument(
-        "--mlflow-root",
-        type=Path,
-        default=Path("."),
-        help="repository root holding mlflow/ (the registry) (default: current folder)",
-    )
+    add_mlflow_root(parser)
     parser.set_defaults(func=run)
 
 
