@@ -43,6 +43,7 @@ from ecg_r1.readers.records import (
     DUPLICATE_RECORD_ID,
     PATIENT_IN_TWO_HOSPITALS,
     READ_ERROR,
+    UNRECOGNISED_CODES,
     Quarantine,
     RecordRef,
 )
@@ -78,6 +79,8 @@ class IngestSummary:
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     twi_by_label: dict[str, int] = field(default_factory=dict)
     extra_columns: dict[str, int] = field(default_factory=dict)
+    # Diagnosis codes the label rules do not understand -> records carrying them (loaded records).
+    unrecognised_codes: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, str | None] = field(default_factory=dict)
     seconds: float = 0.0
     records_per_s: float = 0.0
@@ -127,8 +130,11 @@ def ingest(
 
     slots = SlotFile(out_dir, len(refs))
     rows: list[dict[str, Any]] = []
+    unrecognised: Counter[str] = Counter()
     bar = _progress(len(refs), progress)
     for chunk_rows, chunk_refused in _load_all(refs, rules, str(slots.path), workers):
+        for row in chunk_rows:
+            unrecognised.update(row.pop(UNRECOGNISED_CODES, ()))
         rows.extend(chunk_rows)
         refused.extend(chunk_refused)
         if bar is not None:
@@ -155,10 +161,16 @@ def ingest(
         # Every discovered record must end in exactly one table; anything else is a bug here.
         raise RuntimeError(f"ingest lost track of records: {summary.to_dict()}")
     summary.inputs = inputs
+    summary.unrecognised_codes = dict(unrecognised.most_common())
     summary.seconds = round(seconds, 3)
     summary.records_per_s = round(summary.records_in / seconds, 1) if seconds > 0 else 0.0
     summary.out_dir = str(out_dir)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    if unrecognised:
+        logger.warning(
+            "diagnosis codes the label rules do not understand (records labelled without them): %s",
+            summary.unrecognised_codes,
+        )
     for reason, count in summary.quarantined.items():
         logger.warning("quarantined %d record(s): %s (see %s)", count, reason, out_dir / QUARANTINE_FILE)
     return summary

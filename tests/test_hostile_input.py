@@ -16,6 +16,7 @@ from test_bad_input import FS, ecg
 from ecg_r1.canonical import LEADS
 from ecg_r1.cli import main as cli_main
 from ecg_r1.ingest import ingest
+from ecg_r1.labels import label_cinc, label_ptbxl, load_rules, parse_dx
 from ecg_r1.readers.wfdb_io import write_record
 from ecg_r1.store import read_cohort, read_quarantine
 
@@ -168,3 +169,60 @@ class TestNoCodeFromData:
             cli_main(["predict", str(header), "--model", model, "--mlflow-root", str(tmp_path)])
         assert "URI" in str(exc.value) or "no MLflow store" in str(exc.value)
         assert not (tmp_path / "mlflow").exists()
+
+
+class TestLabelsOnlyFromUnderstoodCodes:
+    @pytest.mark.parametrize(
+        ("dx", "label", "twi"),
+        [
+            ("Unknown", "unknown", False),
+            ("NaN", "unknown", False),
+            ("chest pain, see report", "unknown", False),
+            ("123456789", "unknown", False),  # digits, but no SNOMED CT id (check digit)
+            ("164934002 426783006", "non-ischemic", True),  # space-separated codes
+            ("59931005 (T wave inversion)", "non-ischemic", True),  # a code with a comment
+            ("59931005,Unknown", "non-ischemic", True),
+        ],
+    )
+    def test_snomed_dialect(self, dx: str, label: str, twi: bool) -> None:
+        decision = label_cinc(parse_dx(dx), load_rules())
+        assert (decision.label, decision.twi) == (label, twi)
+
+    @pytest.mark.parametrize(
+        ("dx", "label", "twi"),
+        [
+            ("STD", "ischemic", False),  # ST depression: ischemic by the project's rules
+            ("std", "ischemic", False),
+            ("STE", "unknown", False),
+            ("RBBB", "non-ischemic", False),
+            ("I-AVB,PVC", "non-ischemic", False),
+            ("Normal", "non-ischemic", False),
+            ("PR", "unknown", False),  # pacing rhythm
+            ("TInv,STD", "ischemic", True),
+        ],
+    )
+    def test_cpsc_abbreviation_dialect(self, dx: str, label: str, twi: bool) -> None:
+        decision = label_cinc(parse_dx(dx), load_rules())
+        assert (decision.label, decision.twi, decision.unrecognised) == (label, twi, ())
+
+    def test_ptbxl_statement_outside_the_table_is_not_understood(self, tmp_path: Path) -> None:
+        table = tmp_path / "scp_statements.csv"
+        table.write_text(",diagnostic_class\nNORM,NORM\nIMI,MI\nINVT,\n")
+        rules = load_rules().with_ptbxl_statements(table)
+        decision = label_ptbxl({"XYZ": 100.0}, rules)
+        assert (decision.label, decision.unrecognised) == ("unknown", ("XYZ",))
+        assert label_ptbxl({"XYZ": 100.0, "NORM": 100.0}, rules).label == "non-ischemic"
+
+    def test_ingest_counts_unrecognised_codes(self, tmp_path: Path) -> None:
+        folder = tmp_path / "cpsc"
+        for name, dx in (("A1", "Unknown"), ("A2", "NaN"), ("A3", "STD"), ("A4", "Unknown,59931005")):
+            write_record(folder / name, ecg(int(name[1])), FS, LEADS, comments=[f"Dx: {dx}"])
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert summary.unrecognised_codes == {"Unknown": 2, "NaN": 1}
+        labels = dict(read_cohort(tmp_path / "out").select("record_id", "label").iter_rows())
+        assert labels == {
+            "cpsc/A1": "unknown",
+            "cpsc/A2": "unknown",
+            "cpsc/A3": "ischemic",
+            "cpsc/A4": "non-ischemic",
+        }

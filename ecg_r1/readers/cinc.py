@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.labels import LabelRules, label_cinc, parse_dx
-from ecg_r1.readers.records import MISSING_HEADER, Quarantine, RecordRef
+from ecg_r1.readers.records import MISSING_HEADER, UNRECOGNISED_CODES, Quarantine, RecordRef
 from ecg_r1.readers.wfdb_io import Header, parse_comments
 
 # Record-name prefix -> source database (Challenge 2021 sources; longest prefix first).
@@ -121,6 +121,7 @@ def describe(header: Header, rules: LabelRules) -> dict[str, Any]:
         "twi_leads": None,
         "label": decision.label,
         "device": None,
+        UNRECOGNISED_CODES: decision.unrecognised,
     }
 
 

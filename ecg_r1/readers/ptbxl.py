@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.labels import LabelRules, label_ptbxl
-from ecg_r1.readers.records import BAD_TABLE_ROW, MISSING_SIGNAL_FILE, Quarantine, RecordRef
+from ecg_r1.readers.records import (
+    BAD_TABLE_ROW,
+    MISSING_SIGNAL_FILE,
+    UNRECOGNISED_CODES,
+    Quarantine,
+    RecordRef,
+)
 
 DATABASE_FILE = "ptbxl_database.csv"
 STATEMENTS_FILE = "scp_statements.csv"
@@ -104,6 +110,7 @@ def _ref(root: Path, row: dict[str, str], rules: LabelRules, real_root: str) -> 
             "twi_leads": None,
             "label": decision.label,
             "device": (row.get("device") or "").strip() or None,
+            UNRECOGNISED_CODES: decision.unrecognised,
         },
     )
 

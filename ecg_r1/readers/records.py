@@ -23,6 +23,10 @@ DUPLICATE_RECORD_ID = "duplicate_record_id"
 PATIENT_IN_TWO_HOSPITALS = "patient_in_two_hospitals"
 READ_ERROR = "read_error"
 
+# Key of a reader's row holding the diagnosis codes its label rules did not understand (counted in
+# the ingest summary, not stored in the cohort table).
+UNRECOGNISED_CODES = "unrecognised_codes"
+
 
 @dataclass(frozen=True)
 class RecordRef:
