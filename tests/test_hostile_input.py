@@ -3,6 +3,7 @@ a regular file, never echoes a file's contents, and the rest of the batch still 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import pickle
@@ -10,6 +11,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_bad_input import FS, ecg
 
@@ -89,11 +91,13 @@ class TestConfinement:
 
     def test_links_inside_the_folder_are_read(self, tmp_path: Path) -> None:
         folder = tmp_path / "export"
-        write_record(folder / "store" / "X1", ecg(1), FS, LEADS)
-        (folder / "E5.hea").symlink_to(folder / "store" / "X1.hea")  # names X1.dat, beside the link
-        (folder / "X1.dat").symlink_to(folder / "store" / "X1.dat")
+        write_record(folder / "store" / "E5", ecg(1), FS, LEADS)
+        (folder / "E5.hea").symlink_to(folder / "store" / "E5.hea")
+        (folder / "E5.dat").symlink_to(folder / "store" / "E5.dat")
         summary = ingest([folder], tmp_path / "out", workers=1)
-        assert summary.loaded == 2 and summary.quarantined == {}
+        # The link is read (the original, the same record id, comes second and is the duplicate).
+        assert summary.loaded == 1 and summary.quarantined == {"duplicate_record_id": 1}
+        assert read_cohort(tmp_path / "out")["source_path"].to_list() == [str(folder / "E5.dat")]
 
     def test_manifest_row_inside_whose_header_points_outside_is_refused(
         self, tmp_path: Path, outside: Path
@@ -226,3 +230,114 @@ class TestLabelsOnlyFromUnderstoodCodes:
             "cpsc/A3": "ischemic",
             "cpsc/A4": "non-ischemic",
         }
+
+
+def _manifest(folder: Path, lines: list[str], n_records: int = 3) -> Path:
+    """A manifest folder with records r0..r{n-1} and the given CSV lines after the header."""
+    for index in range(n_records):
+        write_record(folder / f"r{index}", ecg(index), FS, LEADS)
+    text = "signal_path,record_id,patient_id,hospital,note\n" + "".join(line + "\n" for line in lines)
+    (folder / "manifest.csv").write_text(text)
+    return folder
+
+
+class TestRobustParsing:
+    def test_huge_cell_and_unterminated_quote_cost_one_row_each(self, tmp_path: Path) -> None:
+        export = _manifest(
+            tmp_path / "export",
+            [
+                "r0.hea,R0,P0,a,fine",
+                f"r1.hea,R1,P1,a,{'x' * 200_000}",  # over the csv module's field limit
+                'r2.hea,R2,P2,a,"a quote never closed',
+                "r0.hea,R3,P3,a,swallowed before: read now",
+            ],
+        )
+        summary = ingest([export], tmp_path / "out", workers=1)
+        assert summary.quarantined == {"bad_manifest_row": 2}
+        assert sorted(read_cohort(tmp_path / "out")["record_id"]) == ["R0", "R3"]
+        assert summary.records_in == 4
+
+    def test_non_utf8_manifest_names_the_file(self, tmp_path: Path) -> None:
+        export = _manifest(tmp_path / "export", ["r0.hea,R0,P0,a,Übelkeit"])
+        path = export / "manifest.csv"
+        path.write_bytes(path.read_text().encode("cp1252"))
+        ingest([export], tmp_path / "out", workers=1)
+        [message] = read_quarantine(tmp_path / "out")["message"].to_list()
+        assert str(path) in message and "not UTF-8" in message
+
+    def test_bom_in_manifest_and_header_is_accepted(self, tmp_path: Path) -> None:
+        export = _manifest(tmp_path / "export", ["r0.hea,R0,P0,a,"], n_records=1)
+        for path in (export / "manifest.csv", export / "r0.hea"):
+            path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+        summary = ingest([export], tmp_path / "out", workers=1)
+        assert summary.loaded == 1, read_quarantine(tmp_path / "out")["message"].to_list()
+
+    @pytest.mark.parametrize(
+        ("edit", "reason"),
+        [
+            (lambda h: h.replace(f" {FS} ", " 0.5 ", 1), "implausible_rate"),
+            (lambda h: h.replace(f" {FS} 5000", " 1e-5 5000", 1), "implausible_rate"),
+            (lambda h: h.replace(f" {FS} 5000", f" {FS} 1000000000", 1), "record_too_large"),
+            (lambda h: h.replace(".dat 16 ", ".dat 0 "), "unsupported_format"),
+            (lambda h: h.replace(".dat 16 ", ".dat 999 "), "unsupported_format"),
+            (lambda h: h.replace(" aVR\n", " I\n"), "duplicate_leads"),
+        ],
+        ids=["fs-0.5", "fs-1e-5", "1e9-samples", "format-0", "format-999", "lead-I-twice"],
+    )
+    def test_implausible_header_is_refused_with_its_reason(self, tmp_path: Path, edit, reason: str) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        header = write_record(folder / "E2", ecg(2), FS, LEADS)
+        header.write_text(edit(header.read_text()))
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": reason}
+        assert summary.loaded == 1
+
+    def test_orphan_dat_and_folder_named_like_a_header_are_counted(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", ecg(2), FS, LEADS).unlink()
+        (folder / "E3.hea").mkdir()
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "missing_header", "E3": "not_a_regular_file"}
+        assert summary.records_in == 3 and summary.loaded == 1
+
+
+class TestMatlabSignals:
+    @staticmethod
+    def _record_with_mat(folder: Path, name: str) -> Path:
+        """A record whose header names ``NAME.mat`` (written by the test) instead of its .dat."""
+        header = write_record(folder / name, ecg(1), FS, LEADS)
+        header.with_suffix(".dat").unlink()
+        header.write_text(header.read_text().replace(f"{name}.dat ", f"{name}.mat "))
+        return header.with_suffix(".mat")
+
+    def test_complex_and_non_finite_signals_are_refused(self, tmp_path: Path) -> None:
+        from scipy.io import savemat
+
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        val = np.round(ecg(2).T * 1000)
+        savemat(self._record_with_mat(folder, "E2"), {"val": val + 1j * val})
+        savemat(self._record_with_mat(folder, "E3"), {"val": np.full((12, 5000), np.inf)})
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "complex_signal", "E3": "nan_samples"}
+        quarantine = read_quarantine(tmp_path / "out")
+        assert "not finite" in quarantine.filter(quarantine["reason"] == "nan_samples")["message"][0]
+        assert summary.loaded == 1
+
+    def test_compressed_matrix_expansion_is_bounded(self, tmp_path: Path) -> None:
+        """A small file whose compressed element expands to 150 MB is refused before it is expanded."""
+        import struct
+        import zlib
+
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        packer = zlib.compressobj(9)
+        chunk = bytes(1 << 20)
+        body = b"".join(packer.compress(chunk) for _ in range(150)) + packer.flush()
+        header = b"MATLAB 5.0 MAT-file".ljust(116) + bytes(8) + b"\x00\x01IM"
+        self._record_with_mat(folder, "E2").write_bytes(header + struct.pack("<II", 15, len(body)) + body)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "record_too_large"}
+        assert summary.loaded == 1

@@ -82,7 +82,7 @@ def discover(
         csv_path = path if path.is_file() else path / manifest.MANIFEST_FILE
         try:
             refs, refused, extra = manifest.discover(csv_path, rules)
-        except (manifest.ManifestError, UnicodeDecodeError, OSError) as exc:
+        except (manifest.ManifestError, OSError) as exc:
             return (
                 [],
                 [Quarantine(str(csv_path), "bad_manifest", str(exc), source_format="manifest")],

@@ -14,6 +14,7 @@ stays the reference the tests and ``benchmarks/bench_ingest.py`` compare against
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import io
@@ -24,6 +25,7 @@ import re
 import stat
 import statistics
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -46,6 +48,18 @@ _FORMAT_RE = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")
 _FS_RE = re.compile(r"^([\d.]+(?:[eE][-+]?\d+)?)(?:/[\d.]+)?(?:\(-?[\d.]+\))?$")
 # Formats read with numpy: dtype of one sample.
 _NUMPY_FORMATS = {16: "<i2", 61: ">i2", 80: "u1"}
+# Sampling rates a 12-lead ECG can have: below 50 Hz the QRS is lost; above 20 kHz no ECG device
+# records (a rate outside is a broken header, and a tiny rate asks for huge resampling buffers).
+MIN_FS, MAX_FS = 50.0, 20_000.0
+# Most samples (all leads together) a record may hold: 16.8 M values is 64 MB as float32, about 23
+# minutes of 12 leads at 1 kHz; checked before anything is allocated.
+MAX_RECORD_VALUES = 1 << 24
+# Bits a sample of each WFDB storage format takes (None: FLAC, compressed, size known only from the
+# header). Any other format is refused with a message instead of a KeyError deep in wfdb.
+_FORMAT_BITS: dict[int, int | None] = {
+    8: 8, 16: 16, 24: 24, 32: 32, 61: 16, 80: 8, 160: 16, 212: 12, 310: 10, 311: 10,
+    508: None, 516: None, 524: None,
+}  # fmt: skip
 # Largest header and signal file read (a 10 s 12-lead record is about 120 kB; a header a few kB).
 MAX_HEADER_BYTES = 1 << 20
 MAX_SIGNAL_FILE_BYTES = 256 << 20
@@ -185,6 +199,8 @@ def read_text(path: Path, root: str | None = None) -> tuple[str, str]:
         (text, encoding used).
     """
     data = read_bytes(path, root, MAX_HEADER_BYTES)
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]  # some Windows editors write one; it is not content
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -264,6 +280,14 @@ def parse_header(path: str | Path, root: str | None = None) -> Header:
     signals = tuple(
         _parse_signal_line(line, path, warnings, number) for number, line in enumerate(signal_lines, start=1)
     )
+    for number, spec in enumerate(signals, start=1):
+        if spec.fmt not in _FORMAT_BITS:
+            what = "means the signal was not stored (a null signal)" if spec.fmt == 0 else "is no WFDB format"
+            raise RecordError(
+                "unsupported_format",
+                f"header {path}: signal line {number} has storage format {spec.fmt}, which {what}; "
+                f"re-export the record in format 16 (known formats: {sorted(_FORMAT_BITS)})",
+            )
     return Header(
         path=path,
         record_name=record_name,
@@ -312,7 +336,25 @@ def _parse_record_line(line: str, path: Path) -> tuple[str, int, float, int | No
         ) from exc
     if n_sig <= 0 or fs <= 0:
         raise RecordError("bad_header", f"header {path}: the record line gives {n_sig} signals at {fs} Hz")
+    if not MIN_FS <= fs <= MAX_FS:
+        raise RecordError(
+            "implausible_rate",
+            f"header {path} gives a sampling rate of {fs:g} Hz; an ECG is sampled at {MIN_FS:g} to "
+            f"{MAX_FS:g} Hz: fix the rate in the record line",
+        )
+    if n_samples is not None:
+        _check_values(n_samples * n_sig, path)
     return name, n_sig, fs, n_samples
+
+
+def _check_values(n_values: int, path: Path) -> None:
+    """Refuse a record of more than :data:`MAX_RECORD_VALUES` samples before it is allocated."""
+    if n_values > MAX_RECORD_VALUES:
+        raise RecordError(
+            "record_too_large",
+            f"{path} holds {n_values} samples (all leads), more than the {MAX_RECORD_VALUES} a record may "
+            "have here (only its first 10 s are used): cut the record before ingesting it",
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -449,6 +491,16 @@ def read_signal(header: Header, out: np.ndarray | None = None) -> RawSignal:
             # Read (confined) before wfdb opens the same files itself: a file outside the folder,
             # a pipe or a device is refused here, never handed to wfdb.
             data = b"".join(read_bytes(header.path.parent / name, header.root) for name in sorted(files))
+            bits = min((_FORMAT_BITS[spec.fmt] or 0) for spec in header.signals)
+            if bits == 0 and header.n_samples is None:
+                raise RecordError(
+                    "unsupported_format",
+                    f"{header.path}: a FLAC-compressed record must give its number of samples in the record "
+                    "line (its size cannot be bounded otherwise): add it or re-export in format 16",
+                )
+            _check_values(
+                header.n_samples * header.n_sig if bits == 0 else len(data) * 8 // bits, header.path
+            )
             digital = _digital_from_wfdb(header)
             reader = "wfdb"
     except FileNotFoundError as exc:
@@ -493,6 +545,7 @@ def _digital_from_dat(data: bytes, header: Header, signal_path: Path, fmt: int) 
             f"frames after its {offset}-byte offset: the file is truncated; copy it again from the source",
         )
     n_frames = payload // frame_bytes
+    _check_values(n_frames * header.n_sig, signal_path)
     _check_length(n_frames, header, signal_path)
     digital = np.frombuffer(data, dtype=_NUMPY_FORMATS[fmt], offset=offset).reshape(n_frames, header.n_sig)
     if fmt == 80:
@@ -524,6 +577,7 @@ def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndar
             "save the signal as a numeric matrix 'val' (leads x samples)",
         )
     dtype = np.dtype(endian + dtypes[precision])
+    _check_values(mrows * ncols, signal_path)
     start = 20 + namlen
     expected = start + mrows * ncols * dtype.itemsize
     if len(data) < expected:
@@ -546,20 +600,66 @@ def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndar
 def _digital_from_mat5(data: bytes, header: Header, signal_path: Path) -> np.ndarray:
     from scipy.io import loadmat
 
+    expanded = _expand_mat5(data, signal_path)
     try:
-        matrices = {k: v for k, v in loadmat(io.BytesIO(data)).items() if not k.startswith("__")}
+        matrices = {k: v for k, v in loadmat(io.BytesIO(expanded)).items() if not k.startswith("__")}
     except Exception as exc:  # scipy raises several types for a bad file
         raise RecordError(
-            "bad_signal_file", f"{signal_path}: cannot read MATLAB file ({exc}); re-export it"
+            "bad_signal_file", f"{signal_path}: cannot read MATLAB file ({type(exc).__name__}); re-export it"
         ) from exc
     val = matrices.get("val", next(iter(matrices.values()), None))
-    if val is None or val.ndim != 2 or val.shape[0] != header.n_sig:
+    if isinstance(val, np.ndarray) and val.dtype.kind == "c":
+        raise RecordError(
+            "complex_signal",
+            f"{signal_path} holds complex numbers; an ECG is real-valued (dropping the imaginary part would "
+            "hide the problem): save the real signal as 'val'",
+        )
+    if (
+        not isinstance(val, np.ndarray)
+        or val.dtype.kind not in "iuf"
+        or val.ndim != 2
+        or val.shape[0] != header.n_sig
+    ):
         raise RecordError(
             "shape_mismatch",
-            f"{signal_path}: expected a matrix 'val' of {header.n_sig} rows (leads x samples)",
+            f"{signal_path}: expected a numeric matrix 'val' of {header.n_sig} rows (leads x samples)",
         )
+    _check_values(val.size, signal_path)
     _check_length(val.shape[1], header, signal_path)
     return np.ascontiguousarray(val.T)
+
+
+# MATLAB v5 element types: a matrix, and a zlib-compressed element (which expands to one).
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+
+
+def _expand_mat5(data: bytes, signal_path: Path) -> bytes:
+    """The MATLAB v5 file with its compressed elements expanded, at most :data:`MAX_RECORD_VALUES`
+    float64 values in all: a few MB of zeros compress to a file that would expand to gigabytes,
+    so the expansion is bounded here, before scipy sees the file."""
+    budget = MAX_RECORD_VALUES * 8 + (1 << 20)  # the values plus room for names and tags
+    endian = "<" if data[126:128] == b"IM" else ">"
+    parts = [data[:128]]
+    size = 0
+    position = 128
+    while position + 8 <= len(data):
+        mdtype, nbytes = struct.unpack(endian + "II", data[position : position + 8])
+        body = data[position + 8 : position + 8 + nbytes]
+        if mdtype == _MI_COMPRESSED:
+            element = zlib.decompressobj().decompress(body, budget - size + 1)
+            position += 8 + nbytes
+        else:
+            element = data[position : position + 8 + nbytes]
+            position += 8 + nbytes + (-nbytes % 8)  # uncompressed elements are padded to 8 bytes
+        size += len(element)
+        if size > budget:
+            raise RecordError(
+                "record_too_large",
+                f"{signal_path} expands to more than {budget} bytes; only a short record is used here: "
+                "cut the record before ingesting it",
+            )
+        parts.append(element)
+    return b"".join(parts)
 
 
 def _digital_from_wfdb(header: Header) -> np.ndarray:
