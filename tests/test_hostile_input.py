@@ -341,3 +341,95 @@ class TestMatlabSignals:
         summary = ingest([folder], tmp_path / "out", workers=1)
         assert _reasons(tmp_path / "out") == {"E2": "record_too_large"}
         assert summary.loaded == 1
+
+
+class TestAtomicOutputs:
+    @pytest.fixture
+    def cohort(self, tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+        """An input folder of 3 records, a cohort ingested from it, and that cohort's files."""
+        folder = tmp_path / "export"
+        for index in range(3):
+            write_record(folder / f"E{index}", ecg(index), FS, LEADS)
+        out = tmp_path / "cohort"
+        ingest([folder], out, workers=1)
+        return folder, out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+    @staticmethod
+    def _unchanged(out: Path, files: dict[str, bytes]) -> None:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+        assert [p.name for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
+
+    def test_interrupted_ingest_leaves_the_old_cohort(self, cohort, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ecg_r1.ingest as ingest_module
+
+        folder, out, files = cohort
+        real = ingest_module._load_chunk
+        calls = []
+
+        def interrupt_second_chunk(task):
+            calls.append(task)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(task)
+
+        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 1)
+        monkeypatch.setattr(ingest_module, "_load_chunk", interrupt_second_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            ingest([folder], out, workers=1)
+        self._unchanged(out, files)
+
+    def test_one_worker_ingest_leaves_ctrl_c_working(self, cohort) -> None:
+        folder, out, _ = cohort
+        ingest([folder], out, workers=1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def test_second_writer_is_refused(self, cohort) -> None:
+        from ecg_r1.ingest import IngestRefused, _exclusive
+
+        folder, out, files = cohort
+        with _exclusive(out), pytest.raises(IngestRefused, match="another ingest"):
+            ingest([folder], out, workers=1)
+        self._unchanged(out, files)
+
+    def test_mistyped_input_keeps_the_cohort_unless_forced(self, cohort, tmp_path: Path) -> None:
+        from ecg_r1.ingest import IngestRefused
+
+        _, out, files = cohort
+        with pytest.raises(IngestRefused, match="--force"):
+            ingest([tmp_path / "exprot"], out, workers=1)
+        self._unchanged(out, files)
+        assert ingest([tmp_path / "exprot"], out, workers=1, force=True).loaded == 0
+
+    def test_folder_that_is_no_cohort_is_not_replaced(self, cohort, tmp_path: Path) -> None:
+        from ecg_r1.ingest import IngestRefused
+
+        folder, _, _ = cohort
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "thesis.tex").write_text("years of work")
+        with pytest.raises(IngestRefused, match="holds no cohort"):
+            ingest([folder], tmp_path / "home", workers=1)
+        assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"
+
+
+class TestCleanCliErrors:
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["simulate", "--n", "-1"],
+            ["simulate", "--n", "4", "--hospitals", "0"],
+            ["simulate", "--n", "4", "--out", "{file}/cohort"],
+            ["ingest", "{missing}", "--out", "{file}/cohort", "--no-progress"],
+        ],
+        ids=["n-negative", "no-hospitals", "out-under-a-file", "ingest-out-under-a-file"],
+    )
+    def test_user_errors_are_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+    ) -> None:
+        (tmp_path / "file").write_text("")
+        places = {"file": tmp_path / "file", "missing": tmp_path / "missing"}
+        argv = [arg.format(**places) for arg in argv]
+        if argv[0] == "simulate" and "--out" not in argv:
+            argv += ["--out", str(tmp_path / "sim")]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ecg-r1 {argv[0]}: error:") and "\n" not in err
