@@ -28,13 +28,15 @@ Each baseline yields :class:`ecg_r1.evaluate.Predictions` (answer and score per 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import CountVectorizer
@@ -62,6 +64,10 @@ CLINICIANS_SOURCE: str = (
 CLINICIANS_NAME = "Clinicians (cited, not measured)"
 
 NOTE_VOCABULARY: int = 300
+# Cohort columns the feature baseline is fitted from besides the measured features.
+TRAINING_FIELDS: tuple[str, ...] = ("age", "sex", "note", "label")
+# Parquet metadata key holding a saved baseline's parameters.
+SAVED_PARAMS_KEY = b"ecg_r1.feature_baseline"
 NOTE_MIN_DF: int = 3
 POSTERIOR_COLUMNS: tuple[str, ...] = ("posterior_ischemic", "posterior")
 MEASURED_COLUMNS: tuple[str, ...] = (*FEATURE_COLUMNS, "n_twi_leads")
@@ -187,6 +193,7 @@ class FeatureBaseline:
         self.use_note = use_note
         self.pipeline: Pipeline | None = None
         self.numeric: list[str] = []
+        self.train: pl.DataFrame | None = None  # the rows it was fitted on: what save() keeps
 
     def _frame(self, cases: pl.DataFrame):  # -> pandas.DataFrame
         missing = [c for c in MEASURED_COLUMNS if c not in cases.columns]
@@ -253,6 +260,7 @@ class FeatureBaseline:
             ValueError: without labelled cases, with one class only, or without feature columns.
         """
         train = _labelled(train)
+        self.train = train.select([c for c in (*MEASURED_COLUMNS, *TRAINING_FIELDS) if c in train.columns])
         y = labels_to_truth(train["label"])
         if y.all() or not y.any():
             raise ValueError("the training split holds one class only; a classifier needs both")
@@ -284,20 +292,49 @@ class FeatureBaseline:
             p_yes=p,
         )
 
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments, as JSON-safe values."""
+        return {
+            "seed": self.seed,
+            "max_iter": self.max_iter,
+            "learning_rate": self.learning_rate,
+            "use_note": self.use_note,
+            "n_threads": self.n_threads,
+        }
+
     def save(self, path: str | Path) -> Path:
-        """Pickle the fitted baseline (scikit-learn's own persistence format)."""
+        """Write the training rows and parameters as one Parquet file (data only, never code).
+
+        A pickle would run whatever code a crafted file holds as soon as it is loaded (and
+        ``ecg-r1 evaluate --baselines DIR`` loads from any folder it is given), so the baseline is
+        stored as what it was fitted from and :meth:`load` fits it again: with the same rows,
+        seed and thread count the booster is deterministic, so the scores are the same.
+        """
+        if self.train is None:
+            raise RuntimeError("FeatureBaseline is not fitted: call fit(train) first")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(pickle.dumps(self))
+        table = self.train.to_arrow()
+        meta = {**(table.schema.metadata or {}), SAVED_PARAMS_KEY: json.dumps(self.params()).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), path)
         return path
 
-    @staticmethod
-    def load(path: str | Path) -> FeatureBaseline:
-        """Load a baseline written by :meth:`save` (only from trusted files: it is a pickle)."""
-        obj = pickle.loads(Path(path).read_bytes())
-        if not isinstance(obj, FeatureBaseline):
-            raise TypeError(f"{path} holds a {type(obj).__name__}, not a FeatureBaseline")
-        return obj
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureBaseline:
+        """Fit again what :meth:`save` wrote (a second or two for a few thousand rows).
+
+        Raises:
+            ValueError: when the file is not a saved baseline.
+        """
+        table = pq.read_table(path)
+        raw = (table.schema.metadata or {}).get(SAVED_PARAMS_KEY)
+        if raw is None:
+            raise ValueError(
+                f"{path} is not a saved feature baseline (no {SAVED_PARAMS_KEY.decode()} metadata)"
+            )
+        params = json.loads(raw)
+        allowed = ("seed", "max_iter", "learning_rate", "use_note", "n_threads")
+        return cls(**{k: params[k] for k in allowed if k in params}).fit(pl.from_arrow(table))
 
 
 def clinicians_metrics() -> BinaryMetrics:

@@ -64,7 +64,8 @@ def canonicalize(signal: np.ndarray, fs: float, lead_names: list[str]) -> Canoni
     """Bring a physical-unit signal of shape (n_samples, n_leads) to the canonical form.
 
     Raises:
-        CanonicalError: with reason ``unknown_leads``, ``missing_leads`` or ``too_short``.
+        CanonicalError: with reason ``duplicate_leads``, ``unknown_leads``, ``missing_leads`` or
+            ``too_short``.
     """
     if signal.ndim != 2 or signal.shape[1] != len(lead_names):
         raise CanonicalError(
@@ -72,7 +73,13 @@ def canonicalize(signal: np.ndarray, fs: float, lead_names: list[str]) -> Canoni
             f"signal has shape {signal.shape} but the header names {len(lead_names)} leads; "
             "check that the header and the signal file belong together",
         )
-    columns, unknown = _lead_columns(tuple(lead_names))
+    columns, unknown, repeated = _lead_columns(tuple(lead_names))
+    if repeated:
+        raise CanonicalError(
+            "duplicate_leads",
+            f"lead(s) {repeated} appear more than once in the header (names {lead_names}); which column is "
+            "the real lead cannot be told: rename or drop the extra column",
+        )
     duration = signal.shape[0] / fs
     if all(lead in columns for lead in LEADS):
         # Fast path (nearly every record): no float64 round trip; when the reader hands a view of
@@ -121,18 +128,22 @@ def canonicalize(signal: np.ndarray, fs: float, lead_names: list[str]) -> Canoni
 
 
 @functools.lru_cache(maxsize=1024)
-def _lead_columns(lead_names: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
-    """Standard lead -> first column holding it, and the names that are no standard lead (cached:
-    records from one device repeat the same names; callers must not modify the result)."""
+def _lead_columns(lead_names: tuple[str, ...]) -> tuple[dict[str, int], list[str], list[str]]:
+    """Standard lead -> its column, the names that are no standard lead, and the standard leads
+    named twice (cached: records from one device repeat the same names; callers must not modify
+    the result)."""
     columns: dict[str, int] = {}
     unknown = []
+    repeated = []
     for column, name in enumerate(lead_names):
         standard = normalize_lead_name(name)
         if standard is None:
             unknown.append(name)
-        elif standard not in columns:
+        elif standard in columns:
+            repeated.append(standard)
+        else:
             columns[standard] = column
-    return columns, unknown
+    return columns, unknown, repeated
 
 
 def resample_to(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:

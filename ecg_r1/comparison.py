@@ -70,7 +70,7 @@ CASES_FILE = "cases.parquet"
 PREDICTIONS_DIR = "predictions"
 PLOTS_DIR = "plots"
 MAJORITY_FILE = "majority.json"
-FEATURE_FILE = "feature_baseline.pkl"
+FEATURE_FILE = "feature_baseline.parquet"  # training rows + parameters: data, never code
 RESULT_FILE = "result.json"  # a training stage's StageResult (ecg_r1.training.stages)
 
 
@@ -265,7 +265,7 @@ class ReferenceBaselines:
         return cls(MajorityBaseline().fit(train), FeatureBaseline(seed=seed).fit(train))
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``majority.json`` and ``feature_baseline.pkl`` into ``out_dir``."""
+        """Write ``majority.json`` and ``feature_baseline.parquet`` into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         majority = out / MAJORITY_FILE

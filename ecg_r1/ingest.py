@@ -20,12 +20,16 @@ folder, an unknown layout, an unreadable manifest) counts as one quarantined inp
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -43,6 +47,7 @@ from ecg_r1.readers.records import (
     DUPLICATE_RECORD_ID,
     PATIENT_IN_TWO_HOSPITALS,
     READ_ERROR,
+    UNRECOGNISED_CODES,
     Quarantine,
     RecordRef,
 )
@@ -78,6 +83,8 @@ class IngestSummary:
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     twi_by_label: dict[str, int] = field(default_factory=dict)
     extra_columns: dict[str, int] = field(default_factory=dict)
+    # Diagnosis codes the label rules do not understand -> records carrying them (loaded records).
+    unrecognised_codes: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, str | None] = field(default_factory=dict)
     seconds: float = 0.0
     records_per_s: float = 0.0
@@ -87,29 +94,93 @@ class IngestSummary:
         return asdict(self)
 
 
+class IngestRefused(RuntimeError):
+    """The ingest would lose or corrupt what is already there; the message says what to do."""
+
+
 def ingest(
     paths: list[Path],
     out_dir: Path,
     rules: LabelRules | None = None,
     workers: int = 1,
     progress: bool = False,
+    force: bool = False,
 ) -> IngestSummary:
     """Ingest records from PTB-XL, CinC, LUDB folders and manifest CSVs into a cohort folder.
 
+    The cohort is written into a temporary folder beside ``out_dir`` and renamed into place only
+    when complete, under a lock: an interrupted ingest (Ctrl-C, SIGTERM, a crash) leaves the old
+    cohort as it was, and a second ingest into the same folder is refused while one runs.
+
     Args:
         paths: inputs; each a folder (layout detected) or a manifest CSV.
-        out_dir: the cohort folder to write (its cohort files are replaced).
+        out_dir: the cohort folder to write (replaced as a whole when the ingest succeeds).
         rules: label rules; the packaged ``labels.yaml`` when None.
         workers: processes reading records (1 reads in this process).
         progress: show a tqdm progress bar.
+        force: replace an existing cohort even when this ingest loaded no record.
 
     Returns:
         The summary (also written to ``summary.json``).
+
+    Raises:
+        IngestRefused: another ingest is writing ``out_dir``; ``out_dir`` is a non-empty folder
+            that is no cohort (it would be replaced); or nothing loaded and a cohort exists there
+            (a mistyped input path must not wipe it) without ``force``.
     """
-    start = time.perf_counter()
-    rules = rules or load_rules()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    existing = out_dir.is_dir() and any(out_dir.iterdir())
+    if existing and not (out_dir / SUMMARY_FILE).is_file():
+        raise IngestRefused(
+            f"{out_dir} exists, is not empty and holds no cohort (no {SUMMARY_FILE}); it would be replaced "
+            "as a whole: give a new or an empty folder as --out"
+        )
+    with _exclusive(out_dir):
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        try:
+            summary = _ingest_into(paths, work, out_dir, rules or load_rules(), workers, progress)
+            if summary.loaded == 0 and existing and not force:
+                raise IngestRefused(
+                    f"no record was loaded from {[str(p) for p in paths]}; the cohort in {out_dir} is kept "
+                    "(check the input paths, or pass --force to replace it with an empty one)"
+                )
+            _replace(work, out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # gone already when the rename succeeded
+    return summary
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold a lock beside ``out_dir`` (``.<name>.lock``, kept: deleting a lock file races)."""
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise IngestRefused(
+                f"another ingest is writing {out_dir}; wait for it to finish or choose another --out"
+            ) from exc
+        yield  # the lock goes with the file's closing, also when the process dies
+
+
+def _replace(work: Path, out_dir: Path) -> None:
+    """Put the finished cohort in place: two renames, so ``out_dir`` is the old cohort or the new
+    one at every moment (at worst a crash between them leaves the old one as ``.<name>.old-*``)."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(work, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out_dir)
+
+
+def _ingest_into(
+    paths: list[Path], work: Path, out_dir: Path, rules: LabelRules, workers: int, progress: bool
+) -> IngestSummary:
+    """Discover, load and write the cohort files into ``work`` (the summary names ``out_dir``)."""
+    start = time.perf_counter()
     refs: list[RecordRef] = []
     refused: list[Quarantine] = []
     extra_columns: Counter[str] = Counter()
@@ -125,10 +196,13 @@ def ingest(
     refs, screened = screen(refs)
     refused.extend(screened)
 
-    slots = SlotFile(out_dir, len(refs))
+    slots = SlotFile(work, len(refs))
     rows: list[dict[str, Any]] = []
+    unrecognised: Counter[str] = Counter()
     bar = _progress(len(refs), progress)
     for chunk_rows, chunk_refused in _load_all(refs, rules, str(slots.path), workers):
+        for row in chunk_rows:
+            unrecognised.update(row.pop(UNRECOGNISED_CODES, ()))
         rows.extend(chunk_rows)
         refused.extend(chunk_refused)
         if bar is not None:
@@ -143,11 +217,11 @@ def ingest(
 
     # Built column by column: a list of row dicts costs polars several times more per record.
     cohort = pl.DataFrame({k: [row.get(k) for row in rows] for k in COHORT_SCHEMA}, schema=COHORT_SCHEMA)
-    cohort.write_parquet(out_dir / COHORT_FILE)
+    cohort.write_parquet(work / COHORT_FILE)
     quarantine = pl.DataFrame(
         [{k: q.to_row()[k] for k in QUARANTINE_SCHEMA} for q in refused], schema=QUARANTINE_SCHEMA
     )
-    quarantine.write_parquet(out_dir / QUARANTINE_FILE)
+    quarantine.write_parquet(work / QUARANTINE_FILE)
 
     seconds = time.perf_counter() - start
     summary = _summarise(cohort, refused, records_in, extra_columns)
@@ -155,10 +229,16 @@ def ingest(
         # Every discovered record must end in exactly one table; anything else is a bug here.
         raise RuntimeError(f"ingest lost track of records: {summary.to_dict()}")
     summary.inputs = inputs
+    summary.unrecognised_codes = dict(unrecognised.most_common())
     summary.seconds = round(seconds, 3)
     summary.records_per_s = round(summary.records_in / seconds, 1) if seconds > 0 else 0.0
     summary.out_dir = str(out_dir)
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    (work / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    if unrecognised:
+        logger.warning(
+            "diagnosis codes the label rules do not understand (records labelled without them): %s",
+            summary.unrecognised_codes,
+        )
     for reason, count in summary.quarantined.items():
         logger.warning("quarantined %d record(s): %s (see %s)", count, reason, out_dir / QUARANTINE_FILE)
     return summary
@@ -215,7 +295,7 @@ def _load_all(
 ) -> Iterator[tuple[list[dict[str, Any]], list[Quarantine]]]:
     tasks = [(start, refs[start : start + CHUNK_SIZE]) for start in range(0, len(refs), CHUNK_SIZE)]
     if workers <= 1 or len(tasks) <= 1:
-        _init_worker(rules, signals_path)
+        _init_worker(rules, signals_path)  # in this process: its own Ctrl-C handling stays
         try:
             yield from map(_load_chunk, tasks)
         finally:
@@ -223,18 +303,24 @@ def _load_all(
         return
     # fork: workers inherit the imported modules (a spawned interpreter needs ~1 s to import them).
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_init_worker, initargs=(rules, signals_path)) as pool:
+    with context.Pool(workers, initializer=_init_pool_worker, initargs=(rules, signals_path)) as pool:
         yield from pool.imap(_load_chunk, tasks)
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(rules: LabelRules, signals_path: str) -> None:
+def _init_pool_worker(rules: LabelRules, signals_path: str) -> None:
     # A forked worker inherits its parent's signal handlers (an orchestrator's, say); the pool
-    # ends its workers with SIGTERM, which must just end them.
+    # ends its workers with SIGTERM, which must just end them. Ctrl-C reaches the whole process
+    # group: the parent handles it (and ends the pool), so a worker ignores it. Never done in the
+    # parent itself, or a 1-worker ingest could not be interrupted.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(rules, signals_path)
+
+
+def _init_worker(rules: LabelRules, signals_path: str) -> None:
     _WORKER["rules"] = rules
     _WORKER["fd"] = os.open(signals_path, os.O_WRONLY)
 

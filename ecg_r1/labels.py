@@ -32,6 +32,7 @@ class Decision:
     label: str
     raw_codes: str  # what the decision was made from, as the source writes it
     twi_leads: tuple[str, ...] = ()
+    unrecognised: tuple[str, ...] = ()  # codes the rules do not understand (not used for the label)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class LabelRules:
     cinc_twi: frozenset[str]
     cinc_ischemic: frozenset[str]
     cinc_unknown: frozenset[str]
+    cinc_abbreviations: Mapping[str, str]  # upper-cased abbreviation -> SNOMED CT code
     ptbxl_twi: frozenset[str]
     ptbxl_ischemic: frozenset[str]
     ptbxl_ischemic_classes: frozenset[str]
@@ -63,6 +65,8 @@ class LabelRules:
     manifest_twi_default: bool
     source: str = "<defaults>"
     ptbxl_resolved: frozenset[str] = field(default=frozenset())
+    # Every statement of scp_statements.csv: a code outside it is not understood (empty: no table).
+    ptbxl_known: frozenset[str] = field(default=frozenset())
 
     def with_ptbxl_statements(self, statements_csv: Path | None) -> LabelRules:
         """Resolve ``diagnostic_classes`` (e.g. MI) to statements with PTB-XL's statement table.
@@ -74,6 +78,7 @@ class LabelRules:
             Rules whose ischemic PTB-XL set includes every statement of those classes.
         """
         resolved = set(self.ptbxl_ischemic)
+        known: set[str] = set()
         if statements_csv is not None and statements_csv.is_file():
             with statements_csv.open(newline="", encoding="utf-8") as handle:
                 reader = csv.reader(handle)
@@ -81,6 +86,8 @@ class LabelRules:
                 # The first header cell is empty in PhysioNet's release (the statement code column).
                 klass = header.index("diagnostic_class")
                 for row in reader:
+                    if row:
+                        known.add(row[0])
                     if row and row[klass] in self.ptbxl_ischemic_classes:
                         resolved.add(row[0])
         elif self.ptbxl_ischemic_classes:
@@ -88,7 +95,9 @@ class LabelRules:
                 "no scp_statements.csv: PTB-XL ischemic statements of classes %s are not resolved",
                 sorted(self.ptbxl_ischemic_classes),
             )
-        return LabelRules(**{**self.__dict__, "ptbxl_resolved": frozenset(resolved)})
+        return LabelRules(
+            **{**self.__dict__, "ptbxl_resolved": frozenset(resolved), "ptbxl_known": frozenset(known)}
+        )
 
 
 def load_rules(path: Path | None = None) -> LabelRules:
@@ -119,6 +128,7 @@ def load_rules(path: Path | None = None) -> LabelRules:
             cinc_twi=frozenset(cinc_twi),
             cinc_ischemic=frozenset(map(str, cinc["ischemic"])),
             cinc_unknown=frozenset(map(str, cinc.get("unknown") or [])),
+            cinc_abbreviations={str(k).upper(): str(v) for k, v in (cinc.get("abbreviations") or {}).items()},
             ptbxl_twi=frozenset(ptbxl_twi),
             ptbxl_ischemic=frozenset(ptbxl["ischemic"]["statements"]),
             ptbxl_ischemic_classes=frozenset(ptbxl["ischemic"].get("diagnostic_classes") or []),
@@ -154,31 +164,85 @@ def _standard_lead(name: str, path: Path) -> str:
 
 
 def parse_dx(value: str | None) -> list[str]:
-    """Split a CinC ``Dx`` comment (``"164934002,426783006"``) into codes."""
+    """Split a CinC ``Dx`` comment (``"164934002,426783006"``; also ``;`` or spaces) into codes."""
     if not value:
         return []
-    return [code.strip() for code in value.replace(";", ",").split(",") if code.strip()]
+    return value.replace(";", ",").replace(",", " ").split()
+
+
+# Verhoeff's dihedral-group tables: the check digit every SNOMED CT identifier ends with.
+_VERHOEFF_D = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+    (1, 2, 3, 4, 0, 6, 7, 8, 9, 5),
+    (2, 3, 4, 0, 1, 7, 8, 9, 5, 6),
+    (3, 4, 0, 1, 2, 8, 9, 5, 6, 7),
+    (4, 0, 1, 2, 3, 9, 5, 6, 7, 8),
+    (5, 9, 8, 7, 6, 0, 4, 3, 2, 1),
+    (6, 5, 9, 8, 7, 1, 0, 4, 3, 2),
+    (7, 6, 5, 9, 8, 2, 1, 0, 4, 3),
+    (8, 7, 6, 5, 9, 3, 2, 1, 0, 4),
+    (9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+)
+_VERHOEFF_P = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+    (1, 5, 7, 6, 2, 8, 3, 0, 9, 4),
+    (5, 8, 0, 3, 7, 9, 6, 1, 4, 2),
+    (8, 9, 1, 6, 0, 4, 3, 5, 2, 7),
+    (9, 4, 5, 3, 1, 2, 6, 8, 7, 0),
+    (4, 2, 8, 6, 5, 7, 3, 9, 0, 1),
+    (2, 7, 9, 3, 8, 0, 6, 4, 1, 5),
+    (7, 0, 4, 6, 9, 1, 3, 2, 5, 8),
+)
+
+
+def is_snomed_id(code: str) -> bool:
+    """True for a well-formed SNOMED CT identifier: 6-18 digits ending in a valid Verhoeff check
+    digit. A mistyped or made-up number fails the check, so it is not taken for a diagnosis."""
+    if not (6 <= len(code) <= 18 and code.isascii() and code.isdigit()):
+        return False
+    check = 0
+    for position, digit in enumerate(reversed(code)):
+        check = _VERHOEFF_D[check][_VERHOEFF_P[position % 8][int(digit)]]
+    return check == 0
 
 
 def label_cinc(codes: Sequence[str], rules: LabelRules) -> Decision:
-    """Apply the CinC rules to a record's SNOMED CT ``Dx`` codes.
+    """Apply the CinC rules to a record's ``Dx`` codes (SNOMED CT, or the abbreviations of older
+    headers mapped by ``cinc.abbreviations``).
+
+    Only understood codes decide: anything else is returned in ``unrecognised``, and a record
+    with no understood code is ``unknown`` (never non-ischemic: nobody said it was).
 
     Args:
-        codes: the record's codes.
+        codes: the record's codes as written.
         rules: the label rules.
 
     Returns:
-        The decision; ``raw_codes`` is the comma-joined codes.
+        The decision; ``raw_codes`` is the comma-joined codes as written.
     """
-    present = set(codes)
-    twi = bool(present & rules.cinc_twi)
-    if present & rules.cinc_ischemic:
-        label = ISCHEMIC
-    elif not present or present & rules.cinc_unknown:
-        label = UNKNOWN
-    else:
-        label = NON_ISCHEMIC
-    return Decision(twi=twi, label=label, raw_codes=",".join(codes))
+    present: set[str] = set()
+    unrecognised: list[str] = []
+    for code in codes:
+        snomed = code if is_snomed_id(code) else rules.cinc_abbreviations.get(code.upper())
+        if snomed is None:
+            unrecognised.append(code)
+        else:
+            present.add(snomed)
+    return Decision(
+        twi=bool(present & rules.cinc_twi),
+        label=_decide(bool(present & rules.cinc_ischemic), bool(present & rules.cinc_unknown), bool(present)),
+        raw_codes=",".join(codes),
+        unrecognised=tuple(unrecognised),
+    )
+
+
+def _decide(ischemic: bool, unknown: bool, understood: bool) -> str:
+    """The decision order every source follows (see ``labels.yaml``)."""
+    if ischemic:
+        return ISCHEMIC
+    if unknown or not understood:
+        return UNKNOWN
+    return NON_ISCHEMIC
 
 
 # --------------------------------------------------------------------------- PTB-XL
@@ -197,17 +261,20 @@ def label_ptbxl(scp_codes: Mapping[str, float], rules: LabelRules) -> Decision:
         The decision; ``raw_codes`` is ``STATEMENT:likelihood`` comma-joined.
     """
     ischemic_set = rules.ptbxl_resolved or rules.ptbxl_ischemic
-    twi = any(code in rules.ptbxl_twi for code in scp_codes)
-    ischemic = {code: lk for code, lk in scp_codes.items() if code in ischemic_set}
+    unrecognised = tuple(c for c in scp_codes if rules.ptbxl_known and c not in rules.ptbxl_known)
+    understood = {code: lk for code, lk in scp_codes.items() if code not in unrecognised}
+    twi = any(code in rules.ptbxl_twi for code in understood)
+    ischemic = {code: lk for code, lk in understood.items() if code in ischemic_set}
     confident = [lk for lk in ischemic.values() if lk == 0 or lk >= rules.ptbxl_min_likelihood]
-    if confident:
-        label = ISCHEMIC
-    elif ischemic or not scp_codes or any(code in rules.ptbxl_unknown for code in scp_codes):
-        label = UNKNOWN
-    else:
-        label = NON_ISCHEMIC
+    # An ischemic statement below the likelihood threshold makes the record unknown.
+    unknown = bool(ischemic) or any(code in rules.ptbxl_unknown for code in understood)
     raw = ",".join(f"{code}:{lk:g}" for code, lk in scp_codes.items())
-    return Decision(twi=twi, label=label, raw_codes=raw)
+    return Decision(
+        twi=twi,
+        label=_decide(bool(confident), unknown, bool(understood)),
+        raw_codes=raw,
+        unrecognised=unrecognised,
+    )
 
 
 # --------------------------------------------------------------------------- LUDB
@@ -216,11 +283,11 @@ def label_ptbxl(scp_codes: Mapping[str, float], rules: LabelRules) -> Decision:
 def label_ludb_diagnoses(diagnoses: Sequence[str], rules: LabelRules) -> str:
     """Ischemic / non-ischemic / unknown from LUDB diagnosis lines (``"Ischemia: inferior wall"``)."""
     lowered = [d.strip().lower() for d in diagnoses if d.strip()]
-    if any(d.startswith(rules.ludb_ischemic_prefixes) for d in lowered):
-        return ISCHEMIC
-    if not lowered or any(d.startswith(rules.ludb_unknown_prefixes) for d in lowered):
-        return UNKNOWN
-    return NON_ISCHEMIC
+    return _decide(
+        any(d.startswith(rules.ludb_ischemic_prefixes) for d in lowered),
+        any(d.startswith(rules.ludb_unknown_prefixes) for d in lowered),
+        bool(lowered),
+    )
 
 
 def t_wave_amplitudes(

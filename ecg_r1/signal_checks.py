@@ -38,7 +38,7 @@ def signal_quality(signals: np.ndarray) -> pl.DataFrame:
         signals: float array (n, 12, n_samples) in mV (a memmap works; it is read once).
 
     Returns:
-        One row a record: ``nan_samples`` (count), ``flat_leads`` and ``saturated_leads``
+        One row a record: ``nan_samples`` (count of NaN or infinite samples), ``flat_leads`` and ``saturated_leads``
         (comma-joined lead names, "" when none), ``max_abs_mv`` (largest absolute value) and
         ``max_ptp_mv`` (largest peak-to-peak range over the leads), NaN ignored.
     """
@@ -103,7 +103,8 @@ def signal_issue(
     if nan_samples:
         return (
             "nan_samples",
-            f"{nan_samples} samples are missing (NaN or the WFDB invalid value -32768); "
+            f"{nan_samples} samples are missing or not finite (NaN, infinite, or the WFDB invalid value "
+            "-32768); "
             "re-export the record without gaps or leave it out",
         )
     if max_ptp_mv > MAX_PTP_MV or max_ptp_mv < MIN_RECORD_PTP_MV:
@@ -163,11 +164,16 @@ def _measure_batch(signals: np.ndarray) -> dict[str, np.ndarray]:
     lead_max = block_max.max(axis=2)
     lead_min = block_min.min(axis=2)
     nan_samples = np.zeros(n_records, dtype=np.int64)
-    has_nan = np.isnan(lead_max).any(axis=1) | np.isnan(lead_min).any(axis=1)
-    for record in np.flatnonzero(has_nan):
-        nan_samples[record] = int(np.isnan(signals[record]).sum())
-        lead_max[record] = np.nan_to_num(np.nanmax(signals[record], axis=1, initial=-np.inf), neginf=0.0)
-        lead_min[record] = np.nan_to_num(np.nanmin(signals[record], axis=1, initial=np.inf), posinf=0.0)
+    # Infinite samples count as missing too: a lead of +inf has max == min, and would otherwise
+    # pass for a flat line or an amplifier stuck at its limit.
+    has_bad = ~(np.isfinite(lead_max).all(axis=1) & np.isfinite(lead_min).all(axis=1))
+    for record in np.flatnonzero(has_bad):
+        finite = np.isfinite(signals[record])
+        nan_samples[record] = int(finite.size - np.count_nonzero(finite))
+        lead_max[record] = np.max(signals[record], axis=1, where=finite, initial=-np.inf)
+        lead_min[record] = np.min(signals[record], axis=1, where=finite, initial=np.inf)
+        lead_max[record] = np.where(np.isfinite(lead_max[record]), lead_max[record], 0.0)
+        lead_min[record] = np.where(np.isfinite(lead_min[record]), lead_min[record], 0.0)
     ptp = lead_max - lead_min
     flat = ptp < FLAT_PTP_MV
     needed = SATURATION_FRACTION * n_samples

@@ -35,6 +35,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# The project's own store lives in the repository holding this package (``<root>/mlflow``).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MLFLOW_DIR = "mlflow"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
@@ -72,9 +74,33 @@ def configure(repo_root: str | Path) -> str:
     Returns:
         The tracking URI.
     """
+    return _use(tracking_uri(repo_root))
+
+
+def open_store(repo_root: str | Path) -> str:
+    """Point MLflow at an existing store to read from it, creating nothing.
+
+    :func:`configure` creates the store it is pointed at; a command that only reads models
+    (``ecg-r1 predict``) must not leave a new ``mlflow/mlflow.db`` wherever it was started.
+
+    Returns:
+        The tracking URI.
+
+    Raises:
+        ValueError: when ``repo_root`` holds no ``mlflow/mlflow.db``.
+    """
+    db = Path(repo_root).resolve() / MLFLOW_DIR / DB_FILE
+    if not db.is_file():
+        raise ValueError(
+            f"no MLflow store at {db}; give the repository root holding mlflow/ with --mlflow-root "
+            "(train a model first if there is none)"
+        )
+    return _use(f"sqlite:///{db}")
+
+
+def _use(uri: str) -> str:
     import mlflow
 
-    uri = tracking_uri(repo_root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -417,8 +443,12 @@ def log_version_metrics(
     return run_id
 
 
-def _parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """Split ``models:/name/N``, ``models:/name@alias`` (``models:/`` optional) into parts."""
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/name/N``, ``models:/name@alias`` (``models:/`` optional) into parts.
+
+    Raises:
+        ValueError: for anything else (checked before any store is opened).
+    """
     body = uri[len("models:/") :] if uri.startswith("models:/") else uri
     if "@" in body:
         name, alias = body.rsplit("@", 1)
@@ -442,7 +472,7 @@ def resolve_version(uri: str) -> tuple[str, int]:
     """
     from mlflow.exceptions import MlflowException
 
-    name, version, alias = _parse_model_uri(uri)
+    name, version, alias = parse_model_uri(uri)
     client = _client()
     try:
         found = (
@@ -478,11 +508,13 @@ def load_registered(uri: str, dst: str | Path | None = None) -> Path:
         The local model folder, ready for :func:`ecg_r1.models.load_model_and_processor`.
 
     Raises:
-        ValueError: for a malformed URI or a version that does not exist.
+        ValueError: for a malformed URI, a version that does not exist, or one whose files lie
+            outside this store's artifact folder.
     """
     import mlflow
 
     name, version = resolve_version(uri)
+    _check_in_store(name, version)
     if dst is None:
         dst = _cache_dir() / name / str(version)
         if (dst / "config.json").is_file():
@@ -495,6 +527,21 @@ def load_registered(uri: str, dst: str | Path | None = None) -> Path:
     if not (local / "config.json").is_file():
         raise ValueError(f"{uri!r} (version {version}) holds no model folder (no config.json in {local})")
     return local
+
+
+def _check_in_store(name: str, version: int) -> None:
+    """Refuse a version whose files are not in the store's own artifact folder: a registry entry
+    may point anywhere (another path, another server), and models are loaded only from here."""
+    client = _client()
+    found = client.get_model_version(name, str(version))
+    artifacts = artifact_root_for(_tracking_uri())
+    location = client.get_run(found.run_id).info.artifact_uri if found.run_id else found.source
+    local = location[len("file://") :] if location.startswith("file://") else location
+    if artifacts is None or not Path(local).resolve().is_relative_to(artifacts.resolve()):
+        raise ValueError(
+            f"{name} version {version} points at {location}, outside this store's artifacts ({artifacts}); "
+            "models are loaded only from the project's own MLflow store: register it there"
+        )
 
 
 def _cache_dir() -> Path:

@@ -101,8 +101,8 @@ class TestFeatureBaseline:
 
     def test_save_and_load_give_same_scores(self, fitted, tmp_path) -> None:
         model, _, test = fitted
-        back = FeatureBaseline.load(model.save(tmp_path / "fb.pkl"))
-        np.testing.assert_allclose(back.predict(test).p_yes, model.predict(test).p_yes)
+        back = FeatureBaseline.load(model.save(tmp_path / "fb.parquet"))
+        np.testing.assert_array_equal(back.predict(test).p_yes, model.predict(test).p_yes)
 
     def test_short_notes_fall_back_to_no_note_flags(self) -> None:
         train = learnable_cases(60, 4, signal_from_note=False).with_columns(

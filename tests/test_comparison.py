@@ -258,9 +258,10 @@ class TestEvaluateCommand:
         assert "| SFT | cross-hospital |" in out and "| Majority class |" in out and "Bayes-optimal" in out
         assert (tmp_path / "out" / "comparison.md").read_text() in out
 
-    def test_unknown_registry_version_is_a_clear_error(self, setup, tmp_path, monkeypatch):
+    def test_unknown_registry_version_is_a_clear_error(self, setup, tmp_path, monkeypatch, seed_mlflow_db):
         from ecg_r1.cli import main
 
+        seed_mlflow_db(tmp_path / "mlflow" / "mlflow.db")  # commands that read models create no store
         # The command points MLflow at the store through the environment: restore it afterwards.
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
         monkeypatch.setenv("MLFLOW_REGISTRY_URI", "")

@@ -165,6 +165,16 @@ class TestRegistry:
         with pytest.raises(ValueError, match="not in the registry"):
             tracking.load_registered("models:/ecg-r1-sft@nobody")
 
+    def test_version_stored_outside_the_store_is_refused(self, store, model_dir, tmp_path):
+        """A registry entry may point anywhere; models load only from the store's own artifacts."""
+        client = mlflow.MlflowClient()
+        elsewhere = client.create_experiment("elsewhere", artifact_location=(tmp_path / "x").as_uri())
+        run = client.create_run(elsewhere)
+        number = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-elsewhere")
+        with pytest.raises(ValueError, match="outside this store's artifacts"):
+            tracking.load_registered(f"models:/ecg-r1-elsewhere/{number}", dst=tmp_path / "dst")
+        assert not (tmp_path / "dst" / "config.json").exists()
+
     @pytest.mark.parametrize("uri", ["models:/ecg-r1-sft", "ecg-r1-sft/latest", "models:/@x"])
     def test_malformed_uri_is_refused(self, uri):
         with pytest.raises(ValueError, match="cannot read model URI"):

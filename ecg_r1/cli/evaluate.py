@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from ecg_r1.cli.predict import add_mlflow_root
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,12 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also evaluate each model with this input taken away (image: a flat-line page; note: "
         "no clinical note); repeatable",
     )
-    parser.add_argument(
-        "--mlflow-root",
-        type=Path,
-        default=Path("."),
-        help="repository root holding mlflow/ (the registry) (default: current folder)",
-    )
+    add_mlflow_root(parser)
     parser.set_defaults(func=run)
 
 

@@ -27,18 +27,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "paths", nargs="+", type=Path, metavar="PATH", help="input folders or manifest CSV files"
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help="cohort folder to write (its files are replaced)"
+        "--out",
+        required=True,
+        type=Path,
+        help="cohort folder to write (replaced as a whole once the new cohort is complete)",
     )
     parser.add_argument("--workers", type=int, default=1, help="processes reading records (default 1)")
     parser.add_argument(
         "--rules", type=Path, default=None, help="label rules YAML (default: ecg_r1/configs/labels.yaml)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing cohort even when no record was loaded"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1.ingest import ingest
+    from ecg_r1.ingest import IngestRefused, ingest
     from ecg_r1.labels import load_rules
 
     if args.workers < 1:
@@ -47,7 +53,17 @@ def run(args: argparse.Namespace) -> int:
         rules = load_rules(args.rules)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"cannot read label rules {args.rules}: {exc}") from exc
-    summary = ingest(args.paths, args.out, rules=rules, workers=args.workers, progress=not args.no_progress)
+    try:
+        summary = ingest(
+            args.paths,
+            args.out,
+            rules=rules,
+            workers=args.workers,
+            progress=not args.no_progress,
+            force=args.force,
+        )
+    except IngestRefused as exc:
+        raise SystemExit(f"ecg-r1 ingest: {exc}") from exc
     print(json.dumps(summary.to_dict(), indent=2))
     if summary.loaded == 0:
         logger.error("no record was loaded; see %s for why", Path(args.out) / "quarantine.parquet")

@@ -39,17 +39,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="completion cap (default: the profile's)"
     )
-    parser.add_argument(
-        "--mlflow-root",
-        type=Path,
-        default=Path("."),
-        help="repository root holding mlflow/ (the registry) (default: current folder)",
-    )
+    add_mlflow_root(parser)
     parser.add_argument(
         "--save-image", type=Path, default=None, help="also write the rendered page to this PNG"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(func=run)
+
+
+def add_mlflow_root(parser: argparse.ArgumentParser) -> None:
+    """The ``--mlflow-root`` option of the commands that load registered models."""
+    from ecg_r1.tracking import PROJECT_ROOT
+
+    parser.add_argument(
+        "--mlflow-root",
+        type=Path,
+        default=PROJECT_ROOT,
+        help=f"repository root holding mlflow/ (the registry); default: this project's, {PROJECT_ROOT}",
+    )
 
 
 def resolve_model_dir(model: str, mlflow_root: Path) -> Path:
@@ -63,8 +70,9 @@ def resolve_model_dir(model: str, mlflow_root: Path) -> Path:
         )
     from ecg_r1 import tracking
 
-    tracking.configure(mlflow_root)
     try:
+        tracking.parse_model_uri(model)  # a malformed URI is refused before any store is touched
+        tracking.open_store(mlflow_root)
         return tracking.load_registered(model)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc

@@ -82,7 +82,7 @@ def discover(
         csv_path = path if path.is_file() else path / manifest.MANIFEST_FILE
         try:
             refs, refused, extra = manifest.discover(csv_path, rules)
-        except (manifest.ManifestError, UnicodeDecodeError, OSError) as exc:
+        except (manifest.ManifestError, OSError) as exc:
             return (
                 [],
                 [Quarantine(str(csv_path), "bad_manifest", str(exc), source_format="manifest")],
@@ -176,7 +176,7 @@ def load_ref(ref: RecordRef, rules: LabelRules, out: Any = None) -> tuple[Any, d
     Raises:
         RecordError / CanonicalError: with a quarantine ``reason``.
     """
-    header = parse_header(ref.header_path)  # parse_header makes the one Path
+    header = parse_header(ref.header_path, ref.root or None)  # parse_header makes the one Path
     signal, meta = _load_signal(header, out)
     raw = meta.pop("_raw")
     if ref.source_format == "cinc":

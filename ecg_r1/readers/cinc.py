@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.labels import LabelRules, label_cinc, parse_dx
-from ecg_r1.readers.records import MISSING_HEADER, Quarantine, RecordRef
+from ecg_r1.readers.records import (
+    MISSING_HEADER,
+    NOT_A_REGULAR_FILE,
+    UNRECOGNISED_CODES,
+    Quarantine,
+    RecordRef,
+)
 from ecg_r1.readers.wfdb_io import Header, parse_comments
 
 # Record-name prefix -> source database (Challenge 2021 sources; longest prefix first).
@@ -57,20 +63,24 @@ def discover(root: Path) -> tuple[list[RecordRef], list[Quarantine]]:
     """Find the CinC records under ``root`` (recursively).
 
     Returns:
-        (records, quarantined inputs: signal files without a header).
+        (records, quarantined inputs: signal files without a header, folders named ``*.hea``).
     """
     refs = []
     # os.walk and string paths: rglob and Path sorting cost more than reading a record's header.
     headers: list[str] = []
     signals: list[str] = []
-    for folder, _, files in os.walk(root):
+    not_files: list[str] = []
+    for folder, dirs, files in os.walk(root):
         for name in files:
             lower = name.lower()
             if lower.endswith(".hea"):
                 headers.append(os.path.join(folder, name))
-            elif lower.endswith(".mat"):
+            elif lower.endswith((".mat", ".dat")):
                 signals.append(os.path.join(folder, name))
+        # A folder named like a header would otherwise vanish without a count.
+        not_files.extend(os.path.join(folder, name) for name in dirs if name.lower().endswith(".hea"))
     headers.sort()
+    real_root = os.path.realpath(root)
     for header in headers:
         stem = os.path.basename(header)[:-4]
         record_id = f"{root.name}/{stem}"
@@ -81,11 +91,22 @@ def discover(root: Path) -> tuple[list[RecordRef], list[Quarantine]]:
                 hospital=cinc_hospital(stem),
                 source_format="cinc",
                 header_path=header,
+                root=real_root,
             )
         )
     stems = {header[:-4] for header in headers}
     orphans = [Path(p) for p in sorted(signals) if p[:-4] not in stems]
     quarantined = [
+        Quarantine(
+            source_path=path,
+            reason=NOT_A_REGULAR_FILE,
+            message=f"{path} is a folder, not a header file; move the records out of it or rename it",
+            record_id=f"{root.name}/{os.path.basename(path)[:-4]}",
+            source_format="cinc",
+        )
+        for path in sorted(not_files)
+    ]
+    quarantined += [
         Quarantine(
             source_path=str(path),
             reason=MISSING_HEADER,
@@ -119,6 +140,7 @@ def describe(header: Header, rules: LabelRules) -> dict[str, Any]:
         "twi_leads": None,
         "label": decision.label,
         "device": None,
+        UNRECOGNISED_CODES: decision.unrecognised,
     }
 
 

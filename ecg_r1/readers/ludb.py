@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ def discover(root: Path) -> list[RecordRef]:
     """The LUDB records of ``root`` (in ``data/`` or directly in it), in numeric order."""
     folder = root / "data" if (root / "data").is_dir() else root
     headers = sorted(folder.glob("*.hea"), key=lambda p: (len(p.stem), p.stem))
+    real_root = os.path.realpath(root)
     return [
         RecordRef(
             record_id=f"{root.name}/{header.stem}",
@@ -53,6 +55,7 @@ def discover(root: Path) -> list[RecordRef]:
             hospital=HOSPITAL,
             source_format="ludb",
             header_path=str(header),
+            root=real_root,
         )
         for header in headers
     ]
@@ -82,7 +85,8 @@ def lead_t_amplitudes(header: Header, signal: np.ndarray, rules: LabelRules) -> 
         if lead is None:
             continue
         try:
-            samples, symbols = read_annotation_arrays(f"{stem}.{name.strip().lower()}")
+            # The extension comes from the header's lead name: confined like the signal file.
+            samples, symbols = read_annotation_arrays(f"{stem}.{name.strip().lower()}", header.root)
         except FileNotFoundError:
             continue
         leads.append(lead)

@@ -28,15 +28,19 @@ Any other column is kept, not dropped: its values go into the cohort's ``extra``
 JSON object per record, a warning names the columns, and the ingest summary counts them
 under ``extra_columns``.
 
-A row that cannot be read (bad label or twi value, empty required cell) is quarantined with
-reason ``bad_manifest_row`` and the row number.
+A row that cannot be read (bad label or twi value, empty required cell, a cell over the csv
+field limit, a quote never closed, more cells than the header) is quarantined with reason
+``bad_manifest_row`` and its line number; the rows after it are still read. A file that is not
+UTF-8 is refused as a whole, naming it (a UTF-8 byte-order mark is accepted).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,8 @@ from ecg_r1.readers.records import (
 )
 
 MANIFEST_FILE = "manifest.csv"
+# Largest manifest read (about a million rows).
+MAX_MANIFEST_BYTES = 512 << 20
 REQUIRED_COLUMNS = ("signal_path", "record_id", "patient_id", "hospital")
 OPTIONAL_COLUMNS = ("label", "twi", "twi_leads", "age", "sex", "note", "report")
 
@@ -76,48 +82,114 @@ def discover(manifest: Path, rules: LabelRules) -> tuple[list[RecordRef], list[Q
         ManifestError: when a required column is missing (the message names it).
     """
     folder = manifest.parent.resolve()
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise ManifestError(
-                f"manifest {manifest} lacks the required column(s) {missing}; it has {columns}. "
-                f"Required: {list(REQUIRED_COLUMNS)}; optional: {list(OPTIONAL_COLUMNS)}"
-            )
-        extra_columns = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-        if extra_columns:
-            logger.warning(
-                "manifest %s: columns %s are not manifest fields; their values are kept in the cohort's "
-                "'extra' column",
-                manifest,
-                extra_columns,
-            )
-        extra_counts = dict.fromkeys(extra_columns, 0)
-        refs: list[RecordRef] = []
-        quarantined: list[Quarantine] = []
-        for line, raw_row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in raw_row.items() if k is not None}
-            where = f"{manifest}:{line}"
-            try:
-                ref = _ref(folder, row, rules, extra_columns)
-            except _RowError as exc:
-                quarantined.append(
-                    Quarantine(
-                        source_path=exc.path or where,
-                        reason=exc.reason,
-                        message=f"{where}: {exc}",
-                        record_id=row.get("record_id") or None,
-                        patient_id=row.get("patient_id") or None,
-                        hospital=row.get("hospital") or None,
-                        source_format="manifest",
-                    )
+    records = _csv_records(_manifest_lines(manifest))
+    first = next(records, None)
+    columns = [c.strip() for c in first[1]] if first is not None and isinstance(first[1], list) else []
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(
+            f"manifest {manifest} lacks the required column(s) {missing}; it has {columns}. "
+            f"Required: {list(REQUIRED_COLUMNS)}; optional: {list(OPTIONAL_COLUMNS)}"
+        )
+    extra_columns = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if extra_columns:
+        logger.warning(
+            "manifest %s: columns %s are not manifest fields; their values are kept in the cohort's "
+            "'extra' column",
+            manifest,
+            extra_columns,
+        )
+    extra_counts = dict.fromkeys(extra_columns, 0)
+    refs: list[RecordRef] = []
+    quarantined: list[Quarantine] = []
+    for line, cells in records:
+        if not cells:
+            continue  # a blank line
+        if isinstance(cells, str) or len(cells) > len(columns):
+            why = cells if isinstance(cells, str) else f"{len(cells)} cells, the header has {len(columns)}"
+            quarantined.append(
+                Quarantine(
+                    source_path=f"{manifest}:{line}",
+                    reason=BAD_MANIFEST_ROW,
+                    message=f"{manifest}:{line}: the row cannot be read as CSV ({why}); check its quotes "
+                    "(a quote opened and never closed, or a comma outside quotes) and its length",
+                    source_format="manifest",
                 )
-                continue
-            for column in extra_columns:
-                extra_counts[column] += bool(row.get(column))
-            refs.append(ref)
+            )
+            continue
+        row = {column: value.strip() for column, value in zip(columns, cells, strict=False)}
+        where = f"{manifest}:{line}"
+        try:
+            ref = _ref(folder, row, rules, extra_columns)
+        except _RowError as exc:
+            quarantined.append(
+                Quarantine(
+                    source_path=exc.path or where,
+                    reason=exc.reason,
+                    message=f"{where}: {exc}",
+                    record_id=row.get("record_id") or None,
+                    patient_id=row.get("patient_id") or None,
+                    hospital=row.get("hospital") or None,
+                    source_format="manifest",
+                )
+            )
+            continue
+        for column in extra_columns:
+            extra_counts[column] += bool(row.get(column))
+        refs.append(ref)
     return refs, quarantined, extra_counts
+
+
+def _manifest_lines(manifest: Path) -> list[str]:
+    """The manifest's physical lines (endings kept), decoded as UTF-8 (a BOM is dropped).
+
+    Raises:
+        ManifestError: naming the file when it is larger than :data:`MAX_MANIFEST_BYTES` or not UTF-8.
+    """
+    size = manifest.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"manifest {manifest} has {size} bytes, more than {MAX_MANIFEST_BYTES}; split it into several"
+        )
+    data = manifest.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"manifest {manifest} is not UTF-8 (byte {exc.start} cannot be decoded); save it as UTF-8 "
+            "(in a spreadsheet: 'CSV UTF-8')"
+        ) from exc
+    return io.StringIO(text, newline="").readlines()
+
+
+def _csv_records(lines: list[str]) -> Iterator[tuple[int, list[str] | str]]:
+    """(first line number, cells) of each CSV record, or (line, what is wrong) for one the csv module
+    refuses (a cell over its field limit, a quote never closed) or a quoted cell that swallowed
+    later lines (a record over several lines whose cell count differs from the header's).
+
+    Reading resumes on the line after the bad record's first line, so one bad quote costs one row,
+    not the rows it swallowed and not the whole manifest.
+    """
+    start = 0
+    width: int | None = None
+    while start < len(lines):
+        reader = csv.reader(lines[start:], strict=True)
+        while True:
+            first = start + reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield first, str(exc)
+                break
+            last = start + reader.line_num
+            if width is not None and last > first and len(cells) != width:
+                yield first, f"a quoted cell runs over lines {first}-{last}"
+                break
+            width = len(cells) if width is None else width
+            yield first, cells
+        start = first
 
 
 class _RowError(ValueError):
@@ -187,6 +259,7 @@ def _ref(folder: Path, row: dict[str, str], rules: LabelRules, extra_columns: li
         hospital=row["hospital"],
         source_format="manifest",
         header_path=str(header),
+        root=str(folder),
         fields={
             "age": age if age is None else parse_age(str(age)),
             "sex": parse_sex(row.get("sex")),

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import ast
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
 from ecg_r1.labels import LabelRules, label_ptbxl
-from ecg_r1.readers.records import BAD_TABLE_ROW, MISSING_SIGNAL_FILE, Quarantine, RecordRef
+from ecg_r1.readers.records import (
+    BAD_TABLE_ROW,
+    MISSING_SIGNAL_FILE,
+    UNRECOGNISED_CODES,
+    Quarantine,
+    RecordRef,
+)
 
 DATABASE_FILE = "ptbxl_database.csv"
 STATEMENTS_FILE = "scp_statements.csv"
@@ -37,10 +44,11 @@ def discover(root: Path, rules: LabelRules) -> tuple[list[RecordRef], list[Quara
     resolved = rules.with_ptbxl_statements(root / STATEMENTS_FILE)
     refs: list[RecordRef] = []
     quarantined: list[Quarantine] = []
+    real_root = os.path.realpath(root)
     with table.open(newline="", encoding="utf-8") as handle:
         for line, row in enumerate(csv.DictReader(handle), start=2):
             try:
-                ref = _ref(root, row, resolved)
+                ref = _ref(root, row, resolved, real_root)
             except (KeyError, ValueError, SyntaxError) as exc:
                 quarantined.append(
                     Quarantine(
@@ -68,7 +76,7 @@ def discover(root: Path, rules: LabelRules) -> tuple[list[RecordRef], list[Quara
     return refs, quarantined
 
 
-def _ref(root: Path, row: dict[str, str], rules: LabelRules) -> RecordRef:
+def _ref(root: Path, row: dict[str, str], rules: LabelRules, real_root: str) -> RecordRef:
     ecg_id = str(int(float(row["ecg_id"])))
     patient = row.get("patient_id") or ""
     patient_id = f"ptbxl/{int(float(patient))}" if patient else f"{root.name}/{ecg_id}"
@@ -91,6 +99,7 @@ def _ref(root: Path, row: dict[str, str], rules: LabelRules) -> RecordRef:
         hospital=hospital,
         source_format="ptbxl",
         header_path=str(header),
+        root=real_root,
         fields={
             "age": parse_age(row.get("age")),
             "sex": {"0": "M", "1": "F"}.get(str(row.get("sex", "")).split(".")[0]),
@@ -101,6 +110,7 @@ def _ref(root: Path, row: dict[str, str], rules: LabelRules) -> RecordRef:
             "twi_leads": None,
             "label": decision.label,
             "device": (row.get("device") or "").strip() or None,
+            UNRECOGNISED_CODES: decision.unrecognised,
         },
     )
 

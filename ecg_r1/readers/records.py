@@ -16,9 +16,16 @@ MISSING_SIGNAL_FILE = "missing_signal_file"
 BAD_TABLE_ROW = "bad_table_row"
 BAD_MANIFEST_ROW = "bad_manifest_row"
 PATH_ESCAPES_FOLDER = "path_escapes_folder"
+# Quarantine reasons found while opening a record's files.
+NOT_A_REGULAR_FILE = "not_a_regular_file"
+FILE_TOO_LARGE = "file_too_large"
 DUPLICATE_RECORD_ID = "duplicate_record_id"
 PATIENT_IN_TWO_HOSPITALS = "patient_in_two_hospitals"
 READ_ERROR = "read_error"
+
+# Key of a reader's row holding the diagnosis codes its label rules did not understand (counted in
+# the ingest summary, not stored in the cohort table).
+UNRECOGNISED_CODES = "unrecognised_codes"
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class RecordRef:
     source_format: str  # ptbxl | cinc | ludb | manifest
     header_path: str
     fields: dict[str, Any] = field(default_factory=dict)
+    # Real path of the folder the user named: every file the record reads must resolve inside it
+    # (a header or signal file that is, or links to, anything outside is refused unread).
+    # "" confines the record to its header's own folder.
+    root: str = ""
 
 
 @dataclass(frozen=True)

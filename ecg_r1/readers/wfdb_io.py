@@ -14,19 +14,25 @@ stays the reference the tests and ``benchmarks/bench_ingest.py`` compare against
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
+import io
 import logging
 import math
 import os
 import re
+import stat
 import statistics
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from ecg_r1.readers.records import FILE_TOO_LARGE, NOT_A_REGULAR_FILE, PATH_ESCAPES_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,21 @@ _FORMAT_RE = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")
 _FS_RE = re.compile(r"^([\d.]+(?:[eE][-+]?\d+)?)(?:/[\d.]+)?(?:\(-?[\d.]+\))?$")
 # Formats read with numpy: dtype of one sample.
 _NUMPY_FORMATS = {16: "<i2", 61: ">i2", 80: "u1"}
+# Sampling rates a 12-lead ECG can have: below 50 Hz the QRS is lost; above 20 kHz no ECG device
+# records (a rate outside is a broken header, and a tiny rate asks for huge resampling buffers).
+MIN_FS, MAX_FS = 50.0, 20_000.0
+# Most samples (all leads together) a record may hold: 16.8 M values is 64 MB as float32, about 23
+# minutes of 12 leads at 1 kHz; checked before anything is allocated.
+MAX_RECORD_VALUES = 1 << 24
+# Bits a sample of each WFDB storage format takes (None: FLAC, compressed, size known only from the
+# header). Any other format is refused with a message instead of a KeyError deep in wfdb.
+_FORMAT_BITS: dict[int, int | None] = {
+    8: 8, 16: 16, 24: 24, 32: 32, 61: 16, 80: 8, 160: 16, 212: 12, 310: 10, 311: 10,
+    508: None, 516: None, 524: None,
+}  # fmt: skip
+# Largest header and signal file read (a 10 s 12-lead record is about 120 kB; a header a few kB).
+MAX_HEADER_BYTES = 1 << 20
+MAX_SIGNAL_FILE_BYTES = 256 << 20
 
 
 class RecordError(ValueError):
@@ -84,6 +105,7 @@ class Header:
     comments: tuple[str, ...]
     encoding: str = "utf-8"
     warnings: tuple[str, ...] = field(default=())
+    root: str = ""  # real path of the folder the record's files must stay in
 
     @property
     def lead_names(self) -> list[str]:
@@ -101,37 +123,84 @@ class RawSignal:
     signal_path: Path
 
 
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """A whole file's bytes, read with one ``os.read`` of its size.
+def read_bytes(
+    path: str | os.PathLike[str], root: str | None = None, max_bytes: int = MAX_SIGNAL_FILE_BYTES
+) -> bytes:
+    """A record file's whole bytes, read only when it is a regular file inside ``root``.
 
-    Measured here (``benchmarks/bench_ingest.py`` folder): 36 µs for a 120 kB signal file and
-    15 µs for a header, against 65 µs and 42 µs for ``Path.read_bytes`` (its buffered file
-    object costs more to set up than the read itself).
+    Confinement: the path is resolved (symlinks included) and refused unread when it lands
+    outside ``root``, so neither a link nor a name written in a header can pull in a file from
+    elsewhere on the machine. Only regular files are opened (a FIFO would block the run for
+    ever, a device such as ``/dev/zero`` never ends), and ``max_bytes`` bounds what one file
+    may cost. Messages name the path, never the file's contents.
+
+    Speed: one ``os.read`` of the file's size; measured here (``benchmarks/bench_ingest.py``
+    folder) 36 µs for a 120 kB signal file and 15 µs for a header, against 65 µs and 42 µs for
+    ``Path.read_bytes`` (its buffered file object costs more to set up than the read itself).
+
+    Args:
+        path: the file.
+        root: real path (``os.path.realpath``) of the folder the file must stay in; None: the
+            real path of the file's own folder.
+        max_bytes: the largest file accepted.
 
     Raises:
-        FileNotFoundError, IsADirectoryError, OSError: as ``open`` would.
+        RecordError: ``path_escapes_folder``, ``not_a_regular_file`` or ``file_too_large``.
+        FileNotFoundError: when the file does not exist.
     """
-    fd = os.open(path, os.O_RDONLY)
+    real = os.path.realpath(path)
+    if root is None:
+        root = os.path.realpath(os.path.dirname(os.fspath(path)) or ".")
+    if os.path.commonpath((real, root)) != root:
+        raise RecordError(
+            PATH_ESCAPES_FOLDER,
+            f"{path} resolves to {real}, outside the folder {root} given to ingest; a record may only read "
+            "files inside that folder: copy the file into it (links pointing outside are not followed)",
+        )
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; O_NOFOLLOW: a link
+    # swapped in after the check above is refused instead of followed.
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)  # +1 so that a file grown since fstat is still read to its end
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise RecordError(
+                NOT_A_REGULAR_FILE,
+                f"{path} is not a regular file (a folder, pipe, socket or device); a record's files must be "
+                "plain files: replace it with the file itself",
+            )
+        size = status.st_size
+        if size > max_bytes:
+            raise RecordError(
+                FILE_TOO_LARGE,
+                f"{path} has {size} bytes, more than the {max_bytes} a record file may have here; an ECG of "
+                "a few minutes is far smaller: check that it is the right file, or cut the record",
+            )
+        data = os.read(fd, size + 1)  # +1 so that a file grown since fstat is still seen to grow
         if len(data) <= size:
             return data
         chunks = [data]
+        total = len(data)
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise RecordError(FILE_TOO_LARGE, f"{path} grew past {max_bytes} bytes while it was read")
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def read_text(path: Path) -> tuple[str, str]:
-    """Read a text file as UTF-8, falling back to Windows-1252/Latin-1 for legacy exports.
+def read_text(path: Path, root: str | None = None) -> tuple[str, str]:
+    """Read a header as UTF-8, falling back to Windows-1252/Latin-1 for legacy exports.
+
+    Confined to ``root`` as :func:`read_bytes` is, and at most :data:`MAX_HEADER_BYTES`.
 
     Returns:
         (text, encoding used).
     """
-    data = read_bytes(path)
+    data = read_bytes(path, root, MAX_HEADER_BYTES)
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]  # some Windows editors write one; it is not content
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -142,7 +211,7 @@ def read_text(path: Path) -> tuple[str, str]:
             return data.decode("latin-1"), "latin-1"
 
 
-def parse_header(path: str | Path) -> Header:
+def parse_header(path: str | Path, root: str | None = None) -> Header:
     """Parse a WFDB header file tolerantly.
 
     Accepted deviations: a record name written with a file extension, comments without a space
@@ -151,17 +220,22 @@ def parse_header(path: str | Path) -> Header:
 
     Args:
         path: the ``.hea`` file.
+        root: real path of the folder the header and its signal files must stay in (the folder
+            the user named); None: the header's own folder.
 
     Returns:
         The parsed header.
 
     Raises:
-        RecordError: ``missing_header`` or ``bad_header`` with what is wrong in the message.
+        RecordError: ``missing_header``, ``bad_header``, or a confinement reason of
+            :func:`read_bytes`; signal-file names that are absolute or climb out with ``..``
+            give ``path_escapes_folder``.
     """
     path = Path(path)
+    root = root or os.path.realpath(path.parent)
     try:
-        text, encoding = read_text(path)
-    except (FileNotFoundError, IsADirectoryError) as exc:
+        text, encoding = read_text(path, root)
+    except FileNotFoundError as exc:
         raise RecordError(
             "missing_header", f"header {path} does not exist; give the path of a .hea file"
         ) from exc
@@ -184,11 +258,11 @@ def parse_header(path: str | Path) -> Header:
     comments = tuple(comments_list)
     if not body:
         raise RecordError("bad_header", f"header {path} has no record line; it is empty or not a WFDB header")
-    for line in body:
+    for number, line in enumerate(body):
         if not line.isascii():
             raise RecordError(
                 "bad_header",
-                f"header {path} has non-ASCII characters outside comments ({line[:60]!r}); "
+                f"header {path} has non-ASCII characters in {_line_name(number)}; "
                 "the record and signal lines must be plain ASCII: re-export the header",
             )
     record_name, n_sig, fs, n_samples = _parse_record_line(body[0], path)
@@ -203,7 +277,17 @@ def parse_header(path: str | Path) -> Header:
             f"header {path} announces {n_sig} signals but has {len(signal_lines)} signal lines; "
             "the header is cut or its record line is wrong",
         )
-    signals = tuple(_parse_signal_line(line, path, warnings) for line in signal_lines)
+    signals = tuple(
+        _parse_signal_line(line, path, warnings, number) for number, line in enumerate(signal_lines, start=1)
+    )
+    for number, spec in enumerate(signals, start=1):
+        if spec.fmt not in _FORMAT_BITS:
+            what = "means the signal was not stored (a null signal)" if spec.fmt == 0 else "is no WFDB format"
+            raise RecordError(
+                "unsupported_format",
+                f"header {path}: signal line {number} has storage format {spec.fmt}, which {what}; "
+                f"re-export the record in format 16 (known formats: {sorted(_FORMAT_BITS)})",
+            )
     return Header(
         path=path,
         record_name=record_name,
@@ -214,7 +298,24 @@ def parse_header(path: str | Path) -> Header:
         comments=comments,
         encoding=encoding,
         warnings=tuple(warnings),
+        root=root,
     )
+
+
+def _line_name(number: int) -> str:
+    """How messages name a header line. They never quote it: a message must not repeat what a
+    file holds (a header may be any file someone put in the folder)."""
+    return "the record line" if number == 0 else f"signal line {number}"
+
+
+def _check_signal_file_name(name: str, path: Path, number: int) -> None:
+    """Refuse a signal-file name that points away from the header's folder."""
+    if os.path.isabs(name) or ".." in name.split("/"):
+        raise RecordError(
+            PATH_ESCAPES_FOLDER,
+            f"header {path}: signal line {number} names its signal file by an absolute path or with '..'; "
+            "a signal file must sit beside its header (or below it): write its plain file name",
+        )
 
 
 def _parse_record_line(line: str, path: Path) -> tuple[str, int, float, int | None]:
@@ -230,14 +331,30 @@ def _parse_record_line(line: str, path: Path) -> tuple[str, int, float, int | No
     except (IndexError, ValueError) as exc:
         raise RecordError(
             "bad_header",
-            f"header {path}: cannot read the record line {line!r} ({exc}); it must read "
+            f"header {path}: cannot read the record line (a field is missing or not a number); it must read "
             "'NAME N_SIGNALS FS N_SAMPLES'",
         ) from exc
     if n_sig <= 0 or fs <= 0:
+        raise RecordError("bad_header", f"header {path}: the record line gives {n_sig} signals at {fs} Hz")
+    if not MIN_FS <= fs <= MAX_FS:
         raise RecordError(
-            "bad_header", f"header {path}: record line {line!r} gives {n_sig} signals at {fs} Hz"
+            "implausible_rate",
+            f"header {path} gives a sampling rate of {fs:g} Hz; an ECG is sampled at {MIN_FS:g} to "
+            f"{MAX_FS:g} Hz: fix the rate in the record line",
         )
+    if n_samples is not None:
+        _check_values(n_samples * n_sig, path)
     return name, n_sig, fs, n_samples
+
+
+def _check_values(n_values: int, path: Path) -> None:
+    """Refuse a record of more than :data:`MAX_RECORD_VALUES` samples before it is allocated."""
+    if n_values > MAX_RECORD_VALUES:
+        raise RecordError(
+            "record_too_large",
+            f"{path} holds {n_values} samples (all leads), more than the {MAX_RECORD_VALUES} a record may "
+            "have here (only its first 10 s are used): cut the record before ingesting it",
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -249,8 +366,9 @@ def _parse_fs(text: str) -> float:
     return float(match.group(1))
 
 
-def _parse_signal_line(line: str, path: Path, warnings: list[str]) -> SignalSpec:
+def _parse_signal_line(line: str, path: Path, warnings: list[str], number: int) -> SignalSpec:
     parts = line.split(maxsplit=8)
+    _check_signal_file_name(parts[0], path, number)
     try:
         if len(parts) > 6:
             # The usual full line: no padding list to build.
@@ -264,7 +382,7 @@ def _parse_signal_line(line: str, path: Path, warnings: list[str]) -> SignalSpec
     except (IndexError, ValueError) as exc:
         raise RecordError(
             "bad_header",
-            f"header {path}: cannot read the signal line {line!r} ({exc}); see the WFDB header "
+            f"header {path}: cannot read signal line {number} (a field is missing or not a number); see the WFDB header "
             "format (FILE FORMAT GAIN(BASELINE)/UNITS ADCRES ADCZERO INIT CHECKSUM BLOCK LEAD)",
         ) from exc
     description = parts[8].strip() if len(parts) > 8 else ""
@@ -362,18 +480,30 @@ def read_signal(header: Header, out: np.ndarray | None = None) -> RawSignal:
     signal_path = header.path.parent / min(files)
     try:
         if simple and signal_path.suffix.lower() == ".mat":
-            data = read_bytes(signal_path)
+            data = read_bytes(signal_path, header.root)
             digital = _digital_from_mat(data, header, signal_path)
             reader = "numpy"
         elif simple and fmt in _NUMPY_FORMATS:
-            data = read_bytes(signal_path)
+            data = read_bytes(signal_path, header.root)
             digital = _digital_from_dat(data, header, signal_path, fmt)
             reader = "numpy"
         else:
-            data = b"".join(read_bytes(header.path.parent / name) for name in sorted(files))
+            # Read (confined) before wfdb opens the same files itself: a file outside the folder,
+            # a pipe or a device is refused here, never handed to wfdb.
+            data = b"".join(read_bytes(header.path.parent / name, header.root) for name in sorted(files))
+            bits = min((_FORMAT_BITS[spec.fmt] or 0) for spec in header.signals)
+            if bits == 0 and header.n_samples is None:
+                raise RecordError(
+                    "unsupported_format",
+                    f"{header.path}: a FLAC-compressed record must give its number of samples in the record "
+                    "line (its size cannot be bounded otherwise): add it or re-export in format 16",
+                )
+            _check_values(
+                header.n_samples * header.n_sig if bits == 0 else len(data) * 8 // bits, header.path
+            )
             digital = _digital_from_wfdb(header)
             reader = "wfdb"
-    except (FileNotFoundError, IsADirectoryError) as exc:
+    except FileNotFoundError as exc:
         raise RecordError(
             "missing_signal_file",
             f"signal file {exc.filename} named by {header.path} does not exist; copy it beside the header",
@@ -415,6 +545,7 @@ def _digital_from_dat(data: bytes, header: Header, signal_path: Path, fmt: int) 
             f"frames after its {offset}-byte offset: the file is truncated; copy it again from the source",
         )
     n_frames = payload // frame_bytes
+    _check_values(n_frames * header.n_sig, signal_path)
     _check_length(n_frames, header, signal_path)
     digital = np.frombuffer(data, dtype=_NUMPY_FORMATS[fmt], offset=offset).reshape(n_frames, header.n_sig)
     if fmt == 80:
@@ -426,7 +557,7 @@ def _digital_from_dat(data: bytes, header: Header, signal_path: Path, fmt: int) 
 def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndarray:
     """Read the first matrix of a MATLAB v4 file (PhysioNet/CinC: ``val``, leads x samples)."""
     if data[:6] == b"MATLAB":
-        return _digital_from_mat5(signal_path, header)
+        return _digital_from_mat5(data, header, signal_path)
     if len(data) < 20:
         raise RecordError(
             "truncated_signal",
@@ -446,6 +577,7 @@ def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndar
             "save the signal as a numeric matrix 'val' (leads x samples)",
         )
     dtype = np.dtype(endian + dtypes[precision])
+    _check_values(mrows * ncols, signal_path)
     start = 20 + namlen
     expected = start + mrows * ncols * dtype.itemsize
     if len(data) < expected:
@@ -465,23 +597,69 @@ def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndar
     return np.frombuffer(data, dtype=dtype, count=mrows * ncols, offset=start).reshape(ncols, mrows)
 
 
-def _digital_from_mat5(signal_path: Path, header: Header) -> np.ndarray:
+def _digital_from_mat5(data: bytes, header: Header, signal_path: Path) -> np.ndarray:
     from scipy.io import loadmat
 
+    expanded = _expand_mat5(data, signal_path)
     try:
-        matrices = {k: v for k, v in loadmat(signal_path).items() if not k.startswith("__")}
+        matrices = {k: v for k, v in loadmat(io.BytesIO(expanded)).items() if not k.startswith("__")}
     except Exception as exc:  # scipy raises several types for a bad file
         raise RecordError(
-            "bad_signal_file", f"{signal_path}: cannot read MATLAB file ({exc}); re-export it"
+            "bad_signal_file", f"{signal_path}: cannot read MATLAB file ({type(exc).__name__}); re-export it"
         ) from exc
     val = matrices.get("val", next(iter(matrices.values()), None))
-    if val is None or val.ndim != 2 or val.shape[0] != header.n_sig:
+    if isinstance(val, np.ndarray) and val.dtype.kind == "c":
+        raise RecordError(
+            "complex_signal",
+            f"{signal_path} holds complex numbers; an ECG is real-valued (dropping the imaginary part would "
+            "hide the problem): save the real signal as 'val'",
+        )
+    if (
+        not isinstance(val, np.ndarray)
+        or val.dtype.kind not in "iuf"
+        or val.ndim != 2
+        or val.shape[0] != header.n_sig
+    ):
         raise RecordError(
             "shape_mismatch",
-            f"{signal_path}: expected a matrix 'val' of {header.n_sig} rows (leads x samples)",
+            f"{signal_path}: expected a numeric matrix 'val' of {header.n_sig} rows (leads x samples)",
         )
+    _check_values(val.size, signal_path)
     _check_length(val.shape[1], header, signal_path)
     return np.ascontiguousarray(val.T)
+
+
+# MATLAB v5 element types: a matrix, and a zlib-compressed element (which expands to one).
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+
+
+def _expand_mat5(data: bytes, signal_path: Path) -> bytes:
+    """The MATLAB v5 file with its compressed elements expanded, at most :data:`MAX_RECORD_VALUES`
+    float64 values in all: a few MB of zeros compress to a file that would expand to gigabytes,
+    so the expansion is bounded here, before scipy sees the file."""
+    budget = MAX_RECORD_VALUES * 8 + (1 << 20)  # the values plus room for names and tags
+    endian = "<" if data[126:128] == b"IM" else ">"
+    parts = [data[:128]]
+    size = 0
+    position = 128
+    while position + 8 <= len(data):
+        mdtype, nbytes = struct.unpack(endian + "II", data[position : position + 8])
+        body = data[position + 8 : position + 8 + nbytes]
+        if mdtype == _MI_COMPRESSED:
+            element = zlib.decompressobj().decompress(body, budget - size + 1)
+            position += 8 + nbytes
+        else:
+            element = data[position : position + 8 + nbytes]
+            position += 8 + nbytes + (-nbytes % 8)  # uncompressed elements are padded to 8 bytes
+        size += len(element)
+        if size > budget:
+            raise RecordError(
+                "record_too_large",
+                f"{signal_path} expands to more than {budget} bytes; only a short record is used here: "
+                "cut the record before ingesting it",
+            )
+        parts.append(element)
+    return b"".join(parts)
 
 
 def _digital_from_wfdb(header: Header) -> np.ndarray:
@@ -562,9 +740,12 @@ def read_annotations(path: str | Path) -> tuple[np.ndarray, list[str]]:
 _SYMBOL_TABLE = np.array([_ANN_SYMBOLS.get(code, f"<{code}>") for code in range(64)])
 
 
-def read_annotation_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`read_annotations` with the symbols as a numpy string array (for vectorised use)."""
-    data = read_bytes(path)
+def read_annotation_arrays(path: str | Path, root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_annotations` with the symbols as a numpy string array (for vectorised use).
+
+    ``root`` confines the file as :func:`read_bytes` does (None: the file's own folder).
+    """
+    data = read_bytes(path, root)
     words = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2")
     # Leading SKIP words (LUDB files start with one) move the time origin.
     time = 0

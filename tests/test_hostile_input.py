@@ -1,0 +1,435 @@
+"""Hostile input: a record never reads outside the folder the user named, never opens anything but
+a regular file, never echoes a file's contents, and the rest of the batch still loads."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import os
+import pickle
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_bad_input import FS, ecg
+
+from ecg_r1.canonical import LEADS
+from ecg_r1.cli import main as cli_main
+from ecg_r1.ingest import ingest
+from ecg_r1.labels import label_cinc, label_ptbxl, load_rules, parse_dx
+from ecg_r1.readers.wfdb_io import write_record
+from ecg_r1.store import read_cohort, read_quarantine
+
+SECRET = "SECRET-LINE do not copy me"
+
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Turn a hang (a FIFO opened for reading waits for a writer) into a failure."""
+
+    def fail(*_: object) -> None:
+        raise TimeoutError("ingest hung")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the input holding what must never be read: a text file and a signal file."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret.txt").write_text(SECRET + "\n")
+    write_record(folder / "stolen", ecg(99), FS, LEADS)
+    return folder
+
+
+def _reasons(out: Path) -> dict[str, str]:
+    """record id (or source path) -> quarantine reason."""
+    rows = read_quarantine(out).to_dicts()
+    return {(row["record_id"] or row["source_path"]).split("/")[-1]: row["reason"] for row in rows}
+
+
+def _assert_never_echoed(out: Path) -> None:
+    messages = " ".join(read_quarantine(out)["message"].to_list())
+    assert "SECRET" not in messages
+
+
+class TestConfinement:
+    def test_header_naming_a_file_outside_is_refused_unread(self, tmp_path: Path, outside: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        for name, target in (("E2", str(outside / "stolen.dat")), ("E3", "../outside/stolen.dat")):
+            header = write_record(folder / name, ecg(2), FS, LEADS)
+            header.write_text(header.read_text().replace(f"{name}.dat ", f"{target} "))
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "path_escapes_folder", "E3": "path_escapes_folder"}
+        assert summary.loaded == 1 and summary.records_in == 3
+        _assert_never_echoed(tmp_path / "out")
+
+    def test_links_pointing_outside_are_not_followed(self, tmp_path: Path, outside: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        (folder / "E2.hea").symlink_to(outside / "secret.txt")  # its first line would be echoed
+        (folder / "E3.hea").symlink_to("/dev/zero")  # would read until memory runs out
+        linked = write_record(folder / "E4", ecg(4), FS, LEADS)
+        linked.with_suffix(".dat").unlink()
+        linked.with_suffix(".dat").symlink_to(outside / "stolen.dat")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {
+            "E2": "path_escapes_folder",
+            "E3": "path_escapes_folder",
+            "E4": "path_escapes_folder",
+        }
+        assert summary.loaded == 1
+        _assert_never_echoed(tmp_path / "out")
+
+    def test_links_inside_the_folder_are_read(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "store" / "E5", ecg(1), FS, LEADS)
+        (folder / "E5.hea").symlink_to(folder / "store" / "E5.hea")
+        (folder / "E5.dat").symlink_to(folder / "store" / "E5.dat")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        # The link is read (the original, the same record id, comes second and is the duplicate).
+        assert summary.loaded == 1 and summary.quarantined == {"duplicate_record_id": 1}
+        assert read_cohort(tmp_path / "out")["source_path"].to_list() == [str(folder / "E5.dat")]
+
+    def test_manifest_row_inside_whose_header_points_outside_is_refused(
+        self, tmp_path: Path, outside: Path
+    ) -> None:
+        export = tmp_path / "export"
+        header = write_record(export / "records" / "h1", ecg(1), FS, LEADS)
+        header.write_text(header.read_text().replace("h1.dat ", "../../outside/stolen.dat "))
+        write_record(export / "records" / "h2", ecg(2), FS, LEADS)
+        with (export / "manifest.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["signal_path", "record_id", "patient_id", "hospital"])
+            writer.writerows([("records/h1.hea", "H1", "P1", "a"), ("records/h2.hea", "H2", "P2", "a")])
+        summary = ingest([export], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"H1": "path_escapes_folder"}
+        assert read_cohort(tmp_path / "out")["record_id"].to_list() == ["H2"]
+        assert summary.records_in == 2
+
+    def test_fifo_header_is_refused_not_waited_on(self, tmp_path: Path, no_hang: None) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        os.mkfifo(folder / "E2.hea")
+        fifo_signal = write_record(folder / "E3", ecg(3), FS, LEADS).with_suffix(".dat")
+        fifo_signal.unlink()
+        os.mkfifo(fifo_signal)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "not_a_regular_file", "E3": "not_a_regular_file"}
+        assert summary.loaded == 1
+
+    def test_messages_never_quote_the_file(self, tmp_path: Path) -> None:
+        """A header may be any file someone copied in (hard links cannot be told apart): a message
+        names the line that is wrong, never repeats it."""
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        (folder / "E2.hea").write_text(f"{SECRET}\n")
+        (folder / "E3.hea").write_text(f"E3 1 500 5000\nE3.dat 16 {SECRET} 16 0\n")
+        (folder / "E4.hea").write_text(f"E4 1 500 5000\nE4.dat 16 200/mV 16 0 0 0 0 {SECRET}é\n")
+        ingest([folder], tmp_path / "out", workers=1)
+        assert set(_reasons(tmp_path / "out").values()) == {"bad_header"}
+        _assert_never_echoed(tmp_path / "out")
+
+
+class _Payload:
+    """Unpickling this runs a command: what a crafted ``feature_baseline.pkl`` would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+class TestNoCodeFromData:
+    @pytest.mark.parametrize("name", ["feature_baseline.pkl", "feature_baseline.parquet"])
+    def test_baselines_folder_cannot_run_code(self, tmp_path: Path, name: str) -> None:
+        from ecg_r1.comparison import MAJORITY_FILE, ReferenceBaselines
+
+        marker = tmp_path / "ran"
+        folder = tmp_path / "baselines"
+        folder.mkdir()
+        (folder / MAJORITY_FILE).write_text('{"prevalence": 0.4, "answer": false}')
+        (folder / name).write_bytes(pickle.dumps(_Payload(marker)))
+        with pytest.raises((FileNotFoundError, ValueError, OSError)):
+            ReferenceBaselines.load(folder)
+        assert not marker.exists()
+
+    @pytest.mark.parametrize("model", ["models:/ecg-r1-grpo", "models:/ecg-r1-grpo/1"])
+    def test_predict_with_a_bad_model_creates_no_store(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+    ) -> None:
+        header = write_record(tmp_path / "rec" / "E1", ecg(1), FS, LEADS)
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["predict", str(header), "--model", model, "--mlflow-root", str(tmp_path)])
+        assert "URI" in str(exc.value) or "no MLflow store" in str(exc.value)
+        assert not (tmp_path / "mlflow").exists()
+
+
+class TestLabelsOnlyFromUnderstoodCodes:
+    @pytest.mark.parametrize(
+        ("dx", "label", "twi"),
+        [
+            ("Unknown", "unknown", False),
+            ("NaN", "unknown", False),
+            ("chest pain, see report", "unknown", False),
+            ("123456789", "unknown", False),  # digits, but no SNOMED CT id (check digit)
+            ("164934002 426783006", "non-ischemic", True),  # space-separated codes
+            ("59931005 (T wave inversion)", "non-ischemic", True),  # a code with a comment
+            ("59931005,Unknown", "non-ischemic", True),
+        ],
+    )
+    def test_snomed_dialect(self, dx: str, label: str, twi: bool) -> None:
+        decision = label_cinc(parse_dx(dx), load_rules())
+        assert (decision.label, decision.twi) == (label, twi)
+
+    @pytest.mark.parametrize(
+        ("dx", "label", "twi"),
+        [
+            ("STD", "ischemic", False),  # ST depression: ischemic by the project's rules
+            ("std", "ischemic", False),
+            ("STE", "unknown", False),
+            ("RBBB", "non-ischemic", False),
+            ("I-AVB,PVC", "non-ischemic", False),
+            ("Normal", "non-ischemic", False),
+            ("PR", "unknown", False),  # pacing rhythm
+            ("TInv,STD", "ischemic", True),
+        ],
+    )
+    def test_cpsc_abbreviation_dialect(self, dx: str, label: str, twi: bool) -> None:
+        decision = label_cinc(parse_dx(dx), load_rules())
+        assert (decision.label, decision.twi, decision.unrecognised) == (label, twi, ())
+
+    def test_ptbxl_statement_outside_the_table_is_not_understood(self, tmp_path: Path) -> None:
+        table = tmp_path / "scp_statements.csv"
+        table.write_text(",diagnostic_class\nNORM,NORM\nIMI,MI\nINVT,\n")
+        rules = load_rules().with_ptbxl_statements(table)
+        decision = label_ptbxl({"XYZ": 100.0}, rules)
+        assert (decision.label, decision.unrecognised) == ("unknown", ("XYZ",))
+        assert label_ptbxl({"XYZ": 100.0, "NORM": 100.0}, rules).label == "non-ischemic"
+
+    def test_ingest_counts_unrecognised_codes(self, tmp_path: Path) -> None:
+        folder = tmp_path / "cpsc"
+        for name, dx in (("A1", "Unknown"), ("A2", "NaN"), ("A3", "STD"), ("A4", "Unknown,59931005")):
+            write_record(folder / name, ecg(int(name[1])), FS, LEADS, comments=[f"Dx: {dx}"])
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert summary.unrecognised_codes == {"Unknown": 2, "NaN": 1}
+        labels = dict(read_cohort(tmp_path / "out").select("record_id", "label").iter_rows())
+        assert labels == {
+            "cpsc/A1": "unknown",
+            "cpsc/A2": "unknown",
+            "cpsc/A3": "ischemic",
+            "cpsc/A4": "non-ischemic",
+        }
+
+
+def _manifest(folder: Path, lines: list[str], n_records: int = 3) -> Path:
+    """A manifest folder with records r0..r{n-1} and the given CSV lines after the header."""
+    for index in range(n_records):
+        write_record(folder / f"r{index}", ecg(index), FS, LEADS)
+    text = "signal_path,record_id,patient_id,hospital,note\n" + "".join(line + "\n" for line in lines)
+    (folder / "manifest.csv").write_text(text)
+    return folder
+
+
+class TestRobustParsing:
+    def test_huge_cell_and_unterminated_quote_cost_one_row_each(self, tmp_path: Path) -> None:
+        export = _manifest(
+            tmp_path / "export",
+            [
+                "r0.hea,R0,P0,a,fine",
+                f"r1.hea,R1,P1,a,{'x' * 200_000}",  # over the csv module's field limit
+                'r2.hea,R2,P2,a,"a quote never closed',
+                "r0.hea,R3,P3,a,swallowed before: read now",
+            ],
+        )
+        summary = ingest([export], tmp_path / "out", workers=1)
+        assert summary.quarantined == {"bad_manifest_row": 2}
+        assert sorted(read_cohort(tmp_path / "out")["record_id"]) == ["R0", "R3"]
+        assert summary.records_in == 4
+
+    def test_non_utf8_manifest_names_the_file(self, tmp_path: Path) -> None:
+        export = _manifest(tmp_path / "export", ["r0.hea,R0,P0,a,Übelkeit"])
+        path = export / "manifest.csv"
+        path.write_bytes(path.read_text().encode("cp1252"))
+        ingest([export], tmp_path / "out", workers=1)
+        [message] = read_quarantine(tmp_path / "out")["message"].to_list()
+        assert str(path) in message and "not UTF-8" in message
+
+    def test_bom_in_manifest_and_header_is_accepted(self, tmp_path: Path) -> None:
+        export = _manifest(tmp_path / "export", ["r0.hea,R0,P0,a,"], n_records=1)
+        for path in (export / "manifest.csv", export / "r0.hea"):
+            path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+        summary = ingest([export], tmp_path / "out", workers=1)
+        assert summary.loaded == 1, read_quarantine(tmp_path / "out")["message"].to_list()
+
+    @pytest.mark.parametrize(
+        ("edit", "reason"),
+        [
+            (lambda h: h.replace(f" {FS} ", " 0.5 ", 1), "implausible_rate"),
+            (lambda h: h.replace(f" {FS} 5000", " 1e-5 5000", 1), "implausible_rate"),
+            (lambda h: h.replace(f" {FS} 5000", f" {FS} 1000000000", 1), "record_too_large"),
+            (lambda h: h.replace(".dat 16 ", ".dat 0 "), "unsupported_format"),
+            (lambda h: h.replace(".dat 16 ", ".dat 999 "), "unsupported_format"),
+            (lambda h: h.replace(" aVR\n", " I\n"), "duplicate_leads"),
+        ],
+        ids=["fs-0.5", "fs-1e-5", "1e9-samples", "format-0", "format-999", "lead-I-twice"],
+    )
+    def test_implausible_header_is_refused_with_its_reason(self, tmp_path: Path, edit, reason: str) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        header = write_record(folder / "E2", ecg(2), FS, LEADS)
+        header.write_text(edit(header.read_text()))
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": reason}
+        assert summary.loaded == 1
+
+    def test_orphan_dat_and_folder_named_like_a_header_are_counted(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", ecg(2), FS, LEADS).unlink()
+        (folder / "E3.hea").mkdir()
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "missing_header", "E3": "not_a_regular_file"}
+        assert summary.records_in == 3 and summary.loaded == 1
+
+
+class TestMatlabSignals:
+    @staticmethod
+    def _record_with_mat(folder: Path, name: str) -> Path:
+        """A record whose header names ``NAME.mat`` (written by the test) instead of its .dat."""
+        header = write_record(folder / name, ecg(1), FS, LEADS)
+        header.with_suffix(".dat").unlink()
+        header.write_text(header.read_text().replace(f"{name}.dat ", f"{name}.mat "))
+        return header.with_suffix(".mat")
+
+    def test_complex_and_non_finite_signals_are_refused(self, tmp_path: Path) -> None:
+        from scipy.io import savemat
+
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        val = np.round(ecg(2).T * 1000)
+        savemat(self._record_with_mat(folder, "E2"), {"val": val + 1j * val})
+        savemat(self._record_with_mat(folder, "E3"), {"val": np.full((12, 5000), np.inf)})
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "complex_signal", "E3": "nan_samples"}
+        quarantine = read_quarantine(tmp_path / "out")
+        assert "not finite" in quarantine.filter(quarantine["reason"] == "nan_samples")["message"][0]
+        assert summary.loaded == 1
+
+    def test_compressed_matrix_expansion_is_bounded(self, tmp_path: Path) -> None:
+        """A small file whose compressed element expands to 150 MB is refused before it is expanded."""
+        import struct
+        import zlib
+
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        packer = zlib.compressobj(9)
+        chunk = bytes(1 << 20)
+        body = b"".join(packer.compress(chunk) for _ in range(150)) + packer.flush()
+        header = b"MATLAB 5.0 MAT-file".ljust(116) + bytes(8) + b"\x00\x01IM"
+        self._record_with_mat(folder, "E2").write_bytes(header + struct.pack("<II", 15, len(body)) + body)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "record_too_large"}
+        assert summary.loaded == 1
+
+
+class TestAtomicOutputs:
+    @pytest.fixture
+    def cohort(self, tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+        """An input folder of 3 records, a cohort ingested from it, and that cohort's files."""
+        folder = tmp_path / "export"
+        for index in range(3):
+            write_record(folder / f"E{index}", ecg(index), FS, LEADS)
+        out = tmp_path / "cohort"
+        ingest([folder], out, workers=1)
+        return folder, out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+    @staticmethod
+    def _unchanged(out: Path, files: dict[str, bytes]) -> None:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+        assert [p.name for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
+
+    def test_interrupted_ingest_leaves_the_old_cohort(self, cohort, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ecg_r1.ingest as ingest_module
+
+        folder, out, files = cohort
+        real = ingest_module._load_chunk
+        calls = []
+
+        def interrupt_second_chunk(task):
+            calls.append(task)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(task)
+
+        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 1)
+        monkeypatch.setattr(ingest_module, "_load_chunk", interrupt_second_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            ingest([folder], out, workers=1)
+        self._unchanged(out, files)
+
+    def test_one_worker_ingest_leaves_ctrl_c_working(self, cohort) -> None:
+        folder, out, _ = cohort
+        ingest([folder], out, workers=1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def test_second_writer_is_refused(self, cohort) -> None:
+        from ecg_r1.ingest import IngestRefused, _exclusive
+
+        folder, out, files = cohort
+        with _exclusive(out), pytest.raises(IngestRefused, match="another ingest"):
+            ingest([folder], out, workers=1)
+        self._unchanged(out, files)
+
+    def test_mistyped_input_keeps_the_cohort_unless_forced(self, cohort, tmp_path: Path) -> None:
+        from ecg_r1.ingest import IngestRefused
+
+        _, out, files = cohort
+        with pytest.raises(IngestRefused, match="--force"):
+            ingest([tmp_path / "exprot"], out, workers=1)
+        self._unchanged(out, files)
+        assert ingest([tmp_path / "exprot"], out, workers=1, force=True).loaded == 0
+
+    def test_folder_that_is_no_cohort_is_not_replaced(self, cohort, tmp_path: Path) -> None:
+        from ecg_r1.ingest import IngestRefused
+
+        folder, _, _ = cohort
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "thesis.tex").write_text("years of work")
+        with pytest.raises(IngestRefused, match="holds no cohort"):
+            ingest([folder], tmp_path / "home", workers=1)
+        assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"
+
+
+class TestCleanCliErrors:
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["simulate", "--n", "-1"],
+            ["simulate", "--n", "4", "--hospitals", "0"],
+            ["simulate", "--n", "4", "--out", "{file}/cohort"],
+            ["ingest", "{missing}", "--out", "{file}/cohort", "--no-progress"],
+        ],
+        ids=["n-negative", "no-hospitals", "out-under-a-file", "ingest-out-under-a-file"],
+    )
+    def test_user_errors_are_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+    ) -> None:
+        (tmp_path / "file").write_text("")
+        places = {"file": tmp_path / "file", "missing": tmp_path / "missing"}
+        argv = [arg.format(**places) for arg in argv]
+        if argv[0] == "simulate" and "--out" not in argv:
+            argv += ["--out", str(tmp_path / "sim")]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ecg-r1 {argv[0]}: error:") and "\n" not in err
