@@ -120,8 +120,10 @@ def load_gguf_language_model(source: str, num_layers: int | None = None) -> tupl
 def add_vision_tokens(tokenizer: Any) -> list[int]:
     """Give a text tokenizer Qwen2-VL's conventions: the vision special tokens (appended, so the
     pretrained ids stay), pad ``<|endoftext|>`` apart from eos ``<|im_end|>`` (as Qwen2-VL has
-    it: a pad equal to eos would hide the end of a completion from the SFT loss), and the
-    Qwen2-VL chat template, which writes the image placeholders for image content parts.
+    it: a pad equal to eos would hide the end of a completion from the SFT loss), no bos token
+    (SmolLM2 names ``<|im_start|>`` but never prepends it; left set, the trainers copy it into
+    the model config, which Qwen2-VL keeps empty), and the Qwen2-VL chat template, which writes
+    the image placeholders for image content parts.
 
     Returns:
         The ids of the added tokens (empty when they were there already).
@@ -138,7 +140,7 @@ def add_vision_tokens(tokenizer: Any) -> list[int]:
         raise ValueError(f"the tokenizer lacks the ChatML tokens {missing_chat}")
     new = [t for t in VISION_TOKENS if t not in vocab]
     tokenizer.add_tokens(new, special_tokens=True)
-    tokenizer.eos_token, tokenizer.pad_token = EOS_TOKEN, PAD_TOKEN
+    tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token = EOS_TOKEN, PAD_TOKEN, None
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     return [tokenizer.convert_tokens_to_ids(t) for t in new]
 

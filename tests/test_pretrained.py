@@ -136,7 +136,7 @@ class TestConversion:
         tokenizer, new = llama[1], smol[1].tokenizer
         ids = [new.convert_tokens_to_ids(t) for t in pretrained.VISION_TOKENS]
         assert ids == list(range(len(tokenizer), len(tokenizer) + 4))
-        assert new.pad_token == "<|endoftext|>" and new.eos_token == "<|im_end|>"
+        assert new.pad_token == "<|endoftext|>" and new.eos_token == "<|im_end|>" and new.bos_token is None
         sample = "T-wave inversion in V1-V4 (anterior). <answer>Yes</answer>"
         assert new(sample)["input_ids"] == tokenizer(sample)["input_ids"]
         assert len(new("Yes", add_special_tokens=False)["input_ids"]) == 1
