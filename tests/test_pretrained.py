@@ -170,3 +170,26 @@ class TestConversion:
             logits = model(**inputs).logits
         assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
         assert torch.isfinite(logits).all()
+
+
+def test_reproduce_run_config_sets_the_smol_profile_everywhere():
+    from pathlib import Path
+
+    import dagster as dg
+
+    from dagster_project.definitions import defs
+
+    path = Path(__file__).resolve().parents[1] / "dagster_project" / "run_configs" / "smol.yaml"
+    run_config = yaml.safe_load(path.read_text())
+    job = defs().resolve_job_def("full_pipeline_job")
+    assert dg.validate_run_config(job, run_config)
+    # every op whose config has a profile field is given smol (a missing one would silently be tiny)
+    with_profile = {
+        node.name
+        for node in job.graph.nodes
+        if node.definition.config_schema is not None
+        and "profile" in getattr(node.definition.config_schema.config_type, "fields", {})
+    }
+    assert with_profile and with_profile == {
+        name for name, op in run_config["ops"].items() if op["config"].get("profile") == "smol"
+    }
