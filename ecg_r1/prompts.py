@@ -367,7 +367,8 @@ def rationale_from_findings(
             ``qrs_amp_<lead>`` (extremes over all leads).
 
     Returns:
-        One or a few sentences, e.g. "T-wave inversion in V1-V4 (anterior). QRS 96 ms."
+        One or a few sentences, e.g. "T-wave inversion in V1-V4 (anterior). Normal rate. Deep
+        inverted T waves, symmetric. Narrow QRS. Normal QRS voltage. Normal QT."
     """
     leads = parse_leads(twi_leads)
     if leads:
@@ -397,29 +398,46 @@ def _over_leads(row: Mapping[str, Any], prefix: str, leads: Iterable[str]) -> li
     return [v for lead in leads if (v := _number(row, f"{prefix}{lead}")) is not None]
 
 
-# A T wave whose rise and fall last within this ratio of each other is called symmetric.
-_SYMMETRY_RATIO = 1.3
+# Findings are stated as the categories a reader names, not as numbers: a small model reads and
+# writes "deep" far more reliably than "-0.62 mV", and the categories are what the decision turns
+# on. Cut-offs are the usual clinical ones; the T-depth and QTc cut-offs were checked against the
+# simulator's own categories (medians of the measured values per category: shallow -0.24, deep
+# -0.65, giant -1.37 mV; QTc 396 ms without long QT, 489 ms with it).
+_SYMMETRY_RATIO = 1.3  # rise and fall within this ratio of each other: symmetric
+_BRADY_BPM, _TACHY_BPM = 60.0, 100.0
+_DEEP_T_MV, _GIANT_T_MV = -0.4, -1.0
+_ST_DEPRESSION_MV, _ST_ELEVATION_MV = -0.1, 0.1
+_WIDE_QRS_MS = 120.0
+_HIGH_VOLTAGE_MV = 2.0  # largest QRS peak-to-peak of any lead
+_LONG_QTC_MS = 450.0  # Bazett
 
 
 def _feature_sentences(row: Mapping[str, Any], twi: list[str]) -> list[str]:
     out = []
-    if (rate := _number(row, "hr_bpm")) is not None:
-        out.append(f"Heart rate {rate:.0f} bpm.")
+    rate = _number(row, "hr_bpm")
+    if rate is not None:
+        out.append(
+            "Bradycardia." if rate < _BRADY_BPM else "Tachycardia." if rate > _TACHY_BPM else "Normal rate."
+        )
     if twi and (depths := _over_leads(row, "t_amp_", twi)):
-        out.append(f"Deepest T wave {min(depths):.2f} mV.")
-    if twi and (ratios := [r for r in _over_leads(row, "t_sym_", twi) if r > 0]):
-        ratio = float(np.exp(np.mean(np.log(ratios))))  # geometric mean: ratios are scale-free
-        shape = "symmetric" if 1 / _SYMMETRY_RATIO <= ratio <= _SYMMETRY_RATIO else "asymmetric"
-        out.append(f"Inverted T waves {shape} (limb ratio {ratio:.1f}).")
+        deepest = min(depths)
+        depth = "Giant" if deepest <= _GIANT_T_MV else "Deep" if deepest <= _DEEP_T_MV else "Shallow"
+        shape = ""
+        if ratios := [r for r in _over_leads(row, "t_sym_", twi) if r > 0]:
+            ratio = float(np.exp(np.mean(np.log(ratios))))  # geometric mean: ratios are scale-free
+            symmetric = 1 / _SYMMETRY_RATIO <= ratio <= _SYMMETRY_RATIO
+            shape = ", symmetric" if symmetric else ", asymmetric"
+        out.append(f"{depth} inverted T waves{shape}.")
     st = _over_leads(row, "st_", LEADS)
-    if st and max(st) >= 0.1:
-        out.append(f"ST elevation up to {max(st):.2f} mV.")
-    if st and min(st) <= -0.05:
-        out.append(f"ST depression down to {min(st):.2f} mV.")
+    if st and min(st) <= _ST_DEPRESSION_MV:
+        out.append("ST depression.")
+    if st and max(st) >= _ST_ELEVATION_MV:
+        out.append("ST elevation.")
     if (qrs := _number(row, "qrs_ms")) is not None:
-        out.append(f"QRS {qrs:.0f} ms{' (wide)' if qrs >= 120 else ''}.")
-    if (qt := _number(row, "qt_ms")) is not None:
-        out.append(f"QT {qt:.0f} ms.")
+        out.append("Wide QRS." if qrs >= _WIDE_QRS_MS else "Narrow QRS.")
     if voltages := _over_leads(row, "qrs_amp_", LEADS):
-        out.append(f"QRS voltage up to {max(voltages):.1f} mV.")
+        out.append("High QRS voltage." if max(voltages) >= _HIGH_VOLTAGE_MV else "Normal QRS voltage.")
+    if (qt := _number(row, "qt_ms")) is not None and rate:
+        qtc = qt / float(np.sqrt(60.0 / rate))
+        out.append("Long QT." if qtc >= _LONG_QTC_MS else "Normal QT.")
     return out

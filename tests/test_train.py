@@ -282,10 +282,10 @@ class TestDatasets:
         ):
             parsed = parse_completion(target)
             assert parsed.valid and parsed.answer is label
-            assert f"QRS {measured['qrs_ms']:.0f} ms" in parsed.think
+            assert ("Wide QRS." if measured["qrs_ms"] >= 120 else "Narrow QRS.") in parsed.think
             assert "ischemi" not in parsed.think.lower()  # findings, never the verdict
         # The synthetic non-ischemic cases have the wide QRS: the rationale says so, from the signal.
-        wide = ["(wide)" in parse_completion(t).think for t in targets]
+        wide = ["Wide QRS." in parse_completion(t).think for t in targets]
         assert wide == [not label for label in cases["label"]]
         with pytest.raises(ValueError, match="one per case"):
             sft_targets(cases, rationale=True, findings=findings.head(1))

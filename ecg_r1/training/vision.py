@@ -7,14 +7,15 @@ targets measured from the **raw signal** (:func:`ecg_r1.features.measure_feature
 ischemia label, so it runs on real cohorts as on simulated ones:
 
 * which leads show T-wave inversion (12 binary targets);
-* per-lead T amplitude, ST level and QRS voltage, QRS width and heart rate (regression targets,
-  standardised on the training cases).
+* per-lead T amplitude and symmetry, ST level and QRS voltage, QRS width, QT and heart rate
+  (regression targets, standardised on the training cases).
 
-The head reads the vision tower's merged tokens (the exact vectors the language model receives
-as image tokens) through a small per-token projection followed by a linear map over token
-positions. Position matters: the page layout is fixed, so *where* a token sits says which lead
-it shows, and Qwen2-VL's vision features carry no absolute position of their own. The head is
-thrown away; the updated vision tower (patch embedding, blocks and merger) is saved in the model
+The head (``stages.vision_pretrain.head``) reads the vision tower's merged tokens (the exact
+vectors the language model receives as image tokens). ``positional``: a small per-token
+projection followed by a linear map over token positions (the page layout is fixed, so *where* a
+token sits says which lead it shows). ``pooled``: a linear map of the tokens' mean, which makes
+the tower write every finding where an attention head that has not learned where to look finds
+it. The head is thrown away; the updated vision tower (patch embedding, blocks and merger) is saved in the model
 folder, and the language model is untouched.
 """
 
@@ -41,12 +42,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TWI_TARGETS = tuple(f"twi_{lead}" for lead in LEADS)
 REGRESSION_TARGETS = (
     *(f"t_amp_{lead}" for lead in LEADS),
+    *(f"t_sym_{lead}" for lead in LEADS),
     *(f"st_{lead}" for lead in LEADS),
     *(f"qrs_amp_{lead}" for lead in LEADS),
     "qrs_ms",
+    "qt_ms",
     "hr_bpm",
 )
 
@@ -100,8 +102,27 @@ def measured_targets(features: pl.DataFrame) -> VisionTargets:
     return VisionTargets(twi=twi, regression=(values - mean) / std, mean=mean, std=std)
 
 
-def _head(hidden: int, tokens: int, outputs: int, width: int = 8) -> torch.nn.Module:
+VISION_HEADS = ("positional", "pooled")
+
+
+def _head(kind: str, hidden: int, tokens: int, outputs: int, width: int = 8) -> torch.nn.Module:
     import torch
+
+    class PooledHead(torch.nn.Module):
+        """A linear map of the mean of the merged tokens.
+
+        The language model reads image tokens through attention, and an attention head that has
+        not yet learned where to look averages them. With this head the pre-training puts every
+        finding where such an average finds it, linearly, so the language model can use the
+        findings from its first SFT steps instead of first learning which token shows which lead.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = torch.nn.Linear(hidden, outputs)
+
+        def forward(self, merged: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden)
+            return self.out(merged.mean(dim=1))
 
     class PositionalHead(torch.nn.Module):
         """Per-token projection to ``width`` features, then a linear map over all positions."""
@@ -116,7 +137,9 @@ def _head(hidden: int, tokens: int, outputs: int, width: int = 8) -> torch.nn.Mo
             x = torch.nn.functional.gelu(self.token(self.norm(merged)))
             return self.out(x.flatten(1))
 
-    return PositionalHead()
+    if kind not in VISION_HEADS:
+        raise ValueError(f"vision pre-training head must be one of {VISION_HEADS}, got {kind!r}")
+    return PooledHead() if kind == "pooled" else PositionalHead()
 
 
 @dataclass
@@ -228,7 +251,7 @@ def run_vision_pretrain(
     merge = visual.spatial_merge_size
     tokens = int(grid.prod()) // merge**2
     hidden = model.config.text_config.hidden_size
-    head = _head(hidden, tokens, len(LEADS) + len(REGRESSION_TARGETS))
+    head = _head(str(stage.get("head", "positional")), hidden, tokens, len(LEADS) + len(REGRESSION_TARGETS))
 
     order = rng.permutation(len(image_paths))
     n_eval = int(round(eval_fraction * len(order))) if len(order) >= 10 else 0
