@@ -494,7 +494,7 @@ def _real_records_markdown(info: Mapping[str, Any], cases: pl.DataFrame) -> str:
     positive = int((cases["label"] == "ischemic").sum())
     text = (
         f"\n**{REAL_TITLE}**: {cases.height} labelled TWI records ({positive} ischemic) read from "
-        f"{', '.join(info['inputs'])} (by source: {sources}). The models were trained on simulated ECGs "
+        f"{', '.join(info['inputs'])} (by hospital: {sources}). The models were trained on simulated ECGs "
         "only and none of these records was trained on; the majority class and the feature baseline "
         "are fitted on the simulated training split. At this n the intervals are wide: read the "
         "section as a sim-to-real check, not as a benchmark."
