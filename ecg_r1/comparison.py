@@ -6,7 +6,10 @@
 greedy generation, the strict parser, P(Yes) at the answer position), adds the reference rows
 (:func:`reference_predictions`: majority class, the feature baseline, the cited clinicians and, on
 the simulated cohort, the Bayes ceiling), and evaluates every row with :mod:`ecg_r1.evaluate`
-(n, 95 % bootstrap intervals, per hospital, paired comparisons). It writes under ``out_dir``::
+(n, 95 % bootstrap intervals, per hospital, paired comparisons). Given a real-record folder
+(:mod:`ecg_r1.real_records`) it adds a third section, "real records (sim-to-real)": the same models
+and the baselines that apply to real data on labelled TWI records no model was trained on. It
+writes under ``out_dir``::
 
     comparison.md                 the table (internal and cross-hospital) and the paired comparisons
     metrics.json                  every figure: rows x splits, per hospital, paired, files
@@ -54,6 +57,7 @@ from ecg_r1.evaluate import (
     evaluate_predictions,
     evaluate_predictions_by_group,
 )
+from ecg_r1.real_records import REAL_SPLIT, REAL_TITLE, read_real_records
 from ecg_r1.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN
 
 logger = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ EVAL_SPLITS: tuple[str, ...] = (TEST_INTERNAL, TEST_EXTERNAL)
 # with flat traces (grid, labels and calibration pulse kept, no ECG); "note": no clinical note
 # ("none given"). A model whose accuracy does not drop without the ECG is reading the note only.
 ABLATIONS: dict[str, str] = {"image": "no ECG", "note": "no note"}
-SPLIT_TITLES = {TEST_INTERNAL: report.INTERNAL, TEST_EXTERNAL: report.CROSS_HOSPITAL}
+SPLIT_TITLES = {TEST_INTERNAL: report.INTERNAL, TEST_EXTERNAL: report.CROSS_HOSPITAL, REAL_SPLIT: REAL_TITLE}
 TABLE_FILE = "comparison.md"
 METRICS_FILE = "metrics.json"
 CASES_FILE = "cases.parquet"
@@ -131,6 +135,52 @@ def add_features(cases: pl.DataFrame, cohort_dir: str | Path) -> pl.DataFrame:
     from ecg_r1.store import open_signals
 
     return with_features(cases, open_signals(cohort_dir))
+
+
+def real_record_cases(
+    real_dir: str | Path, cohort_dir: str | Path, splits_path: str | Path
+) -> tuple[pl.DataFrame, list[str]]:
+    """The labelled TWI cases of a real-record folder, none of them in the main cohort.
+
+    A real record that is also in the main cohort's split manifest (the same record id, or the same
+    signal file checksum under another id) may have been trained on, or is already a test case:
+    it is left out, so the real-record section only holds records no model has seen.
+
+    Args:
+        real_dir: a folder :func:`ecg_r1.real_records.prepare_real_records` wrote.
+        cohort_dir, splits_path: the main (training) cohort and its split manifest.
+
+    Returns:
+        ``(cases, excluded)``: the cases in split :data:`~ecg_r1.real_records.REAL_SPLIT` with
+        their features measured on the real cohort's signals, and the record ids left out.
+
+    Raises:
+        FileNotFoundError: when ``real_dir`` is not a prepared folder.
+        ecg_r1.training.data.TrainingDataError: when no case is in the folder.
+    """
+    from ecg_r1.store import read_cohort
+
+    real = read_real_records(real_dir)
+    cases = evaluation_cases(real.cohort, real.splits, real.images, REAL_SPLIT)
+    manifest = pl.read_parquet(splits_path, columns=["record_id"])
+    main = read_cohort(cohort_dir).join(manifest, on="record_id", how="semi")
+    known_sums = main["checksum"].drop_nulls()
+    real_sums = read_cohort(real.cohort).select("record_id", "checksum")
+    seen_ids = real_sums.filter(
+        pl.col("record_id").is_in(manifest["record_id"].implode())
+        | pl.col("checksum").is_in(known_sums.implode())
+    )["record_id"]
+    seen = pl.col("record_id").is_in(seen_ids.implode())
+    excluded = cases.filter(seen)["record_id"].to_list()
+    if excluded:
+        logger.warning(
+            "%d real records are also in the main cohort and are left out of the real-record section: %s",
+            len(excluded),
+            excluded[:5],
+        )
+    cases = cases.filter(~seen)
+    # Features from the real cohort's own signals: its row indexes point into its signal file only.
+    return add_features(cases, real.cohort), excluded
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,8 +406,10 @@ class Comparison:
         kinds: row name -> :data:`ecg_r1.report.MEASURED` / ``REFERENCE``.
         per_hospital: row name -> hospital -> metrics, over both test splits.
         paired: the paired comparisons.
-        predictions: row name -> predictions on both test splits.
+        predictions: row name -> predictions on both test splits (and the real records).
         files: name -> path of every written file (table, metrics, cases, predictions, plots).
+        real_records: None without real records; else their folder, inputs and the record ids
+            left out because they are in the main cohort.
     """
 
     out_dir: Path
@@ -370,6 +422,7 @@ class Comparison:
     paired: list[PairedRecord]
     predictions: dict[str, Predictions]
     files: dict[str, Path] = field(default_factory=dict)
+    real_records: dict[str, Any] | None = None
 
     @property
     def plots(self) -> dict[str, Path]:
@@ -433,6 +486,22 @@ def _paired_markdown(paired: Sequence[PairedRecord]) -> str:
         "McNemar's mid-p on the discordant cases. Invalid outputs count as wrong for both."
     )
     return "\n".join(lines) + "\n"
+
+
+def _real_records_markdown(info: Mapping[str, Any], cases: pl.DataFrame) -> str:
+    """What the real-record section is: a sim-to-real check, its n, sources and exclusions."""
+    sources = ", ".join(f"{k} {v}" for k, v in cases["hospital"].value_counts(sort=True).iter_rows())
+    positive = int((cases["label"] == "ischemic").sum())
+    text = (
+        f"\n**{REAL_TITLE}**: {cases.height} labelled TWI records ({positive} ischemic) read from "
+        f"{', '.join(info['inputs'])} (by hospital: {sources}). The models were trained on simulated ECGs "
+        "only and none of these records was trained on; the majority class and the feature baseline "
+        "are fitted on the simulated training split. At this n the intervals are wide: read the "
+        "section as a sim-to-real check, not as a benchmark."
+    )
+    if info["excluded_in_main_cohort"]:
+        text += f" Left out: {len(info['excluded_in_main_cohort'])} records also in the main cohort."
+    return text + "\n"
 
 
 def _reward_log(stage_dir: Path | None) -> pl.DataFrame | None:
@@ -506,8 +575,10 @@ def run_comparison(
     max_cases_per_split: int | None = None,
     progress: bool = False,
     ablations: Sequence[str] = (),
+    real_records: str | Path | None = None,
 ) -> Comparison:
-    """Evaluate models and reference rows on the internal and cross-hospital test splits.
+    """Evaluate models and reference rows on the internal and cross-hospital test splits, and
+    optionally on real records (a sim-to-real check).
 
     Args:
         models: row name -> model folder or training stage folder (``result.json`` + ``model/``),
@@ -529,12 +600,19 @@ def run_comparison(
         progress: tqdm progress bars while the models answer.
         ablations: keys of :data:`ABLATIONS`; each model is also evaluated with that input taken
             away (row ``"<name> (no ECG)"`` / ``"<name> (no note)"``) and paired with itself.
+        real_records: a folder :func:`ecg_r1.real_records.prepare_real_records` wrote; its cases
+            (less any also in the main cohort, see :func:`real_record_cases`) become a third split,
+            :data:`~ecg_r1.real_records.REAL_SPLIT`, titled "real records (sim-to-real)", with the
+            models, their ablations, majority class and feature baseline (fitted on the training
+            split) and the paired comparisons. None: no such section.
 
     Returns:
         A :class:`Comparison` with the written files.
 
     Raises:
-        ValueError: with no model, an unknown row in ``pairs``, or a truth table missing cases.
+        ValueError: with no model, an unknown row in ``pairs``, a truth table missing cases, or
+            real records that are all in the main cohort.
+        FileNotFoundError: when ``real_records`` is not a prepared real-record folder.
         ecg_r1.training.data.TrainingDataError: when the data cannot give test cases.
     """
     from ecg_r1.models import Profile, load_profile
@@ -552,10 +630,31 @@ def run_comparison(
     if max_cases_per_split is not None:
         cases = sample_per_split(cases, max_cases_per_split, seed)
     cases = add_features(cases, cohort_dir)
-    by_split = {split: cases.filter(pl.col("split") == split) for split in EVAL_SPLITS}
+    splits = list(EVAL_SPLITS)
+    real_info: dict[str, Any] | None = None
+    if real_records is not None:
+        real_cases, excluded = real_record_cases(real_records, cohort_dir, splits_path)
+        if real_cases.height == 0:
+            raise ValueError(
+                f"every labelled TWI record of {real_records} is also in the main cohort ({len(excluded)}); "
+                "a sim-to-real check needs records the models were not trained on"
+            )
+        if max_cases_per_split is not None:
+            real_cases = sample_per_split(real_cases, max_cases_per_split, seed)
+        # Same columns (load_cases + features), so one table and one pass of each model over it.
+        cases = pl.concat([cases, real_cases.select(cases.columns)], how="vertical_relaxed")
+        splits.append(REAL_SPLIT)
+        real_info = {
+            "folder": str(real_records),
+            "inputs": read_real_records(real_records).inputs,
+            "excluded_in_main_cohort": excluded,
+        }
+    by_split = {split: cases.filter(pl.col("split") == split) for split in splits}
     for split, part in by_split.items():
         if part.height == 0:
             raise ValueError(f"split {split} has no labelled TWI cases in {splits_path}; nothing to evaluate")
+    # Simulated test cases: what the per-hospital figures, the Bayes ceiling and the promotion read.
+    sim_cases = cases.filter(pl.col("split").is_in(EVAL_SPLITS))
     files: dict[str, Path] = {}
     files["cases"] = out / CASES_FILE
     cases.select("record_id", "split", "hospital", "label").write_parquet(files["cases"])
@@ -587,31 +686,36 @@ def run_comparison(
             files[f"predictions_{slug(row)}"] = out / PREDICTIONS_DIR / f"{slug(row)}.parquet"
             frame.write_parquet(files[f"predictions_{slug(row)}"])
 
-    # Reference rows.
+    # Reference rows: the baselines answer every case, the simulator's ceiling only simulated ones.
     truth = pl.read_parquet(truth_path) if truth_path is not None else None
     if baselines_dir is not None:
         baselines = ReferenceBaselines.load(baselines_dir)
-        train = None
     else:
-        baselines = None
         train = add_features(evaluation_cases(cohort_dir, splits_path, images_dir, TRAIN), cohort_dir)
-    for preds in reference_predictions(train, cases, truth, baselines=baselines, seed=seed):
+        baselines = ReferenceBaselines.fit(train, seed=seed)
+    references = reference_predictions(None, cases, baselines=baselines)
+    if truth is not None:
+        references.append(bayes_ceiling(truth, sim_cases))
+    case_splits = cases.select("record_id", "split")
+    for preds in references:
         predictions[preds.name], kinds[preds.name] = preds, report.REFERENCE
         files[f"predictions_{slug(preds.name)}"] = out / PREDICTIONS_DIR / f"{slug(preds.name)}.parquet"
-        preds.to_frame().with_columns(split=cases["split"]).write_parquet(
+        preds.to_frame().join(case_splits, on="record_id", how="left", maintain_order="left").write_parquet(
             files[f"predictions_{slug(preds.name)}"]
         )
 
-    # Metrics per row and split, per hospital over both splits.
+    # Metrics per row and split (the splits a row answered), per hospital over both test splits.
+    answered = {name: set(preds.record_id) for name, preds in predictions.items()}
     results = {
         name: {
             split: evaluate_predictions(preds, part, n_boot=n_boot, seed=seed)
             for split, part in by_split.items()
+            if answered[name].issuperset(part["record_id"].to_list())
         }
         for name, preds in predictions.items()
     }
     per_hospital = {
-        name: evaluate_predictions_by_group(preds, cases, "hospital", n_boot=n_boot, seed=seed)
+        name: evaluate_predictions_by_group(preds, sim_cases, "hospital", n_boot=n_boot, seed=seed)
         for name, preds in predictions.items()
     }
 
@@ -627,28 +731,40 @@ def run_comparison(
         if unknown:
             raise ValueError(f"paired comparison names {unknown} are not rows (rows: {list(predictions)})")
         for split, part in by_split.items():
+            if split not in results[a] or split not in results[b]:
+                continue  # a row that did not answer this split (the Bayes ceiling on real records)
             y, pa, _ = align(predictions[a], part)
             _, pb, _ = align(predictions[b], part)
             paired.append(PairedRecord(a, b, split, compare_paired(y, pa, pb, n_boot=n_boot, seed=seed)))
 
-    # The table: per split, models then reference rows, then the cited clinicians.
+    # The table: per split, models then reference rows, then the cited clinicians (whose figure
+    # is about the paper's hospitals, so it is not repeated under the real records).
     rows = []
-    for split in EVAL_SPLITS:
+    for split in by_split:
         for name in predictions:
-            rows.append(report.TableRow(name, SPLIT_TITLES[split], results[name][split], kinds[name]))
-        rows.append(
-            report.TableRow(
-                CLINICIANS_NAME, SPLIT_TITLES[split], clinicians_metrics(), report.CITED, CLINICIANS_SOURCE
+            if split in results[name]:
+                rows.append(report.TableRow(name, SPLIT_TITLES[split], results[name][split], kinds[name]))
+        if split in EVAL_SPLITS:
+            rows.append(
+                report.TableRow(
+                    CLINICIANS_NAME,
+                    SPLIT_TITLES[split],
+                    clinicians_metrics(),
+                    report.CITED,
+                    CLINICIANS_SOURCE,
+                )
             )
-        )
-    table = "# Model comparison\n\n" + report.comparison_table(rows) + _paired_markdown(paired)
+    table = "# Model comparison\n\n" + report.comparison_table(rows)
+    if real_info is not None:
+        table += _real_records_markdown(real_info, by_split[REAL_SPLIT])
+    table += _paired_markdown(paired)
     files["table"] = out / TABLE_FILE
     files["table"].write_text(table)
 
     # Plots.
     plots = out / PLOTS_DIR
     files["confusion_matrices"] = report.plot_confusion_matrices(
-        {f"{name}, {SPLIT_TITLES[s]}": results[name][s] for name in models for s in EVAL_SPLITS},
+        {f"{name}, {SPLIT_TITLES[s]}": results[name][s] for name in models for s in by_split},
         plots / "confusion_matrices.png",
     )
     # Ablated rows stay out of the plots: they are diagnostics, read in the table and the pairs.
@@ -656,6 +772,8 @@ def run_comparison(
     for split, part in by_split.items():
         curves = {}
         for name, preds in plotted.items():
+            if split not in results[name]:
+                continue
             y, _, p = align(preds, part)
             if p is not None:
                 curves[name] = (y, p)
@@ -706,6 +824,7 @@ def run_comparison(
         paired=paired,
         predictions=predictions,
         files=files,
+        real_records=real_info,
     )
     files["metrics"] = out / METRICS_FILE
     document = _metrics_document(comparison, by_split) | {"profile": str(profile.path or profile.name)}
@@ -742,6 +861,7 @@ def _metrics_document(comparison: Comparison, by_split: Mapping[str, pl.DataFram
         "models": {name: str(path) for name, path in comparison.models.items()},
         "stages": {name: None if s is None else str(s) for name, s in comparison.stages.items()},
         "files": {k: str(v) for k, v in comparison.files.items()},
+        "real_records": comparison.real_records,
     }
 
 

@@ -247,6 +247,47 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     assert tags["promotion.decision"] == "refused"
 
 
+def test_real_record_cohort_feeds_the_comparison(home, monkeypatch):
+    """Nothing configured: no folder, no section. Records named in the environment: a section."""
+    from test_real_records import REAL_ROWS, write_real_export
+
+    from ecg_r1.real_records import ENV_VAR, REAL_SPLIT, REAL_TITLE, SUMMARY_FILE
+
+    root = home["root"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow/mlflow.db")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{root}/mlflow/mlflow.db")
+    stage(root / "data" / "models", "grpo_model", home["untrained"], None)
+    resources = {
+        "layout": DataLayout(home=str(root), splits_dir="data/splits"),
+        "dvc": DvcResource(home=str(root), track=False),
+        "mlflow": MlflowResource(home=str(root)),
+    }
+    config = run_config(home["profile"], ("GRPO",))
+    config["ops"]["real_record_cohort"] = {"config": {"profile": str(home["profile"]), "workers": 1}}
+    real_dir = root / "data" / "real_records"
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    real_dir.mkdir(parents=True, exist_ok=True)
+    (real_dir / SUMMARY_FILE).write_text("{}")  # left by an earlier run with records configured
+    only_real = {"ops": {"real_record_cohort": config["ops"]["real_record_cohort"]}}
+    result = dg.materialize([ev.real_record_cohort], resources=resources, run_config=only_real)
+    assert result.success and metadata(result, "real_record_cohort")["configured"].value is False
+    assert not real_dir.exists()
+
+    monkeypatch.setenv(ENV_VAR, str(write_real_export(root / "real_export")))
+    del config["ops"]["model_promotion"]
+    assets = [ev.real_record_cohort, ev.reference_baselines, ev.model_comparison]
+    result = dg.materialize(assets, resources=resources, run_config=config)
+    assert result.success
+    real = metadata(result, "real_record_cohort")
+    assert real["records"].value == len(REAL_ROWS) and real["cases"].value == 7
+    comparison = metadata(result, "model_comparison")
+    # R-5 is not in this main cohort (no shared checksum here); sim/0000 is, so 6 of 7 remain.
+    assert comparison[f"grpo_{REAL_SPLIT}_n"].value == 6
+    assert f"| GRPO | {REAL_TITLE} | 6 |" in comparison["comparison"].value
+    assert f"| Majority class | {REAL_TITLE} | 6 |" in comparison["comparison"].value
+
+
 def test_where_prints_table_registry_and_uis(home, capsys):
     from ecg_r1.cli import main
 

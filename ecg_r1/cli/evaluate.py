@@ -1,5 +1,6 @@
 """``ecg-r1 evaluate``: compare model versions with the reference rows on the internal and
-cross-hospital test splits, and print the comparison table."""
+cross-hospital test splits (and, with ``--real-records``, on real records: a sim-to-real check), and
+print the comparison table."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Let each model answer the labelled TWI cases of test_internal and test_external (the "
         "held-out hospitals), add the reference rows (majority class, feature baseline, the clinicians' "
         "cited ~50%% PPV and, with --truth, the simulator's Bayes ceiling), and write the comparison "
-        "table, metrics.json, predictions and plots to --out. Invalid outputs count as wrong.",
+        "table, metrics.json, predictions and plots to --out. Invalid outputs count as wrong. With "
+        "--real-records, also on those real records (a third section, 'real records (sim-to-real)').",
     )
     parser.add_argument(
         "--model",
@@ -66,6 +68,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also evaluate each model with this input taken away (image: a flat-line page; note: "
         "no clinical note); repeatable",
     )
+    parser.add_argument(
+        "--real-records",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="real records for a sim-to-real section (a LUDB, CinC or PTB-XL folder or a manifest CSV; "
+        "repeatable): ingested and rendered at the profile's page size into OUT/real_records, and the "
+        "labelled TWI records not in --cohort evaluated as 'real records (sim-to-real)'",
+    )
     add_mlflow_root(parser)
     parser.set_defaults(func=run)
 
@@ -84,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from ecg_r1.cli.predict import resolve_model_dir
     from ecg_r1.comparison import run_comparison
     from ecg_r1.models import MODEL_INFO_FILE, load_profile
+    from ecg_r1.real_records import REAL_SPLIT, prepare_real_records
     from ecg_r1.training.data import TrainingDataError
 
     models: dict[str, Path] = {}
@@ -105,6 +118,13 @@ def run(args: argparse.Namespace) -> int:
         profile = load_profile(profile_name or "tiny")
     except (OSError, ValueError) as exc:
         raise SystemExit(f"cannot load profile {profile_name!r}: {exc}; pass --profile") from exc
+    real_dir = None
+    if args.real_records:
+        try:
+            real = prepare_real_records(args.real_records, args.out / REAL_SPLIT, profile.render_config())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot prepare the real records: {exc}") from exc
+        real_dir = real.folder
     try:
         result = run_comparison(
             models,
@@ -122,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             max_cases_per_split=args.max_cases_per_split,
             progress=True,
             ablations=args.ablation,
+            real_records=real_dir,
         )
     except (TrainingDataError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"evaluation failed: {exc}") from exc

@@ -1,6 +1,9 @@
 """Evaluation: reference baselines, the model comparison, and the promotion of new model versions.
 
 * ``reference_baselines``: majority class and the feature baseline, fitted on the training split.
+* ``real_record_cohort``: real records a user names (``source_paths`` or ``$ECG_R1_REAL_RECORDS``),
+  ingested and rendered by :func:`ecg_r1.real_records.prepare_real_records` for a sim-to-real
+  section of the comparison; with nothing named, no such section.
 * ``model_comparison``: :func:`ecg_r1.comparison.run_comparison` on the model assets' stage
   folders (``data/models/<asset>/``); the metrics go onto each model version's MLflow run (the
   MLflow UI compares versions side by side), the table and plots into an ``evaluation`` run.
@@ -10,6 +13,8 @@
 """
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from dagster_project.defs.assets.data_assets import markdown_table
 from dagster_project.defs.assets.image_assets import _inline_png
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1 import comparison as comparison_lib
+from ecg_r1 import real_records as real_records_lib
 from ecg_r1 import tracking
 from ecg_r1.evaluate import Predictions, align
 from ecg_r1.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
@@ -28,6 +34,7 @@ from ecg_r1.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 
 GROUP = "evaluation"
 EVALUATION_DIR = "evaluation"  # under the data folder: the reports are versioned with the data
+REAL_RECORDS_DIR = "real_records"  # under the data folder, like the cohort it is checked against
 BASELINES_ASSET = "reference_baselines"
 REGISTRY_FILE = "registered.json"  # row name -> "model-name/version" of this comparison
 VERSION_PREDICTIONS = "evaluation/predictions.parquet"  # on each version's run, for later champions
@@ -44,6 +51,19 @@ class BaselineConfig(dg.Config):
     max_iter: int = Field(default=300, description="Boosting rounds.")
     learning_rate: float = Field(default=0.05, description="Boosting learning rate.")
     use_note: bool = Field(default=True, description="Use the note's word flags.")
+
+
+class RealRecordsConfig(dg.Config):
+    """Which real records the trained models are checked on (sim-to-real)."""
+
+    source_paths: list[str] = Field(
+        default_factory=list,
+        description="LUDB, CinC, PTB-XL folders or manifest CSVs, relative to the project root or absolute; "
+        f"empty: the {real_records_lib.ENV_VAR} environment variable (paths separated by "
+        f"{os.pathsep!r}); neither: no real-record section.",
+    )
+    profile: str = Field(default="tiny", description="Model profile whose page size the pages follow.")
+    workers: int = Field(default=2, description="Processes for the ingest and the rendering.")
 
 
 class ComparisonConfig(dg.Config):
@@ -90,6 +110,10 @@ class PromotionConfig(dg.Config):
 
 def evaluation_dir(layout: DataLayout) -> Path:
     return layout.data / EVALUATION_DIR
+
+
+def real_records_dir(layout: DataLayout) -> Path:
+    return layout.data / REAL_RECORDS_DIR
 
 
 def _registered(stage_dir: Path | None) -> tuple[str, int] | None:
@@ -150,9 +174,50 @@ def reference_baselines(
     )
 
 
+@dg.asset(group_name=GROUP, kinds={"python", "png"})
+def real_record_cohort(
+    context: dg.AssetExecutionContext, config: RealRecordsConfig, layout: DataLayout, dvc: DvcResource
+) -> dg.MaterializeResult:
+    """Real records for a sim-to-real check: the labelled TWI records of the named inputs, ingested
+    and rendered at the profile's page size; nothing named: no real-record section."""
+    from ecg_r1.models import load_profile
+
+    out = real_records_dir(layout)
+    paths = [layout.path(p) for p in config.source_paths or real_records_lib.paths_from_env()]
+    if not paths:
+        # Pages of earlier inputs must not be evaluated as if they were still wanted.
+        shutil.rmtree(out, ignore_errors=True)
+        note = (
+            f"no real records configured (real_record_cohort.source_paths or ${real_records_lib.ENV_VAR}): "
+            "the comparison has no real-record section"
+        )
+        context.log.info(note)
+        return dg.MaterializeResult(metadata={"configured": False, "note": note})
+    try:
+        real = real_records_lib.prepare_real_records(
+            paths, out, load_profile(config.profile).render_config(), workers=config.workers
+        )
+    except (OSError, ValueError) as error:
+        raise dg.Failure(f"real records: {error}") from error
+    return dg.MaterializeResult(
+        metadata={
+            "configured": True,
+            "path": dg.MetadataValue.path(str(out)),
+            "inputs": ", ".join(real.inputs),
+            "records": real.records,
+            "quarantined": real.quarantined,
+            "cases": real.cases,
+            **{f"cases_{comparison_lib.slug(k)}": v for k, v in real.by_label.items()},
+            **{f"cases_from_{comparison_lib.slug(k)}": v for k, v in real.by_source.items()},
+            "not_rendered": len(real.not_rendered),
+            **dvc.record(),
+        }
+    )
+
+
 @dg.asset(
     group_name=GROUP,
-    deps=[reference_baselines, *(dg.AssetKey(name) for name in DEFAULT_MODELS.values())],
+    deps=[reference_baselines, real_record_cohort, *(dg.AssetKey(name) for name in DEFAULT_MODELS.values())],
     kinds={"python", "mlflow"},
 )
 def model_comparison(
@@ -163,7 +228,8 @@ def model_comparison(
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     """Every model and reference row on the internal and cross-hospital test splits (n, 95 % CIs,
-    per hospital, paired comparisons); metrics logged on each model version's MLflow run."""
+    per hospital, paired comparisons) and, when real_record_cohort holds records, on those (a
+    sim-to-real section); metrics logged on each model version's MLflow run."""
     import mlflow as mlflow_lib
 
     folders = {}
@@ -180,6 +246,8 @@ def model_comparison(
     truth_path = truth if truth.is_file() and _truth_covers(truth, layout, splits_path) else None
     if truth_path is None:
         context.log.info("no simulator truth for these cases: the table has no Bayes ceiling row")
+    real_dir = real_records_dir(layout)
+    real_records = real_dir if (real_dir / real_records_lib.SUMMARY_FILE).is_file() else None
     result = comparison_lib.run_comparison(
         folders,
         config.profile,
@@ -197,6 +265,7 @@ def model_comparison(
         n_case_figures=config.n_case_figures,
         max_cases_per_split=config.max_cases_per_split or None,
         ablations=config.ablations,
+        real_records=real_records,
     )
     provenance = dvc.record()
     uri = mlflow.configure()
@@ -248,12 +317,12 @@ def model_comparison(
         "evaluation_run_id": evaluation_run,
         "evaluation_run": dg.MetadataValue.url(mlflow.run_url(evaluation_run)),
         "registered_versions": ", ".join(f"{n}: {v}" for n, v in registered.items()) or "none",
+        "real_records": str(real_records) if real_records else "none configured",
         **{f"run_id_{comparison_lib.slug(n)}": r for n, r in version_runs.items()},
         **provenance,
     }
     for name in folders:
-        for split in comparison_lib.EVAL_SPLITS:
-            m = result.results[name][split]
+        for split, m in result.results[name].items():
             key = f"{comparison_lib.slug(name)}_{split}"
             metadata[f"{key}_accuracy"] = m.accuracy.value
             metadata[f"{key}_valid_rate"] = m.valid_rate.value
