@@ -519,6 +519,8 @@ def _reward_log(stage_dir: Path | None) -> pl.DataFrame | None:
     rewards = [c for c in log.columns if c == "reward" or (c.startswith("rewards/") and c.endswith("/mean"))]
     if not rewards:
         return None
+    # The share of groups whose completions all scored alike: no advantage, nothing learned.
+    rewards += [c for c in log.columns if c == "frac_reward_zero_std"]
     log = log.select("step", *rewards).filter(pl.any_horizontal(pl.col(rewards).is_not_null()))
     return log if log.height else None
 

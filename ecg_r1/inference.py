@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ecg_r1.models import vision_token_ids
 from ecg_r1.prompts import ANSWER_OPEN, NO, THINK_CLOSE, THINK_OPEN, YES, build_multimodal_prompt
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def generate(
                     # greedy decoding must not inherit them.
                     top_k=None,
                     top_p=None,
+                    suppress_tokens=vision_token_ids(model.config),
                     **sampling,
                 )
                 new_tokens = generated[:, inputs["input_ids"].shape[1] :]

@@ -888,3 +888,13 @@ def load_model_and_processor(model_dir_or_id: str | Path, profile: Profile) -> t
     model.eval()
     processor = load_processor(source, profile)
     return model, processor
+
+
+def vision_token_ids(config: Any) -> list[int]:
+    """The ids of Qwen2-VL's image, video and vision start / end tokens (from the model config).
+
+    A model must never write them: a completion holding one makes the next forward pass count an
+    image or video it was not given (Qwen2-VL's position ids then fail to line up).
+    """
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(getattr(config, name)) for name in names if getattr(config, name, None) is not None})

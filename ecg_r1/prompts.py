@@ -412,32 +412,75 @@ _HIGH_VOLTAGE_MV = 2.0  # largest QRS peak-to-peak of any lead
 _LONG_QTC_MS = 450.0  # Bazett
 
 
-def _feature_sentences(row: Mapping[str, Any], twi: list[str]) -> list[str]:
-    out = []
+FINDING_FLAGS: tuple[str, ...] = (
+    "bradycardia",
+    "tachycardia",
+    "deep_t",
+    "giant_t",
+    "symmetric_t",
+    "st_depression",
+    "st_elevation",
+    "wide_qrs",
+    "high_voltage",
+    "long_qt",
+)
+"""The categorical findings of :func:`finding_flags`: what the findings rationale states and what the
+vision pre-training learns to see (``ecg_r1.training.vision``)."""
+
+
+def finding_flags(row: Mapping[str, Any], twi: Iterable[str]) -> dict[str, bool | None]:
+    """The categorical findings of a case from its measured features, None where unmeasured.
+
+    Args:
+        row: a :func:`ecg_r1.features.measure_features` row (missing or NaN values allowed).
+        twi: the leads with TWI; T depth and symmetry are read over them (None without any).
+
+    Returns:
+        :data:`FINDING_FLAGS` -> True / False / None.
+    """
+    twi = list(twi)
+    flags: dict[str, bool | None] = dict.fromkeys(FINDING_FLAGS)
     rate = _number(row, "hr_bpm")
     if rate is not None:
-        out.append(
-            "Bradycardia." if rate < _BRADY_BPM else "Tachycardia." if rate > _TACHY_BPM else "Normal rate."
-        )
+        flags["bradycardia"], flags["tachycardia"] = rate < _BRADY_BPM, rate > _TACHY_BPM
     if twi and (depths := _over_leads(row, "t_amp_", twi)):
-        deepest = min(depths)
-        depth = "Giant" if deepest <= _GIANT_T_MV else "Deep" if deepest <= _DEEP_T_MV else "Shallow"
-        shape = ""
-        if ratios := [r for r in _over_leads(row, "t_sym_", twi) if r > 0]:
-            ratio = float(np.exp(np.mean(np.log(ratios))))  # geometric mean: ratios are scale-free
-            symmetric = 1 / _SYMMETRY_RATIO <= ratio <= _SYMMETRY_RATIO
-            shape = ", symmetric" if symmetric else ", asymmetric"
-        out.append(f"{depth} inverted T waves{shape}.")
-    st = _over_leads(row, "st_", LEADS)
-    if st and min(st) <= _ST_DEPRESSION_MV:
-        out.append("ST depression.")
-    if st and max(st) >= _ST_ELEVATION_MV:
-        out.append("ST elevation.")
+        flags["deep_t"], flags["giant_t"] = min(depths) <= _DEEP_T_MV, min(depths) <= _GIANT_T_MV
+    if twi and (ratios := [r for r in _over_leads(row, "t_sym_", twi) if r > 0]):
+        ratio = float(np.exp(np.mean(np.log(ratios))))  # geometric mean: ratios are scale-free
+        flags["symmetric_t"] = 1 / _SYMMETRY_RATIO <= ratio <= _SYMMETRY_RATIO
+    if st := _over_leads(row, "st_", LEADS):
+        flags["st_depression"], flags["st_elevation"] = (
+            min(st) <= _ST_DEPRESSION_MV,
+            max(st) >= _ST_ELEVATION_MV,
+        )
     if (qrs := _number(row, "qrs_ms")) is not None:
-        out.append("Wide QRS." if qrs >= _WIDE_QRS_MS else "Narrow QRS.")
+        flags["wide_qrs"] = qrs >= _WIDE_QRS_MS
     if voltages := _over_leads(row, "qrs_amp_", LEADS):
-        out.append("High QRS voltage." if max(voltages) >= _HIGH_VOLTAGE_MV else "Normal QRS voltage.")
+        flags["high_voltage"] = max(voltages) >= _HIGH_VOLTAGE_MV
     if (qt := _number(row, "qt_ms")) is not None and rate:
-        qtc = qt / float(np.sqrt(60.0 / rate))
-        out.append("Long QT." if qtc >= _LONG_QTC_MS else "Normal QT.")
+        flags["long_qt"] = qt / float(np.sqrt(60.0 / rate)) >= _LONG_QTC_MS
+    return flags
+
+
+def _feature_sentences(row: Mapping[str, Any], twi: list[str]) -> list[str]:
+    f = finding_flags(row, twi)
+    out = []
+    if f["bradycardia"] is not None:
+        out.append(
+            "Bradycardia." if f["bradycardia"] else "Tachycardia." if f["tachycardia"] else "Normal rate."
+        )
+    if f["deep_t"] is not None:
+        depth = "Giant" if f["giant_t"] else "Deep" if f["deep_t"] else "Shallow"
+        shape = "" if f["symmetric_t"] is None else ", symmetric" if f["symmetric_t"] else ", asymmetric"
+        out.append(f"{depth} inverted T waves{shape}.")
+    if f["st_depression"]:
+        out.append("ST depression.")
+    if f["st_elevation"]:
+        out.append("ST elevation.")
+    if f["wide_qrs"] is not None:
+        out.append("Wide QRS." if f["wide_qrs"] else "Narrow QRS.")
+    if f["high_voltage"] is not None:
+        out.append("High QRS voltage." if f["high_voltage"] else "Normal QRS voltage.")
+    if f["long_qt"] is not None:
+        out.append("Long QT." if f["long_qt"] else "Normal QT.")
     return out

@@ -307,6 +307,29 @@ class TestDatasets:
         assert half == hidden(grpo_dataset(cases, note_dropout=0.5, seed=3))  # same draw for GRPO
         with pytest.raises(ValueError, match="fraction"):
             sft_dataset(cases, targets, note_dropout=1.5)
+        with pytest.raises(ValueError, match="sum to at most 1"):
+            sft_dataset(cases, targets, note_dropout=0.6, note_scramble=0.6)
+
+    def test_note_scramble_keeps_numbers_and_letters_but_not_words(self, data):
+        import random
+
+        from ecg_r1.training.data import grpo_dataset, load_cases, scramble_note
+
+        note = "Troponin 45 ng/L, chest pain since 2 hours; K+ 4.1 mmol/L."
+        scrambled = scramble_note(note, random.Random(1))
+        assert scrambled != note and len(scrambled) == len(note)
+        assert sorted(scrambled) == sorted(note)  # the same characters
+        assert [w for w in scrambled.split() if any(c.isdigit() for c in w)] == ["45", "2", "4.1"]
+        assert scrambled == scramble_note(note, random.Random(1))
+        assert scramble_note(None, random.Random(1)) is None
+
+        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
+        rows = grpo_dataset(cases, note_scramble=1.0, seed=0)
+        for row, original in zip(rows, cases["note"], strict=True):
+            shown = row["prompt"][1]["content"]
+            assert original not in shown and sorted(original) == sorted(
+                shown.split("Clinical note: ")[1].split("\n")[0]
+            )
 
 
 class TestAnswerMasking:
@@ -363,12 +386,20 @@ class TestVisionPretrain:
         features = measure_features(np.asarray(open_signals(data["cohort"])[:6]))
         targets = measured_targets(features)
         cohort = pl.read_parquet(data["cohort"] / "cohort.parquet").head(6)
-        for row, measured, truth in zip(targets.twi, features["twi_leads"], cohort["twi_leads"], strict=True):
-            found = {lead for lead, flag in zip(LEADS, row, strict=True) if flag == 1}
+        from ecg_r1.prompts import FINDING_FLAGS
+
+        assert targets.twi.shape == (6, len(LEADS) + len(FINDING_FLAGS))
+        for row, measured, truth, label in zip(
+            targets.twi, features["twi_leads"], cohort["twi_leads"], cohort["label"], strict=True
+        ):
+            found = {lead for lead, flag in zip(LEADS, row[: len(LEADS)], strict=True) if flag == 1}
             assert found == set(measured.split(","))
             # measured, not copied from the cohort: a subset of the drawn inversions, never V1
             # (a negative T is normal there, so the measurement rule leaves it out)
             assert found and found <= set(truth.split(",")) & set(UPRIGHT_T_LEADS)
+            flags = dict(zip(FINDING_FLAGS, row[len(LEADS) :], strict=True))
+            # make_cohort draws the wide QRS for the non-ischemic cases only
+            assert flags["wide_qrs"] == (label == "non-ischemic")
         assert np.allclose(np.nanmean(targets.regression, axis=0), 0, atol=1e-6)
 
 

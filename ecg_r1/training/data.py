@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,25 +156,56 @@ def _image_column(dataset: datasets.Dataset, column: str, as_list: bool) -> data
     return dataset.cast_column(column, datasets.List(feature) if as_list else feature)
 
 
-def _prompts(cases: pl.DataFrame, note_dropout: float = 0.0, seed: int = 0) -> list[list[dict]]:
-    if not 0.0 <= note_dropout <= 1.0:
-        raise ValueError(f"note_dropout must be a fraction in [0, 1], got {note_dropout}")
+_WORD_RE = re.compile(r"[^\W\d_]+")
+
+
+def scramble_note(note: str | None, rng: random.Random) -> str | None:
+    """The note with the letters of every word shuffled; digits, units' punctuation and layout kept.
+
+    A note the model cannot read (another hospital's language, abbreviations it never saw) is
+    text in words it does not know; a scrambled note is the same for a model trained on this
+    cohort's notes, made from the training notes alone (no other hospital's text is used).
+    """
+    if not note:
+        return note
+    return _WORD_RE.sub(lambda m: "".join(rng.sample(m.group(0), len(m.group(0)))), note)
+
+
+def _prompts(
+    cases: pl.DataFrame, note_dropout: float = 0.0, note_scramble: float = 0.0, seed: int = 0
+) -> list[list[dict]]:
+    if not (
+        0.0 <= note_dropout <= 1.0 and 0.0 <= note_scramble <= 1.0 and note_dropout + note_scramble <= 1.0
+    ):
+        raise ValueError(
+            f"note_dropout ({note_dropout}) and note_scramble ({note_scramble}) must be fractions in "
+            "[0, 1] that sum to at most 1"
+        )
     rng = random.Random(seed)
     prompts = []
     for row in cases.iter_rows(named=True):
-        # One draw per case whatever the fraction, so the same seed drops the same notes.
-        note = None if rng.random() < note_dropout else row["note"]
+        # One draw per case whatever the fractions, so the same seed picks the same cases.
+        draw = rng.random()
+        note = row["note"]
+        if draw < note_dropout:
+            note = None
+        elif draw < note_dropout + note_scramble:
+            note = scramble_note(note, rng)
         prompts.append(build_prompt(row["age"], row["sex"], note))
     return prompts
 
 
-def grpo_dataset(cases: pl.DataFrame, note_dropout: float = 0.0, seed: int = 0) -> datasets.Dataset:
+def grpo_dataset(
+    cases: pl.DataFrame, note_dropout: float = 0.0, note_scramble: float = 0.0, seed: int = 0
+) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
     Args:
         cases: from :func:`load_cases`.
         note_dropout: the fraction of cases shown without their clinical note ("none given"), so
             the image alone must carry the answer for them (see :func:`sft_dataset`).
+        note_scramble: the fraction of (other) cases shown their note scrambled
+            (:func:`scramble_note`).
         seed: which cases lose their note.
 
     Returns:
@@ -184,7 +216,7 @@ def grpo_dataset(cases: pl.DataFrame, note_dropout: float = 0.0, seed: int = 0) 
 
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, seed),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed),
             "image": cases["image_path"].to_list(),
             "label": cases["label"].to_list(),
             "twi_leads": cases["twi_leads"].to_list(),
@@ -245,7 +277,11 @@ def case_findings(cases: pl.DataFrame, cohort_dir: str | Path) -> pl.DataFrame:
 
 
 def sft_dataset(
-    cases: pl.DataFrame, targets: Sequence[str], note_dropout: float = 0.0, seed: int = 0
+    cases: pl.DataFrame,
+    targets: Sequence[str],
+    note_dropout: float = 0.0,
+    note_scramble: float = 0.0,
+    seed: int = 0,
 ) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 
@@ -256,6 +292,9 @@ def sft_dataset(
             by "none given". A model that can answer from the note learns to ignore the image;
             cases without a note make the image carry the answer, which is what it has left at a
             hospital whose notes it cannot read.
+        note_scramble: the fraction of (other) cases whose note is scrambled
+            (:func:`scramble_note`): they teach that a note in unknown words says nothing, so the
+            image decides, where an unfamiliar note would otherwise push every answer one way.
         seed: which cases lose their note.
 
     Returns:
@@ -268,7 +307,7 @@ def sft_dataset(
         raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, seed),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed),
             "completion": [[{"role": "assistant", "content": target}] for target in targets],
             "images": [[path] for path in cases["image_path"].to_list()],
             "label": cases["label"].to_list(),

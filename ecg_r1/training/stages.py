@@ -40,7 +40,14 @@ from typing import Any
 
 import polars as pl
 
-from ecg_r1.models import Profile, load_model_and_processor, load_profile, lora_config, save_model_folder
+from ecg_r1.models import (
+    Profile,
+    load_model_and_processor,
+    load_profile,
+    lora_config,
+    save_model_folder,
+    vision_token_ids,
+)
 from ecg_r1.training.data import (
     case_findings,
     data_summary,
@@ -418,6 +425,13 @@ def stage_settings(profile: Profile, stage: str) -> dict[str, Any]:
     return dict(profile.stages.get(_STAGE_SECTIONS[stage], {}))
 
 
+def note_settings(profile: Profile, stage: str) -> dict[str, float]:
+    """``note_dropout`` and ``note_scramble`` of a stage (fractions of the training cases shown
+    without their note, or with it scrambled; :func:`ecg_r1.training.data.sft_dataset`)."""
+    settings = stage_settings(profile, stage)
+    return {key: float(settings.get(key, 0.0)) for key in ("note_dropout", "note_scramble")}
+
+
 def freeze_vision_tower(model: Any) -> int:
     """Keep the vision tower (patch embedding, blocks and merger) out of training.
 
@@ -557,11 +571,11 @@ def _sft_like(
     params: dict[str, Any],
     register_as: str | None,
     eval_cases: Any,
-    note_dropout: float = 0.0,
+    notes: Mapping[str, float] | None = None,
     **common: Any,
 ) -> StageResult:
     dataset = sft_dataset(
-        cases, targets, note_dropout=note_dropout, seed=int(seed if seed is not None else profile.seed)
+        cases, targets, **(notes or {}), seed=int(seed if seed is not None else profile.seed)
     )
     config_kwargs = _base_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
@@ -744,7 +758,7 @@ def run_sft(
     profile = _as_profile(profile)
     rationale = profile.sft_rationale if rationale is None else bool(rationale)
     with_findings = rationale and findings_rationale(profile)
-    note_dropout = float(stage_settings(profile, "sft").get("note_dropout", 0.0))
+    notes = note_settings(profile, "sft")
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
     findings = case_findings(cases, cohort_dir) if with_findings else None
     targets = sft_targets(cases, rationale=rationale, findings=findings)
@@ -762,12 +776,12 @@ def run_sft(
         params={
             "sft_rationale": rationale,
             "rationale_findings": with_findings,
-            "note_dropout": note_dropout,
+            **notes,
             "seed": seed if seed is not None else profile.seed,
         },
         register_as=MODEL_NAMES["sft"] if register and tracking else None,
         eval_cases=_eval_cases(cohort_dir, splits_path, images_dir),
-        note_dropout=note_dropout,
+        notes=notes,
         **_common(tracking, progress, resume, repo_root, run_name, callbacks),
     )
 
@@ -823,9 +837,7 @@ def run_grpo(
     profile = _as_profile(profile)
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
     config_seed = int(seed if seed is not None else profile.seed)
-    dataset = grpo_dataset(
-        cases, note_dropout=float(stage_settings(profile, "grpo").get("note_dropout", 0.0)), seed=config_seed
-    )
+    dataset = grpo_dataset(cases, **note_settings(profile, "grpo"), seed=config_seed)
     reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)
     reward_funcs = get_reward_funcs(list(reward_map))
     config_kwargs = _base_config(profile, "grpo", Path(out_dir), max_steps, seed, dict(overrides or {}))
@@ -844,10 +856,15 @@ def run_grpo(
     def make(model: Any, processor: Any) -> Any:
         from trl import GRPOConfig, GRPOTrainer
 
+        # TRL keeps a sampled <|image_pad|> out of completions; a sampled <|vision_start|> or
+        # <|video_pad|> breaks Qwen2-VL's position ids just the same (the forward pass then counts
+        # one image or video more than it was given), so no vision token may be sampled.
+        generation = dict(config_kwargs.get("generation_kwargs") or {})
+        generation["suppress_tokens"] = vision_token_ids(model.config)
         return GRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,
-            args=GRPOConfig(**config_kwargs),
+            args=GRPOConfig(**(config_kwargs | {"generation_kwargs": generation})),
             train_dataset=dataset,
             processing_class=processor,
             peft_config=lora_config(profile),

@@ -6,7 +6,8 @@ image). This stage teaches the vision tower to see what a cardiologist reads off
 targets measured from the **raw signal** (:func:`ecg_r1.features.measure_features`), never the
 ischemia label, so it runs on real cohorts as on simulated ones:
 
-* which leads show T-wave inversion (12 binary targets);
+* which leads show T-wave inversion (12 binary targets) and the categorical findings the findings
+  rationale states (rate, T depth and symmetry, ST, QRS width and voltage, QT; binary targets);
 * per-lead T amplitude and symmetry, ST level and QRS voltage, QRS width, QT and heart rate
   (regression targets, standardised on the training cases).
 
@@ -33,6 +34,7 @@ import numpy as np
 import polars as pl
 
 from ecg_r1.canonical import LEADS
+from ecg_r1.prompts import FINDING_FLAGS, finding_flags
 from ecg_r1.store import open_signals
 
 if TYPE_CHECKING:
@@ -58,7 +60,9 @@ class VisionTargets:
     """Per-case targets measured from the signal.
 
     Attributes:
-        twi: ``(n, 12)`` float, 1 where the lead shows TWI, NaN where unmeasurable.
+        twi: ``(n, 12 + f)`` float: 1 where the lead shows TWI, then the categorical findings of
+            :data:`ecg_r1.prompts.FINDING_FLAGS` (the ones the findings rationale states); NaN
+            where unmeasurable.
         regression: ``(n, k)`` standardised measurements, NaN where unmeasurable.
         mean, std: the standardisation (from the cases it was built on).
         names: regression target names.
@@ -88,12 +92,14 @@ def measured_targets(features: pl.DataFrame) -> VisionTargets:
             f"features lack columns {missing}; compute them with ecg_r1.features.measure_features"
         )
     n = features.height
-    twi = np.full((n, len(LEADS)), np.nan)
-    for i, text in enumerate(features["twi_leads"].to_list()):
-        if text is None:  # unmeasurable record
+    twi = np.full((n, len(LEADS) + len(FINDING_FLAGS)), np.nan)
+    for i, row in enumerate(features.iter_rows(named=True)):
+        if row["twi_leads"] is None:  # unmeasurable record
             continue
-        found = {name.strip() for name in text.split(",") if name.strip()}
-        twi[i] = [1.0 if lead in found else 0.0 for lead in LEADS]
+        found = [name.strip() for name in row["twi_leads"].split(",") if name.strip()]
+        twi[i, : len(LEADS)] = [1.0 if lead in found else 0.0 for lead in LEADS]
+        flags = finding_flags(row, found)
+        twi[i, len(LEADS) :] = [np.nan if flags[k] is None else float(flags[k]) for k in FINDING_FLAGS]
     values = features.select(REGRESSION_TARGETS).to_numpy().astype(np.float64)
     mean = np.nanmean(values, axis=0) if n else np.zeros(len(REGRESSION_TARGETS))
     std = np.nanstd(values, axis=0) if n else np.ones(len(REGRESSION_TARGETS))
@@ -150,8 +156,10 @@ class VisionPretrainResult:
         model_dir: the saved model folder (updated vision tower).
         steps: optimiser steps taken.
         seconds: training wall time.
-        history: per logged step: step, loss, twi_loss, reg_loss, twi_accuracy (train batch).
-        eval: held-out figures when eval cases were given (twi_accuracy, twi_f1, reg_mse).
+        history: per logged step: step, loss, twi_loss, reg_loss, twi_accuracy (train batch;
+            TWI leads and categorical findings).
+        eval: held-out figures when eval cases were given (twi_accuracy, twi_f1,
+            findings_accuracy, reg_mse).
     """
 
     model_dir: Path
@@ -251,7 +259,8 @@ def run_vision_pretrain(
     merge = visual.spatial_merge_size
     tokens = int(grid.prod()) // merge**2
     hidden = model.config.text_config.hidden_size
-    head = _head(str(stage.get("head", "positional")), hidden, tokens, len(LEADS) + len(REGRESSION_TARGETS))
+    binary = targets.twi.shape[1]
+    head = _head(str(stage.get("head", "positional")), hidden, tokens, binary + len(REGRESSION_TARGETS))
 
     order = rng.permutation(len(image_paths))
     n_eval = int(round(eval_fraction * len(order))) if len(order) >= 10 else 0
@@ -273,7 +282,7 @@ def run_vision_pretrain(
         grids = grid.unsqueeze(0).repeat(len(idx), 1)
         merged = visual(batch, grid_thw=grids).pooler_output.view(len(idx), tokens, hidden)
         out = head(merged)
-        return out[:, : len(LEADS)], out[:, len(LEADS) :], torch.as_tensor(idx)
+        return out[:, :binary], out[:, binary:], torch.as_tensor(idx)
 
     def losses(logits: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         t, r = twi[idx], reg[idx]
@@ -334,12 +343,16 @@ def run_vision_pretrain(
             logits, values = torch.cat(logit_parts), torch.cat(value_parts)
         t, r = twi[torch.as_tensor(eval_idx)], reg[torch.as_tensor(eval_idx)]
         t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
-        predicted, truth = (logits[t_ok] > 0), t[t_ok].bool()
+        leads = torch.zeros_like(t_ok)
+        leads[:, : len(LEADS)] = True
+        predicted, truth = (logits[t_ok & leads] > 0), t[t_ok & leads].bool()
         tp = float((predicted & truth).sum())
+        flags_ok = t_ok & ~leads
         evaluation = {
             "eval_cases": float(len(eval_idx)),
             "eval_twi_accuracy": float((predicted == truth).float().mean()),
             "eval_twi_f1": 2 * tp / max(1.0, float(predicted.sum() + truth.sum())),
+            "eval_findings_accuracy": float(((logits[flags_ok] > 0) == t[flags_ok].bool()).float().mean()),
             "eval_reg_mse": float(((values[r_ok] - r[r_ok]) ** 2).mean()) if r_ok.any() else float("nan"),
         }
         logger.info("vision pre-training held-out: %s", evaluation)

@@ -66,7 +66,19 @@ def _metadata(result: stages.StageResult, mlflow: MlflowResource, extra: dict) -
     finals = {
         f"final_{key.replace('/', '_')}": round(float(value), 4)
         for key, value in result.metrics.items()
-        if key.startswith(("rewards/", "reward", "loss", "kl", "completions/mean_length", "format_valid"))
+        # frac_reward_zero_std: the share of GRPO groups whose completions all scored the same,
+        # which therefore teach nothing (the symptom of GRPO stalling).
+        if key.startswith(
+            (
+                "rewards/",
+                "reward",
+                "loss",
+                "kl",
+                "completions/mean_length",
+                "format_valid",
+                "frac_reward_zero_std",
+            )
+        )
         or key.endswith("accuracy")
     }
     return {
