@@ -7,7 +7,7 @@ DVC_VENV := .venv-dvc
 PY := $(VENV)/bin/python
 export DAGSTER_HOME := $(CURDIR)/.dagster
 export ECG_R1_HOME := $(CURDIR)
-# dvc lives in its own venv: it pins an antlr4 runtime that breaks dagster (../shared/STACK.md).
+# dvc lives in its own venv: it pins an antlr4 runtime that breaks dagster's asset selection parser (antlr4 4.9 vs 4.13).
 export ECG_R1_DVC := $(CURDIR)/$(DVC_VENV)/bin/dvc
 UI_PORT ?= 3000
 MLFLOW_PORT ?= 5000

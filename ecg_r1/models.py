@@ -10,7 +10,7 @@ and the reward weights. The same code path serves every profile; only the file d
 
 Why a processor subclass: transformers 5.x cannot build ``Qwen2VLProcessor`` without a video
 processor, and the video processor needs torchvision, which does not load beside the CPU torch
-used here (``../shared/STACK.md``). :class:`ECGProcessor` is ``Qwen2VLProcessor`` with the video
+used here (``operator torchvision::nms does not exist``). :class:`ECGProcessor` is ``Qwen2VLProcessor`` with the video
 slot removed (the project never feeds video); it works with and without torchvision, so it is
 used on every machine. ``AutoProcessor.from_pretrained`` on a saved folder silently returns only
 the tokenizer, so always load with :func:`load_processor` and hand the processor to the trainers

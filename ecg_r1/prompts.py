@@ -8,7 +8,7 @@ The output contract is::
 :func:`parse_completion` is the only place this contract is checked: the rewards
 (:mod:`ecg_r1.rewards`) and the evaluation both call it, so a completion the reward calls valid is
 valid for the evaluation too. It is strict on purpose, because GRPO finds every loophole of a loose
-check (see ``../shared/STACK.md``: "Yes or No" answers, empty answers, garbled think blocks):
+check (public GRPO reports: "Yes or No" answers, empty answers, garbled think blocks):
 
 * whitespace is allowed before ``<think>``, between ``</think>`` and ``<answer>``, inside the
   answer tags around the word, and after ``</answer>``; nothing else is allowed outside the tags;
@@ -211,7 +211,7 @@ def build_prompt(age: float | int | None, sex: str | None, note: str | None) -> 
     """Conversational prompt for TRL's GRPOTrainer (and for inference).
 
     The content is plain strings: GRPOTrainer inserts the image placeholder into the first user
-    message itself when the dataset row has an ``image`` column (see ``../shared/STACK.md``).
+    message itself when the dataset row has an ``image`` column.
 
     Args:
         age: patient age in years, or None.

@@ -12,7 +12,7 @@ is logged as plain run artifacts under ``model/`` and a registered model version
 ``mlflow.transformers`` flavour was tried and does not work here: ``log_model`` with
 ``task="image-text-to-text"`` refuses the components ("cannot be created as a Pipeline") and its
 dict form has no ``processor`` key, while our processor is a subclass (``ECGProcessor``, no video
-slot) that AutoProcessor cannot rebuild (``../shared/STACK.md``). Logging and registering the
+slot) that AutoProcessor cannot rebuild. Logging and registering the
 plain folder of the tiny model takes about 0.4 s, fetching it back about 0.4 s. A plain folder loads
 with :func:`ecg_r1.models.load_model_and_processor` wherever it lands, and
 :func:`load_registered` fetches it by version number or alias.

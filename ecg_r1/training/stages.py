@@ -580,7 +580,7 @@ def _sft_like(
     config_kwargs = _base_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
     config_kwargs.setdefault("completion_only_loss", True)
-    config_kwargs["max_length"] = None  # a cap can cut through image tokens (STACK.md)
+    config_kwargs["max_length"] = None  # a cap can cut through image tokens
     params = {
         **params,
         "stage": stage,
@@ -861,6 +861,12 @@ def run_grpo(
         # one image or video more than it was given), so no vision token may be sampled.
         generation = dict(config_kwargs.get("generation_kwargs") or {})
         generation["suppress_tokens"] = vision_token_ids(model.config)
+        # TRL left-pads the prompt ids it generates from, but takes Qwen2-VL's per-token image
+        # markers (mm_token_type_ids) from a processor call padded on the tokenizer's side: with
+        # right padding they mark the wrong tokens as image in every padded prompt, silently
+        # (wrong positions) or, once a prompt is padded past its image, as a crash in
+        # get_rope_index. Prompts of unequal length (note dropout) make it common.
+        processor.tokenizer.padding_side = "left"
         return GRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,

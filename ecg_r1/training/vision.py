@@ -1,8 +1,7 @@
 """Signal-grounded pre-training of the vision tower.
 
 A randomly initialised Qwen2-VL learns the text of the prompt long before it learns to read the
-image tokens (``../shared/STACK.md``: SFT from scratch copied the clinical text and ignored the
-image). This stage teaches the vision tower to see what a cardiologist reads off the page, with
+image tokens (measured: SFT from scratch copied the clinical text and ignored the image). This stage teaches the vision tower to see what a cardiologist reads off the page, with
 targets measured from the **raw signal** (:func:`ecg_r1.features.measure_features`), never the
 ischemia label, so it runs on real cohorts as on simulated ones:
 
