@@ -334,6 +334,31 @@ class TestDuplicateSignals:
         assert summary.records_in == summary.loaded + 3 == 5
 
 
+class TestImplausibleSignals:
+    RNG = np.random.default_rng(0)
+
+    @pytest.mark.parametrize(
+        ("fmt", "gain", "data"),
+        [
+            (212, 200, RNG.bytes(5000 * 12 * 3 // 2)),
+            # Without -32768, WFDB's invalid value (refused as missing samples before this check).
+            (16, 4000, RNG.integers(-32767, 32768, 5000 * 12).astype("<i2").tobytes()),
+        ],
+        ids=["format-212", "format-16"],  # gains that put the noise in a plausible mV range
+    )
+    def test_random_bytes_are_refused_as_no_ecg(
+        self, tmp_path: Path, fmt: int, gain: int, data: bytes
+    ) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        header = write_record(folder / "E2", ecg(2), FS, LEADS)
+        header.write_text(header.read_text().replace(".dat 16 1000/mV 16 ", f".dat {fmt} {gain}/mV 12 "))
+        header.with_suffix(".dat").write_bytes(data)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
+        assert summary.loaded == 1 and summary.records_in == 2
+
+
 class TestMatlabSignals:
     @staticmethod
     def _record_with_mat(folder: Path, name: str) -> Path:
