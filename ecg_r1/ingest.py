@@ -9,7 +9,9 @@ Steps:
 3. **Load** records in chunks, in ``workers`` processes: header, signal, canonical form, signal
    checks, source metadata and label. Each worker writes its signals straight into its slots
    of the signal file, so memory holds one chunk, not the cohort.
-4. **Write** ``cohort.parquet``, ``quarantine.parquet``, ``signals.f32``/``.json`` and
+4. **Screen** the signals: a record whose signal file has the content (sha256) of an earlier
+   loaded record is refused (see :func:`screen_duplicate_signals`).
+5. **Write** ``cohort.parquet``, ``quarantine.parquet``, ``signals.f32``/``.json`` and
    ``summary.json``.
 
 No record vanishes: each input record is either loaded or in the quarantine table with its
@@ -45,6 +47,7 @@ from ecg_r1.labels import LabelRules, load_rules
 from ecg_r1.readers import RECORD_ERRORS, discover, load_ref
 from ecg_r1.readers.records import (
     DUPLICATE_RECORD_ID,
+    DUPLICATE_SIGNAL,
     PATIENT_IN_TWO_HOSPITALS,
     READ_ERROR,
     UNRECOGNISED_CODES,
@@ -209,7 +212,9 @@ def _ingest_into(
             bar.update(len(chunk_rows) + len(chunk_refused))
     if bar is not None:
         bar.close()
-    rows.sort(key=lambda r: r["slot"])
+    rows.sort(key=lambda r: r["slot"])  # input order, whatever order the workers finished in
+    rows, duplicates = screen_duplicate_signals(rows)
+    refused.extend(duplicates)
     slots.compact([r["slot"] for r in rows])
     for index, row in enumerate(rows):
         row["row"] = index
@@ -288,6 +293,63 @@ def screen(refs: list[RecordRef]) -> tuple[list[RecordRef], list[Quarantine]]:
         else:
             out.append(ref)
     return out, refused
+
+
+def screen_duplicate_signals(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Quarantine]]:
+    """Refuse each loaded record whose signal checksum an earlier row (in input order) has.
+
+    One recording under two patients or hospitals is a mix-up (and, across hospitals, a leak of a
+    test record into training); the same patient's record exported twice would count one
+    recording twice in training and evaluation. Either way the first record is kept and the
+    repeat refused with a message naming it: which of the two is right only the user can tell.
+
+    Args:
+        rows: cohort rows (with ``checksum``), in input order.
+
+    Returns:
+        (rows kept, in order; refused records).
+    """
+    kept: list[dict[str, Any]] = []
+    refused: list[Quarantine] = []
+    first: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        checksum = row["checksum"]
+        original = first.get(checksum) if checksum else None
+        if original is None:
+            if checksum:
+                first[checksum] = row
+            kept.append(row)
+            continue
+        same_patient = (row["patient_id"], row["hospital"]) == (original["patient_id"], original["hospital"])
+        where = (
+            "a re-export of the same patient's record: the first is kept; drop the copy"
+            if same_patient
+            else f"which belongs to another patient ({original['patient_id']!r}, hospital "
+            f"{original['hospital']!r}): one recording cannot belong to two patients; keep it only "
+            "under the right one"
+        )
+        refused.append(
+            _refused_row(
+                row,
+                DUPLICATE_SIGNAL,
+                f"same signal (sha256 {checksum[:12]}) as record {original['record_id']!r} read from "
+                f"{original['source_path']}, {where}",
+            )
+        )
+    return kept, refused
+
+
+def _refused_row(row: dict[str, Any], reason: str, message: str) -> Quarantine:
+    """Quarantine a record that was read (its cohort row), the message prefixed with its file."""
+    return Quarantine(
+        source_path=row["source_path"],
+        reason=reason,
+        message=f"{row['source_path']}: {message}",
+        record_id=row["record_id"],
+        patient_id=row["patient_id"],
+        hospital=row["hospital"],
+        source_format=row["source_format"],
+    )
 
 
 def _load_all(
@@ -382,18 +444,7 @@ def _load_chunk_gc_off(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str
                 run_start = index + 1
                 continue
             run_start = index + 1
-            reason, message = issue
-            refused.append(
-                Quarantine(
-                    source_path=row["source_path"],
-                    reason=reason,
-                    message=f"{row['source_path']}: {message}",
-                    record_id=row["record_id"],
-                    patient_id=row["patient_id"],
-                    hospital=row["hospital"],
-                    source_format=row["source_format"],
-                )
-            )
+            refused.append(_refused_row(row, *issue))
         pending.clear()
 
     for slot, ref in enumerate(refs, start=start):

@@ -25,8 +25,24 @@ SATURATION_FRACTION = 0.02
 MAX_PTP_MV = 40.0
 # All 12 leads below this peak-to-peak range: a gain 1000 times too large (mV read as µV).
 MIN_RECORD_PTP_MV = 0.05
+# A record none of whose leads has a lag-1 autocorrelation (at 500 Hz) of at least this has no ECG
+# structure. An ECG's power lies mostly below 40 Hz, so neighbouring samples are nearly equal: the
+# smoothest lead of every shared LUDB and CinC record and of the simulated cohort is above 0.97.
+# Random bytes read as samples are white noise (about 0; 0.05 when resampled from 1000 Hz, 0.67
+# from 250 Hz, 0.78 from 200 Hz), and so is a file whose header names the wrong format; 50/60 Hz
+# mains hum drowning every lead gives 0.81/0.73. Noise sampled below about 170 Hz (or smoothed)
+# is as smooth as an ECG and passes: a QRS-periodicity test would catch it, but its score
+# overlapped between noise and real records (atrial fibrillation, noisy leads) on the shared data.
+MIN_LAG1_CORRELATION = 0.85
 
-QUALITY_COLUMNS = ("nan_samples", "flat_leads", "saturated_leads", "max_abs_mv", "max_ptp_mv")
+QUALITY_COLUMNS = (
+    "nan_samples",
+    "flat_leads",
+    "saturated_leads",
+    "max_abs_mv",
+    "max_ptp_mv",
+    "max_lag1_corr",
+)
 # Samples a group when screening for saturation (5000 = 100 groups of 50).
 _BLOCK = 50
 
@@ -40,7 +56,9 @@ def signal_quality(signals: np.ndarray) -> pl.DataFrame:
     Returns:
         One row a record: ``nan_samples`` (count of NaN or infinite samples), ``flat_leads`` and ``saturated_leads``
         (comma-joined lead names, "" when none), ``max_abs_mv`` (largest absolute value) and
-        ``max_ptp_mv`` (largest peak-to-peak range over the leads), NaN ignored.
+        ``max_ptp_mv`` (largest peak-to-peak range over the leads), NaN ignored, and
+        ``max_lag1_corr`` (lag-1 autocorrelation of the smoothest lead; a lead with no variation or
+        missing samples counts as 1).
     """
     measures = _measure(np.asarray(signals))
     return pl.DataFrame(
@@ -50,6 +68,7 @@ def signal_quality(signals: np.ndarray) -> pl.DataFrame:
             "saturated_leads": [_lead_names(row) for row in measures["saturated"]],
             "max_abs_mv": measures["max_abs"],
             "max_ptp_mv": measures["max_ptp"],
+            "max_lag1_corr": measures["max_lag1"],
         },
         schema={
             "nan_samples": pl.Int64,
@@ -57,6 +76,7 @@ def signal_quality(signals: np.ndarray) -> pl.DataFrame:
             "saturated_leads": pl.String,
             "max_abs_mv": pl.Float64,
             "max_ptp_mv": pl.Float64,
+            "max_lag1_corr": pl.Float64,
         },
     )
 
@@ -79,6 +99,7 @@ def signal_issues(signals: np.ndarray) -> list[tuple[str, str] | None]:
     any_saturated = saturated.any(axis=1).tolist()
     max_abs = measures["max_abs"].tolist()
     max_ptp = measures["max_ptp"].tolist()
+    max_lag1 = measures["max_lag1"].tolist()
     return [
         signal_issue(
             nan_samples[i],
@@ -86,19 +107,25 @@ def signal_issues(signals: np.ndarray) -> list[tuple[str, str] | None]:
             _lead_names(saturated[i]) if any_saturated[i] else "",
             max_abs[i],
             max_ptp[i],
+            max_lag1[i],
         )
         for i in range(len(nan_samples))
     ]
 
 
 def signal_issue(
-    nan_samples: int, flat_leads: str, saturated_leads: str, max_abs_mv: float, max_ptp_mv: float
+    nan_samples: int,
+    flat_leads: str,
+    saturated_leads: str,
+    max_abs_mv: float,
+    max_ptp_mv: float,
+    max_lag1_corr: float,
 ) -> tuple[str, str] | None:
     """The first failed check of one record (the columns of :func:`signal_quality`).
 
     Returns:
-        ``(reason, message)`` with reason ``nan_samples``, ``flat_lead``, ``saturated_lead`` or
-        ``implausible_amplitude``; None when the record passes.
+        ``(reason, message)`` with reason ``nan_samples``, ``implausible_amplitude``,
+        ``flat_lead``, ``saturated_lead`` or ``no_ecg_structure``; None when the record passes.
     """
     if nan_samples:
         return (
@@ -125,6 +152,13 @@ def signal_issue(
             "saturated_lead",
             f"lead(s) {saturated_leads} are clipped (at least {SATURATION_FRACTION:.0%} of samples at the "
             "lead's limit): the amplifier saturated; re-record or leave the record out",
+        )
+    if max_lag1_corr < MIN_LAG1_CORRELATION:
+        return (
+            "no_ecg_structure",
+            f"no lead looks like an ECG: the smoothest lead's sample-to-sample correlation is "
+            f"{max_lag1_corr:.2f} (an ECG's is above {MIN_LAG1_CORRELATION:g}), as in noise or random "
+            "data; check the signal format in the header and that the file holds this record",
         )
     return None
 
@@ -176,6 +210,14 @@ def _measure_batch(signals: np.ndarray) -> dict[str, np.ndarray]:
         lead_min[record] = np.where(np.isfinite(lead_min[record]), lead_min[record], 0.0)
     ptp = lead_max - lead_min
     flat = ptp < FLAT_PTP_MV
+    # Lag-1 autocorrelation of each lead: two products over the centred samples, no spectrum and
+    # no difference array (np.diff made this check 3 times slower). A lead with no variation
+    # counts as smooth (the flat check names it).
+    centred = signals - signals.mean(axis=2, keepdims=True)
+    power = np.einsum("ijk,ijk->ij", centred, centred)
+    lagged = np.einsum("ijk,ijk->ij", centred[:, :, 1:], centred[:, :, :-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lag1 = np.where(power > 0, lagged / power, 1.0)
     needed = SATURATION_FRACTION * n_samples
     candidates = (
         ((block_max == lead_max[:, :, None]).sum(axis=2) * block >= needed)
@@ -195,6 +237,7 @@ def _measure_batch(signals: np.ndarray) -> dict[str, np.ndarray]:
         "saturated": saturated,
         "max_abs": np.maximum(np.abs(lead_max), np.abs(lead_min)).max(axis=1).astype(np.float64),
         "max_ptp": ptp.max(axis=1).astype(np.float64),
+        "max_lag1": lag1.max(axis=1).astype(np.float64),
     }
 
 

@@ -249,7 +249,7 @@ class TestRobustParsing:
                 "r0.hea,R0,P0,a,fine",
                 f"r1.hea,R1,P1,a,{'x' * 200_000}",  # over the csv module's field limit
                 'r2.hea,R2,P2,a,"a quote never closed',
-                "r0.hea,R3,P3,a,swallowed before: read now",
+                "r2.hea,R3,P3,a,swallowed before: read now",
             ],
         )
         summary = ingest([export], tmp_path / "out", workers=1)
@@ -301,6 +301,62 @@ class TestRobustParsing:
         summary = ingest([folder], tmp_path / "out", workers=1)
         assert _reasons(tmp_path / "out") == {"E2": "missing_header", "E3": "not_a_regular_file"}
         assert summary.records_in == 3 and summary.loaded == 1
+
+
+class TestDuplicateSignals:
+    @pytest.mark.parametrize("workers", [1, 2])
+    def test_same_signal_under_another_patient_or_hospital_is_quarantined(
+        self, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import ecg_r1.ingest as ingest_module
+
+        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 1)  # the first record must win across workers
+        export = _manifest(
+            tmp_path / "export",
+            [
+                "r0.hea,A1,P1,a,",
+                "r1.hea,A2,P2,a,",
+                "copy.hea,B1,P9,b,",  # r0's bytes under another name, patient and hospital
+                "r0.hea,B2,P8,b,",  # r0's file itself under another patient and hospital
+                "r1.hea,A3,P2,a,",  # the same patient's record exported twice
+            ],
+            n_records=2,
+        )
+        write_record(export / "copy", ecg(0), FS, LEADS)
+        summary = ingest([export], tmp_path / "out", workers=workers)
+        assert read_cohort(tmp_path / "out")["record_id"].to_list() == ["A1", "A2"]
+        quarantine = read_quarantine(tmp_path / "out").sort("record_id")
+        assert quarantine["reason"].to_list() == ["duplicate_signal"] * 3
+        first = dict(zip(quarantine["record_id"], quarantine["message"], strict=True))
+        assert "'A1'" in first["B1"] and "'A1'" in first["B2"] and "'A2'" in first["A3"]
+        assert "another patient" in first["B1"] and "same patient" in first["A3"]
+        assert summary.quarantined == {"duplicate_signal": 3}
+        assert summary.records_in == summary.loaded + 3 == 5
+
+
+class TestImplausibleSignals:
+    RNG = np.random.default_rng(0)
+
+    @pytest.mark.parametrize(
+        ("fmt", "gain", "data"),
+        [
+            (212, 200, RNG.bytes(5000 * 12 * 3 // 2)),
+            # Without -32768, WFDB's invalid value (refused as missing samples before this check).
+            (16, 4000, RNG.integers(-32767, 32768, 5000 * 12).astype("<i2").tobytes()),
+        ],
+        ids=["format-212", "format-16"],  # gains that put the noise in a plausible mV range
+    )
+    def test_random_bytes_are_refused_as_no_ecg(
+        self, tmp_path: Path, fmt: int, gain: int, data: bytes
+    ) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        header = write_record(folder / "E2", ecg(2), FS, LEADS)
+        header.write_text(header.read_text().replace(".dat 16 1000/mV 16 ", f".dat {fmt} {gain}/mV 12 "))
+        header.with_suffix(".dat").write_bytes(data)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
+        assert summary.loaded == 1 and summary.records_in == 2
 
 
 class TestMatlabSignals:

@@ -32,12 +32,14 @@ class TestSharedRecords:
         assert summary.records_in == summary.loaded + sum(summary.quarantined.values())
         assert sum(summary.by_label.values()) == summary.loaded == sum(summary.by_hospital.values())
         assert json.loads((out / "summary.json").read_text()) == summary.to_dict()
-        # Real faults in the shared data: JS20004/JS20008 have all-zero leads, LUDB 115 a clipped lead II.
+        # Real faults in the shared data: JS20004/JS20008 have all-zero leads, LUDB 115 a clipped lead II,
+        # E07510 is E07509 byte for byte (same .mat, same header comments) under its own patient id.
         quarantine = read_quarantine(out)
         assert dict(zip(quarantine["record_id"], quarantine["reason"], strict=True)) == {
             "ludb/115": "saturated_lead",
             "cinc2021/JS20004": "flat_lead",
             "cinc2021/JS20008": "flat_lead",
+            "cinc2021/E07510": "duplicate_signal",
         }
 
     def test_cohort_table_and_signals_agree(self, shared_cohort, cinc_dir: Path) -> None:
@@ -59,7 +61,7 @@ class TestSharedRecords:
         _, summary = shared_cohort
         ludb, cinc = summary.by_source["ludb"], summary.by_source["cinc"]
         assert ludb["records"] == 199 and ludb["ischemic"] == 51 and ludb["unknown"] == 7
-        assert cinc["records"] == 50 and cinc["ischemic"] == 2
+        assert cinc["records"] == 49 and cinc["ischemic"] == 2
         assert summary.twi_cases == ludb["twi"] + cinc["twi"] > 0
         assert summary.twi_by_label["ischemic"] >= 1 and summary.twi_by_label["non-ischemic"] >= 1
 
@@ -114,5 +116,5 @@ def test_cli_prints_summary_json_last(
     code = cli_main(["ingest", str(cinc_dir), "--out", str(tmp_path / "out"), "--no-progress"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["records_in"] == 52 and printed["loaded"] == 50
+    assert printed["records_in"] == 52 and printed["loaded"] == 49  # 2 flat, 1 duplicate
     assert printed["records_in"] == printed["loaded"] + sum(printed["quarantined"].values())

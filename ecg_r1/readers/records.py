@@ -21,6 +21,8 @@ NOT_A_REGULAR_FILE = "not_a_regular_file"
 FILE_TOO_LARGE = "file_too_large"
 DUPLICATE_RECORD_ID = "duplicate_record_id"
 PATIENT_IN_TWO_HOSPITALS = "patient_in_two_hospitals"
+# Found after reading: a signal file whose content (sha256) an earlier record of the batch has.
+DUPLICATE_SIGNAL = "duplicate_signal"
 READ_ERROR = "read_error"
 
 # Key of a reader's row holding the diagnosis codes its label rules did not understand (counted in
