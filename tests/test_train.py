@@ -523,7 +523,7 @@ class TestGRPO:
             "rewards/format_reward/mean",
             "rewards/accuracy_reward/mean",
             "rewards/length_reward/mean",
-            "kl",
+            "frac_reward_zero_std",  # the zero-advantage share, every step (kl only with beta > 0)
             "completions/mean_length",
             "format_valid_rate",
             "learning_rate",
