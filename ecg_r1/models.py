@@ -131,6 +131,10 @@ class TinyArchitecture:
     tokenizer: Mapping[str, Any]
 
 
+# Training stage -> its section under a profile's ``stages``.
+STAGE_SECTIONS = {"vision": "vision_pretrain", "warmup": "format_warmup", "sft": "sft", "grpo": "grpo"}
+
+
 @dataclass(frozen=True)
 class Profile:
     """One model profile, loaded from YAML by :func:`load_profile`.
@@ -196,6 +200,13 @@ class Profile:
         """True when :func:`build_base_model` writes the model folder (tiny or pretrained-language
         sources) rather than resolving an existing checkpoint."""
         return self.is_tiny or self.vision is not None
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The ``stages`` section of a training stage (``vision``, ``warmup``, ``sft``, ``grpo``),
+        as a fresh dict (empty when the profile has none)."""
+        if stage not in STAGE_SECTIONS:
+            raise ProfileError(f"unknown training stage {stage!r}; choose one of {sorted(STAGE_SECTIONS)}")
+        return dict(self.stages.get(STAGE_SECTIONS[stage], {}))
 
     @property
     def reward_names(self) -> list[str]:

@@ -2,7 +2,7 @@
 that start on the same held-out cases (paired bootstrap CI and McNemar), with the mean and spread
 of the differences across seeds.
 
-    python scripts/grpo_seeds.py --start data/models/sft_model/model --seeds 1 2 3 --out /tmp/seeds
+    python scripts/grpo_seeds.py --start data/models/sft_model/model --seeds 1 2 3 --out data/grpo_seeds
 
 Reads the cohort, splits and images of the default layout (``data/``); trains without MLflow
 tracking (nothing is registered); prints one row per seed and split, then the summary, and writes

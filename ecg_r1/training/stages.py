@@ -334,7 +334,7 @@ def _train(
     with _tracked_run(tracking, profile, stage, out_dir, run_name, tags) as run_id:
         _log_params(run_id, {**params, **provenance, "profile": _profile_params(profile)})
         model, processor = load_model_and_processor(start_model, profile)
-        if stage_settings(profile, stage).get("freeze_vision", False):
+        if profile.stage_settings(stage).get("freeze_vision", False):
             freeze_vision_tower(model)
         trainer = make_trainer(model, processor)
         attached = _attach_callbacks(trainer, stage, run_id, progress, callbacks)
@@ -416,19 +416,10 @@ def _train(
     return result
 
 
-# Stage name -> its section under the profile's ``stages``.
-_STAGE_SECTIONS = {"vision": "vision_pretrain", "warmup": "format_warmup", "sft": "sft", "grpo": "grpo"}
-
-
-def stage_settings(profile: Profile, stage: str) -> dict[str, Any]:
-    """The profile's ``stages`` section of a stage (``vision``, ``warmup``, ``sft``, ``grpo``)."""
-    return dict(profile.stages.get(_STAGE_SECTIONS[stage], {}))
-
-
 def note_settings(profile: Profile, stage: str) -> dict[str, float]:
     """``note_dropout`` and ``note_scramble`` of a stage (fractions of the training cases shown
     without their note, or with it scrambled; :func:`ecg_r1.training.data.sft_dataset`)."""
-    settings = stage_settings(profile, stage)
+    settings = profile.stage_settings(stage)
     return {key: float(settings.get(key, 0.0)) for key in ("note_dropout", "note_scramble")}
 
 
@@ -684,7 +675,7 @@ def run_format_warmup(
         classifier).
     """
     profile = _as_profile(profile)
-    stage_cfg = stage_settings(profile, "warmup")
+    stage_cfg = profile.stage_settings("warmup")
     answer = answer or str(stage_cfg.get("answer", "masked"))
     if answer not in WARMUP_ANSWER_MODES:
         raise ValueError(f"format warm-up answer mode must be one of {WARMUP_ANSWER_MODES}, got {answer!r}")
@@ -925,7 +916,7 @@ def run_vision_stage(
     _prepare_out_dir(out_dir, resume=False)
     cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
     provenance = _provenance(Path(repo_root))
-    stage_cfg = stage_settings(profile, "vision")
+    stage_cfg = profile.stage_settings("vision")
     with _tracked_run(
         tracking, profile, "vision", out_dir, run_name, {"profile": profile.name, **provenance}
     ) as run_id:
@@ -1014,7 +1005,7 @@ def build_start_model(
 def findings_rationale(profile: Profile) -> bool:
     """Whether the profile's SFT targets state the measured findings (``stages.sft.rationale_findings``,
     only with ``model.sft_rationale`` on)."""
-    return profile.sft_rationale and bool(stage_settings(profile, "sft").get("rationale_findings", False))
+    return profile.sft_rationale and bool(profile.stage_settings("sft").get("rationale_findings", False))
 
 
 def stage_function(stage: str) -> Any:

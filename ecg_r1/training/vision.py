@@ -1,8 +1,9 @@
 """Signal-grounded pre-training of the vision tower.
 
 A randomly initialised Qwen2-VL learns the text of the prompt long before it learns to read the
-image tokens (measured: SFT from scratch copied the clinical text and ignored the image). This stage teaches the vision tower to see what a cardiologist reads off the page, with
-targets measured from the **raw signal** (:func:`ecg_r1.features.measure_features`), never the
+image tokens (measured: SFT from scratch copied the clinical text and ignored the image). This
+stage teaches the vision tower to see what a cardiologist reads off the page, with targets
+measured from the **raw signal** (:func:`ecg_r1.features.measure_features`), never the
 ischemia label, so it runs on real cohorts as on simulated ones:
 
 * which leads show T-wave inversion (12 binary targets) and the categorical findings the findings
@@ -15,8 +16,8 @@ vectors the language model receives as image tokens). ``positional``: a small pe
 projection followed by a linear map over token positions (the page layout is fixed, so *where* a
 token sits says which lead it shows). ``pooled``: a linear map of the tokens' mean, which makes
 the tower write every finding where an attention head that has not learned where to look finds
-it. The head is thrown away; the updated vision tower (patch embedding, blocks and merger) is saved in the model
-folder, and the language model is untouched.
+it. The head is thrown away; the updated vision tower (patch embedding, blocks and merger) is
+saved in the model folder, and the language model is untouched.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def run_vision_pretrain(
             f"need one signal row per image and at least one case; got {len(image_paths)} images, "
             f"{len(signal_rows)} rows"
         )
-    stage = dict(profile.stages.get("vision_pretrain", {}))
+    stage = profile.stage_settings("vision")
     steps = int(steps if steps is not None else stage.get("steps", 300))
     learning_rate = float(learning_rate if learning_rate is not None else stage.get("learning_rate", 1e-3))
     batch_size = int(batch_size if batch_size is not None else stage.get("batch_size", 32))
