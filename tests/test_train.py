@@ -331,6 +331,28 @@ class TestDatasets:
                 shown.split("Clinical note: ")[1].split("\n")[0]
             )
 
+    def test_balance_hospitals_gives_every_hospital_one_to_one_and_keeps_every_case(self):
+        from ecg_r1.training.data import balance_hospitals
+
+        cases = pl.DataFrame(
+            {
+                "record_id": [f"r{i}" for i in range(10)],
+                "hospital": ["a"] * 4 + ["b"] * 5 + ["c"],
+                "label": [True, False, False, False, True, True, True, True, False, True],
+            }
+        )
+        balanced = balance_hospitals(cases, seed=1)
+        assert balanced.head(cases.height).equals(cases)  # the originals first, unchanged
+        counts = balanced.group_by("hospital", "label").len().sort("hospital", "label")
+        assert counts.filter(pl.col("hospital") == "a")["len"].to_list() == [3, 3]
+        assert counts.filter(pl.col("hospital") == "b")["len"].to_list() == [4, 4]
+        assert counts.filter(pl.col("hospital") == "c")["len"].to_list() == [1]  # one class: kept as is
+        extra = balanced.tail(balanced.height - cases.height)
+        # re-drawn cases are the smaller class's own cases
+        assert set(extra.filter(pl.col("hospital") == "a")["record_id"]) == {"r0"}
+        assert set(extra.filter(pl.col("hospital") == "b")["record_id"]) == {"r8"}
+        assert balanced.equals(balance_hospitals(cases, seed=1))  # seeded
+
 
 class TestAnswerMasking:
     def test_only_the_answer_word_leaves_the_loss(self, base_model, profile):

@@ -49,6 +49,7 @@ from ecg_r1.models import (
     vision_token_ids,
 )
 from ecg_r1.training.data import (
+    balance_hospitals,
     case_findings,
     data_summary,
     grpo_dataset,
@@ -423,6 +424,18 @@ def note_settings(profile: Profile, stage: str) -> dict[str, float]:
     return {key: float(settings.get(key, 0.0)) for key in ("note_dropout", "note_scramble")}
 
 
+def training_cases(
+    profile: Profile, stage: str, cohort_dir: str | Path, splits_path: str | Path, images_dir: str | Path
+) -> pl.DataFrame:
+    """The labelled training cases a label-driven stage (SFT, GRPO) trains on: the train split,
+    with each hospital balanced to 1:1 when the stage's ``balance_hospitals`` is set
+    (:func:`ecg_r1.training.data.balance_hospitals`)."""
+    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
+    if profile.stage_settings(stage).get("balance_hospitals", False):
+        cases = balance_hospitals(cases, seed=profile.seed)
+    return cases
+
+
 def freeze_vision_tower(model: Any) -> int:
     """Keep the vision tower (patch embedding, blocks and merger) out of training.
 
@@ -750,7 +763,7 @@ def run_sft(
     rationale = profile.sft_rationale if rationale is None else bool(rationale)
     with_findings = rationale and findings_rationale(profile)
     notes = note_settings(profile, "sft")
-    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
+    cases = training_cases(profile, "sft", cohort_dir, splits_path, images_dir)
     findings = case_findings(cases, cohort_dir) if with_findings else None
     targets = sft_targets(cases, rationale=rationale, findings=findings)
     return _sft_like(
@@ -826,7 +839,7 @@ def run_grpo(
     from ecg_r1.tracking import MODEL_NAMES
 
     profile = _as_profile(profile)
-    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
+    cases = training_cases(profile, "grpo", cohort_dir, splits_path, images_dir)
     config_seed = int(seed if seed is not None else profile.seed)
     dataset = grpo_dataset(cases, **note_settings(profile, "grpo"), seed=config_seed)
     reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)
