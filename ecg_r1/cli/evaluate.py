@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ecg_r1.cli.predict import add_mlflow_root
+from ecg_r1.modeling.models import DEFAULT_PROFILE
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,9 @@ def _row_name(spec: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from ecg_r1.cli.predict import resolve_model_dir
-    from ecg_r1.comparison import run_comparison
-    from ecg_r1.models import MODEL_INFO_FILE, load_profile
-    from ecg_r1.real_records import REAL_SPLIT, prepare_real_records
+    from ecg_r1.evaluation.comparison import run_comparison
+    from ecg_r1.evaluation.real_records import REAL_SPLIT, prepare_real_records
+    from ecg_r1.modeling.models import MODEL_INFO_FILE, load_profile
     from ecg_r1.training.data import TrainingDataError
 
     models: dict[str, Path] = {}
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             if profile_name:
                 break
     try:
-        profile = load_profile(profile_name or "tiny")
+        profile = load_profile(profile_name or DEFAULT_PROFILE)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"cannot load profile {profile_name!r}: {exc}; pass --profile") from exc
     real_dir = None

@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.modeling.models import DEFAULT_PROFILE
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_mlflow_root(parser: argparse.ArgumentParser) -> None:
     """The ``--mlflow-root`` option of the commands that load registered models."""
-    from ecg_r1.tracking import PROJECT_ROOT
+    from ecg_r1.tracking.runs import PROJECT_ROOT
 
     parser.add_argument(
         "--mlflow-root",
@@ -68,7 +70,7 @@ def resolve_model_dir(model: str, mlflow_root: Path) -> Path:
         raise SystemExit(
             f"--model {model!r} is neither a model folder nor a models:/NAME/VERSION registry URI"
         )
-    from ecg_r1 import tracking
+    from ecg_r1.tracking import runs as tracking
 
     try:
         tracking.parse_model_uri(model)  # a malformed URI is refused before any store is touched
@@ -80,18 +82,18 @@ def resolve_model_dir(model: str, mlflow_root: Path) -> Path:
 
 def header_demographics(meta: dict[str, Any]) -> tuple[float | None, str | None]:
     """Age and sex from a record's parsed header comments (``# Age: 63``, ``# Sex: Female``)."""
-    from ecg_r1.readers.cinc import parse_age, parse_sex
+    from ecg_r1.data.readers.cinc import parse_age, parse_sex
 
     comments = meta.get("comments") or {}
     return parse_age(comments.get("age")), parse_sex(comments.get("sex"))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1 import inference
-    from ecg_r1.models import MODEL_INFO_FILE, load_model_and_processor, load_profile
-    from ecg_r1.prompts import parse_completion
-    from ecg_r1.readers import read_record
-    from ecg_r1.render import render_page, save_png
+    from ecg_r1.data.readers import read_record
+    from ecg_r1.imaging.render import render_page, save_png
+    from ecg_r1.modeling import inference
+    from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor, load_profile
+    from ecg_r1.modeling.prompts import parse_completion
 
     try:
         record = read_record(args.record)
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model, args.mlflow_root)
     info_file = model_dir / MODEL_INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    profile = load_profile(args.profile or info.get("profile") or "tiny")
+    profile = load_profile(args.profile or info.get("profile") or DEFAULT_PROFILE)
     age, sex = header_demographics(record.meta)
     example = {
         "image": render_page(record.signal, profile.render_config()),
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_image is not None:
         save_png(example["image"], args.save_image)
     model, processor = load_model_and_processor(model_dir, profile)
-    max_new_tokens = args.max_new_tokens or int(profile.grpo.get("max_completion_length", 256))
+    max_new_tokens = args.max_new_tokens or profile.max_completion_length
     [completion] = inference.generate(model, processor, [example], max_new_tokens=max_new_tokens)
     [p_yes] = inference.answer_probability(model, processor, [example], completions=[completion])
     parsed = parse_completion(completion)

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ecg_r1.modeling.models import DEFAULT_PROFILE
+
 STAGE_HELP = {
     "vision": "signal-grounded pre-training of the vision tower (targets measured from the raw signal)",
     "warmup": "label-free format warm-up (output contract; answer masked or random)",
@@ -28,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "stage", choices=list(STAGE_HELP), help="; ".join(f"{k}: {v}" for k, v in STAGE_HELP.items())
     )
-    parser.add_argument("--profile", default="tiny", help="profile name or YAML path (default tiny)")
+    parser.add_argument(
+        "--profile", default=DEFAULT_PROFILE, help=f"profile name or YAML path (default {DEFAULT_PROFILE})"
+    )
     parser.add_argument("--cohort", type=Path, required=True, metavar="DIR", help="ingested cohort folder")
     parser.add_argument(
         "--splits", type=Path, required=True, metavar="FILE", help="split manifest (splits.parquet)"
@@ -85,8 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ecg_r1 import tracking
-    from ecg_r1.models import load_profile
+    from ecg_r1.modeling.models import load_profile
+    from ecg_r1.tracking import runs as tracking
     from ecg_r1.training import stages
 
     if args.threads:

@@ -8,9 +8,9 @@ from pydantic import Field
 
 from dagster_project.defs.assets.data_assets import cohort_splits
 from dagster_project.defs.resources import DataLayout, DvcResource
-from ecg_r1.models import load_profile
-from ecg_r1.render import render_cohort
-from ecg_r1.split import SPLITS_FILE
+from ecg_r1.data.split import SPLITS_FILE
+from ecg_r1.imaging.render import render_cohort
+from ecg_r1.modeling.models import DEFAULT_PROFILE, load_profile
 
 GROUP = "images"
 PREVIEWS = 3
@@ -19,7 +19,9 @@ PREVIEWS = 3
 class ImageConfig(dg.Config):
     """Which page to draw: the model profile's page, optionally at another width."""
 
-    profile: str = Field(default="tiny", description="Model profile whose page size the images follow.")
+    profile: str = Field(
+        default=DEFAULT_PROFILE, description="Model profile whose page size the images follow."
+    )
     width_px: int = Field(default=0, description="Page width in pixels; 0: the profile's width.")
     color: bool = Field(default=True, description="Red grid on white; false gives a grey grid.")
     workers: int = Field(default=2, description="Rendering processes.")

@@ -18,8 +18,8 @@ from pydantic import Field
 
 from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
-from ecg_r1.models import load_profile
-from ecg_r1.split import SPLITS_FILE
+from ecg_r1.data.split import SPLITS_FILE
+from ecg_r1.modeling.models import DEFAULT_PROFILE, load_profile
 from ecg_r1.training import stages
 
 GROUP = "models"
@@ -29,7 +29,9 @@ MODEL_DIR = stages.MODEL
 class StageConfig(dg.Config):
     """Which profile trains, and overrides of its stage settings."""
 
-    profile: str = Field(default="tiny", description="Profile name or YAML path (ecg_r1/configs/profiles).")
+    profile: str = Field(
+        default=DEFAULT_PROFILE, description="Profile name or YAML path (ecg_r1/configs/profiles)."
+    )
     max_steps: int = Field(default=0, description="Optimiser steps; 0: the profile's setting.")
     seed: int = Field(default=-1, description="Random seed; -1: the profile's seed.")
 

@@ -1,0 +1,262 @@
+"""Generating answers and reading the model's probability of "Yes".
+
+An *example* is a mapping with ``image`` (a PIL image of the rendered page) and ``age``, ``sex``,
+``note`` (any may be None); the prompt is :func:`ecg_r1.modeling.prompts.build_multimodal_prompt`, the
+same words the trainers use.
+
+:func:`answer_probability` gives a score for ROC analysis that does not depend on sampling: the
+model's completion is teacher-forced up to the answer, then the probabilities the model gives to
+the answer words are compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ecg_r1.modeling.models import vision_token_ids
+from ecg_r1.modeling.prompts import ANSWER_OPEN, NO, THINK_CLOSE, THINK_OPEN, YES, build_multimodal_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def _check_examples(examples: Sequence[Mapping[str, Any]]) -> None:
+    for i, example in enumerate(examples):
+        image = example.get("image") if isinstance(example, Mapping) else None
+        if image is None or not hasattr(image, "convert"):
+            raise ValueError(
+                f"example {i} needs an 'image' (a PIL image of the rendered ECG page), got "
+                f"{type(image).__name__}; render the record with ecg_r1.imaging.render.render_page first"
+            )
+
+
+def prompt_texts(processor: Any, examples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The chat-formatted prompt of each example, ending with the assistant's turn."""
+    return [
+        processor.apply_chat_template(
+            build_multimodal_prompt(ex.get("age"), ex.get("sex"), ex.get("note")),
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for ex in examples
+    ]
+
+
+@contextlib.contextmanager
+def _padding_side(processor: Any, side: str) -> Iterator[None]:
+    # Decoder-only generation needs left padding so every prompt ends where generation starts.
+    tokenizer = processor.tokenizer
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = previous
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _encode(processor: Any, texts: list[str], images: list[Any], device: Any) -> dict[str, Any]:
+    encoded = processor(
+        text=texts, images=[image.convert("RGB") for image in images], return_tensors="pt", padding=True
+    )
+    return {key: value.to(device) for key, value in encoded.items()}
+
+
+def generate(
+    model: Any,
+    processor: Any,
+    examples: Sequence[Mapping[str, Any]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    seed: int | None = None,
+) -> list[str]:
+    """Generate a completion for each example.
+
+    Args:
+        model: a Qwen2-VL model (see :func:`ecg_r1.modeling.models.load_model_and_processor`).
+        processor: its :class:`ecg_r1.modeling.models.ECGProcessor`.
+        examples: mappings with ``image``, ``age``, ``sex``, ``note``.
+        max_new_tokens: completion length cap (a completion cut here is invalid by contract).
+        temperature: 0 for greedy decoding (deterministic); above 0 samples.
+        batch_size: examples per ``generate`` call.
+        seed: seeds sampling when temperature > 0.
+
+    Returns:
+        The completions, special tokens removed, in the order of ``examples``.
+
+    Raises:
+        ValueError: when an example has no image, or an argument is out of range.
+    """
+    import torch
+
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _check_examples(examples)
+    if seed is not None:
+        torch.manual_seed(seed)
+    texts = prompt_texts(processor, examples)
+    tokenizer = processor.tokenizer
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    outputs: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with _padding_side(processor, "left"), torch.inference_mode():
+            for part in _batches(len(examples), batch_size):
+                inputs = _encode(processor, texts[part], [ex["image"] for ex in examples[part]], model.device)
+                generated = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    # A checkpoint's generation_config may carry sampling defaults (top_k, top_p);
+                    # greedy decoding must not inherit them.
+                    top_k=None,
+                    top_p=None,
+                    suppress_tokens=vision_token_ids(model.config),
+                    **sampling,
+                )
+                new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+                outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def forced_answer_prefix(completion: str) -> str:
+    """The completion up to and including ``<answer>``, used to teacher-force the answer position.
+
+    The generated reasoning is kept as written: the text between ``<think>`` and the first
+    ``</think>``. A completion without ``</think>`` (truncated, or answer-only) keeps what it has
+    before any ``<answer>`` as its reasoning. The result is always
+    ``<think>REASONING</think><answer>``.
+
+    Args:
+        completion: a generated completion.
+
+    Returns:
+        The prefix to append to the prompt.
+    """
+    text = completion
+    start = text.find(THINK_OPEN)
+    if start >= 0:
+        text = text[start + len(THINK_OPEN) :]
+    end = text.find(THINK_CLOSE)
+    if end >= 0:
+        think = text[:end]
+    else:
+        answer_at = text.find(ANSWER_OPEN)
+        think = text if answer_at < 0 else text[:answer_at]
+    return f"{THINK_OPEN}{think}{THINK_CLOSE}{ANSWER_OPEN}"
+
+
+def answer_probability(
+    model: Any,
+    processor: Any,
+    examples: Sequence[Mapping[str, Any]],
+    completions: Sequence[str] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+) -> np.ndarray:
+    """The model's probability that the answer is "Yes" (ischemic), per example.
+
+    How: the prompt plus :func:`forced_answer_prefix` of the completion
+    (``<think>REASONING</think><answer>``) is teacher-forced, and the log-probability of the
+    tokens spelling ``Yes`` and of those spelling ``No`` at that position is read (each word is
+    one token in Qwen's tokenizer and usually in the tiny one; when a word spans several tokens
+    their log-probabilities are summed). P(Yes) = exp(lp_yes) / (exp(lp_yes) + exp(lp_no)): the
+    next-token distribution restricted to the two answers. Invalid completions still get a
+    probability (their reasoning is forced into the contract's shape), so AUROC covers every
+    case; the evaluation reports the invalid rate separately.
+
+    Args:
+        model, processor: as for :func:`generate`.
+        examples: mappings with ``image``, ``age``, ``sex``, ``note``.
+        completions: the model's completions for these examples; None generates them greedily.
+        batch_size: examples per forward pass (each example is scored as two sequences).
+        max_new_tokens: for the greedy generation when ``completions`` is None.
+
+    Returns:
+        float64 array of P(Yes), shape ``(len(examples),)``.
+
+    Raises:
+        ValueError: when ``completions`` does not match ``examples`` in length, or an example
+            has no image.
+    """
+    import torch
+
+    _check_examples(examples)
+    if completions is None:
+        completions = generate(
+            model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions for {len(examples)} examples; pass one per example")
+    prompts = prompt_texts(processor, examples)
+    probabilities = np.empty(len(examples), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with _padding_side(processor, "left"), torch.inference_mode():
+            for part in _batches(len(examples), batch_size):
+                texts, images = [], []
+                for prompt, completion, example in zip(
+                    prompts[part], completions[part], examples[part], strict=True
+                ):
+                    prefix = prompt + forced_answer_prefix(completion)
+                    texts.extend((prefix + YES, prefix + NO))
+                    images.extend((example["image"], example["image"]))
+                inputs = _encode(processor, texts, images, model.device)
+                scores = _continuation_logprobs(model, inputs)
+                for offset, index in enumerate(range(part.start, part.stop)):
+                    lp_yes, lp_no = scores[2 * offset], scores[2 * offset + 1]
+                    probabilities[index] = 1.0 / (1.0 + math.exp(lp_no - lp_yes))
+    finally:
+        model.train(was_training)
+    return probabilities
+
+
+def _continuation_logprobs(model: Any, inputs: dict[str, Any]) -> list[float]:
+    """Sum of log-probabilities of each pair's differing tail (the answer word's tokens).
+
+    Rows come in pairs (Yes, No) sharing the same prefix; with left padding every row ends at the
+    last position, so only the last few positions' logits are needed (``logits_to_keep``), which
+    keeps memory small with a 150k-token vocabulary.
+    """
+    import torch
+
+    ids = inputs["input_ids"]
+    mask = inputs["attention_mask"].bool()
+    tails = []
+    for row in range(0, ids.shape[0], 2):
+        yes, no = ids[row][mask[row]], ids[row + 1][mask[row + 1]]
+        common = 0
+        limit = min(len(yes), len(no))
+        while common < limit and yes[common] == no[common]:
+            common += 1
+        tails.extend((len(yes) - common, len(no) - common))
+    if min(tails) < 1:
+        raise RuntimeError(
+            "the Yes and No continuations tokenised identically; the tokenizer cannot tell them apart"
+        )
+    keep = max(tails) + 1
+    logits = model(**inputs, logits_to_keep=keep).logits  # (rows, keep, vocab)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for row, tail in enumerate(tails):
+        # The last `tail` tokens are predicted by the positions just before them.
+        targets = ids[row, -tail:]
+        positions = torch.arange(keep - 1 - tail, keep - 1, device=logprobs.device)
+        out.append(float(logprobs[row, positions, targets].sum()))
+    return out
