@@ -83,6 +83,7 @@ def result(setup, tmp_path_factory) -> comparison.Comparison:
     )
 
 
+@pytest.mark.slow  # trains and evaluates tiny models (fixture ~7 s)
 class TestRunComparison:
     def test_table_has_every_row_on_both_splits_with_n_and_intervals(self, result):
         table = result.table
@@ -226,6 +227,7 @@ class TestRunComparison:
             comparison.stage_folder(tmp_path)
 
 
+@pytest.mark.slow  # the CLI on trained models
 class TestEvaluateCommand:
     def test_prints_the_table_for_a_model_folder(self, setup, tmp_path, capsys):
         from ecg_r1.cli import main
@@ -286,6 +288,7 @@ class TestEvaluateCommand:
             )
 
 
+@pytest.mark.slow  # predicts with trained models
 class TestAblations:
     def test_what_each_ablation_shows_the_model(self, setup, monkeypatch):
         """The image ablation shows every case one flat-line page; the note ablation no note."""

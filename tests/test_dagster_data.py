@@ -67,6 +67,7 @@ def validated_probe() -> None:
     pass
 
 
+@pytest.mark.slow  # materializes the simulated data chain
 class TestDataChain:
     def test_simulated_chain_materializes_with_metadata(self, tmp_path):
         run_config = {

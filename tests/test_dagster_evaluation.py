@@ -29,6 +29,9 @@ from ecg_r1.modeling.models import (
 from ecg_r1.modeling.prompts import format_target, parse_completion
 from ecg_r1.tracking import runs as tracking
 
+# every test here materializes trained models and the comparison (~25 s in all)
+pytestmark = pytest.mark.slow
+
 ASSETS = [
     ev.reference_baselines,
     ev.model_comparison,

@@ -129,6 +129,7 @@ class TestPrepare:
         assert paths_from_env() == []
 
 
+@pytest.mark.slow  # renders real records and runs a comparison
 class TestRealRecordSection:
     def test_rows_n_and_intervals(self, result):
         lines = section(result.table)

@@ -15,6 +15,9 @@ import yaml
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
 from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter
 
+# training stages on a tiny model (~15 s in all)
+pytestmark = pytest.mark.slow
+
 ANTERIOR = ("V1", "V2", "V3", "V4")
 LATERAL = ("I", "aVL", "V5", "V6")
 

@@ -73,6 +73,7 @@ class TestDvcExecutable:
         assert dvc_executable(tmp_path) == str(exe)
 
 
+@pytest.mark.slow  # runs dvc in a scratch repository
 class TestDataVersion:
     def test_untracked_data_has_no_version(self, tmp_path):
         assert data_version(tmp_path) is None
