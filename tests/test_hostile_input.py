@@ -399,6 +399,110 @@ class TestMatlabSignals:
         assert summary.loaded == 1
 
 
+def _children() -> list[int]:
+    """Process ids of this process's children still alive (zombies included)."""
+    me = str(os.getpid())
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            children.append(int(stat_file.parent.name))
+    return children
+
+
+class TestRecordTimeout:
+    """A record that hangs costs its limit and a ``timeout`` quarantine, never the batch."""
+
+    LIMIT_S = 0.5
+    HANG_S = 30.0  # far beyond the limit: without it the record would load (and the test fail)
+
+    @pytest.fixture
+    def export(self, tmp_path: Path) -> Path:
+        folder = tmp_path / "export"
+        for index in range(6):
+            write_record(folder / f"E{index}", ecg(index), FS, LEADS)
+        return folder
+
+    @staticmethod
+    def _hang_on(monkeypatch: pytest.MonkeyPatch, record_id: str, block_alarm: bool = False) -> None:
+        """Make reading ``record_id`` hang (workers are forked: they inherit the patch)."""
+        import time
+
+        import ecg_r1.ingest as ingest_module
+
+        real = ingest_module.load_ref
+
+        def hanging(ref, rules, out=None):
+            if ref.record_id.endswith(f"/{record_id}"):
+                if block_alarm:  # as C code that never returns to the interpreter would
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                time.sleep(TestRecordTimeout.HANG_S)
+            return real(ref, rules, out=out)
+
+        monkeypatch.setattr(ingest_module, "load_ref", hanging)
+
+    @pytest.mark.parametrize("workers", [1, 2])
+    def test_hanging_record_is_quarantined_and_the_rest_load(
+        self, export: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import ecg_r1.ingest as ingest_module
+
+        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 2)
+        self._hang_on(monkeypatch, "E3")
+        summary = ingest([export], tmp_path / "out", workers=workers, record_timeout_s=self.LIMIT_S)
+        assert _reasons(tmp_path / "out") == {"E3": "timeout"}
+        message = read_quarantine(tmp_path / "out")["message"][0]
+        assert "longer than the 0.5 s" in message and "--record-timeout" in message
+        assert sorted(r.split("/")[-1] for r in read_cohort(tmp_path / "out")["record_id"]) == [
+            "E0",
+            "E1",
+            "E2",
+            "E4",
+            "E5",
+        ]
+        assert summary.records_in == summary.loaded + 1 == 6
+        assert _children() == []
+
+    def test_worker_stuck_beyond_signals_is_ended_and_only_its_record_lost(
+        self, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import ecg_r1.ingest as ingest_module
+
+        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 2)
+        monkeypatch.setattr(ingest_module, "STUCK_GRACE_S", 0.5)
+        self._hang_on(monkeypatch, "E2", block_alarm=True)
+        summary = ingest([export], tmp_path / "out", workers=2, record_timeout_s=self.LIMIT_S)
+        assert _reasons(tmp_path / "out") == {"E2": "timeout"}
+        assert "stopped responding" in read_quarantine(tmp_path / "out")["message"][0]
+        assert sorted(r.split("/")[-1] for r in read_cohort(tmp_path / "out")["record_id"]) == [
+            "E0",
+            "E1",
+            "E3",
+            "E4",
+            "E5",
+        ]
+        assert summary.records_in == summary.loaded + 1 == 6
+        assert _children() == []
+
+    def test_caller_alarm_is_kept(self, export: Path, tmp_path: Path) -> None:
+        previous = signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        try:
+            ingest([export], tmp_path / "out", workers=1, record_timeout_s=self.LIMIT_S)
+            assert signal.getsignal(signal.SIGALRM) is signal.SIG_IGN
+            assert 50 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    def test_limit_must_be_positive(self, export: Path, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="positive"):
+            ingest([export], tmp_path / "out", record_timeout_s=0)
+
+
 class TestAtomicOutputs:
     @pytest.fixture
     def cohort(self, tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
@@ -475,8 +579,9 @@ class TestCleanCliErrors:
             ["simulate", "--n", "4", "--hospitals", "0"],
             ["simulate", "--n", "4", "--out", "{file}/cohort"],
             ["ingest", "{missing}", "--out", "{file}/cohort", "--no-progress"],
+            ["ingest", "{missing}", "--out", "{missing}/cohort", "--record-timeout", "0"],
         ],
-        ids=["n-negative", "no-hospitals", "out-under-a-file", "ingest-out-under-a-file"],
+        ids=["n-negative", "no-hospitals", "out-under-a-file", "ingest-out-under-a-file", "record-timeout-0"],
     )
     def test_user_errors_are_one_line(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
