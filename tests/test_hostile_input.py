@@ -20,7 +20,7 @@ from ecg_r1.cli import main as cli_main
 from ecg_r1.ingest import ingest
 from ecg_r1.labels import label_cinc, label_ptbxl, load_rules, parse_dx
 from ecg_r1.readers.wfdb_io import write_record
-from ecg_r1.store import read_cohort, read_quarantine
+from ecg_r1.store import open_signals, read_cohort, read_quarantine
 
 SECRET = "SECRET-LINE do not copy me"
 
@@ -301,6 +301,50 @@ class TestRobustParsing:
         summary = ingest([folder], tmp_path / "out", workers=1)
         assert _reasons(tmp_path / "out") == {"E2": "missing_header", "E3": "not_a_regular_file"}
         assert summary.records_in == 3 and summary.loaded == 1
+
+
+class TestUnits:
+    """Voltages are converted from the units a header names; units that are no known voltage are
+    refused (a scale guessed as mV would load confident, wrong voltages)."""
+
+    @staticmethod
+    def _with_units(header: Path, units: str, lead: str | None = None) -> None:
+        lines = header.read_text().splitlines()
+        for number, line in enumerate(lines[1:], start=1):
+            if lead is None or line.endswith(f" {lead}"):
+                lines[number] = line.replace("/mV ", f"/{units} ")
+        header.write_text("\n".join(lines) + "\n")
+
+    @pytest.mark.parametrize("units", ["mmHg", "counts", "mV2", "%"])
+    def test_unknown_units_on_a_lead_are_quarantined(self, tmp_path: Path, units: str) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        self._with_units(write_record(folder / "E2", ecg(2), FS, LEADS), units, lead="V3")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "unknown_units"}
+        assert "signal line 9" in read_quarantine(tmp_path / "out")["message"][0]
+        assert summary.records_in == summary.loaded + 1 == 2
+
+    @pytest.mark.parametrize(
+        ("units", "gain_factor"), [("uV", 1e-3), ("microvolts", 1e-3), ("V", 1e3), ("Millivolts", 1)]
+    )
+    def test_known_units_are_converted(self, tmp_path: Path, units: str, gain_factor: float) -> None:
+        folder = tmp_path / "export"
+        signal = ecg(1)
+        # The same digital values at a gain per `units` that describes the same voltages.
+        header = write_record(folder / "E1", signal, FS, LEADS)
+        header.write_text(header.read_text().replace(" 1000/mV ", f" {1000 * gain_factor:g}/{units} "))
+        ingest([folder], tmp_path / "out", workers=1)
+        stored = open_signals(tmp_path / "out")[0]
+        np.testing.assert_allclose(stored, signal.T.astype(np.float32), atol=1e-3)
+
+    def test_other_channel_in_other_units_is_ignored(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        pressure = np.full((len(ecg(1)), 1), 0.1)
+        header = write_record(folder / "E1", np.hstack([ecg(1), pressure]), FS, [*LEADS, "ABP"])
+        self._with_units(header, "mmHg", lead="ABP")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert summary.loaded == 1 and summary.quarantined == {}
 
 
 class TestDuplicateSignals:
