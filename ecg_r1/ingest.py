@@ -251,8 +251,10 @@ def _ingest_into(
     # Built column by column: a list of row dicts costs polars several times more per record.
     cohort = pl.DataFrame({k: [row.get(k) for row in rows] for k in COHORT_SCHEMA}, schema=COHORT_SCHEMA)
     cohort.write_parquet(work / COHORT_FILE)
+    # Column by column from the attributes: Quarantine.to_row (dataclasses.asdict deep-copies) once
+    # per column and record cost 10 % of an ingest that refuses most of its records.
     quarantine = pl.DataFrame(
-        [{k: q.to_row()[k] for k in QUARANTINE_SCHEMA} for q in refused], schema=QUARANTINE_SCHEMA
+        {k: [getattr(q, k) for q in refused] for k in QUARANTINE_SCHEMA}, schema=QUARANTINE_SCHEMA
     )
     quarantine.write_parquet(work / QUARANTINE_FILE)
 
