@@ -402,6 +402,52 @@ class TestImplausibleSignals:
         assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
         assert summary.loaded == 1 and summary.records_in == 2
 
+    @pytest.mark.parametrize("fs", [50, 100, 160])
+    def test_noise_sampled_slowly_is_refused_as_no_ecg(self, tmp_path: Path, fs: int) -> None:
+        # Smooth once resampled to 500 Hz: the lag-1 test passes it, the QRS structure test does not.
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", self.RNG.normal(0, 0.3, (10 * fs, 12)), fs, LEADS)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
+        assert "no QRS complexes" in read_quarantine(tmp_path / "out")["message"][0]
+        assert summary.loaded == 1 and summary.records_in == 2
+
+    def test_smoothed_noise_is_refused_as_no_ecg(self, tmp_path: Path) -> None:
+        from scipy.signal import butter, lfilter
+
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        b, a = butter(4, 20 / (FS / 2))
+        write_record(folder / "E2", lfilter(b, a, self.RNG.normal(0, 1, (5000, 12)), axis=0), FS, LEADS)
+        ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
+
+    def test_rate_declared_ten_times_too_low_is_refused(self, tmp_path: Path) -> None:
+        # 500 Hz samples declared as 50 Hz: 1 s of ECG stretched over 10 s (one or two beats).
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", ecg(2), 50, LEADS)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "implausible_rate"}
+        assert "sampling rate" in read_quarantine(tmp_path / "out")["message"][0]
+        assert summary.loaded == 1
+
+    def test_rate_declared_ten_times_too_high_leaves_too_short_a_record(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", ecg(2), 5000, LEADS)  # 10 s of samples read as 1 s
+        ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "too_short"}
+
+    def test_no_real_record_is_refused_by_the_plausibility_checks(
+        self, ludb_dir: Path, cinc_dir: Path, tmp_path: Path
+    ) -> None:
+        summary = ingest([ludb_dir, cinc_dir], tmp_path / "out", workers=2)
+        # The known faults of the shared copies: LUDB 115 clipped, two CinC records with empty leads,
+        # CinC E07510 a byte copy of E07509.
+        assert summary.quarantined == {"duplicate_signal": 1, "flat_lead": 2, "saturated_lead": 1}
+
 
 class TestMatlabSignals:
     @staticmethod
