@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python benchmarks/plausibility.py [--sim-n 2000] [--sim-seeds 0 1] [--noise-n 200]
 
-What it measures, in one run, with :func:`ecg_r1.signal_checks.signal_issues` (what ingest runs):
+What it measures, in one run, with :func:`ecg_r1.data.signal_checks.signal_issues` (what ingest runs):
 
 1. **False refusals** (must be 0): the shared real records (LUDB + CinC 2021, read by the
    project's readers, every record of 8 s or more, before any check) and simulated cohorts
@@ -31,12 +31,12 @@ from scipy.signal import butter, lfilter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ecg_r1.canonical import FS, LEADS, canonicalize  # noqa: E402
-from ecg_r1.ingest import ingest  # noqa: E402
-from ecg_r1.readers.wfdb_io import parse_header, read_signal  # noqa: E402
-from ecg_r1.signal_checks import signal_issues, signal_quality  # noqa: E402
+from ecg_r1.data.canonical import FS, LEADS, canonicalize  # noqa: E402
+from ecg_r1.data.ingest import ingest  # noqa: E402
+from ecg_r1.data.readers.wfdb_io import parse_header, read_signal  # noqa: E402
+from ecg_r1.data.signal_checks import signal_issues, signal_quality  # noqa: E402
+from ecg_r1.data.store import open_signals  # noqa: E402
 from ecg_r1.simulate import simulate_cohort  # noqa: E402
-from ecg_r1.store import open_signals  # noqa: E402
 
 SHARED = ROOT / ".." / "shared" / "data"
 RATE_FACTORS = (0.1, 0.2, 0.5, 2.0, 5.0, 10.0)

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from ecg_r1 import pretrained
-from ecg_r1.models import (
+from ecg_r1.modeling import pretrained
+from ecg_r1.modeling.models import (
     MODEL_INFO_FILE,
     ProfileError,
     build_base_model,
@@ -25,7 +25,7 @@ from ecg_r1.models import (
     load_profile,
     lora_config,
 )
-from ecg_r1.prompts import build_multimodal_prompt
+from ecg_r1.modeling.prompts import build_multimodal_prompt
 
 SMOL = pretrained.LANGUAGE_MODELS["smollm2-135m"]
 LAYERS = 2
@@ -151,7 +151,7 @@ class TestConversion:
         assert not attention.q_proj.bias.any() and not attention.k_proj.bias.any()
 
     def test_saved_folder_reloads_and_reads_a_page(self, smol_dir, smol):
-        from ecg_r1.render import render_page
+        from ecg_r1.imaging.render import render_page
 
         model, processor = smol
         profile = load_profile("smol")

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="SECONDS",
         help="longest one record may take to read; a slower one is quarantined as 'timeout' and the rest "
-        "load (default: ecg_r1.ingest.RECORD_TIMEOUT_S, 10 s)",
+        "load (default: ecg_r1.data.ingest.RECORD_TIMEOUT_S, 10 s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1.ingest import RECORD_TIMEOUT_S, IngestRefused, ingest
-    from ecg_r1.labels import load_rules
+    from ecg_r1.data.ingest import RECORD_TIMEOUT_S, IngestRefused, ingest
+    from ecg_r1.data.labels import load_rules
 
     if args.workers < 1:
         raise SystemExit("--workers must be at least 1")

@@ -8,9 +8,9 @@ from pydantic import Field
 
 from dagster_project.defs.assets.data_assets import cohort_splits
 from dagster_project.defs.resources import DataLayout, DvcResource
-from ecg_r1.models import load_profile
-from ecg_r1.render import render_cohort
-from ecg_r1.split import SPLITS_FILE
+from ecg_r1.data.split import SPLITS_FILE
+from ecg_r1.imaging.render import render_cohort
+from ecg_r1.modeling.models import load_profile
 
 GROUP = "images"
 PREVIEWS = 3

@@ -1,4 +1,4 @@
-"""Ingest: read every record of the given inputs into one cohort folder (see :mod:`ecg_r1.store`).
+"""Ingest: read every record of the given inputs into one cohort folder (see :mod:`ecg_r1.data.store`).
 
 Steps:
 
@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecg_r1.canonical import LEADS, N_SAMPLES
-from ecg_r1.labels import LabelRules, load_rules
-from ecg_r1.readers import RECORD_ERRORS, discover, load_ref
-from ecg_r1.readers.records import (
+from ecg_r1.data.canonical import LEADS, N_SAMPLES
+from ecg_r1.data.labels import LabelRules, load_rules
+from ecg_r1.data.readers import RECORD_ERRORS, discover, load_ref
+from ecg_r1.data.readers.records import (
     DUPLICATE_RECORD_ID,
     DUPLICATE_SIGNAL,
     PATIENT_IN_TWO_HOSPITALS,
@@ -56,8 +56,8 @@ from ecg_r1.readers.records import (
     Quarantine,
     RecordRef,
 )
-from ecg_r1.signal_checks import signal_issues
-from ecg_r1.store import (
+from ecg_r1.data.signal_checks import signal_issues
+from ecg_r1.data.store import (
     COHORT_FILE,
     COHORT_SCHEMA,
     QUARANTINE_FILE,
@@ -75,7 +75,7 @@ CHUNK_SIZE = 64
 CHECK_BATCH = 8
 # Longest one record may take to read (seconds of wall-clock time), after which it is quarantined
 # as ``timeout`` and the batch goes on. A 10 s record reads in about a millisecond and the size
-# limits of :mod:`ecg_r1.readers.wfdb_io` bound the slowest valid file measured at 0.9 s, so only a
+# limits of :mod:`ecg_r1.data.readers.wfdb_io` bound the slowest valid file measured at 0.9 s, so only a
 # file that hangs (a stalled disk, a pathological parse) reaches it. ``ecg-r1 ingest
 # --record-timeout`` and the ``raw_cohort`` asset's config default to this.
 RECORD_TIMEOUT_S = 10.0

@@ -13,8 +13,8 @@ import numpy as np
 import polars as pl
 from scipy.ndimage import uniform_filter1d
 
-from ecg_r1.canonical import FS, LEADS
-from ecg_r1.features import beats_from_energy
+from ecg_r1.data.canonical import FS, LEADS
+from ecg_r1.data.features import beats_from_energy
 
 # A lead whose peak-to-peak range is below this is flat: an unplugged electrode or a zeroed
 # channel. Real leads show at least the QRS (well over 0.1 mV); 10 µV is below any ECG.
@@ -37,7 +37,7 @@ MIN_RECORD_PTP_MV = 0.05
 # mains hum drowning every lead gives 0.81/0.73. Noise sampled below about 170 Hz (or smoothed)
 # is as smooth as an ECG and passes this test; :data:`MIN_QRS_PEAKINESS` catches it.
 MIN_LAG1_CORRELATION = 0.85
-# A record whose QRS energy (:func:`ecg_r1.features.qrs_energy`'s recipe: 20 ms slopes of the 8
+# A record whose QRS energy (:func:`ecg_r1.data.features.qrs_energy`'s recipe: 20 ms slopes of the 8
 # independent leads, squared, summed, smoothed over 40 ms) peaks at less than this multiple of
 # its median (99th over 50th percentile) has no QRS complexes: noise has no such structure. An
 # ECG's energy sits in its QRS complexes, a tenth of the time, so the ratio is large whatever the
@@ -309,7 +309,7 @@ def _qrs_structure(
     signals: np.ndarray, usable: np.ndarray, exact: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """QRS peakiness, QRS complexes found and heart rate of each record (the project's beat
-    detector, :mod:`ecg_r1.features`); records not ``usable`` (non-finite or all flat: other checks
+    detector, :mod:`ecg_r1.data.features`); records not ``usable`` (non-finite or all flat: other checks
     name them) get values that pass.
 
     The energy is smoothed over 40 ms, so every 4th sample (125 Hz) keeps its peaks and
@@ -327,7 +327,7 @@ def _qrs_structure(
     if not len(index) or signals.shape[-1] < FS:
         return peakiness, n_beats, hr
     part = signals if len(index) == n else signals[index]
-    # The QRS energy of ecg_r1.features at 250 Hz (every other sample: half the work; the 20 ms
+    # The QRS energy of ecg_r1.data.features at 250 Hz (every other sample: half the work; the 20 ms
     # difference and 40 ms smoothing keep their lengths), then every other sample of it.
     # I, II and V1-V6 only: III, aVR, aVL and aVF are combinations of I and II and add no QRS.
     half = part[:, _INDEPENDENT_LEADS, ::2]
