@@ -70,7 +70,8 @@ def synthetic_ecg(seed: int, n: int = 5000, fs: int = 500) -> np.ndarray:
 
 
 def make_folder(folder: Path, n_records: int, n_distinct: int = 16) -> list[Path]:
-    """Write ``n_records`` records (copies of ``n_distinct`` signals under new names)."""
+    """Write ``n_records`` records (copies of ``n_distinct`` signals under new names, each with one
+    sample changed)."""
     templates = []
     for i in range(n_distinct):
         header = write_record(
@@ -89,7 +90,11 @@ def make_folder(folder: Path, n_records: int, n_distinct: int = 16) -> list[Path
         text = text.replace(stem, name) + f"# Dx: {DX[n % len(DX)]}\n"
         (folder / "records" / f"{name}.hea").parent.mkdir(parents=True, exist_ok=True)
         (folder / "records" / f"{name}.hea").write_text(text)
-        (folder / "records" / f"{name}.dat").write_bytes(data)
+        # The last sample of the last lead carries the record's number: every signal file differs, as
+        # in real data (ingest refuses a signal file it has already read as duplicate_signal).
+        (folder / "records" / f"{name}.dat").write_bytes(
+            data[:-2] + (n % 30000).to_bytes(2, "little", signed=True)
+        )
         headers.append(folder / "records" / f"{name}.hea")
     shutil.rmtree(folder / "templates")
     return headers

@@ -20,7 +20,7 @@ from ecg_r1.data.canonical import LEADS
 from ecg_r1.data.ingest import ingest
 from ecg_r1.data.labels import label_cinc, label_ptbxl, load_rules, parse_dx
 from ecg_r1.data.readers.wfdb_io import write_record
-from ecg_r1.data.store import read_cohort, read_quarantine
+from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
 
 SECRET = "SECRET-LINE do not copy me"
 
@@ -303,6 +303,50 @@ class TestRobustParsing:
         assert summary.records_in == 3 and summary.loaded == 1
 
 
+class TestUnits:
+    """Voltages are converted from the units a header names; units that are no known voltage are
+    refused (a scale guessed as mV would load confident, wrong voltages)."""
+
+    @staticmethod
+    def _with_units(header: Path, units: str, lead: str | None = None) -> None:
+        lines = header.read_text().splitlines()
+        for number, line in enumerate(lines[1:], start=1):
+            if lead is None or line.endswith(f" {lead}"):
+                lines[number] = line.replace("/mV ", f"/{units} ")
+        header.write_text("\n".join(lines) + "\n")
+
+    @pytest.mark.parametrize("units", ["mmHg", "counts", "mV2", "%"])
+    def test_unknown_units_on_a_lead_are_quarantined(self, tmp_path: Path, units: str) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        self._with_units(write_record(folder / "E2", ecg(2), FS, LEADS), units, lead="V3")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "unknown_units"}
+        assert "signal line 9" in read_quarantine(tmp_path / "out")["message"][0]
+        assert summary.records_in == summary.loaded + 1 == 2
+
+    @pytest.mark.parametrize(
+        ("units", "gain_factor"), [("uV", 1e-3), ("microvolts", 1e-3), ("V", 1e3), ("Millivolts", 1)]
+    )
+    def test_known_units_are_converted(self, tmp_path: Path, units: str, gain_factor: float) -> None:
+        folder = tmp_path / "export"
+        signal = ecg(1)
+        # The same digital values at a gain per `units` that describes the same voltages.
+        header = write_record(folder / "E1", signal, FS, LEADS)
+        header.write_text(header.read_text().replace(" 1000/mV ", f" {1000 * gain_factor:g}/{units} "))
+        ingest([folder], tmp_path / "out", workers=1)
+        stored = open_signals(tmp_path / "out")[0]
+        np.testing.assert_allclose(stored, signal.T.astype(np.float32), atol=1e-3)
+
+    def test_other_channel_in_other_units_is_ignored(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        pressure = np.full((len(ecg(1)), 1), 0.1)
+        header = write_record(folder / "E1", np.hstack([ecg(1), pressure]), FS, [*LEADS, "ABP"])
+        self._with_units(header, "mmHg", lead="ABP")
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert summary.loaded == 1 and summary.quarantined == {}
+
+
 class TestDuplicateSignals:
     @pytest.mark.parametrize("workers", [1, 2])
     def test_same_signal_under_another_patient_or_hospital_is_quarantined(
@@ -358,6 +402,52 @@ class TestImplausibleSignals:
         assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
         assert summary.loaded == 1 and summary.records_in == 2
 
+    @pytest.mark.parametrize("fs", [50, 100, 160])
+    def test_noise_sampled_slowly_is_refused_as_no_ecg(self, tmp_path: Path, fs: int) -> None:
+        # Smooth once resampled to 500 Hz: the lag-1 test passes it, the QRS structure test does not.
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", self.RNG.normal(0, 0.3, (10 * fs, 12)), fs, LEADS)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
+        assert "no QRS complexes" in read_quarantine(tmp_path / "out")["message"][0]
+        assert summary.loaded == 1 and summary.records_in == 2
+
+    def test_smoothed_noise_is_refused_as_no_ecg(self, tmp_path: Path) -> None:
+        from scipy.signal import butter, lfilter
+
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        b, a = butter(4, 20 / (FS / 2))
+        write_record(folder / "E2", lfilter(b, a, self.RNG.normal(0, 1, (5000, 12)), axis=0), FS, LEADS)
+        ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "no_ecg_structure"}
+
+    def test_rate_declared_ten_times_too_low_is_refused(self, tmp_path: Path) -> None:
+        # 500 Hz samples declared as 50 Hz: 1 s of ECG stretched over 10 s (one or two beats).
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", ecg(2), 50, LEADS)
+        summary = ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "implausible_rate"}
+        assert "sampling rate" in read_quarantine(tmp_path / "out")["message"][0]
+        assert summary.loaded == 1
+
+    def test_rate_declared_ten_times_too_high_leaves_too_short_a_record(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        write_record(folder / "E1", ecg(1), FS, LEADS)
+        write_record(folder / "E2", ecg(2), 5000, LEADS)  # 10 s of samples read as 1 s
+        ingest([folder], tmp_path / "out", workers=1)
+        assert _reasons(tmp_path / "out") == {"E2": "too_short"}
+
+    def test_no_real_record_is_refused_by_the_plausibility_checks(
+        self, ludb_dir: Path, cinc_dir: Path, tmp_path: Path
+    ) -> None:
+        summary = ingest([ludb_dir, cinc_dir], tmp_path / "out", workers=2)
+        # The known faults of the shared copies: LUDB 115 clipped, two CinC records with empty leads,
+        # CinC E07510 a byte copy of E07509.
+        assert summary.quarantined == {"duplicate_signal": 1, "flat_lead": 2, "saturated_lead": 1}
+
 
 class TestMatlabSignals:
     @staticmethod
@@ -397,6 +487,110 @@ class TestMatlabSignals:
         summary = ingest([folder], tmp_path / "out", workers=1)
         assert _reasons(tmp_path / "out") == {"E2": "record_too_large"}
         assert summary.loaded == 1
+
+
+def _children() -> list[int]:
+    """Process ids of this process's children still alive (zombies included)."""
+    me = str(os.getpid())
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            children.append(int(stat_file.parent.name))
+    return children
+
+
+class TestRecordTimeout:
+    """A record that hangs costs its limit and a ``timeout`` quarantine, never the batch."""
+
+    LIMIT_S = 0.5
+    HANG_S = 30.0  # far beyond the limit: without it the record would load (and the test fail)
+
+    @pytest.fixture
+    def export(self, tmp_path: Path) -> Path:
+        folder = tmp_path / "export"
+        for index in range(6):
+            write_record(folder / f"E{index}", ecg(index), FS, LEADS)
+        return folder
+
+    @staticmethod
+    def _hang_on(monkeypatch: pytest.MonkeyPatch, record_id: str, block_alarm: bool = False) -> None:
+        """Make reading ``record_id`` hang (workers are forked: they inherit the patch)."""
+        import time
+
+        import ecg_r1.data.ingest as ingest_module
+
+        real = ingest_module.load_ref
+
+        def hanging(ref, rules, out=None):
+            if ref.record_id.endswith(f"/{record_id}"):
+                if block_alarm:  # as C code that never returns to the interpreter would
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                time.sleep(TestRecordTimeout.HANG_S)
+            return real(ref, rules, out=out)
+
+        monkeypatch.setattr(ingest_module, "load_ref", hanging)
+
+    @pytest.mark.parametrize("workers", [1, 2])
+    def test_hanging_record_is_quarantined_and_the_rest_load(
+        self, export: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import ecg_r1.data.ingest as ingest_module
+
+        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 2)
+        self._hang_on(monkeypatch, "E3")
+        summary = ingest([export], tmp_path / "out", workers=workers, record_timeout_s=self.LIMIT_S)
+        assert _reasons(tmp_path / "out") == {"E3": "timeout"}
+        message = read_quarantine(tmp_path / "out")["message"][0]
+        assert "longer than the 0.5 s" in message and "--record-timeout" in message
+        assert sorted(r.split("/")[-1] for r in read_cohort(tmp_path / "out")["record_id"]) == [
+            "E0",
+            "E1",
+            "E2",
+            "E4",
+            "E5",
+        ]
+        assert summary.records_in == summary.loaded + 1 == 6
+        assert _children() == []
+
+    def test_worker_stuck_beyond_signals_is_ended_and_only_its_record_lost(
+        self, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import ecg_r1.data.ingest as ingest_module
+
+        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 2)
+        monkeypatch.setattr(ingest_module, "STUCK_GRACE_S", 0.5)
+        self._hang_on(monkeypatch, "E2", block_alarm=True)
+        summary = ingest([export], tmp_path / "out", workers=2, record_timeout_s=self.LIMIT_S)
+        assert _reasons(tmp_path / "out") == {"E2": "timeout"}
+        assert "stopped responding" in read_quarantine(tmp_path / "out")["message"][0]
+        assert sorted(r.split("/")[-1] for r in read_cohort(tmp_path / "out")["record_id"]) == [
+            "E0",
+            "E1",
+            "E3",
+            "E4",
+            "E5",
+        ]
+        assert summary.records_in == summary.loaded + 1 == 6
+        assert _children() == []
+
+    def test_caller_alarm_is_kept(self, export: Path, tmp_path: Path) -> None:
+        previous = signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        try:
+            ingest([export], tmp_path / "out", workers=1, record_timeout_s=self.LIMIT_S)
+            assert signal.getsignal(signal.SIGALRM) is signal.SIG_IGN
+            assert 50 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    def test_limit_must_be_positive(self, export: Path, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="positive"):
+            ingest([export], tmp_path / "out", record_timeout_s=0)
 
 
 class TestAtomicOutputs:
@@ -475,8 +669,9 @@ class TestCleanCliErrors:
             ["simulate", "--n", "4", "--hospitals", "0"],
             ["simulate", "--n", "4", "--out", "{file}/cohort"],
             ["ingest", "{missing}", "--out", "{file}/cohort", "--no-progress"],
+            ["ingest", "{missing}", "--out", "{missing}/cohort", "--record-timeout", "0"],
         ],
-        ids=["n-negative", "no-hospitals", "out-under-a-file", "ingest-out-under-a-file"],
+        ids=["n-negative", "no-hospitals", "out-under-a-file", "ingest-out-under-a-file", "record-timeout-0"],
     )
     def test_user_errors_are_one_line(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]

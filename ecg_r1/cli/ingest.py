@@ -36,6 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rules", type=Path, default=None, help="label rules YAML (default: ecg_r1/configs/labels.yaml)"
     )
+    parser.add_argument(
+        "--record-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="longest one record may take to read; a slower one is quarantined as 'timeout' and the rest "
+        "load (default: ecg_r1.data.ingest.RECORD_TIMEOUT_S, 10 s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--force", action="store_true", help="replace an existing cohort even when no record was loaded"
@@ -44,11 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1.data.ingest import IngestRefused, ingest
+    from ecg_r1.data.ingest import RECORD_TIMEOUT_S, IngestRefused, ingest
     from ecg_r1.data.labels import load_rules
 
     if args.workers < 1:
         raise SystemExit("--workers must be at least 1")
+    record_timeout_s = RECORD_TIMEOUT_S if args.record_timeout is None else args.record_timeout
+    if not 0 < record_timeout_s < float("inf"):
+        raise ValueError(f"--record-timeout must be a positive number of seconds, got {record_timeout_s:g}")
     try:
         rules = load_rules(args.rules)
     except (OSError, ValueError) as exc:
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             force=args.force,
+            record_timeout_s=record_timeout_s,
         )
     except IngestRefused as exc:
         raise SystemExit(f"ecg-r1 ingest: {exc}") from exc

@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ from ecg_r1.data.readers.records import (
     DUPLICATE_SIGNAL,
     PATIENT_IN_TWO_HOSPITALS,
     READ_ERROR,
+    RECORD_TIMEOUT,
     UNRECOGNISED_CODES,
     Quarantine,
     RecordRef,
@@ -71,6 +73,16 @@ logger = logging.getLogger(__name__)
 CHUNK_SIZE = 64
 # Records checked together: 8 x 12 x 5000 float32 (1.9 MB) stays in the CPU cache.
 CHECK_BATCH = 8
+# Longest one record may take to read (seconds of wall-clock time), after which it is quarantined
+# as ``timeout`` and the batch goes on. A 10 s record reads in about a millisecond and the size
+# limits of :mod:`ecg_r1.data.readers.wfdb_io` bound the slowest valid file measured at 0.9 s, so only a
+# file that hangs (a stalled disk, a pathological parse) reaches it. ``ecg-r1 ingest
+# --record-timeout`` and the ``raw_cohort`` asset's config default to this.
+RECORD_TIMEOUT_S = 10.0
+# A worker that does not answer within its chunk's time (the per-record limit for each record
+# plus one more, plus this grace for process scheduling on a busy machine) is stuck where the
+# limit's signal cannot reach it (in C code that blocks signals); see :func:`_load_in_pool`.
+STUCK_GRACE_S = 5.0
 
 
 @dataclass
@@ -108,6 +120,7 @@ def ingest(
     workers: int = 1,
     progress: bool = False,
     force: bool = False,
+    record_timeout_s: float = RECORD_TIMEOUT_S,
 ) -> IngestSummary:
     """Ingest records from PTB-XL, CinC, LUDB folders and manifest CSVs into a cohort folder.
 
@@ -122,6 +135,8 @@ def ingest(
         workers: processes reading records (1 reads in this process).
         progress: show a tqdm progress bar.
         force: replace an existing cohort even when this ingest loaded no record.
+        record_timeout_s: longest one record may take to read (wall-clock seconds); a record
+            that takes longer is quarantined as ``timeout`` and the rest of the batch loads.
 
     Returns:
         The summary (also written to ``summary.json``).
@@ -130,7 +145,12 @@ def ingest(
         IngestRefused: another ingest is writing ``out_dir``; ``out_dir`` is a non-empty folder
             that is no cohort (it would be replaced); or nothing loaded and a cohort exists there
             (a mistyped input path must not wipe it) without ``force``.
+        ValueError: ``record_timeout_s`` is not a positive number.
     """
+    if not record_timeout_s > 0 or not np.isfinite(record_timeout_s):
+        raise ValueError(
+            f"the per-record time limit must be a positive number of seconds, got {record_timeout_s}"
+        )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     existing = out_dir.is_dir() and any(out_dir.iterdir())
@@ -142,7 +162,9 @@ def ingest(
     with _exclusive(out_dir):
         work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
         try:
-            summary = _ingest_into(paths, work, out_dir, rules or load_rules(), workers, progress)
+            summary = _ingest_into(
+                paths, work, out_dir, rules or load_rules(), workers, progress, record_timeout_s
+            )
             if summary.loaded == 0 and existing and not force:
                 raise IngestRefused(
                     f"no record was loaded from {[str(p) for p in paths]}; the cohort in {out_dir} is kept "
@@ -180,7 +202,13 @@ def _replace(work: Path, out_dir: Path) -> None:
 
 
 def _ingest_into(
-    paths: list[Path], work: Path, out_dir: Path, rules: LabelRules, workers: int, progress: bool
+    paths: list[Path],
+    work: Path,
+    out_dir: Path,
+    rules: LabelRules,
+    workers: int,
+    progress: bool,
+    record_timeout_s: float = RECORD_TIMEOUT_S,
 ) -> IngestSummary:
     """Discover, load and write the cohort files into ``work`` (the summary names ``out_dir``)."""
     start = time.perf_counter()
@@ -203,7 +231,7 @@ def _ingest_into(
     rows: list[dict[str, Any]] = []
     unrecognised: Counter[str] = Counter()
     bar = _progress(len(refs), progress)
-    for chunk_rows, chunk_refused in _load_all(refs, rules, str(slots.path), workers):
+    for chunk_rows, chunk_refused in _load_all(refs, rules, str(slots.path), workers, record_timeout_s):
         for row in chunk_rows:
             unrecognised.update(row.pop(UNRECOGNISED_CODES, ()))
         rows.extend(chunk_rows)
@@ -223,8 +251,10 @@ def _ingest_into(
     # Built column by column: a list of row dicts costs polars several times more per record.
     cohort = pl.DataFrame({k: [row.get(k) for row in rows] for k in COHORT_SCHEMA}, schema=COHORT_SCHEMA)
     cohort.write_parquet(work / COHORT_FILE)
+    # Column by column from the attributes: Quarantine.to_row (dataclasses.asdict deep-copies) once
+    # per column and record cost 10 % of an ingest that refuses most of its records.
     quarantine = pl.DataFrame(
-        [{k: q.to_row()[k] for k in QUARANTINE_SCHEMA} for q in refused], schema=QUARANTINE_SCHEMA
+        {k: [getattr(q, k) for q in refused] for k in QUARANTINE_SCHEMA}, schema=QUARANTINE_SCHEMA
     )
     quarantine.write_parquet(work / QUARANTINE_FILE)
 
@@ -353,38 +383,128 @@ def _refused_row(row: dict[str, Any], reason: str, message: str) -> Quarantine:
 
 
 def _load_all(
-    refs: list[RecordRef], rules: LabelRules, signals_path: str, workers: int
+    refs: list[RecordRef], rules: LabelRules, signals_path: str, workers: int, timeout_s: float
 ) -> Iterator[tuple[list[dict[str, Any]], list[Quarantine]]]:
+    """Load every record in chunks, in this process or in ``workers`` processes.
+
+    Each record gets ``timeout_s`` seconds (see :func:`_read_one`). In this process the limit's
+    SIGALRM needs the main thread (Python runs signal handlers only there); elsewhere (e.g. an
+    orchestrator's thread) one worker process reads instead.
+    """
     tasks = [(start, refs[start : start + CHUNK_SIZE]) for start in range(0, len(refs), CHUNK_SIZE)]
-    if workers <= 1 or len(tasks) <= 1:
-        _init_worker(rules, signals_path)  # in this process: its own Ctrl-C handling stays
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if (workers <= 1 or len(tasks) <= 1) and in_main_thread:
+        _init_worker(rules, signals_path, timeout_s)  # in this process: its own Ctrl-C handling stays
         try:
             yield from map(_load_chunk, tasks)
         finally:
             _close_worker()
         return
+    yield from _load_in_pool(tasks, rules, signals_path, max(workers, 1), timeout_s)
+
+
+def _load_in_pool(
+    tasks: list[tuple[int, list[RecordRef]]],
+    rules: LabelRules,
+    signals_path: str,
+    workers: int,
+    timeout_s: float,
+) -> Iterator[tuple[list[dict[str, Any]], list[Quarantine]]]:
+    """Load chunks in a pool of forked workers, replacing the pool when a worker is stuck.
+
+    Each worker limits each record itself (SIGALRM, :func:`_read_one`); that covers Python code
+    and system calls, which a signal interrupts. A worker stuck where no signal handler can run
+    (C code blocking signals) is caught here: a chunk whose result is later than its records'
+    limits allow is given up, the pool ended (its processes with it) and a new one started for the
+    chunks not done; the stuck chunk's records are retried one a task, so only the record that
+    hangs is quarantined. Chunks are waited on in submission order and workers take them in that
+    order, so each wait starts after its chunk started: the deadline is never too short.
+    """
     # fork: workers inherit the imported modules (a spawned interpreter needs ~1 s to import them).
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_init_pool_worker, initargs=(rules, signals_path)) as pool:
-        yield from pool.imap(_load_chunk, tasks)
+    queue = list(tasks)
+    while queue:
+        batch, queue = queue, []
+        pool = context.Pool(
+            min(workers, len(batch)), initializer=_init_pool_worker, initargs=(rules, signals_path, timeout_s)
+        )
+        try:
+            submitted = [(task, pool.apply_async(_load_chunk, (task,))) for task in batch]
+            for index, (task, result) in enumerate(submitted):
+                deadline = timeout_s * (len(task[1]) + 1) + STUCK_GRACE_S
+                try:
+                    loaded = result.get(timeout=deadline)
+                except multiprocessing.TimeoutError:
+                    start, chunk = task
+                    logger.warning(
+                        "a worker reading %d record(s) from %s is stuck", len(chunk), chunk[0].header_path
+                    )
+                    if len(chunk) == 1:
+                        yield [], [_timed_out(chunk[0], deadline, stuck=True)]
+                    else:
+                        queue.extend((start + offset, [ref]) for offset, ref in enumerate(chunk))
+                    queue.extend(rest for rest, _ in submitted[index + 1 :])
+                    break
+                yield loaded
+        finally:
+            pool.terminate()  # SIGTERM: a worker's default action, whatever C code it is stuck in
+            pool.join()
+
+
+def _timed_out(ref: RecordRef, seconds: float, stuck: bool = False) -> Quarantine:
+    what = (
+        f"the process reading it stopped responding for {seconds:g} s and was ended"
+        if stuck
+        else f"reading it took longer than the {seconds:g} s a record may take"
+    )
+    return Quarantine.of(
+        ref,
+        RECORD_TIMEOUT,
+        f"{ref.header_path}: {what}; a valid 10 s record reads in milliseconds, so its files are "
+        "malformed or on a stalled disk: check them (or raise --record-timeout if the record is valid "
+        "and the disk slow)",
+    )
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_pool_worker(rules: LabelRules, signals_path: str) -> None:
+class _RecordTimeout(BaseException):
+    """Raised by SIGALRM in the middle of a record that overran its time. A BaseException, like
+    KeyboardInterrupt: a reader's (or a library's) ``except Exception`` must not turn it into
+    another error or swallow it."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    # Only while a record is being read: an alarm that arrives as the record finishes is late.
+    if _WORKER.get("armed"):
+        _WORKER["armed"] = False
+        raise _RecordTimeout
+
+
+def _init_pool_worker(rules: LabelRules, signals_path: str, timeout_s: float) -> None:
     # A forked worker inherits its parent's signal handlers (an orchestrator's, say); the pool
     # ends its workers with SIGTERM, which must just end them. Ctrl-C reaches the whole process
     # group: the parent handles it (and ends the pool), so a worker ignores it. Never done in the
     # parent itself, or a 1-worker ingest could not be interrupted.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(rules, signals_path)
+    _init_worker(rules, signals_path, timeout_s)
 
 
-def _init_worker(rules: LabelRules, signals_path: str) -> None:
+def _init_worker(rules: LabelRules, signals_path: str, timeout_s: float) -> None:
+    """Set up this process for :func:`_load_chunk` (the main thread: it installs a SIGALRM handler)."""
     _WORKER["rules"] = rules
     _WORKER["fd"] = os.open(signals_path, os.O_WRONLY)
+    _WORKER["timeout"] = timeout_s
+    _WORKER["armed"] = False
+    # Whatever alarm the caller had set (a test's, an orchestrator's) is put back by _close_worker,
+    # less the time spent here.
+    _WORKER["previous_alarm"] = (
+        signal.signal(signal.SIGALRM, _on_alarm),
+        signal.setitimer(signal.ITIMER_REAL, 0)[0],
+        time.monotonic(),
+    )
 
 
 def _close_worker() -> None:
@@ -392,6 +512,48 @@ def _close_worker() -> None:
     fd = _WORKER.pop("fd", None)
     if fd is not None:
         os.close(fd)
+    previous = _WORKER.pop("previous_alarm", None)
+    if previous is not None:
+        handler, remaining, since = previous
+        _WORKER["armed"] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, handler)
+        if remaining > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(remaining - (time.monotonic() - since), 1e-3))
+
+
+def _read_one(
+    ref: RecordRef, rules: LabelRules, target: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any]] | Quarantine:
+    """Read one record into ``target`` within the per-record time limit; a refusal as a Quarantine.
+
+    The limit is a SIGALRM timer armed for the read (two system calls a record, a microsecond or
+    two): its handler raises in the middle of whatever Python code runs, and interrupts a blocking
+    system call (PEP 475 retries a call only when the handler returns).
+    """
+    timeout_s: float = _WORKER["timeout"]
+    try:
+        try:
+            _WORKER["armed"] = True
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            return load_ref(ref, rules, out=target)
+        finally:
+            # Disarmed before any handler below runs; an alarm arriving in here still raises
+            # _RecordTimeout, which the clause below catches.
+            _WORKER["armed"] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _RecordTimeout:
+        return _timed_out(ref, timeout_s)
+    except RECORD_ERRORS as exc:
+        return Quarantine.of(ref, exc.reason, f"{ref.header_path}: {exc}")
+    except Exception as exc:  # one bad record must not end the batch; it is quarantined, not hidden
+        logger.exception("unexpected error reading %s", ref.header_path)
+        return Quarantine.of(
+            ref,
+            READ_ERROR,
+            f"{ref.header_path}: unexpected {type(exc).__name__}: {exc}; check the record's files "
+            "and report this if they look valid",
+        )
 
 
 def _load_chunk(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str, Any]], list[Quarantine]]:
@@ -449,24 +611,13 @@ def _load_chunk_gc_off(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str
 
     for slot, ref in enumerate(refs, start=start):
         target = buffer[len(pending)]
-        try:
-            signal, row = load_ref(ref, rules, out=target)
-        except RECORD_ERRORS as exc:
-            refused.append(Quarantine.of(ref, exc.reason, f"{ref.header_path}: {exc}"))
+        loaded = _read_one(ref, rules, target)
+        if isinstance(loaded, Quarantine):
+            refused.append(loaded)
             continue
-        except Exception as exc:  # one bad record must not end the batch; it is quarantined, not hidden
-            logger.exception("unexpected error reading %s", ref.header_path)
-            refused.append(
-                Quarantine.of(
-                    ref,
-                    READ_ERROR,
-                    f"{ref.header_path}: unexpected {type(exc).__name__}: {exc}; check the record's files "
-                    "and report this if they look valid",
-                )
-            )
-            continue
-        if not np.shares_memory(signal, target):
-            target[...] = signal  # resampled, reordered or padded: a new array
+        values, row = loaded
+        if not np.shares_memory(values, target):
+            target[...] = values  # resampled, reordered or padded: a new array
         pending.append((slot, row))
         if len(pending) == CHECK_BATCH:
             flush()

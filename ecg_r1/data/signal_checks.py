@@ -7,10 +7,14 @@ All thresholds are the named constants below.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
+from scipy.ndimage import uniform_filter1d
 
-from ecg_r1.data.canonical import LEADS
+from ecg_r1.data.canonical import FS, LEADS
+from ecg_r1.data.features import beats_from_energy
 
 # A lead whose peak-to-peak range is below this is flat: an unplugged electrode or a zeroed
 # channel. Real leads show at least the QRS (well over 0.1 mV); 10 µV is below any ECG.
@@ -31,18 +35,29 @@ MIN_RECORD_PTP_MV = 0.05
 # Random bytes read as samples are white noise (about 0; 0.05 when resampled from 1000 Hz, 0.67
 # from 250 Hz, 0.78 from 200 Hz), and so is a file whose header names the wrong format; 50/60 Hz
 # mains hum drowning every lead gives 0.81/0.73. Noise sampled below about 170 Hz (or smoothed)
-# is as smooth as an ECG and passes: a QRS-periodicity test would catch it, but its score
-# overlapped between noise and real records (atrial fibrillation, noisy leads) on the shared data.
+# is as smooth as an ECG and passes this test; :data:`MIN_QRS_PEAKINESS` catches it.
 MIN_LAG1_CORRELATION = 0.85
+# A record whose QRS energy (:func:`ecg_r1.data.features.qrs_energy`'s recipe: 20 ms slopes of the 8
+# independent leads, squared, summed, smoothed over 40 ms) peaks at less than this multiple of
+# its median (99th over 50th percentile) has no QRS complexes: noise has no such structure. An
+# ECG's energy sits in its QRS complexes, a tenth of the time, so the ratio is large whatever the
+# rhythm (atrial fibrillation too): at least 40.8 on the 249 shared LUDB/CinC records that pass the
+# other checks and 6.3 on 4,000 simulated ones (the noisiest hospital). Noise of any colour (3,000
+# records: white noise sampled at 50-250 Hz, uniform bytes at 60-120 Hz, low-passed at 10-40 Hz,
+# moving averages, pink, brown, Laplace, a sine in noise) stays below it; see
+# ``benchmarks/plausibility.py``.
+MIN_QRS_PEAKINESS = 3.0
+# Difference span of that QRS energy: 20 ms cancels 50 Hz mains and its harmonics and most muscle
+# noise (with 10 ms, a simulated noisy low-voltage LBBB record fell to 2.8).
+QRS_ENERGY_SPAN_MS = 20.0
+# Fewest QRS complexes and lowest heart rate (from their median interval) a 10 s record may have.
+# Below, the header's sampling rate is too low (a 500 Hz recording declared as 50 Hz is 1 s of
+# ECG stretched over 10 s: one or two beats, about 7 bpm). The shared real records start at
+# 40 bpm and 5 beats, the simulated at 44 bpm and 7 beats; sustained rates below 25 bpm are
+# not compatible with a recorded, conscious patient's escape rhythms.
+MIN_BEATS = 3
+MIN_HR_BPM = 25.0
 
-QUALITY_COLUMNS = (
-    "nan_samples",
-    "flat_leads",
-    "saturated_leads",
-    "max_abs_mv",
-    "max_ptp_mv",
-    "max_lag1_corr",
-)
 # Samples a group when screening for saturation (5000 = 100 groups of 50).
 _BLOCK = 50
 
@@ -58,7 +73,9 @@ def signal_quality(signals: np.ndarray) -> pl.DataFrame:
         (comma-joined lead names, "" when none), ``max_abs_mv`` (largest absolute value) and
         ``max_ptp_mv`` (largest peak-to-peak range over the leads), NaN ignored, and
         ``max_lag1_corr`` (lag-1 autocorrelation of the smoothest lead; a lead with no variation or
-        missing samples counts as 1).
+        missing samples counts as 1), ``qrs_peakiness`` (99th over 50th percentile of the QRS
+        energy), ``n_beats`` (QRS complexes found) and ``hr_bpm`` (from their median interval;
+        NaN with fewer than 2).
     """
     measures = _measure(np.asarray(signals))
     return pl.DataFrame(
@@ -69,6 +86,9 @@ def signal_quality(signals: np.ndarray) -> pl.DataFrame:
             "max_abs_mv": measures["max_abs"],
             "max_ptp_mv": measures["max_ptp"],
             "max_lag1_corr": measures["max_lag1"],
+            "qrs_peakiness": measures["peakiness"],
+            "n_beats": measures["n_beats"],
+            "hr_bpm": measures["hr"],
         },
         schema={
             "nan_samples": pl.Int64,
@@ -77,6 +97,9 @@ def signal_quality(signals: np.ndarray) -> pl.DataFrame:
             "max_abs_mv": pl.Float64,
             "max_ptp_mv": pl.Float64,
             "max_lag1_corr": pl.Float64,
+            "qrs_peakiness": pl.Float64,
+            "n_beats": pl.Int64,
+            "hr_bpm": pl.Float64,
         },
     )
 
@@ -90,7 +113,7 @@ def signal_issues(signals: np.ndarray) -> list[tuple[str, str] | None]:
     Returns:
         One entry a record: ``(reason, message)`` or None.
     """
-    measures = _measure(np.asarray(signals))
+    measures = _measure(np.asarray(signals), exact=False)
     # Python scalars in one call each, and lead names only where a lead failed: the per-record
     # loop runs for every record ingested.
     nan_samples = measures["nan_samples"].tolist()
@@ -100,6 +123,9 @@ def signal_issues(signals: np.ndarray) -> list[tuple[str, str] | None]:
     max_abs = measures["max_abs"].tolist()
     max_ptp = measures["max_ptp"].tolist()
     max_lag1 = measures["max_lag1"].tolist()
+    peakiness = measures["peakiness"].tolist()
+    n_beats = measures["n_beats"].tolist()
+    hr = measures["hr"].tolist()
     return [
         signal_issue(
             nan_samples[i],
@@ -108,6 +134,9 @@ def signal_issues(signals: np.ndarray) -> list[tuple[str, str] | None]:
             max_abs[i],
             max_ptp[i],
             max_lag1[i],
+            peakiness[i],
+            n_beats[i],
+            hr[i],
         )
         for i in range(len(nan_samples))
     ]
@@ -120,12 +149,16 @@ def signal_issue(
     max_abs_mv: float,
     max_ptp_mv: float,
     max_lag1_corr: float,
+    qrs_peakiness: float = math.inf,
+    n_beats: int = MIN_BEATS,
+    hr_bpm: float = math.nan,
 ) -> tuple[str, str] | None:
     """The first failed check of one record (the columns of :func:`signal_quality`).
 
     Returns:
         ``(reason, message)`` with reason ``nan_samples``, ``implausible_amplitude``,
-        ``flat_lead``, ``saturated_lead`` or ``no_ecg_structure``; None when the record passes.
+        ``flat_lead``, ``saturated_lead``, ``no_ecg_structure`` or ``implausible_rate``; None when
+        the record passes.
     """
     if nan_samples:
         return (
@@ -160,25 +193,41 @@ def signal_issue(
             f"{max_lag1_corr:.2f} (an ECG's is above {MIN_LAG1_CORRELATION:g}), as in noise or random "
             "data; check the signal format in the header and that the file holds this record",
         )
+    if qrs_peakiness < MIN_QRS_PEAKINESS:
+        return (
+            "no_ecg_structure",
+            f"no QRS complexes: the signal's slope energy peaks at {qrs_peakiness:.1f} times its median "
+            f"(an ECG's QRS complexes reach at least {MIN_QRS_PEAKINESS:g} times), as in noise; check the "
+            "signal format and sampling rate in the header and that the file holds this record",
+        )
+    if n_beats < MIN_BEATS or hr_bpm < MIN_HR_BPM:
+        rate = f", {hr_bpm:.0f} bpm" if math.isfinite(hr_bpm) else ""
+        return (
+            "implausible_rate",
+            f"{n_beats} QRS complexes in 10 s{rate} at the header's sampling rate (an ECG has at least "
+            f"{MIN_BEATS}, {MIN_HR_BPM:g} bpm): the header's sampling rate is most likely too low (a "
+            "500 Hz recording declared as 50 Hz shows 1 s of ECG stretched over 10 s): check the rate "
+            "in the record line",
+        )
     return None
 
 
-def _measure(signals: np.ndarray) -> dict[str, np.ndarray]:
+def _measure(signals: np.ndarray, exact: bool = True) -> dict[str, np.ndarray]:
     if signals.ndim != 3 or signals.shape[1] != len(LEADS):
         raise ValueError(f"expected signals of shape (n, {len(LEADS)}, n_samples), got {signals.shape}")
     if len(signals) > _BATCH:
         # Several passes run over each batch: batches that fit the CPU cache make them about twice
         # as fast as passes over the whole array (and keep a memmap's pages in memory once).
-        parts = [_measure_batch(signals[i : i + _BATCH]) for i in range(0, len(signals), _BATCH)]
+        parts = [_measure_batch(signals[i : i + _BATCH], exact) for i in range(0, len(signals), _BATCH)]
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    return _measure_batch(signals)
+    return _measure_batch(signals, exact)
 
 
 # Records a batch: 8 x 12 x 5000 float32 is 1.9 MB.
 _BATCH = 8
 
 
-def _measure_batch(signals: np.ndarray) -> dict[str, np.ndarray]:
+def _measure_batch(signals: np.ndarray, exact: bool = True) -> dict[str, np.ndarray]:
     """Two passes (block maxima and minima) for everything; exact counts only where needed.
 
     NaN propagates through max, so the block maxima also find records with missing samples.
@@ -231,7 +280,11 @@ def _measure_batch(signals: np.ndarray) -> dict[str, np.ndarray]:
             np.count_nonzero(values == lead_min[record, lead]),
         )
         saturated[record, lead] = at_extreme >= needed
+    peakiness, n_beats, hr = _qrs_structure(signals, ~has_bad & ~flat.all(axis=1), exact)
     return {
+        "peakiness": peakiness,
+        "n_beats": n_beats,
+        "hr": hr,
         "nan_samples": nan_samples,
         "flat": flat,
         "saturated": saturated,
@@ -239,6 +292,65 @@ def _measure_batch(signals: np.ndarray) -> dict[str, np.ndarray]:
         "max_ptp": ptp.max(axis=1).astype(np.float64),
         "max_lag1": lag1.max(axis=1).astype(np.float64),
     }
+
+
+def _qrs_structure(
+    signals: np.ndarray, usable: np.ndarray, exact: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """QRS peakiness, QRS complexes found and heart rate of each record (the project's beat
+    detector, :mod:`ecg_r1.data.features`); records not ``usable`` (non-finite or all flat: other checks
+    name them) get values that pass.
+
+    The energy is smoothed over 40 ms, so every 4th sample (125 Hz) keeps its peaks and
+    percentiles; it is computed from every other sample (250 Hz, where a 20 ms slope still sees
+    the QRS). With ``exact`` False (ingest) the beats are counted only
+    where the rate check could fail: a record whose energy crosses the beat threshold in every
+    :data:`_BEAT_WINDOW_S` window has beats at most 2.4 s apart (25 bpm, a window each side plus the
+    250 ms a detected peak may move), so its beat count and rate are left at values that pass.
+    """
+    n = len(signals)
+    peakiness = np.full(n, np.inf)
+    n_beats = np.full(n, MIN_BEATS, dtype=np.int64)
+    hr = np.full(n, np.nan)
+    index = np.flatnonzero(usable)
+    if not len(index) or signals.shape[-1] < FS:
+        return peakiness, n_beats, hr
+    part = signals if len(index) == n else signals[index]
+    # The QRS energy of ecg_r1.data.features at 250 Hz (every other sample: half the work; the 20 ms
+    # difference and 40 ms smoothing keep their lengths), then every other sample of it.
+    # I, II and V1-V6 only: III, aVR, aVL and aVF are combinations of I and II and add no QRS.
+    half = part[:, _INDEPENDENT_LEADS, ::2]
+    span = round(QRS_ENERGY_SPAN_MS * FS / 2000)
+    slopes = half[..., span:] - half[..., :-span]
+    energy = uniform_filter1d(np.einsum("cln,cln->cn", slopes, slopes), size=round(0.04 * FS / 2), axis=-1)
+    energy = energy[:, :: _DECIMATE // 2]
+    # Order statistics by one partition (np.quantile's interpolation is not needed here).
+    k50, k99 = energy.shape[1] // 2, int(0.99 * (energy.shape[1] - 1))
+    ordered = np.partition(energy, (k50, k99), axis=-1)
+    median, q99 = ordered[:, k50], ordered[:, k99]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A median of 0 (piecewise constant samples) with slopes elsewhere is all structure.
+        peakiness[index] = np.where(median > 0, q99 / median, np.where(q99 > 0, np.inf, 1.0))
+    todo = np.arange(len(index))
+    if not exact:
+        window = int(_BEAT_WINDOW_S * FS / _DECIMATE)
+        n_windows = energy.shape[1] // window
+        maxima = energy[:, : n_windows * window].reshape(len(index), n_windows, window).max(axis=2)
+        todo = np.flatnonzero(~(maxima >= 0.3 * q99[:, None]).all(axis=1))
+    if len(todo):
+        beats_all = beats_from_energy(energy[todo], q99[todo], QRS_ENERGY_SPAN_MS, _DECIMATE)
+        for k, beats in zip(index[todo], beats_all, strict=True):
+            n_beats[k] = len(beats)
+            if len(beats) >= 2:
+                hr[k] = 60.0 * FS / float(np.median(np.diff(beats)))
+    return peakiness, n_beats, hr
+
+
+_INDEPENDENT_LEADS = [LEADS.index(lead) for lead in ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")]
+# Decimation of the QRS energy (smoothed over 40 ms = 20 samples) in the structure checks.
+_DECIMATE = 4
+# Windows in which a record must show a QRS-sized energy peak to skip counting its beats.
+_BEAT_WINDOW_S = 0.95
 
 
 def _lead_names(mask: np.ndarray) -> str:

@@ -28,7 +28,7 @@ from pydantic import Field
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1.data import split as split_lib
 from ecg_r1.data import validate as validate_lib
-from ecg_r1.data.ingest import ingest
+from ecg_r1.data.ingest import RECORD_TIMEOUT_S, ingest
 from ecg_r1.data.labels import load_rules
 from ecg_r1.data.store import read_cohort
 from ecg_r1.simulate import simulate_cohort
@@ -60,6 +60,11 @@ class IngestConfig(dg.Config):
     )
     label_rules: str = Field(default="", description="A label-rules YAML; empty: the packaged labels.yaml.")
     workers: int = Field(default=2, description="Processes reading records.")
+    record_timeout_s: float = Field(
+        default=RECORD_TIMEOUT_S,
+        gt=0,
+        description="Longest one record may take to read (s); slower records are quarantined as 'timeout'.",
+    )
 
 
 class ValidationSettings(dg.Config):
@@ -167,7 +172,9 @@ def raw_cohort(
     out_dir = layout.cohort
     validate_lib.clear_validation(out_dir)  # a new cohort invalidates the last validation
     rules = load_rules(layout.path(config.label_rules)) if config.label_rules else None
-    summary = ingest(paths, out_dir, rules=rules, workers=config.workers)
+    summary = ingest(
+        paths, out_dir, rules=rules, workers=config.workers, record_timeout_s=config.record_timeout_s
+    )
     cohort = read_cohort(out_dir)
     return dg.MaterializeResult(
         metadata={

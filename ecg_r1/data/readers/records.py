@@ -24,6 +24,8 @@ PATIENT_IN_TWO_HOSPITALS = "patient_in_two_hospitals"
 # Found after reading: a signal file whose content (sha256) an earlier record of the batch has.
 DUPLICATE_SIGNAL = "duplicate_signal"
 READ_ERROR = "read_error"
+# Reading and checking one record took longer than ingest's per-record time limit.
+RECORD_TIMEOUT = "timeout"
 
 # Key of a reader's row holding the diagnosis codes its label rules did not understand (counted in
 # the ingest summary, not stored in the cohort table).

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ecg_r1.data.canonical import normalize_lead_name
 from ecg_r1.data.readers.records import FILE_TOO_LARGE, NOT_A_REGULAR_FILE, PATH_ESCAPES_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,19 @@ WFDB_DEFAULT_GAIN = 200.0
 WFDB_INVALID_16 = -32768
 # Extensions a record line sometimes carries although it should not (seen in CinC 2021 files).
 _SIGNAL_EXTENSIONS = (".mat", ".dat", ".hea")
-# Unit spellings converted to millivolts; anything else is taken as mV with a warning.
-_UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3, "v": 1e3, "nu": 1.0}
+# Unit spellings (lower case) converted to millivolts. A lead in any other units is refused as
+# ``unknown_units``: its scale would be a guess, and a guess of mV for a file in, say, mmHg or
+# counts loads a record with confident but wrong voltages (channels that are no ECG lead, e.g. a
+# pressure or respiration signal beside the 12 leads, may have any units: they are not read).
+# "NU" (normalised units), written by some exporters for ECG channels in mV, stays mV.
+_UNIT_TO_MV = {
+    "mv": 1.0, "millivolt": 1.0, "millivolts": 1.0,
+    "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3, "microvolts": 1e-3,
+    "v": 1e3, "volt": 1e3, "volts": 1e3,
+    "nv": 1e-6, "nanovolt": 1e-6, "nanovolts": 1e-6,
+    "nu": 1.0,
+}  # fmt: skip
+UNKNOWN_UNITS = "unknown_units"
 _FORMAT_RE = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")
 _FS_RE = re.compile(r"^([\d.]+(?:[eE][-+]?\d+)?)(?:/[\d.]+)?(?:\(-?[\d.]+\))?$")
 # Formats read with numpy: dtype of one sample.
@@ -280,6 +292,7 @@ def parse_header(path: str | Path, root: str | None = None) -> Header:
     signals = tuple(
         _parse_signal_line(line, path, warnings, number) for number, line in enumerate(signal_lines, start=1)
     )
+    _check_units(signals, path)
     for number, spec in enumerate(signals, start=1):
         if spec.fmt not in _FORMAT_BITS:
             what = "means the signal was not stored (a null signal)" if spec.fmt == 0 else "is no WFDB format"
@@ -300,6 +313,22 @@ def parse_header(path: str | Path, root: str | None = None) -> Header:
         warnings=tuple(warnings),
         root=root,
     )
+
+
+def _check_units(signals: tuple[SignalSpec, ...], path: Path) -> None:
+    """Refuse a header whose ECG leads are in units that are not understood (see ``_UNIT_TO_MV``)."""
+    for number, spec in enumerate(signals, start=1):
+        if (
+            math.isnan(spec.mv_per_unit)
+            and spec.gain > 0
+            and normalize_lead_name(spec.description) is not None
+        ):
+            raise RecordError(
+                UNKNOWN_UNITS,
+                f"header {path}: signal line {number} (an ECG lead) gives units that are not a voltage this "
+                "reader knows, so its scale would be a guess; write the units the device recorded in "
+                "(mV, uV/µV, V or nV) after the gain, e.g. 1000/mV",
+            )
 
 
 def _line_name(number: int) -> str:
@@ -433,10 +462,7 @@ def _signal_fields(
     uncalibrated = gain == 0
     if uncalibrated:
         gain = WFDB_DEFAULT_GAIN
-    scale = _UNIT_TO_MV.get(units.lower())
-    if scale is None:
-        logger.warning("unknown units %r in a signal line, taken as mV", units)
-        scale = 1.0
+    scale = _UNIT_TO_MV.get(units.lower(), math.nan)  # NaN: not understood (see _check_units)
     mv_per_unit = scale / gain if gain > 0 else math.nan
     baseline = adc_zero if baseline is None else baseline
     return fmt, spf, skew, offset, gain, baseline, units, adc_res, adc_zero, uncalibrated, mv_per_unit
