@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from ecg_r1.modeling.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.training import stages
 
     torch.set_num_threads(args.threads)

@@ -102,10 +102,10 @@ def build(tiny: bool, image_width: int, workdir: Path) -> tuple[object, object]:
         QWEN2_VL_CHAT_TEMPLATE,
         _processor_class,
         corpus_from_cases,
-        load_profile,
         make_image_processor,
         train_tokenizer,
     )
+    from ecg_r1.modeling.profiles import load_profile
 
     profile = load_profile("tiny")
     tokenizer = train_tokenizer(

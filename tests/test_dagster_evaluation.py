@@ -23,9 +23,9 @@ from ecg_r1.modeling.models import (
     build_base_model,
     corpus_from_cases,
     load_model_and_processor,
-    load_profile,
     save_model_folder,
 )
+from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.modeling.prompts import format_target, parse_completion
 from ecg_r1.tracking import runs as tracking
 

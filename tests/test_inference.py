@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from ecg_r1.modeling import inference
-from ecg_r1.modeling.models import build_base_model, corpus_from_cases, load_model_and_processor, load_profile
+from ecg_r1.modeling.models import build_base_model, corpus_from_cases, load_model_and_processor
+from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.modeling.prompts import YES
 
 CASES = [{"age": 50 + i, "sex": "F", "note": f"Troponin {i}.", "twi_leads": "V2,V3"} for i in range(20)]

@@ -18,18 +18,15 @@ import yaml
 from ecg_r1.modeling.models import (
     MODEL_INFO_FILE,
     SPECIAL_TOKENS,
-    ProfileError,
-    available_profiles,
     build_base_model,
     corpus_from_cases,
     image_tokens,
     load_model_and_processor,
     load_processor,
-    load_profile,
-    lora_config,
     save_model_folder,
     train_tokenizer,
 )
+from ecg_r1.modeling.profiles import ProfileError, available_profiles, load_profile, lora_config
 from ecg_r1.modeling.prompts import build_multimodal_prompt, format_target
 
 CASES = [

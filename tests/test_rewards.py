@@ -151,7 +151,7 @@ class TestRegistry:
             get_reward_funcs(["format", "length"])
 
     def test_profile_reward_names_resolve(self):
-        from ecg_r1.modeling.models import available_profiles, load_profile
+        from ecg_r1.modeling.profiles import available_profiles, load_profile
 
         for profile in available_profiles():
             assert len(get_reward_funcs(load_profile(profile).reward_names)) == len(

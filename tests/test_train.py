@@ -108,7 +108,7 @@ def make_cohort(root: Path, n: int = 24, seed: int = 0, width: int = 224) -> dic
 
 def tiny_test_profile(path: Path, **overrides: dict) -> Path:
     """A copy of the tiny profile with a smaller model and short stages, written to ``path``."""
-    from ecg_r1.modeling.models import PROFILES_DIR
+    from ecg_r1.modeling.profiles import PROFILES_DIR
 
     raw = yaml.safe_load((PROFILES_DIR / "tiny.yaml").read_text())
     raw = copy.deepcopy(raw)
@@ -146,7 +146,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory: pytest.TempPathFactory):
-    from ecg_r1.modeling.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
 
     return load_profile(tiny_test_profile(tmp_path_factory.mktemp("profile") / "tiny-test.yaml"))
 

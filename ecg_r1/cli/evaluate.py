@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from ecg_r1.cli.predict import add_mlflow_root
-from ecg_r1.modeling.models import DEFAULT_PROFILE
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from ecg_r1.cli.predict import resolve_model_dir
     from ecg_r1.evaluation.comparison import run_comparison
     from ecg_r1.evaluation.real_records import REAL_SPLIT, prepare_real_records
-    from ecg_r1.modeling.models import MODEL_INFO_FILE, load_profile
+    from ecg_r1.modeling.models import MODEL_INFO_FILE
+    from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.training.data import TrainingDataError
 
     models: dict[str, Path] = {}

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.modeling.models import DEFAULT_PROFILE
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from ecg_r1.data.readers import read_record
     from ecg_r1.imaging.render import render_page, save_png
     from ecg_r1.modeling import inference
-    from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor, load_profile
+    from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor
+    from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.modeling.prompts import parse_completion
 
     try:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ecg_r1.modeling.models import DEFAULT_PROFILE
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
 STAGE_HELP = {
     "vision": "signal-grounded pre-training of the vision tower (targets measured from the raw signal)",
@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ecg_r1.modeling.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.tracking import runs as tracking
     from ecg_r1.training import stages
 

@@ -203,7 +203,7 @@ def predict_cases(
 
     Args:
         model_dir: a model folder (:func:`ecg_r1.modeling.models.load_model_and_processor`).
-        profile: the model's profile (a :class:`ecg_r1.modeling.models.Profile` or its name / path).
+        profile: the model's profile (a :class:`ecg_r1.modeling.profiles.Profile` or its name / path).
         cases: ``record_id``, ``image_path``, ``age``, ``sex``, ``note`` per case.
         batch_size: examples per forward pass.
         max_new_tokens: completion cap; None: the profile's GRPO ``max_completion_length``.
@@ -221,7 +221,8 @@ def predict_cases(
     from PIL import Image
 
     from ecg_r1.modeling.inference import answer_probability, generate
-    from ecg_r1.modeling.models import Profile, load_model_and_processor, load_profile
+    from ecg_r1.modeling.models import load_model_and_processor
+    from ecg_r1.modeling.profiles import Profile, load_profile
     from ecg_r1.modeling.prompts import parse_completion
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -585,7 +586,7 @@ def run_comparison(
     Args:
         models: row name -> model folder or training stage folder (``result.json`` + ``model/``),
             in table order (e.g. ``{"GRPO": ..., "GRPO from SFT": ..., "SFT": ...}``).
-        profile: the models' profile (name, path or :class:`ecg_r1.modeling.models.Profile`).
+        profile: the models' profile (name, path or :class:`ecg_r1.modeling.profiles.Profile`).
         cohort_dir, splits_path, images_dir: the cohort, split manifest and rendered images.
         out_dir: where the table, metrics, predictions and plots go (created).
         truth_path: the simulator's ``truth.parquet`` for the Bayes ceiling; None on real data.
@@ -617,7 +618,7 @@ def run_comparison(
         FileNotFoundError: when ``real_records`` is not a prepared real-record folder.
         ecg_r1.training.data.TrainingDataError: when the data cannot give test cases.
     """
-    from ecg_r1.modeling.models import Profile, load_profile
+    from ecg_r1.modeling.profiles import Profile, load_profile
 
     if not models:
         raise ValueError("no models to compare: pass at least one name -> model folder")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from ecg_r1.modeling.models import Profile
+    from ecg_r1.modeling.profiles import Profile
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,8 @@ def build_pretrained_language_model(
     Returns:
         The folder.
     """
-    from ecg_r1.modeling.models import ProfileError, save_built_model
+    from ecg_r1.modeling.models import save_built_model
+    from ecg_r1.modeling.profiles import ProfileError
 
     if profile.vision is None:
         raise ProfileError(f"profile {profile.name!r} has no model.vision sizes for its new vision tower")

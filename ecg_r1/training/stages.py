@@ -40,14 +40,8 @@ from typing import Any
 
 import polars as pl
 
-from ecg_r1.modeling.models import (
-    Profile,
-    load_model_and_processor,
-    load_profile,
-    lora_config,
-    save_model_folder,
-    vision_token_ids,
-)
+from ecg_r1.modeling.models import load_model_and_processor, save_model_folder, vision_token_ids
+from ecg_r1.modeling.profiles import Profile, load_profile, lora_config
 from ecg_r1.training.data import (
     balance_hospitals,
     case_findings,
@@ -666,7 +660,7 @@ def run_format_warmup(
     are used too.
 
     Args:
-        profile: a :class:`~ecg_r1.modeling.models.Profile` or its name / YAML path; ``stages.format_warmup``
+        profile: a :class:`~ecg_r1.modeling.profiles.Profile` or its name / YAML path; ``stages.format_warmup``
             gives ``steps``, ``learning_rate``, ``batch_size`` and ``answer``.
         start_model: the model folder to start from (base or vision-pre-trained model).
         cohort_dir, splits_path, images_dir: the data (see :func:`ecg_r1.training.data.load_cases`).

@@ -40,7 +40,7 @@ from ecg_r1.modeling.prompts import FINDING_FLAGS, finding_flags
 if TYPE_CHECKING:
     import torch
 
-    from ecg_r1.modeling.models import Profile
+    from ecg_r1.modeling.profiles import Profile
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from ecg_r1.evaluation import comparison as comparison_lib
 from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation.evaluate import Predictions, align
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
-from ecg_r1.modeling.models import DEFAULT_PROFILE
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 from ecg_r1.tracking import runs as tracking
 
 GROUP = "evaluation"
@@ -183,7 +183,7 @@ def real_record_cohort(
 ) -> dg.MaterializeResult:
     """Real records for a sim-to-real check: the labelled TWI records of the named inputs, ingested
     and rendered at the profile's page size; nothing named: no real-record section."""
-    from ecg_r1.modeling.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
 
     out = real_records_dir(layout)
     paths = [layout.path(p) for p in config.source_paths or real_records_lib.paths_from_env()]
@@ -294,7 +294,7 @@ def model_comparison(
         version_runs[name] = run_id
     (out / REGISTRY_FILE).write_text(json.dumps(registered, indent=2))
 
-    from ecg_r1.modeling.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
 
     # The profile's experiment (a profile given as a YAML path is named by its `name`).
     experiment = load_profile(config.profile).name

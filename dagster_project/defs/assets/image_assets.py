@@ -10,7 +10,7 @@ from dagster_project.defs.assets.data_assets import cohort_splits
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.imaging.render import render_cohort
-from ecg_r1.modeling.models import DEFAULT_PROFILE, load_profile
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
 
 GROUP = "images"
 PREVIEWS = 3

@@ -19,7 +19,7 @@ from pydantic import Field
 from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.data.split import SPLITS_FILE
-from ecg_r1.modeling.models import DEFAULT_PROFILE, load_profile
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
 from ecg_r1.training import stages
 
 GROUP = "models"

