@@ -98,6 +98,16 @@ def open_store(repo_root: str | Path) -> str:
     return _use(f"sqlite:///{db}")
 
 
+def use_store(uri: str) -> str:
+    """Point MLflow (tracking and registry) at any store, e.g. a tracking server
+    (``http://host:5000``), in this process and in the environment of its children.
+
+    Returns:
+        The tracking URI.
+    """
+    return _use(uri)
+
+
 def _use(uri: str) -> str:
     import mlflow
 
@@ -534,8 +544,11 @@ def _check_in_store(name: str, version: int) -> None:
     may point anywhere (another path, another server), and models are loaded only from here."""
     client = _client()
     found = client.get_model_version(name, str(version))
-    artifacts = artifact_root_for(_tracking_uri())
+    uri = _tracking_uri()
+    artifacts = artifact_root_for(uri)
     location = client.get_run(found.run_id).info.artifact_uri if found.run_id else found.source
+    if uri.startswith(("http://", "https://")) and location.startswith("mlflow-artifacts:"):
+        return  # files the tracking server itself stores and serves (`mlflow server --serve-artifacts`)
     local = location[len("file://") :] if location.startswith("file://") else location
     if artifacts is None or not Path(local).resolve().is_relative_to(artifacts.resolve()):
         raise ValueError(

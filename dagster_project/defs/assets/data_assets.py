@@ -25,6 +25,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from dagster_project.defs.executors import DEFAULT_QUEUE
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1 import split as split_lib
 from ecg_r1 import validate as validate_lib
@@ -120,7 +121,7 @@ def _dict_table(values: dict, key: str, value: str) -> str:
     return markdown_table(pl.DataFrame({key: list(values), value: [values[k] for k in values]}))
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def simulated_raw(
     context: dg.AssetExecutionContext, config: SimulationConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -153,7 +154,7 @@ def simulated_raw(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[simulated_raw], kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, deps=[simulated_raw], kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def raw_cohort(
     context: dg.AssetExecutionContext, config: IngestConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -187,7 +188,7 @@ def raw_cohort(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[raw_cohort], kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, deps=[raw_cohort], kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def validated_cohort(
     context: dg.AssetExecutionContext, config: ValidationSettings, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -219,7 +220,7 @@ def validated_cohort(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[validated_cohort], kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, deps=[validated_cohort], kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def cohort_splits(
     context: dg.AssetExecutionContext, config: SplitConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
