@@ -25,11 +25,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from ecg_r1.modeling.profiles import load_profile
 
-    from ecg_r1.comparison import predict_cases
-    from ecg_r1.evaluate import evaluate_binary
-    from ecg_r1.models import build_base_model, corpus_from_cases, load_profile
-    from ecg_r1.render import render_page, save_png
+    from ecg_r1.evaluation.comparison import predict_cases
+    from ecg_r1.evaluation.evaluate import evaluate_binary
+    from ecg_r1.imaging.render import render_page, save_png
+    from ecg_r1.modeling.models import build_base_model, corpus_from_cases
 
     torch.set_num_threads(2)
     profile = load_profile(args.profile)

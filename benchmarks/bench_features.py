@@ -23,8 +23,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ecg_r1.canonical import FS, LEADS, N_SAMPLES, canonicalize  # noqa: E402
-from ecg_r1.features import measure_features  # noqa: E402
+from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES, canonicalize  # noqa: E402
+from ecg_r1.data.features import measure_features  # noqa: E402
 
 LUDB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ludb" / "data"
 

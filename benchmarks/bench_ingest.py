@@ -43,11 +43,11 @@ import wfdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ecg_r1.canonical import LEADS  # noqa: E402
-from ecg_r1.ingest import ingest  # noqa: E402
-from ecg_r1.labels import load_rules  # noqa: E402
-from ecg_r1.readers import discover, load_ref  # noqa: E402
-from ecg_r1.readers.wfdb_io import write_record  # noqa: E402
+from ecg_r1.data.canonical import LEADS  # noqa: E402
+from ecg_r1.data.ingest import ingest  # noqa: E402
+from ecg_r1.data.labels import load_rules  # noqa: E402
+from ecg_r1.data.readers import discover, load_ref  # noqa: E402
+from ecg_r1.data.readers.wfdb_io import write_record  # noqa: E402
 
 SHARED = ROOT / ".." / "shared" / "data"
 PTBXL_RECORDS = 21_799
@@ -158,7 +158,7 @@ def peak_rss_mb(folder: Path, out: Path) -> float:
     """Max RSS (MB) of a fresh process that ingests ``folder`` on one core."""
     code = (
         "import resource, sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
-        "from ecg_r1.ingest import ingest; ingest([Path(sys.argv[1])], Path(sys.argv[2]));"
+        "from ecg_r1.data.ingest import ingest; ingest([Path(sys.argv[1])], Path(sys.argv[2]));"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""Rendering speed: ecg_r1.render against a plain matplotlib reference, side by side.
+"""Rendering speed: ecg_r1.imaging.render against a plain matplotlib reference, side by side.
 
 Usage:
     .venv/bin/python benchmarks/bench_render.py [--records 40] [--mpl-pages 6] [--cohort 120]
@@ -30,9 +30,9 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ecg_r1 import render  # noqa: E402
-from ecg_r1.canonical import FS, LEADS, canonicalize  # noqa: E402
-from ecg_r1.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter  # noqa: E402
+from ecg_r1.data.canonical import FS, LEADS, canonicalize  # noqa: E402
+from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter  # noqa: E402
+from ecg_r1.imaging import render  # noqa: E402
 
 LUDB = ROOT / ".." / "shared" / "data" / "ludb"
 EXAMPLE_RECORD = "16"  # sinus rhythm; LUDB notes anterior ischaemia
@@ -172,7 +172,7 @@ def main() -> int:
         our_wall, our_cpu = time_pages(subset, ours(render.CLINICAL), tmp / "ours", args.seconds, len(subset))
         print("\n== one core, 2200 x 1700 px, 3x4 + rhythm, PNG written (wall clock | per CPU second) ==")
         print(f"matplotlib reference : {mpl_wall:7.2f} | {mpl_cpu:7.2f} images/s")
-        print(f"ecg_r1.render        : {our_wall:7.2f} | {our_cpu:7.2f} images/s")
+        print(f"ecg_r1.imaging.render        : {our_wall:7.2f} | {our_cpu:7.2f} images/s")
         print(f"ratio                : {our_wall / mpl_wall:7.1f} | {our_cpu / mpl_cpu:7.1f} x")
         mpl_size = np.mean([p.stat().st_size for p in (tmp / "mpl").glob("*.png")]) / 1024
         our_size = np.mean([p.stat().st_size for p in (tmp / "ours").glob("*.png")]) / 1024

@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ecg_r1.canonical import LEADS  # noqa: E402
+from ecg_r1.data.canonical import LEADS  # noqa: E402
 from ecg_r1.simulate import simulate_cohort, truth  # noqa: E402
 from ecg_r1.simulate.clinical import write_notes  # noqa: E402
 from ecg_r1.simulate.cohort import CHUNK, _hospital_sizes  # noqa: E402

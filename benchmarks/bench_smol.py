@@ -48,12 +48,13 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from ecg_r1.modeling.profiles import load_profile, lora_config
     from peft import get_peft_model
 
-    from ecg_r1.models import image_tokens, load_model_and_processor, load_profile, lora_config
-    from ecg_r1.pretrained import build_pretrained_language_model
-    from ecg_r1.prompts import build_multimodal_prompt, build_sft_messages, format_target
-    from ecg_r1.render import render_page
+    from ecg_r1.imaging.render import render_page
+    from ecg_r1.modeling.models import image_tokens, load_model_and_processor
+    from ecg_r1.modeling.pretrained import build_pretrained_language_model
+    from ecg_r1.modeling.prompts import build_multimodal_prompt, build_sft_messages, format_target
 
     torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)

@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 
 def make_data(root: Path, n: int) -> dict[str, str]:
     """Simulate, ingest, split and render a small cohort (the pipeline's own code path)."""
-    from ecg_r1.ingest import ingest
-    from ecg_r1.render import CLINICAL, render_cohort, with_size
+    from ecg_r1.data.ingest import ingest
+    from ecg_r1.data.split import split_cohort, write_splits
+    from ecg_r1.data.store import read_cohort
+    from ecg_r1.imaging.render import CLINICAL, render_cohort, with_size
     from ecg_r1.simulate import simulate_cohort
-    from ecg_r1.split import split_cohort, write_splits
-    from ecg_r1.store import read_cohort
 
     simulate_cohort(root / "raw", n=n, hospitals=4, seed=0)
     ingest([root / "raw"], root / "cohort")
@@ -55,9 +55,9 @@ def worker(args: argparse.Namespace) -> None:
     """Run one stage for ``--steps`` steps and print its timing as JSON (child process)."""
     import numpy as np
     import torch
+    from ecg_r1.modeling.profiles import load_profile
     from transformers import TrainerCallback
 
-    from ecg_r1.models import load_profile
     from ecg_r1.training import stages
 
     torch.set_num_threads(args.threads)

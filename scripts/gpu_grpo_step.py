@@ -77,7 +77,7 @@ TINY_VISION = {**QWEN2_VL_2B_VISION, "depth": 2, "embed_dim": 32, "hidden_size":
 
 def synthetic_signal(rng: np.random.Generator) -> np.ndarray:
     """A plausible 10 s 12-lead beat train (QRS and T bumps) in mV, for rendering a page."""
-    from ecg_r1.canonical import FS, N_SAMPLES
+    from ecg_r1.data.canonical import FS, N_SAMPLES
 
     t = np.arange(N_SAMPLES) / FS
     out = np.zeros((12, N_SAMPLES))
@@ -94,15 +94,15 @@ def synthetic_signal(rng: np.random.Generator) -> np.ndarray:
 def build(tiny: bool, image_width: int, workdir: Path) -> tuple[object, object]:
     """The model (random weights) and the project's processor for it."""
     import torch
+    from ecg_r1.modeling.profiles import load_profile
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from ecg_r1.models import (
+    from ecg_r1.modeling.models import (
         EOS_TOKEN,
         PAD_TOKEN,
         QWEN2_VL_CHAT_TEMPLATE,
         _processor_class,
         corpus_from_cases,
-        load_profile,
         make_image_processor,
         train_tokenizer,
     )
@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from ecg_r1.prompts import build_prompt
-    from ecg_r1.render import CLINICAL, render_page, with_size
-    from ecg_r1.rewards import accuracy_reward, format_reward
+    from ecg_r1.imaging.render import CLINICAL, render_page, with_size
+    from ecg_r1.modeling.prompts import build_prompt
+    from ecg_r1.training.rewards import accuracy_reward, format_reward
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny to check the script on CPU")

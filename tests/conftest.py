@@ -35,7 +35,7 @@ def ptbxl_meta_dir() -> Path:
 @pytest.fixture(scope="session")
 def seed_mlflow_db(tmp_path_factory):
     """Put an empty, already-migrated MLflow database at a path (``<root>/mlflow/mlflow.db`` for
-    ``ecg_r1.tracking``). Creating MLflow's schema takes seconds a store; copying one takes none,
+    ``ecg_r1.tracking.runs``). Creating MLflow's schema takes seconds a store; copying one takes none,
     and every test still gets a store of its own."""
     from mlflow import MlflowClient
 

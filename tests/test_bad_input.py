@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecg_r1.canonical import LEADS
 from ecg_r1.cli import main as cli_main
-from ecg_r1.ingest import ingest
-from ecg_r1.readers.wfdb_io import write_record
-from ecg_r1.store import open_signals, read_cohort, read_quarantine
+from ecg_r1.data.canonical import LEADS
+from ecg_r1.data.ingest import ingest
+from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
 
 FS = 500
 N = 5000

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from test_features import T_AMPS, synthetic_ecg
 
-from ecg_r1.baselines import (
+from ecg_r1.evaluation.baselines import (
     CLINICIANS_ACCURACY,
     CLINICIANS_PPV,
     CLINICIANS_SOURCE,
@@ -20,7 +20,7 @@ from ecg_r1.baselines import (
     clinicians_metrics,
     with_features,
 )
-from ecg_r1.evaluate import evaluate_predictions
+from ecg_r1.evaluation.evaluate import evaluate_predictions
 
 NOTES_POS = ["chest pain since this morning, troponin raised", "crushing chest pain, smoker"]
 NOTES_NEG = ["routine check, no chest pain", "athlete, no symptoms, troponin normal"]

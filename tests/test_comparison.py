@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from ecg_r1.modeling.profiles import load_profile
 from test_train import make_cohort, tiny_test_profile
 
-from ecg_r1 import comparison
-from ecg_r1.baselines import CLINICIANS_NAME
-from ecg_r1.models import build_base_model, corpus_from_cases, load_profile
+from ecg_r1.evaluation import comparison
+from ecg_r1.evaluation.baselines import CLINICIANS_NAME
+from ecg_r1.modeling.models import build_base_model, corpus_from_cases
 
 N_BOOT = 200
 
@@ -289,7 +290,7 @@ class TestEvaluateCommand:
 class TestAblations:
     def test_what_each_ablation_shows_the_model(self, setup, monkeypatch):
         """The image ablation shows every case one flat-line page; the note ablation no note."""
-        import ecg_r1.inference as inference
+        import ecg_r1.modeling.inference as inference
 
         shown: list[dict] = []
 

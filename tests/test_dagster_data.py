@@ -11,12 +11,12 @@ import polars as pl
 import pytest
 from test_validate import write_cohort
 
-import ecg_r1.split
+import ecg_r1.data.split
 from dagster_project.defs import asset_checks
 from dagster_project.defs.assets.data_assets import cohort_splits, raw_cohort, simulated_raw, validated_cohort
 from dagster_project.defs.resources import REPO_ROOT, DataLayout, DvcResource
-from ecg_r1.validate import validate_cohort_dir
-from ecg_r1.versioning import DvcError, data_version, dvc_executable, git_commit
+from ecg_r1.data.validate import validate_cohort_dir
+from ecg_r1.tracking.versioning import DvcError, data_version, dvc_executable, git_commit
 
 CHECKS = [
     asset_checks.check_ingest_accounts_for_every_record,
@@ -183,7 +183,7 @@ class TestBlockingChecks:
         assert "validated_probe" not in materialized
 
     def test_patient_in_two_splits_fails_and_blocks(self, validated_home, monkeypatch):
-        real = ecg_r1.split.split_cohort
+        real = ecg_r1.data.split.split_cohort
 
         def leaky(*args, **kwargs):
             splits = real(*args, **kwargs)
@@ -197,7 +197,7 @@ class TestBlockingChecks:
                 .alias("patient_id")
             )
 
-        monkeypatch.setattr(ecg_r1.split, "split_cohort", leaky)
+        monkeypatch.setattr(ecg_r1.data.split, "split_cohort", leaky)
         result = self._run_splits(validated_home)
         outcomes = check_outcomes(result)
         assert outcomes["check_no_patient_in_two_splits"] is False
@@ -205,7 +205,7 @@ class TestBlockingChecks:
         self._assert_probe_blocked(result)
 
     def test_leaked_held_out_hospital_fails_and_blocks(self, validated_home, monkeypatch):
-        real = ecg_r1.split.split_cohort
+        real = ecg_r1.data.split.split_cohort
 
         def leaky(*args, **kwargs):
             splits = real(*args, **kwargs)
@@ -218,7 +218,7 @@ class TestBlockingChecks:
                 .alias("split")
             )
 
-        monkeypatch.setattr(ecg_r1.split, "split_cohort", leaky)
+        monkeypatch.setattr(ecg_r1.data.split, "split_cohort", leaky)
         result = self._run_splits(validated_home)
         outcomes = check_outcomes(result)
         assert outcomes["check_held_out_hospital_not_in_training"] is False

@@ -15,19 +15,19 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+from ecg_r1.modeling.profiles import load_profile
 from test_train import make_cohort, tiny_test_profile
 
 from dagster_project.defs.assets import evaluation_assets as ev
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
-from ecg_r1 import tracking
-from ecg_r1.models import (
+from ecg_r1.modeling.models import (
     build_base_model,
     corpus_from_cases,
     load_model_and_processor,
-    load_profile,
     save_model_folder,
 )
-from ecg_r1.prompts import format_target, parse_completion
+from ecg_r1.modeling.prompts import format_target, parse_completion
+from ecg_r1.tracking import runs as tracking
 
 ASSETS = [
     ev.reference_baselines,
@@ -43,7 +43,7 @@ def always_yes_model(model_dir: Path, profile, cases: pl.DataFrame, out: Path, s
     import torch
     from PIL import Image
 
-    from ecg_r1.inference import prompt_texts
+    from ecg_r1.modeling.inference import prompt_texts
 
     torch.manual_seed(0)
     model, processor = load_model_and_processor(model_dir, profile)
@@ -117,7 +117,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, seed_mlflow_db) -> dict:
     profile_path = tiny_test_profile(root / "profile.yaml", grpo={"max_completion_length": 16})
     profile = load_profile(profile_path)
     untrained = build_base_model(profile, corpus_from_cases(cohort.to_dicts()), root / "untrained")
-    from ecg_r1.comparison import evaluation_cases
+    from ecg_r1.evaluation.comparison import evaluation_cases
 
     cases = evaluation_cases(
         data["cohort"], root / "data" / "splits" / "splits.parquet", data["images"], "train"
@@ -165,7 +165,7 @@ def metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
 
 
 def test_the_always_yes_model_answers_yes(home):
-    from ecg_r1.comparison import evaluation_cases, predict_cases
+    from ecg_r1.evaluation.comparison import evaluation_cases, predict_cases
 
     root = home["root"]
     cases = evaluation_cases(
@@ -251,7 +251,7 @@ def test_real_record_cohort_feeds_the_comparison(home, monkeypatch):
     """Nothing configured: no folder, no section. Records named in the environment: a section."""
     from test_real_records import REAL_ROWS, write_real_export
 
-    from ecg_r1.real_records import ENV_VAR, REAL_SPLIT, REAL_TITLE, SUMMARY_FILE
+    from ecg_r1.evaluation.real_records import ENV_VAR, REAL_SPLIT, REAL_TITLE, SUMMARY_FILE
 
     root = home["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow/mlflow.db")

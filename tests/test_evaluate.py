@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ecg_r1.evaluate import (
+from ecg_r1.evaluation.evaluate import (
     Estimate,
     _auroc_rows,
     as_predictions,
@@ -183,7 +183,11 @@ class TestPredictions:
         )
 
     def test_evaluates_in_case_order_whatever_the_prediction_order(self) -> None:
-        from ecg_r1.evaluate import Predictions, evaluate_predictions, evaluate_predictions_by_group
+        from ecg_r1.evaluation.evaluate import (
+            Predictions,
+            evaluate_predictions,
+            evaluate_predictions_by_group,
+        )
 
         order = list(reversed(range(10)))
         preds = Predictions(
@@ -195,21 +199,21 @@ class TestPredictions:
         assert by["A"].accuracy.value == pytest.approx(0.8)
 
     def test_missing_predictions_are_an_error_not_dropped(self) -> None:
-        from ecg_r1.evaluate import Predictions, evaluate_predictions
+        from ecg_r1.evaluation.evaluate import Predictions, evaluate_predictions
 
         preds = Predictions("m", [f"r{i}" for i in range(9)], P[:9])
         with pytest.raises(ValueError, match="1 of 10 cases have no prediction"):
             evaluate_predictions(preds, self._cases())
 
     def test_unknown_labels_refused(self) -> None:
-        from ecg_r1.evaluate import labels_to_truth
+        from ecg_r1.evaluation.evaluate import labels_to_truth
 
         assert labels_to_truth(["ischemic", "non-ischemic"]).tolist() == [True, False]
         with pytest.raises(ValueError, match="unknown"):
             labels_to_truth(["ischemic", "unknown"])
 
     def test_frame_round_trip(self) -> None:
-        from ecg_r1.evaluate import Predictions
+        from ecg_r1.evaluation.evaluate import Predictions
 
         preds = Predictions(
             "m", ["a", "b", "c"], [True, None, False], np.array([0.9, np.nan, 0.2]), ["x", None, "z"]

@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ecg_r1.canonical import FS, LEADS, N_SAMPLES
-from ecg_r1.features import (
+from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
+from ecg_r1.data.features import (
     FEATURE_COLUMNS,
     TWI_THRESHOLD_MV,
     UPRIGHT_T_LEADS,
@@ -179,7 +179,7 @@ class TestLudbAgainstCardiologists:
     @classmethod
     def measured(cls, ludb_dir) -> tuple[np.ndarray, pl.DataFrame]:
         wfdb = pytest.importorskip("wfdb")
-        from ecg_r1.canonical import canonicalize
+        from ecg_r1.data.canonical import canonicalize
 
         signals = []
         for rid in LUDB_IDS:

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from test_bad_input import FS, ecg
 
-from ecg_r1.canonical import LEADS
 from ecg_r1.cli import main as cli_main
-from ecg_r1.ingest import ingest
-from ecg_r1.labels import label_cinc, label_ptbxl, load_rules, parse_dx
-from ecg_r1.readers.wfdb_io import write_record
-from ecg_r1.store import read_cohort, read_quarantine
+from ecg_r1.data.canonical import LEADS
+from ecg_r1.data.ingest import ingest
+from ecg_r1.data.labels import label_cinc, label_ptbxl, load_rules, parse_dx
+from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.store import read_cohort, read_quarantine
 
 SECRET = "SECRET-LINE do not copy me"
 
@@ -152,7 +152,7 @@ class _Payload:
 class TestNoCodeFromData:
     @pytest.mark.parametrize("name", ["feature_baseline.pkl", "feature_baseline.parquet"])
     def test_baselines_folder_cannot_run_code(self, tmp_path: Path, name: str) -> None:
-        from ecg_r1.comparison import MAJORITY_FILE, ReferenceBaselines
+        from ecg_r1.evaluation.comparison import MAJORITY_FILE, ReferenceBaselines
 
         marker = tmp_path / "ran"
         folder = tmp_path / "baselines"
@@ -308,7 +308,7 @@ class TestDuplicateSignals:
     def test_same_signal_under_another_patient_or_hospital_is_quarantined(
         self, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import ecg_r1.ingest as ingest_module
+        import ecg_r1.data.ingest as ingest_module
 
         monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 1)  # the first record must win across workers
         export = _manifest(
@@ -416,7 +416,7 @@ class TestAtomicOutputs:
         assert [p.name for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
 
     def test_interrupted_ingest_leaves_the_old_cohort(self, cohort, monkeypatch: pytest.MonkeyPatch) -> None:
-        import ecg_r1.ingest as ingest_module
+        import ecg_r1.data.ingest as ingest_module
 
         folder, out, files = cohort
         real = ingest_module._load_chunk
@@ -440,7 +440,7 @@ class TestAtomicOutputs:
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     def test_second_writer_is_refused(self, cohort) -> None:
-        from ecg_r1.ingest import IngestRefused, _exclusive
+        from ecg_r1.data.ingest import IngestRefused, _exclusive
 
         folder, out, files = cohort
         with _exclusive(out), pytest.raises(IngestRefused, match="another ingest"):
@@ -448,7 +448,7 @@ class TestAtomicOutputs:
         self._unchanged(out, files)
 
     def test_mistyped_input_keeps_the_cohort_unless_forced(self, cohort, tmp_path: Path) -> None:
-        from ecg_r1.ingest import IngestRefused
+        from ecg_r1.data.ingest import IngestRefused
 
         _, out, files = cohort
         with pytest.raises(IngestRefused, match="--force"):
@@ -457,7 +457,7 @@ class TestAtomicOutputs:
         assert ingest([tmp_path / "exprot"], out, workers=1, force=True).loaded == 0
 
     def test_folder_that_is_no_cohort_is_not_replaced(self, cohort, tmp_path: Path) -> None:
-        from ecg_r1.ingest import IngestRefused
+        from ecg_r1.data.ingest import IngestRefused
 
         folder, _, _ = cohort
         (tmp_path / "home").mkdir()

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ecg_r1.modeling.profiles import load_profile
 
-from ecg_r1 import inference
-from ecg_r1.models import build_base_model, corpus_from_cases, load_model_and_processor, load_profile
-from ecg_r1.prompts import YES
+from ecg_r1.modeling import inference
+from ecg_r1.modeling.models import build_base_model, corpus_from_cases, load_model_and_processor
+from ecg_r1.modeling.prompts import YES
 
 CASES = [{"age": 50 + i, "sex": "F", "note": f"Troponin {i}.", "twi_leads": "V2,V3"} for i in range(20)]
 
@@ -44,7 +45,7 @@ def loaded(model_dir, small_profile_path):
 
 
 def page(seed: int):
-    from ecg_r1.render import render_page
+    from ecg_r1.imaging.render import render_page
 
     signal = np.random.default_rng(seed).normal(0, 0.3, (12, 5000)).astype(np.float32)
     return render_page(signal, load_profile("tiny").render_config())
@@ -152,7 +153,7 @@ class TestAnswerProbability:
 def write_record(folder: Path) -> Path:
     """A 12-lead, 10 s, 500 Hz WFDB record with CinC-style age/sex comments."""
     wfdb = pytest.importorskip("wfdb")
-    from ecg_r1.canonical import LEADS
+    from ecg_r1.data.canonical import LEADS
 
     t = np.arange(5000) / 500
     signal = np.stack([0.8 * np.sin(2 * np.pi * 1.2 * t + k) for k in range(12)], axis=1)
@@ -205,8 +206,8 @@ class TestPredictCli:
         assert (tmp_path / "page.png").stat().st_size > 0
 
     def test_reads_a_registered_version(self, registry, model_dir, small_profile_path, capsys):
-        from ecg_r1 import tracking
         from ecg_r1.cli import main
+        from ecg_r1.tracking import runs as tracking
 
         with tracking.start_or_resume_run("tiny", "grpo") as run:
             version = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
@@ -239,7 +240,7 @@ class TestPredictCli:
 def registry(tmp_path_factory, seed_mlflow_db):
     """A temporary MLflow store (the repository root holding mlflow/), shared: creating it takes seconds."""
     mlflow = pytest.importorskip("mlflow")
-    from ecg_r1 import tracking
+    from ecg_r1.tracking import runs as tracking
 
     root = tmp_path_factory.mktemp("repo")
     seed_mlflow_db(root / "mlflow" / "mlflow.db")

@@ -10,13 +10,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ecg_r1.canonical import LEADS, N_SAMPLES
 from ecg_r1.cli import main as cli_main
-from ecg_r1.ingest import ingest
-from ecg_r1.readers import read_record
-from ecg_r1.readers.wfdb_io import write_record
-from ecg_r1.signal_checks import signal_quality
-from ecg_r1.store import COHORT_SCHEMA, open_signals, read_cohort, read_quarantine
+from ecg_r1.data.canonical import LEADS, N_SAMPLES
+from ecg_r1.data.ingest import ingest
+from ecg_r1.data.readers import read_record
+from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.signal_checks import signal_quality
+from ecg_r1.data.store import COHORT_SCHEMA, open_signals, read_cohort, read_quarantine
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ecg_r1.labels import (
+from ecg_r1.data.labels import (
     DEFAULT_RULES,
     label_cinc,
     label_ludb_diagnoses,
@@ -22,8 +22,8 @@ from ecg_r1.labels import (
     parse_manifest_twi,
     t_wave_amplitudes,
 )
-from ecg_r1.readers.ludb import diagnoses, lead_t_amplitudes
-from ecg_r1.readers.wfdb_io import parse_comments, parse_header, read_signal
+from ecg_r1.data.readers.ludb import diagnoses, lead_t_amplitudes
+from ecg_r1.data.readers.wfdb_io import parse_comments, parse_header, read_signal
 
 
 @pytest.fixture(scope="module")

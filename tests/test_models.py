@@ -14,23 +14,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ecg_r1.modeling.profiles import ProfileError, available_profiles, load_profile, lora_config
 
-from ecg_r1.models import (
+from ecg_r1.modeling.models import (
     MODEL_INFO_FILE,
     SPECIAL_TOKENS,
-    ProfileError,
-    available_profiles,
     build_base_model,
     corpus_from_cases,
     image_tokens,
     load_model_and_processor,
     load_processor,
-    load_profile,
-    lora_config,
     save_model_folder,
     train_tokenizer,
 )
-from ecg_r1.prompts import build_multimodal_prompt, format_target
+from ecg_r1.modeling.prompts import build_multimodal_prompt, format_target
 
 CASES = [
     {
@@ -56,7 +53,7 @@ def tiny(tiny_dir):
 
 
 def rendered_page(profile):
-    from ecg_r1.render import render_page
+    from ecg_r1.imaging.render import render_page
 
     signal = np.random.default_rng(0).normal(0, 0.2, (12, 5000)).astype(np.float32)
     return render_page(signal, profile.render_config())
@@ -205,7 +202,7 @@ class TestTokenizer:
         assert len(tokenizer) <= 300
 
     def test_tiny_vocabulary_spells_each_answer_as_one_token(self, tiny):
-        # so P(Yes) in ecg_r1.inference is a plain next-token probability for the tiny model
+        # so P(Yes) in ecg_r1.modeling.inference is a plain next-token probability for the tiny model
         tokenizer = tiny[1].tokenizer
         assert len(tokenizer("Yes", add_special_tokens=False)["input_ids"]) == 1
         assert len(tokenizer("No", add_special_tokens=False)["input_ids"]) == 1

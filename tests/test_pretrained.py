@@ -14,18 +14,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ecg_r1.modeling.profiles import ProfileError, load_profile, lora_config
 
-from ecg_r1 import pretrained
-from ecg_r1.models import (
-    MODEL_INFO_FILE,
-    ProfileError,
-    build_base_model,
-    image_tokens,
-    load_model_and_processor,
-    load_profile,
-    lora_config,
-)
-from ecg_r1.prompts import build_multimodal_prompt
+from ecg_r1.modeling import pretrained
+from ecg_r1.modeling.models import MODEL_INFO_FILE, build_base_model, image_tokens, load_model_and_processor
+from ecg_r1.modeling.prompts import build_multimodal_prompt
 
 SMOL = pretrained.LANGUAGE_MODELS["smollm2-135m"]
 LAYERS = 2
@@ -151,7 +144,7 @@ class TestConversion:
         assert not attention.q_proj.bias.any() and not attention.k_proj.bias.any()
 
     def test_saved_folder_reloads_and_reads_a_page(self, smol_dir, smol):
-        from ecg_r1.render import render_page
+        from ecg_r1.imaging.render import render_page
 
         model, processor = smol
         profile = load_profile("smol")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_r1.promotion import PromotionDecision, PromotionRule, decide_promotion, record_decision
+from ecg_r1.evaluation.promotion import PromotionDecision, PromotionRule, decide_promotion, record_decision
 
 N = 400
 

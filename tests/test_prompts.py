@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_r1.prompts import (
+from ecg_r1.modeling.prompts import (
     SYSTEM_PROMPT,
     build_multimodal_prompt,
     build_prompt,
@@ -171,7 +171,7 @@ class TestRationaleFromFindings:
         assert "Deep inverted T waves." in text and "QT" not in text and "rate" not in text
 
     def test_reads_a_measure_features_row_and_names_only_the_twi_leads(self):
-        from ecg_r1.features import measure_features
+        from ecg_r1.data.features import measure_features
 
         t = np.arange(5000) / 500
         beat = np.zeros(5000)

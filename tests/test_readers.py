@@ -10,13 +10,19 @@ import numpy as np
 import pytest
 import wfdb
 
-from ecg_r1.canonical import LEADS, N_SAMPLES, CanonicalError
-from ecg_r1.ingest import ingest
-from ecg_r1.labels import load_rules
-from ecg_r1.readers import detect_layout, discover, read_record
-from ecg_r1.readers.cinc import cinc_hospital
-from ecg_r1.readers.wfdb_io import RecordError, parse_comments, parse_header, read_annotations, write_record
-from ecg_r1.store import open_signals, read_cohort, read_quarantine
+from ecg_r1.data.canonical import LEADS, N_SAMPLES, CanonicalError
+from ecg_r1.data.ingest import ingest
+from ecg_r1.data.labels import load_rules
+from ecg_r1.data.readers import detect_layout, discover, read_record
+from ecg_r1.data.readers.cinc import cinc_hospital
+from ecg_r1.data.readers.wfdb_io import (
+    RecordError,
+    parse_comments,
+    parse_header,
+    read_annotations,
+    write_record,
+)
+from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
 
 PTBXL_SIGNAL_IDS = range(6000, 6010)
 

@@ -11,21 +11,22 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from ecg_r1.modeling.profiles import load_profile
 from PIL import Image
 from test_train import ANTERIOR, LATERAL, make_cohort, synthetic_signal, tiny_test_profile
 
-from ecg_r1 import comparison
-from ecg_r1.canonical import FS, LEADS
-from ecg_r1.models import build_base_model, corpus_from_cases, load_profile
-from ecg_r1.readers.wfdb_io import write_record
-from ecg_r1.real_records import (
+from ecg_r1.data.canonical import FS, LEADS
+from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.store import read_cohort
+from ecg_r1.evaluation import comparison
+from ecg_r1.evaluation.real_records import (
     REAL_SPLIT,
     REAL_TITLE,
     paths_from_env,
     prepare_real_records,
     read_real_records,
 )
-from ecg_r1.store import read_cohort
+from ecg_r1.modeling.models import build_base_model, corpus_from_cases
 
 N_BOOT = 200
 FEATURE_ROW = "Feature baseline (gradient boosting)"

@@ -16,8 +16,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from ecg_r1.augment import Augment
-from ecg_r1.render import (
+from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter
+from ecg_r1.imaging.augment import Augment
+from ecg_r1.imaging.render import (
     CLINICAL,
     INDEX_FILE,
     RenderConfig,
@@ -27,7 +28,6 @@ from ecg_r1.render import (
     render_png,
     save_png,
 )
-from ecg_r1.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter
 
 FS = 500
 t_s = np.arange(5000) / FS
@@ -551,7 +551,7 @@ class TestRenderCohort:
 
 def test_real_ludb_record_looks_like_a_printout(ludb_dir: Path) -> None:
     wfdb = pytest.importorskip("wfdb")
-    from ecg_r1.canonical import canonicalize
+    from ecg_r1.data.canonical import canonicalize
 
     record = wfdb.rdrecord(str(ludb_dir / "data" / "1"))
     signal = canonicalize(record.p_signal, record.fs, record.sig_name).signal
@@ -606,8 +606,8 @@ class TestCli:
             main(["render", str(tmp_path), "--out", str(tmp_path / "img"), "--speed", "50"])
 
     def test_choices_match_the_renderer(self) -> None:
-        from ecg_r1 import render
         from ecg_r1.cli import render as cli
+        from ecg_r1.imaging import render
 
         assert cli.LAYOUT_NAMES == render.LAYOUTS
         assert set(cli.PRESET_NAMES) == set(render.PRESETS)

@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from ecg_r1.baselines import CLINICIANS_NAME, CLINICIANS_SOURCE, clinicians_metrics
-from ecg_r1.evaluate import evaluate_binary, evaluate_by_group
-from ecg_r1.report import (
+from ecg_r1.evaluation.baselines import CLINICIANS_NAME, CLINICIANS_SOURCE, clinicians_metrics
+from ecg_r1.evaluation.evaluate import evaluate_binary, evaluate_by_group
+from ecg_r1.evaluation.report import (
     CITED,
     CROSS_HOSPITAL,
     INTERNAL,

@@ -62,7 +62,7 @@ def _complete_checkpoints(out: Path) -> list[int]:
 def test_a_killed_sft_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
     tmp_path: Path, seed_mlflow_db
 ) -> None:
-    from ecg_r1 import tracking
+    from ecg_r1.tracking import runs as tracking
     from mlflow import MlflowClient
 
     data = make_cohort(tmp_path / "data", n=16)

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from ecg_r1.rewards import (
+from ecg_r1.training.rewards import (
     REWARD_FUNCS,
     accuracy_reward,
     format_reward,
@@ -151,7 +151,7 @@ class TestRegistry:
             get_reward_funcs(["format", "length"])
 
     def test_profile_reward_names_resolve(self):
-        from ecg_r1.models import available_profiles, load_profile
+        from ecg_r1.modeling.profiles import available_profiles, load_profile
 
         for profile in available_profiles():
             assert len(get_reward_funcs(load_profile(profile).reward_names)) == len(

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import wfdb
 
-from ecg_r1.canonical import LEADS, canonicalize
+from ecg_r1.data.canonical import LEADS, canonicalize
 from ecg_r1.simulate import SimulationSummary, simulate_cohort, truth
 from ecg_r1.simulate.device import record
 from ecg_r1.simulate.hospitals import hospital_profiles
@@ -52,7 +52,7 @@ def canonical(
 
 @pytest.fixture(scope="module")
 def features(canonical: np.ndarray) -> pl.DataFrame:
-    from ecg_r1.features import measure_features
+    from ecg_r1.data.features import measure_features
 
     return measure_features(canonical)
 
@@ -327,7 +327,7 @@ class TestSingleModalityClassifiers:
     @staticmethod
     def _signal_features(f: pl.DataFrame) -> np.ndarray:
         """What a reader of the tracing would use: where T is inverted, how deep and how
-        symmetric, QRS width and voltage, ST level, QT and rate (measured by ecg_r1.features)."""
+        symmetric, QRS width and voltage, ST level, QT and rate (measured by ecg_r1.data.features)."""
         inverted = np.array([[lead in (s or "").split(",") for lead in LEADS] for s in f["twi_leads"]], float)
         t_amp = f.select([f"t_amp_{lead}" for lead in LEADS]).to_numpy()
         t_sym = f.select([f"t_sym_{lead}" for lead in LEADS]).to_numpy()
@@ -371,9 +371,9 @@ class TestSingleModalityClassifiers:
 class TestIngest:
     def test_ingest_loads_every_simulated_record(self, cohort, tables, tmp_path):
         ingest_mod = pytest.importorskip(
-            "ecg_r1.ingest", reason="the manifest reader (ecg_r1.ingest) is not there"
+            "ecg_r1.data.ingest", reason="the manifest reader (ecg_r1.data.ingest) is not there"
         )
-        from ecg_r1.store import open_signals, read_cohort
+        from ecg_r1.data.store import open_signals, read_cohort
 
         out, _ = cohort
         manifest, _ = tables

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from ecg_r1.canonical import LEADS
+from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate.realism import compare, ludb_normal_ids, measure_ludb, simulate_normals
 
 # Leads where a normal adult T wave is upright (LUDB: 100 % of its normal-looking records).

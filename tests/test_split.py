@@ -1,4 +1,4 @@
-"""Hospital-aware, patient-level, stratified splitting (ecg_r1.split)."""
+"""Hospital-aware, patient-level, stratified splitting (ecg_r1.data.split)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ecg_r1.split import (
+from ecg_r1.data.split import (
     SPLITS,
     SplitError,
     held_out_leaks,

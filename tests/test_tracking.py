@@ -9,7 +9,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from ecg_r1 import tracking  # noqa: E402
+from ecg_r1.tracking import runs as tracking  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 import yaml
 
-from ecg_r1.canonical import FS, LEADS, N_SAMPLES
-from ecg_r1.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter
+from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
+from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter
 
 ANTERIOR = ("V1", "V2", "V3", "V4")
 LATERAL = ("I", "aVL", "V5", "V6")
@@ -47,7 +47,7 @@ def make_cohort(root: Path, n: int = 24, seed: int = 0, width: int = 224) -> dic
     Returns:
         ``{"cohort": dir, "splits": parquet, "images": dir}``.
     """
-    from ecg_r1.render import CLINICAL, render_cohort, with_size
+    from ecg_r1.imaging.render import CLINICAL, render_cohort, with_size
 
     rng = np.random.default_rng(seed)
     cohort_dir = root / "cohort"
@@ -105,7 +105,7 @@ def make_cohort(root: Path, n: int = 24, seed: int = 0, width: int = 224) -> dic
 
 def tiny_test_profile(path: Path, **overrides: dict) -> Path:
     """A copy of the tiny profile with a smaller model and short stages, written to ``path``."""
-    from ecg_r1.models import PROFILES_DIR
+    from ecg_r1.modeling.profiles import PROFILES_DIR
 
     raw = yaml.safe_load((PROFILES_DIR / "tiny.yaml").read_text())
     raw = copy.deepcopy(raw)
@@ -143,7 +143,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory: pytest.TempPathFactory):
-    from ecg_r1.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
 
     return load_profile(tiny_test_profile(tmp_path_factory.mktemp("profile") / "tiny-test.yaml"))
 
@@ -165,7 +165,7 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory, seed_mlflow_db):
     import os
 
     import mlflow
-    from ecg_r1 import tracking
+    from ecg_r1.tracking import runs as tracking
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     previous = mlflow.get_tracking_uri()
@@ -255,7 +255,7 @@ class TestDatasets:
         assert row["twi_leads"] == cases["twi_leads"][0]
 
     def test_sft_targets_follow_the_contract_and_the_rationale_never_states_the_label(self, data):
-        from ecg_r1.prompts import parse_completion
+        from ecg_r1.modeling.prompts import parse_completion
         from ecg_r1.training.data import load_cases, sft_targets
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
@@ -270,7 +270,7 @@ class TestDatasets:
         assert bare.valid and bare.think == ""
 
     def test_findings_rationale_states_what_was_measured_before_the_answer(self, data):
-        from ecg_r1.prompts import parse_completion
+        from ecg_r1.modeling.prompts import parse_completion
         from ecg_r1.training.data import case_findings, load_cases, sft_targets
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
@@ -336,8 +336,8 @@ class TestAnswerMasking:
     def test_only_the_answer_word_leaves_the_loss(self, base_model, profile):
         import torch
 
-        from ecg_r1.models import load_processor
-        from ecg_r1.prompts import format_target
+        from ecg_r1.modeling.models import load_processor
+        from ecg_r1.modeling.prompts import format_target
         from ecg_r1.training.stages import AnswerMaskingCollator
 
         processor = load_processor(base_model, profile)
@@ -379,14 +379,14 @@ class TestVisionPretrain:
         assert np.isfinite(result.metrics["loss"])
 
     def test_targets_come_from_the_signal_measurements(self, data):
-        from ecg_r1.features import UPRIGHT_T_LEADS, measure_features
-        from ecg_r1.store import open_signals
+        from ecg_r1.data.features import UPRIGHT_T_LEADS, measure_features
+        from ecg_r1.data.store import open_signals
         from ecg_r1.training.vision import measured_targets
 
         features = measure_features(np.asarray(open_signals(data["cohort"])[:6]))
         targets = measured_targets(features)
         cohort = pl.read_parquet(data["cohort"] / "cohort.parquet").head(6)
-        from ecg_r1.prompts import FINDING_FLAGS
+        from ecg_r1.modeling.prompts import FINDING_FLAGS
 
         assert targets.twi.shape == (6, len(LEADS) + len(FINDING_FLAGS))
         for row, measured, truth, label in zip(
@@ -414,7 +414,7 @@ def sft_result(data, profile, base_model, tmp_path_factory: pytest.TempPathFacto
 
 class TestSFT:
     def test_a_few_steps_change_the_weights_and_save_a_loadable_model(self, sft_result, base_model, profile):
-        from ecg_r1.models import load_model_and_processor
+        from ecg_r1.modeling.models import load_model_and_processor
 
         changed = _changed(_weights(base_model), _weights(sft_result.model_dir))
         assert any(k.startswith("model.layers.") for k in changed)
@@ -499,7 +499,7 @@ class TestFormatWarmup:
 def length_reward(completions: list, **kwargs) -> list[float]:
     """A reward with spread for any model (a random model never writes the format, so format and
     accuracy are all 0 and GRPO's advantages vanish)."""
-    from ecg_r1.prompts import completion_text
+    from ecg_r1.modeling.prompts import completion_text
 
     return [len(completion_text(c)) / 100 for c in completions]
 
@@ -508,8 +508,7 @@ class TestGRPO:
     def test_a_few_steps_change_the_weights_and_log_each_reward(
         self, data, profile, sft_result, tmp_path, mlflow_store, monkeypatch
     ):
-        from ecg_r1 import rewards
-        from ecg_r1.training import run_grpo
+        from ecg_r1.training import rewards, run_grpo
         from mlflow import MlflowClient
 
         monkeypatch.setitem(rewards.REWARD_FUNCS, "length", length_reward)

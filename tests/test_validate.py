@@ -1,4 +1,4 @@
-"""The Great Expectations suite on the cohort (ecg_r1.validate)."""
+"""The Great Expectations suite on the cohort (ecg_r1.data.validate)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ecg_r1.canonical import FS, LEADS, N_SAMPLES
-from ecg_r1.store import COHORT_FILE, COHORT_SCHEMA, QUARANTINE_SCHEMA, SignalWriter
-from ecg_r1.validate import (
+from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
+from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, QUARANTINE_SCHEMA, SignalWriter
+from ecg_r1.data.validate import (
     VALIDATED_FILE,
     VALIDATION_QUARANTINE_FILE,
     ValidationConfig,
@@ -224,7 +224,7 @@ class TestFatalFailures:
         cohort = pl.read_parquet(tmp_path / COHORT_FILE).with_columns(
             pl.when(pl.col("row") == 9).then(99).otherwise("row").alias("row")
         )
-        from ecg_r1.store import open_signals
+        from ecg_r1.data.store import open_signals
 
         result = validate_cohort(cohort, open_signals(tmp_path))
         assert result.fatal and "signal_index" in result.fatal_reasons

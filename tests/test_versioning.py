@@ -1,4 +1,4 @@
-"""DVC data versions and git commits (ecg_r1.versioning), in a throw-away git repository."""
+"""DVC data versions and git commits (ecg_r1.tracking.versioning), in a throw-away git repository."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ecg_r1.versioning import (
+from ecg_r1.tracking.versioning import (
     DvcError,
     data_version,
     dvc_executable,
@@ -61,7 +61,7 @@ class TestDvcExecutable:
     def test_missing_dvc_says_run_make_setup(self, monkeypatch, tmp_path):
         monkeypatch.delenv("ECG_R1_DVC", raising=False)
         monkeypatch.setenv("PATH", str(tmp_path))
-        monkeypatch.setattr("ecg_r1.versioning._REPO_ROOT", tmp_path)
+        monkeypatch.setattr("ecg_r1.tracking.versioning._REPO_ROOT", tmp_path)
         with pytest.raises(DvcError, match="make setup"):
             dvc_executable(tmp_path)
 

@@ -17,10 +17,10 @@ from dagster_project.defs.assets.data_assets import (
 )
 from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.resources import DataLayout
-from ecg_r1 import split as split_lib
-from ecg_r1 import validate as validate_lib
-from ecg_r1.render import INDEX_FILE as IMAGE_INDEX_FILE
-from ecg_r1.store import SUMMARY_FILE, read_cohort
+from ecg_r1.data import split as split_lib
+from ecg_r1.data import validate as validate_lib
+from ecg_r1.data.store import SUMMARY_FILE, read_cohort
+from ecg_r1.imaging.render import INDEX_FILE as IMAGE_INDEX_FILE
 
 
 @dg.asset_check(asset=raw_cohort, blocking=True)

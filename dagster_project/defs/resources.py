@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from ecg_r1 import versioning
+from ecg_r1.tracking import versioning
 
 HOME_ENV_VAR = "ECG_R1_HOME"
 MLFLOW_URI_ENV_VAR = "ECG_R1_MLFLOW_URI"
@@ -75,7 +75,7 @@ class DataLayout(dg.ConfigurableResource):
 
 
 class DvcResource(dg.ConfigurableResource):
-    """DVC, run as a command from its own environment (``.venv-dvc``, see ``ecg_r1.versioning``).
+    """DVC, run as a command from its own environment (``.venv-dvc``, see ``ecg_r1.tracking.versioning``).
 
     With ``track`` on, :meth:`record` runs ``dvc add`` (and ``dvc push`` with ``push``) on the data
     folder after an asset wrote into it, so the version in the asset's metadata is the version
@@ -137,7 +137,7 @@ class MlflowResource(dg.ConfigurableResource):
 
     def configure(self) -> str:
         """Point this process (and its children) at the store; returns the tracking URI."""
-        from ecg_r1 import tracking
+        from ecg_r1.tracking import runs as tracking
 
         # The stack's workers get the server from the environment (.stack/env), so one set of
         # definitions serves the embedded store and the shared server.

@@ -31,7 +31,7 @@ from pathlib import Path
 import dagster as dg
 
 from dagster_project.defs.resources import DataLayout
-from ecg_r1.readers import detect_layout
+from ecg_r1.data.readers import detect_layout
 
 INBOX_ENV = "ECG_R1_INBOX"
 SETTLE_ENV = "ECG_R1_INBOX_SETTLE_S"
@@ -49,7 +49,7 @@ class InboxExport:
     Attributes:
         name: the folder's name (unique in the inbox; the cursor's key).
         path: the folder.
-        layout: ``manifest`` | ``cinc`` | ``ptbxl`` | ``ludb`` (from :func:`ecg_r1.readers.detect_layout`).
+        layout: ``manifest`` | ``cinc`` | ``ptbxl`` | ``ludb`` (from :func:`ecg_r1.data.readers.detect_layout`).
         fingerprint: file count, bytes and newest modification time, to notice a changed export.
         age_s: seconds since its newest file changed.
     """

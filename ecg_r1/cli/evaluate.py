@@ -94,9 +94,10 @@ def _row_name(spec: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from ecg_r1.cli.predict import resolve_model_dir
-    from ecg_r1.comparison import run_comparison
-    from ecg_r1.models import MODEL_INFO_FILE, load_profile
-    from ecg_r1.real_records import REAL_SPLIT, prepare_real_records
+    from ecg_r1.evaluation.comparison import run_comparison
+    from ecg_r1.evaluation.real_records import REAL_SPLIT, prepare_real_records
+    from ecg_r1.modeling.models import MODEL_INFO_FILE
+    from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.training.data import TrainingDataError
 
     models: dict[str, Path] = {}

@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1.ingest import IngestRefused, ingest
-    from ecg_r1.labels import load_rules
+    from ecg_r1.data.ingest import IngestRefused, ingest
+    from ecg_r1.data.labels import load_rules
 
     if args.workers < 1:
         raise SystemExit("--workers must be at least 1")

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_mlflow_root(parser: argparse.ArgumentParser) -> None:
     """The ``--mlflow-root`` option of the commands that load registered models."""
-    from ecg_r1.tracking import PROJECT_ROOT
+    from ecg_r1.tracking.runs import PROJECT_ROOT
 
     parser.add_argument(
         "--mlflow-root",
@@ -68,7 +68,7 @@ def resolve_model_dir(model: str, mlflow_root: Path) -> Path:
         raise SystemExit(
             f"--model {model!r} is neither a model folder nor a models:/NAME/VERSION registry URI"
         )
-    from ecg_r1 import tracking
+    from ecg_r1.tracking import runs as tracking
 
     try:
         tracking.parse_model_uri(model)  # a malformed URI is refused before any store is touched
@@ -80,18 +80,19 @@ def resolve_model_dir(model: str, mlflow_root: Path) -> Path:
 
 def header_demographics(meta: dict[str, Any]) -> tuple[float | None, str | None]:
     """Age and sex from a record's parsed header comments (``# Age: 63``, ``# Sex: Female``)."""
-    from ecg_r1.readers.cinc import parse_age, parse_sex
+    from ecg_r1.data.readers.cinc import parse_age, parse_sex
 
     comments = meta.get("comments") or {}
     return parse_age(comments.get("age")), parse_sex(comments.get("sex"))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1 import inference
-    from ecg_r1.models import MODEL_INFO_FILE, load_model_and_processor, load_profile
-    from ecg_r1.prompts import parse_completion
-    from ecg_r1.readers import read_record
-    from ecg_r1.render import render_page, save_png
+    from ecg_r1.data.readers import read_record
+    from ecg_r1.imaging.render import render_page, save_png
+    from ecg_r1.modeling import inference
+    from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor
+    from ecg_r1.modeling.profiles import load_profile
+    from ecg_r1.modeling.prompts import parse_completion
 
     try:
         record = read_record(args.record)

@@ -69,8 +69,8 @@ def build_config(args: argparse.Namespace):  # -> RenderConfig (imported lazily:
     """The render settings the command line asks for: the preset, then each option given."""
     from dataclasses import replace
 
-    from ecg_r1.augment import Augment
-    from ecg_r1.render import PRESETS
+    from ecg_r1.imaging.augment import Augment
+    from ecg_r1.imaging.render import PRESETS
 
     changes: dict[str, object] = {}
     if args.width is not None:
@@ -96,8 +96,8 @@ def build_config(args: argparse.Namespace):  # -> RenderConfig (imported lazily:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1.render import render_cohort
-    from ecg_r1.store import COHORT_FILE
+    from ecg_r1.data.store import COHORT_FILE
+    from ecg_r1.imaging.render import render_cohort
 
     if args.workers < 1:
         raise SystemExit("ecg-r1 render: --workers must be at least 1")
@@ -142,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _render_record(path: Path, out: Path, config) -> int:
-    from ecg_r1.canonical import CanonicalError
-    from ecg_r1.readers import RecordError, read_record
-    from ecg_r1.render import render_png
+    from ecg_r1.data.canonical import CanonicalError
+    from ecg_r1.data.readers import RecordError, read_record
+    from ecg_r1.imaging.render import render_png
 
     if not (path.exists() or path.with_name(path.name + ".hea").exists()):
         raise SystemExit(

@@ -85,8 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ecg_r1 import tracking
-    from ecg_r1.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
+    from ecg_r1.tracking import runs as tracking
     from ecg_r1.training import stages
 
     if args.threads:

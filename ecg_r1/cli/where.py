@@ -65,7 +65,7 @@ def registry_lines(client: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecg_r1 import tracking
+    from ecg_r1.tracking import runs as tracking
 
     root = (args.root or Path(os.environ.get("ECG_R1_HOME") or ".")).resolve()
     evaluation = args.evaluation or root / EVALUATION_DIR

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from ecg_r1.canonical import LEADS
+from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate import truth
 from ecg_r1.simulate.clinical import write_notes
 from ecg_r1.simulate.device import record
@@ -223,7 +223,7 @@ def simulate_cohort(
     """Generate a simulated multi-hospital TWI cohort and write it as a hospital export.
 
     Writes under ``out_dir``: one folder of WFDB records per hospital, ``manifest.csv`` (what
-    ``ecg_r1.ingest`` reads), ``truth.parquet`` (mechanism, generating parameters and exact
+    ``ecg_r1.data.ingest`` reads), ``truth.parquet`` (mechanism, generating parameters and exact
     posterior of every case) and ``summary.json``. The same ``seed``, ``n`` and ``hospitals`` give
     the same files whatever ``workers`` is.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ecg_r1.canonical import LEADS
+from ecg_r1.data.canonical import LEADS
 
 # Dower's inverse transform rows for I, II, V1..V6 (mV per unit of Frank x, y, z).
 DOWER = np.array(

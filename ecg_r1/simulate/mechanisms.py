@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ecg_r1.canonical import LEADS
+from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate import heart
 from ecg_r1.simulate.truth import ECG_FINDINGS, PATTERNS
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ecg_r1.canonical import LEADS
+from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate import truth
 from ecg_r1.simulate.device import record
 from ecg_r1.simulate.hospitals import PROFILES, HospitalProfile

@@ -6,7 +6,7 @@ Why not ``report_to=["mlflow"]``: Hugging Face's MLflow callback also logs every
 field (paths, the resume flag) is refused by MLflow ("changing param values is not allowed"); it
 logs asynchronously, so a killed run loses its last metrics; and it attaches to whatever run
 happens to be active. :class:`MlflowMetricsCallback` writes synchronously into the run id the
-training started or resumed (:func:`ecg_r1.tracking.start_or_resume_run`), at the trainer's
+training started or resumed (:func:`ecg_r1.tracking.runs.start_or_resume_run`), at the trainer's
 global step, so a resumed run continues the same curves.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ecg_r1.prompts import completion_text, parse_completion
+from ecg_r1.modeling.prompts import completion_text, parse_completion
 
 logger = logging.getLogger(__name__)
 

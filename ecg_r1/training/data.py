@@ -5,7 +5,7 @@ the image index, keeps the labelled TWI records of the requested splits and says
 missing (a record without an image is an error, never a silent drop). The ``*_dataset``
 functions turn the table into the ``datasets.Dataset`` each TRL trainer reads:
 
-* GRPO: a conversational ``prompt`` (:func:`ecg_r1.prompts.build_prompt`, plain-string content:
+* GRPO: a conversational ``prompt`` (:func:`ecg_r1.modeling.prompts.build_prompt`, plain-string content:
   TRL inserts the image placeholder itself), an ``image`` column, and the columns the rewards
   read (``label``, ``twi_leads``) plus ``record_id`` and ``hospital``;
 * SFT and the format warm-up: the same ``prompt`` with a ``completion`` (prompt-completion form,
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from ecg_r1.prompts import build_prompt, format_target, rationale_from_findings
-from ecg_r1.store import read_cohort
+from ecg_r1.data.store import read_cohort
+from ecg_r1.modeling.prompts import build_prompt, format_target, rationale_from_findings
 
 if TYPE_CHECKING:
     import datasets
@@ -238,7 +238,7 @@ def sft_targets(
     Args:
         cases: from :func:`load_cases`.
         rationale: put a reasoning built from the case's known or measured findings
-            (:func:`ecg_r1.prompts.rationale_from_findings`: leads with TWI and their territory;
+            (:func:`ecg_r1.modeling.prompts.rationale_from_findings`: leads with TWI and their territory;
             never the label) in the think block; else leave it empty.
         answers: the answer to write per case; default the case's label.
         findings: measured ECG features, one row per case in the same order
@@ -247,7 +247,7 @@ def sft_targets(
             the page before it answers.
 
     Returns:
-        One target string per case, each accepted by :func:`ecg_r1.prompts.parse_completion`.
+        One target string per case, each accepted by :func:`ecg_r1.modeling.prompts.parse_completion`.
 
     Raises:
         TrainingDataError: when a case has no answer (unlabelled and none given).
@@ -266,11 +266,11 @@ def sft_targets(
 
 
 def case_findings(cases: pl.DataFrame, cohort_dir: str | Path) -> pl.DataFrame:
-    """The ECG features measured from each case's raw signal (:mod:`ecg_r1.features`), one row
+    """The ECG features measured from each case's raw signal (:mod:`ecg_r1.data.features`), one row
     per case in ``cases``' order: the findings a findings rationale states. No label is read."""
-    from ecg_r1.baselines import with_features
-    from ecg_r1.features import FEATURE_COLUMNS
-    from ecg_r1.store import open_signals
+    from ecg_r1.data.features import FEATURE_COLUMNS
+    from ecg_r1.data.store import open_signals
+    from ecg_r1.evaluation.baselines import with_features
 
     measured = with_features(cases.select("record_id", "row"), open_signals(cohort_dir))
     return measured.select("record_id", *FEATURE_COLUMNS)

@@ -40,14 +40,8 @@ from typing import Any
 
 import polars as pl
 
-from ecg_r1.models import (
-    Profile,
-    load_model_and_processor,
-    load_profile,
-    lora_config,
-    save_model_folder,
-    vision_token_ids,
-)
+from ecg_r1.modeling.models import load_model_and_processor, save_model_folder, vision_token_ids
+from ecg_r1.modeling.profiles import Profile, load_profile, lora_config
 from ecg_r1.training.data import (
     case_findings,
     data_summary,
@@ -157,7 +151,7 @@ def last_checkpoint(checkpoints: str | Path) -> Path | None:
 
 def _prepare_out_dir(out_dir: Path, resume: bool) -> str | None:
     """Make ``out_dir`` ready; return the checkpoint to resume from, if any."""
-    from ecg_r1.tracking import RUN_ID_FILE
+    from ecg_r1.tracking.runs import RUN_ID_FILE
 
     checkpoints = out_dir / CHECKPOINTS
     finished = (out_dir / RESULT_FILE).is_file()
@@ -184,7 +178,7 @@ def _tracked_run(
     if not enabled:
         yield None
         return
-    from ecg_r1.tracking import start_or_resume_run
+    from ecg_r1.tracking.runs import start_or_resume_run
 
     name = run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     with start_or_resume_run(profile.name, name, state_dir=out_dir, tags={"stage": stage, **tags}) as run:
@@ -192,7 +186,7 @@ def _tracked_run(
 
 
 def _provenance(repo_root: Path) -> dict[str, str]:
-    from ecg_r1.tracking import run_context
+    from ecg_r1.tracking.runs import run_context
 
     return run_context(repo_root)
 
@@ -200,7 +194,7 @@ def _provenance(repo_root: Path) -> dict[str, str]:
 def _log_params(run_id: str | None, params: Mapping[str, Any]) -> None:
     if run_id is None:
         return
-    from ecg_r1.tracking import log_params_flat
+    from ecg_r1.tracking.runs import log_params_flat
 
     log_params_flat(params, run_id=run_id)
 
@@ -220,8 +214,8 @@ def _log_metrics(run_id: str | None, metrics: Mapping[str, float], step: int) ->
 
 def _log_model(run_id: str, model_dir: Path) -> None:
     """Log an intermediate stage's model folder as the run's ``model/`` artifacts (the registered
-    stages do this through :func:`ecg_r1.tracking.register_model_version`)."""
-    from ecg_r1.tracking import MODEL_ARTIFACT_PATH
+    stages do this through :func:`ecg_r1.tracking.runs.register_model_version`)."""
+    from ecg_r1.tracking.runs import MODEL_ARTIFACT_PATH
     from mlflow import MlflowClient
 
     MlflowClient().log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
@@ -335,7 +329,7 @@ def _train(
     with _tracked_run(tracking, profile, stage, out_dir, run_name, tags) as run_id:
         _log_params(run_id, {**params, **provenance, "profile": _profile_params(profile)})
         if run_id is not None and splits_path is not None:
-            from ecg_r1.tracking import log_split_inputs
+            from ecg_r1.tracking.runs import log_split_inputs
 
             log_split_inputs(splits_path, provenance["data_version"])
         model, processor = load_model_and_processor(start_model, profile)
@@ -381,14 +375,14 @@ def _train(
         if samples_fn is not None and samples_per_step and run_id is not None:
             rows.extend(samples_fn(trainer.model, processor, steps))
         if run_id is not None and rows:
-            from ecg_r1.tracking import log_completions_table
+            from ecg_r1.tracking.runs import log_completions_table
 
             log_completions_table(rows, "samples/completions.json", run_id=run_id)
         registered = None
         if run_id is not None and register_as is None:
             _log_model(run_id, model_dir)
         if run_id is not None and register_as is not None:
-            from ecg_r1.tracking import register_model_version
+            from ecg_r1.tracking.runs import register_model_version
 
             version = register_model_version(
                 run_id,
@@ -457,8 +451,8 @@ def _sample_generations(cases: Any, max_new_tokens: int, n: int) -> Any:
     chosen = cases.head(n)
 
     def sample(model: Any, processor: Any, step: int) -> list[dict[str, Any]]:
-        from ecg_r1.inference import generate
-        from ecg_r1.prompts import parse_completion
+        from ecg_r1.modeling.inference import generate
+        from ecg_r1.modeling.prompts import parse_completion
 
         examples = []
         for row in chosen.iter_rows(named=True):
@@ -501,7 +495,7 @@ class AnswerMaskingCollator:
     """
 
     def __init__(self, collator: Any, tokenizer: Any) -> None:
-        from ecg_r1.prompts import ANSWER_CLOSE, NO, YES
+        from ecg_r1.modeling.prompts import ANSWER_CLOSE, NO, YES
 
         self.collator = collator
         self.close = tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
@@ -514,7 +508,7 @@ class AnswerMaskingCollator:
             if not self._mask_row(ids[row].tolist(), labels[row]):
                 raise ValueError(
                     "format warm-up: no Yes/No answer before </answer> in a training row; the targets must "
-                    "follow the output contract (ecg_r1.prompts.format_target)"
+                    "follow the output contract (ecg_r1.modeling.prompts.format_target)"
                 )
         return batch
 
@@ -662,7 +656,7 @@ def run_format_warmup(
     are used too.
 
     Args:
-        profile: a :class:`~ecg_r1.models.Profile` or its name / YAML path; ``stages.format_warmup``
+        profile: a :class:`~ecg_r1.modeling.profiles.Profile` or its name / YAML path; ``stages.format_warmup``
             gives ``steps``, ``learning_rate``, ``batch_size`` and ``answer``.
         start_model: the model folder to start from (base or vision-pre-trained model).
         cohort_dir, splits_path, images_dir: the data (see :func:`ecg_r1.training.data.load_cases`).
@@ -751,7 +745,7 @@ def run_sft(
     Returns:
         A :class:`StageResult` with ``registered`` set when registered.
     """
-    from ecg_r1.tracking import MODEL_NAMES
+    from ecg_r1.tracking.runs import MODEL_NAMES
 
     profile = _as_profile(profile)
     rationale = profile.sft_rationale if rationale is None else bool(rationale)
@@ -812,7 +806,7 @@ def run_grpo(
 
     The profile's ``grpo`` section gives num_generations, beta, temperature,
     max_completion_length, learning rate and batch; its ``rewards`` section the reward functions
-    (:data:`ecg_r1.rewards.REWARD_FUNCS`) and weights. Start from the format warm-up model (the
+    (:data:`ecg_r1.training.rewards.REWARD_FUNCS`) and weights. Start from the format warm-up model (the
     paper's setting for a model that cannot yet write the format) or from the SFT model (the
     common R1 recipe).
 
@@ -829,8 +823,8 @@ def run_grpo(
         A :class:`StageResult`; ``metrics`` holds the last logged reward means, KL, completion
         length and format-valid rate.
     """
-    from ecg_r1.rewards import get_reward_funcs
-    from ecg_r1.tracking import MODEL_NAMES
+    from ecg_r1.tracking.runs import MODEL_NAMES
+    from ecg_r1.training.rewards import get_reward_funcs
 
     profile = _as_profile(profile)
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
@@ -990,14 +984,14 @@ def build_start_model(
     out_dir: str | Path,
 ) -> Path:
     """The profile's base model: for ``tiny``, built with a tokenizer trained on the training
-    split's prompts and answer texts (:func:`ecg_r1.models.corpus_from_cases`); for a
+    split's prompts and answer texts (:func:`ecg_r1.modeling.models.corpus_from_cases`); for a
     pretrained-language source (``smollm2-135m``), converted from the installed weights; for hub
     profiles, the pretrained checkpoint's folder. An existing built model in ``out_dir`` is reused.
 
     Returns:
         The model folder.
     """
-    from ecg_r1.models import build_base_model, corpus_from_cases
+    from ecg_r1.modeling.models import build_base_model, corpus_from_cases
 
     profile = _as_profile(profile)
     out_dir = Path(out_dir)

@@ -3,7 +3,7 @@
 A randomly initialised Qwen2-VL learns the text of the prompt long before it learns to read the
 image tokens (measured: SFT from scratch copied the clinical text and ignored the image). This
 stage teaches the vision tower to see what a cardiologist reads off the page, with targets
-measured from the **raw signal** (:func:`ecg_r1.features.measure_features`), never the
+measured from the **raw signal** (:func:`ecg_r1.data.features.measure_features`), never the
 ischemia label, so it runs on real cohorts as on simulated ones:
 
 * which leads show T-wave inversion (12 binary targets) and the categorical findings the findings
@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from ecg_r1.canonical import LEADS
-from ecg_r1.prompts import FINDING_FLAGS, finding_flags
-from ecg_r1.store import open_signals
+from ecg_r1.data.canonical import LEADS
+from ecg_r1.data.store import open_signals
+from ecg_r1.modeling.prompts import FINDING_FLAGS, finding_flags
 
 if TYPE_CHECKING:
     import torch
 
-    from ecg_r1.models import Profile
+    from ecg_r1.modeling.profiles import Profile
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class VisionTargets:
 
     Attributes:
         twi: ``(n, 12 + f)`` float: 1 where the lead shows TWI, then the categorical findings of
-            :data:`ecg_r1.prompts.FINDING_FLAGS` (the ones the findings rationale states); NaN
+            :data:`ecg_r1.modeling.prompts.FINDING_FLAGS` (the ones the findings rationale states); NaN
             where unmeasurable.
         regression: ``(n, k)`` standardised measurements, NaN where unmeasurable.
         mean, std: the standardisation (from the cases it was built on).
@@ -76,12 +76,12 @@ class VisionTargets:
 
 
 def measured_targets(features: pl.DataFrame, finding_targets: bool = True) -> VisionTargets:
-    """Turn :func:`ecg_r1.features.measure_features` output into training targets.
+    """Turn :func:`ecg_r1.data.features.measure_features` output into training targets.
 
     Args:
         features: one row per case with the per-lead ``t_amp_*``, ``st_*``, ``qrs_amp_*``
             columns, ``qrs_ms``, ``hr_bpm`` and ``twi_leads``.
-        finding_targets: add the categorical findings (:data:`ecg_r1.prompts.FINDING_FLAGS`) to
+        finding_targets: add the categorical findings (:data:`ecg_r1.modeling.prompts.FINDING_FLAGS`) to
             the binary targets. On the tiny tower (300 steps) they cost TWI-lead F1 (0.80 against
             0.91 without them), and the SFT model on top read the image less, so the tiny profile
             leaves them off (``stages.vision_pretrain.finding_targets``).
@@ -93,7 +93,7 @@ def measured_targets(features: pl.DataFrame, finding_targets: bool = True) -> Vi
     missing = [name for name in (*REGRESSION_TARGETS, "twi_leads") if name not in features.columns]
     if missing:
         raise ValueError(
-            f"features lack columns {missing}; compute them with ecg_r1.features.measure_features"
+            f"features lack columns {missing}; compute them with ecg_r1.data.features.measure_features"
         )
     n = features.height
     flag_names = FINDING_FLAGS if finding_targets else ()
@@ -233,8 +233,8 @@ def run_vision_pretrain(
     """
     import torch
 
-    from ecg_r1.features import measure_features
-    from ecg_r1.models import load_model_and_processor, save_model_folder
+    from ecg_r1.data.features import measure_features
+    from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 
     if not image_paths or len(image_paths) != len(signal_rows):
         raise ValueError(

@@ -27,12 +27,12 @@ from pydantic import Field
 
 from dagster_project.defs.executors import DEFAULT_QUEUE
 from dagster_project.defs.resources import DataLayout, DvcResource
-from ecg_r1 import split as split_lib
-from ecg_r1 import validate as validate_lib
-from ecg_r1.ingest import ingest
-from ecg_r1.labels import load_rules
+from ecg_r1.data import split as split_lib
+from ecg_r1.data import validate as validate_lib
+from ecg_r1.data.ingest import ingest
+from ecg_r1.data.labels import load_rules
+from ecg_r1.data.store import read_cohort
 from ecg_r1.simulate import simulate_cohort
-from ecg_r1.store import read_cohort
 
 GROUP = "data"
 SPLIT_CONFIG_FILE = "split_config.json"
@@ -64,7 +64,7 @@ class IngestConfig(dg.Config):
 
 
 class ValidationSettings(dg.Config):
-    """Thresholds of the validation suite (see ``ecg_r1.validate``)."""
+    """Thresholds of the validation suite (see ``ecg_r1.data.validate``)."""
 
     min_age: float = _VALIDATION_DEFAULTS.min_age
     max_age: float = _VALIDATION_DEFAULTS.max_age

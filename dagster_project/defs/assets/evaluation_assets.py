@@ -2,14 +2,14 @@
 
 * ``reference_baselines``: majority class and the feature baseline, fitted on the training split.
 * ``real_record_cohort``: real records a user names (``source_paths`` or ``$ECG_R1_REAL_RECORDS``),
-  ingested and rendered by :func:`ecg_r1.real_records.prepare_real_records` for a sim-to-real
+  ingested and rendered by :func:`ecg_r1.evaluation.real_records.prepare_real_records` for a sim-to-real
   section of the comparison; with nothing named, no such section.
-* ``model_comparison``: :func:`ecg_r1.comparison.run_comparison` on the model assets' stage
+* ``model_comparison``: :func:`ecg_r1.evaluation.comparison.run_comparison` on the model assets' stage
   folders (``data/models/<asset>/``); the metrics go onto each model version's MLflow run (the
   MLflow UI compares versions side by side), the table and plots into an ``evaluation`` run.
 * ``model_promotion``: per registered model, the new version (challenger) against the current
-  ``champion`` on the cross-hospital split, by :func:`ecg_r1.promotion.decide_promotion`; the
-  decision and its figures are written on the version (:func:`ecg_r1.promotion.record_decision`).
+  ``champion`` on the cross-hospital split, by :func:`ecg_r1.evaluation.promotion.decide_promotion`; the
+  decision and its figures are written on the version (:func:`ecg_r1.evaluation.promotion.record_decision`).
 """
 
 import json
@@ -26,12 +26,12 @@ from dagster_project.defs.assets.data_assets import markdown_table
 from dagster_project.defs.assets.image_assets import _inline_png
 from dagster_project.defs.executors import DEFAULT_QUEUE, GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
-from ecg_r1 import comparison as comparison_lib
-from ecg_r1 import real_records as real_records_lib
-from ecg_r1 import tracking
-from ecg_r1.evaluate import Predictions, align
-from ecg_r1.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
-from ecg_r1.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
+from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
+from ecg_r1.evaluation import comparison as comparison_lib
+from ecg_r1.evaluation import real_records as real_records_lib
+from ecg_r1.evaluation.evaluate import Predictions, align
+from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
+from ecg_r1.tracking import runs as tracking
 
 GROUP = "evaluation"
 EVALUATION_DIR = "evaluation"  # under the data folder: the reports are versioned with the data
@@ -96,7 +96,7 @@ class ComparisonConfig(dg.Config):
 
 
 class PromotionConfig(dg.Config):
-    """The promotion rule (see ``ecg_r1.promotion``) and the rows whose new versions are judged."""
+    """The promotion rule (see ``ecg_r1.evaluation.promotion``) and the rows whose new versions are judged."""
 
     candidates: list[str] = Field(
         default_factory=lambda: ["SFT", "GRPO"],
@@ -141,8 +141,8 @@ def reference_baselines(
 ) -> dg.MaterializeResult:
     """The majority class and the feature baseline (gradient boosting on measured ECG features and
     the clinical fields), fitted on the training split; validation accuracy in metadata."""
-    from ecg_r1.baselines import FeatureBaseline, MajorityBaseline
-    from ecg_r1.evaluate import evaluate_predictions
+    from ecg_r1.evaluation.baselines import FeatureBaseline, MajorityBaseline
+    from ecg_r1.evaluation.evaluate import evaluate_predictions
 
     train, val = (
         comparison_lib.add_features(
@@ -186,7 +186,7 @@ def real_record_cohort(
 ) -> dg.MaterializeResult:
     """Real records for a sim-to-real check: the labelled TWI records of the named inputs, ingested
     and rendered at the profile's page size; nothing named: no real-record section."""
-    from ecg_r1.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
 
     out = real_records_dir(layout)
     paths = [layout.path(p) for p in config.source_paths or real_records_lib.paths_from_env()]
@@ -300,7 +300,7 @@ def model_comparison(
         version_runs[name] = run_id
     (out / REGISTRY_FILE).write_text(json.dumps(registered, indent=2))
 
-    from ecg_r1.models import load_profile
+    from ecg_r1.modeling.profiles import load_profile
 
     # The profile's experiment (a profile given as a YAML path is named by its `name`).
     experiment = load_profile(config.profile).name

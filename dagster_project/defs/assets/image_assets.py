@@ -4,14 +4,14 @@ import base64
 
 import dagster as dg
 import polars as pl
+from ecg_r1.modeling.profiles import load_profile
 from pydantic import Field
 
 from dagster_project.defs.assets.data_assets import cohort_splits
 from dagster_project.defs.executors import DEFAULT_QUEUE
 from dagster_project.defs.resources import DataLayout, DvcResource
-from ecg_r1.models import load_profile
-from ecg_r1.render import render_cohort
-from ecg_r1.split import SPLITS_FILE
+from ecg_r1.data.split import SPLITS_FILE
+from ecg_r1.imaging.render import render_cohort
 
 GROUP = "images"
 PREVIEWS = 3

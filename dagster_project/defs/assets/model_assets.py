@@ -14,13 +14,13 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+from ecg_r1.modeling.profiles import load_profile
 from pydantic import Field
 
 from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.executors import GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
-from ecg_r1.models import load_profile
-from ecg_r1.split import SPLITS_FILE
+from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.training import stages
 
 GROUP = "models"

@@ -1,4 +1,4 @@
-"""Ingest: read every record of the given inputs into one cohort folder (see :mod:`ecg_r1.store`).
+"""Ingest: read every record of the given inputs into one cohort folder (see :mod:`ecg_r1.data.store`).
 
 Steps:
 
@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecg_r1.canonical import LEADS, N_SAMPLES
-from ecg_r1.labels import LabelRules, load_rules
-from ecg_r1.readers import RECORD_ERRORS, discover, load_ref
-from ecg_r1.readers.records import (
+from ecg_r1.data.canonical import LEADS, N_SAMPLES
+from ecg_r1.data.labels import LabelRules, load_rules
+from ecg_r1.data.readers import RECORD_ERRORS, discover, load_ref
+from ecg_r1.data.readers.records import (
     DUPLICATE_RECORD_ID,
     DUPLICATE_SIGNAL,
     PATIENT_IN_TWO_HOSPITALS,
@@ -54,8 +54,8 @@ from ecg_r1.readers.records import (
     Quarantine,
     RecordRef,
 )
-from ecg_r1.signal_checks import signal_issues
-from ecg_r1.store import (
+from ecg_r1.data.signal_checks import signal_issues
+from ecg_r1.data.store import (
     COHORT_FILE,
     COHORT_SCHEMA,
     QUARANTINE_FILE,

@@ -1,7 +1,7 @@
 """Real records for a sim-to-real check of models trained on the simulated cohort.
 
 :func:`prepare_real_records` reads the records a user names (LUDB, CinC, PTB-XL folders or
-manifest CSVs, layouts detected by :func:`ecg_r1.ingest.ingest`), keeps the labelled TWI records
+manifest CSVs, layouts detected by :func:`ecg_r1.data.ingest.ingest`), keeps the labelled TWI records
 (the selection training uses: TWI and an ischemic / non-ischemic label) and renders them at the
 models' page size. It writes one folder::
 
@@ -10,7 +10,7 @@ models' page size. It writes one folder::
     splits.parquet       those records, every one in split :data:`REAL_SPLIT`
     real_records.json    what was read: inputs, records, labelled TWI cases by label and source
 
-:func:`ecg_r1.comparison.run_comparison` evaluates the models and the reference rows on such a
+:func:`ecg_r1.evaluation.comparison.run_comparison` evaluates the models and the reference rows on such a
 folder as a third table section, ``real records (sim-to-real)``. None of these records is ever
 trained on: training reads only the main cohort's splits, and the comparison leaves out any real
 record that is also in the main cohort (same record id or same signal file checksum).
@@ -29,9 +29,9 @@ from typing import Any
 
 import polars as pl
 
-from ecg_r1.labels import LabelRules
-from ecg_r1.render import RenderConfig
-from ecg_r1.split import SPLITS_FILE
+from ecg_r1.data.labels import LabelRules
+from ecg_r1.data.split import SPLITS_FILE
+from ecg_r1.imaging.render import RenderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +116,9 @@ def prepare_real_records(
         FileNotFoundError: when an input does not exist.
         ValueError: with no input, or when no labelled TWI record is among the records read.
     """
-    from ecg_r1.ingest import ingest
-    from ecg_r1.render import render_cohort
-    from ecg_r1.store import read_cohort
+    from ecg_r1.data.ingest import ingest
+    from ecg_r1.data.store import read_cohort
+    from ecg_r1.imaging.render import render_cohort
     from ecg_r1.training.data import LABELLED
 
     if not paths:

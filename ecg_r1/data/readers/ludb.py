@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ecg_r1.canonical import normalize_lead_name
-from ecg_r1.labels import LabelRules, label_ludb_diagnoses, measure_twi, t_wave_amplitudes_by_lead
-from ecg_r1.readers.cinc import parse_age, parse_sex
-from ecg_r1.readers.records import RecordRef
-from ecg_r1.readers.wfdb_io import Header, parse_comments, read_annotation_arrays
+from ecg_r1.data.canonical import normalize_lead_name
+from ecg_r1.data.labels import LabelRules, label_ludb_diagnoses, measure_twi, t_wave_amplitudes_by_lead
+from ecg_r1.data.readers.cinc import parse_age, parse_sex
+from ecg_r1.data.readers.records import RecordRef
+from ecg_r1.data.readers.wfdb_io import Header, parse_comments, read_annotation_arrays
 
 logger = logging.getLogger(__name__)
 

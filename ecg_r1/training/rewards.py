@@ -4,7 +4,7 @@ Every function takes ``completions`` (TRL 1.16 passes ``[{"role": "assistant", "
 lists for conversational prompts; plain strings are accepted too) plus dataset columns as keyword
 arguments, and returns one float per completion, or None where the reward does not apply (TRL then
 leaves that reward out for that sample). All of them read completions through
-:func:`ecg_r1.prompts.parse_completion`, the parser the evaluation uses, so "valid" means the same
+:func:`ecg_r1.modeling.prompts.parse_completion`, the parser the evaluation uses, so "valid" means the same
 thing in training and in evaluation.
 
 TRL logs each reward as ``rewards/<function __name__>/mean`` and ``.../std``; the names are chosen
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ecg_r1.prompts import completion_text, leads_in_text, parse_completion, parse_leads
+from ecg_r1.modeling.prompts import completion_text, leads_in_text, parse_completion, parse_leads
 
 _POSITIVE = {"ischemic", "yes", "true", "1"}
 _NEGATIVE = {"non-ischemic", "nonischemic", "no", "false", "0"}
@@ -69,7 +69,7 @@ def _broadcast(values: Any, n: int, name: str) -> Sequence[Any]:
 def format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """1.0 when a completion follows the output contract exactly, else 0.0.
 
-    The contract (see :mod:`ecg_r1.prompts`): one ``<think>`` block, then one ``<answer>`` block
+    The contract (see :mod:`ecg_r1.modeling.prompts`): one ``<think>`` block, then one ``<answer>`` block
     holding exactly ``Yes`` or ``No``, nothing after it. "Yes or No", an empty answer, two
     answers, text after the answer, nested tags and truncated completions all score 0.
 
@@ -136,7 +136,7 @@ class GroundingReward:
     """Rewards reasoning that names the leads where TWI is measured in the signal.
 
     The think block's lead names (``V1-V3`` ranges expanded, see
-    :func:`ecg_r1.prompts.leads_in_text`) are compared with the case's ``twi_leads`` column. An
+    :func:`ecg_r1.modeling.prompts.leads_in_text`) are compared with the case's ``twi_leads`` column. An
     invalid completion scores 0; a case without known TWI leads gets None (skipped).
 
     Built by :func:`get_grounding_reward`; a class rather than a closure so it pickles.

@@ -7,7 +7,7 @@ a retrained model on new data should not have to beat the old one by a significa
 replace it (that would freeze the first model in place), but it must not lose accuracy where it
 matters most, at an unseen hospital.
 
-Two paired tests are offered, both from :func:`ecg_r1.evaluate.compare_paired` (the statistics
+Two paired tests are offered, both from :func:`ecg_r1.evaluation.evaluate.compare_paired` (the statistics
 live there, once):
 
 * ``"mcnemar"``: refuse when the challenger's accuracy is lower and McNemar's two-sided mid-p
@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ecg_r1.evaluate import DEFAULT_BOOTSTRAP, DEFAULT_SEED, compare_paired, evaluate_binary
+from ecg_r1.evaluation.evaluate import DEFAULT_BOOTSTRAP, DEFAULT_SEED, compare_paired, evaluate_binary
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def record_decision(
     Returns:
         The tags written on the version.
     """
-    from ecg_r1.tracking import set_alias
+    from ecg_r1.tracking.runs import set_alias
     from mlflow import MlflowClient
 
     version = str(challenger_version)

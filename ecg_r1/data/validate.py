@@ -4,13 +4,13 @@ The suite runs on the cohort table (polars, converted to pandas for GE 1.x) join
 of per-record helper columns:
 
 * ``patient_hospitals``: the number of hospitals the record's patient occurs in;
-* the signal measures of :func:`ecg_r1.signal_checks.signal_quality` (NaN samples, flat and
+* the signal measures of :func:`ecg_r1.data.signal_checks.signal_quality` (NaN samples, flat and
   saturated leads, largest amplitude), computed chunk by chunk over the memory-mapped signals.
 
 Two kinds of expectation (``meta["fatal"]`` on each expectation):
 
 * **Fatal** (the cohort as a whole is unusable; downstream stops): the columns of
-  :data:`ecg_r1.store.COHORT_SCHEMA` present with castable types, at least one record, unique
+  :data:`ecg_r1.data.store.COHORT_SCHEMA` present with castable types, at least one record, unique
   non-null record ids, and a ``row`` index that is unique and inside the signal array. None of
   these can be fixed by dropping a few records: they mean the table and the signals do not belong
   together or the table was not written by ingest. Also fatal: more than
@@ -19,7 +19,7 @@ Two kinds of expectation (``meta["fatal"]`` on each expectation):
   quarantining would hide.
 * **Per record** (the record goes to quarantine, the rest continues): missing patient or hospital,
   age outside [0, 120], sex not M/F, implausible sampling rate or gain, a duration outside the
-  canonical rules, a label outside :data:`ecg_r1.store.LABELS`, a missing TWI flag, a patient found
+  canonical rules, a label outside :data:`ecg_r1.data.store.LABELS`, a missing TWI flag, a patient found
   in several hospitals (all its records: which hospital is right cannot be told), NaN samples,
   flat or saturated leads, implausible amplitude. Nulls pass the range checks (a missing age is
   allowed; a wrong one is not).
@@ -28,7 +28,7 @@ Output, written beside the cohort by :func:`validate_cohort_dir`:
 
 * ``validated.parquet``: the passing records (same schema; ``row`` still indexes ``signals.f32``,
   so signals are never copied). Not written when the result is fatal (a stale one is removed).
-* ``validation_quarantine.parquet``: the refused records (:data:`ecg_r1.store.QUARANTINE_SCHEMA`),
+* ``validation_quarantine.parquet``: the refused records (:data:`ecg_r1.data.store.QUARANTINE_SCHEMA`),
   one row a record, ``reason`` the first failed check, ``message`` all of them. A separate file
   from ingest's ``quarantine.parquet``, so that ingest's ``records_in == loaded + quarantined``
   stays true and validation can be rerun without duplicating rows.
@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecg_r1.canonical import FS, MIN_DURATION_S, N_SAMPLES
-from ecg_r1.signal_checks import MAX_PTP_MV, MIN_RECORD_PTP_MV, signal_quality
-from ecg_r1.store import COHORT_FILE, COHORT_SCHEMA, LABELS, QUARANTINE_SCHEMA, open_signals, read_cohort
+from ecg_r1.data.canonical import FS, MIN_DURATION_S, N_SAMPLES
+from ecg_r1.data.signal_checks import MAX_PTP_MV, MIN_RECORD_PTP_MV, signal_quality
+from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, LABELS, QUARANTINE_SCHEMA, open_signals, read_cohort
 
 logger = logging.getLogger(__name__)
 
@@ -182,9 +182,9 @@ def validate_cohort(
     """Run the suite on a cohort table and its signals.
 
     Args:
-        cohort: the cohort table (:data:`ecg_r1.store.COHORT_SCHEMA`).
+        cohort: the cohort table (:data:`ecg_r1.data.store.COHORT_SCHEMA`).
         signals: the cohort's signal array (n, 12, 5000), usually the memmap of
-            :func:`ecg_r1.store.open_signals`; None skips the signal checks (and the ``row`` bound).
+            :func:`ecg_r1.data.store.open_signals`; None skips the signal checks (and the ``row`` bound).
         config: thresholds; the defaults when None.
 
     Returns:
@@ -263,7 +263,7 @@ def split_validated(
 
     Returns:
         ``(validated, quarantine)``: the passing rows of ``cohort`` and one
-        :data:`~ecg_r1.store.QUARANTINE_SCHEMA` row per refused record.
+        :data:`~ecg_r1.data.store.QUARANTINE_SCHEMA` row per refused record.
     """
     config = config or ValidationConfig()
     values = asdict(config) | {"min_s": MIN_DURATION_S}
@@ -299,7 +299,7 @@ def validate_cohort_dir(
     """Validate an ingested cohort folder and write the validated table, quarantine and report.
 
     Args:
-        cohort_dir: a cohort folder written by :func:`ecg_r1.ingest.ingest`.
+        cohort_dir: a cohort folder written by :func:`ecg_r1.data.ingest.ingest`.
         config: thresholds; the defaults when None.
         out_dir: where to write (default: the cohort folder itself).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ecg_r1.canonical import LEADS
+from ecg_r1.data.canonical import LEADS
 
 # A lead whose peak-to-peak range is below this is flat: an unplugged electrode or a zeroed
 # channel. Real leads show at least the QRS (well over 0.1 mV); 10 µV is below any ECG.

@@ -3,7 +3,7 @@
 * :class:`MajorityBaseline`: always answers the class most frequent in the training split.
 * :class:`FeatureBaseline`: what a practitioner would try first. scikit-learn's
   ``HistGradientBoostingClassifier`` on the measured ECG features of
-  :func:`ecg_r1.features.measure_features` (heart rate, QRS and QT; per lead T amplitude and
+  :func:`ecg_r1.data.features.measure_features` (heart rate, QRS and QT; per lead T amplitude and
   symmetry, ST level at J + 60 ms, QRS voltage; the number of leads with measured TWI, and per
   coronary territory the number of inverted leads and the deepest T wave) plus the
   clinical fields: age, sex and the note. **The note** enters as binary word and word-pair
@@ -22,8 +22,8 @@
   which knows the true generative model (``truth.parquet`` column ``posterior_ischemic``):
   predict ischemic when the posterior is at least 0.5. No model can do better on average.
 
-Each baseline yields :class:`ecg_r1.evaluate.Predictions` (answer and score per case), so the same
-:mod:`ecg_r1.evaluate` functions produce its row.
+Each baseline yields :class:`ecg_r1.evaluation.evaluate.Predictions` (answer and score per case), so the same
+:mod:`ecg_r1.evaluation.evaluate` functions produce its row.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-from ecg_r1.evaluate import BinaryMetrics, Estimate, Predictions, labels_to_truth
-from ecg_r1.features import FEATURE_COLUMNS, TWI_THRESHOLD_MV, measure_features
+from ecg_r1.data.features import FEATURE_COLUMNS, TWI_THRESHOLD_MV, measure_features
+from ecg_r1.evaluation.evaluate import BinaryMetrics, Estimate, Predictions, labels_to_truth
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def with_features(cohort: pl.DataFrame, signals: np.ndarray) -> pl.DataFrame:
 
     Args:
         cohort: cohort rows (their ``row`` column indexes ``signals``).
-        signals: the cohort's ``(n, 12, 5000)`` signal array (:func:`ecg_r1.store.open_signals`).
+        signals: the cohort's ``(n, 12, 5000)`` signal array (:func:`ecg_r1.data.store.open_signals`).
 
     Returns:
         ``cohort`` with the :func:`measure_features` columns appended; the measured lead list is
@@ -200,7 +200,7 @@ class FeatureBaseline:
         if missing:
             raise ValueError(
                 f"cases lack measured feature columns {missing[:5]}...; add them with "
-                "ecg_r1.baselines.with_features(cohort, signals)"
+                "ecg_r1.evaluation.baselines.with_features(cohort, signals)"
             )
         cols = [pl.col(c).cast(pl.Float64) for c in MEASURED_COLUMNS]
         age = pl.col("age").cast(pl.Float64) if "age" in cases.columns else pl.lit(None, pl.Float64)

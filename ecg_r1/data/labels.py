@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ecg_r1.canonical import LEADS, normalize_lead_name
+from ecg_r1.data.canonical import LEADS, normalize_lead_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Generating answers and reading the model's probability of "Yes".
 
 An *example* is a mapping with ``image`` (a PIL image of the rendered page) and ``age``, ``sex``,
-``note`` (any may be None); the prompt is :func:`ecg_r1.prompts.build_multimodal_prompt`, the
+``note`` (any may be None); the prompt is :func:`ecg_r1.modeling.prompts.build_multimodal_prompt`, the
 same words the trainers use.
 
 :func:`answer_probability` gives a score for ROC analysis that does not depend on sampling: the
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ecg_r1.models import vision_token_ids
-from ecg_r1.prompts import ANSWER_OPEN, NO, THINK_CLOSE, THINK_OPEN, YES, build_multimodal_prompt
+from ecg_r1.modeling.models import vision_token_ids
+from ecg_r1.modeling.prompts import ANSWER_OPEN, NO, THINK_CLOSE, THINK_OPEN, YES, build_multimodal_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _check_examples(examples: Sequence[Mapping[str, Any]]) -> None:
         if image is None or not hasattr(image, "convert"):
             raise ValueError(
                 f"example {i} needs an 'image' (a PIL image of the rendered ECG page), got "
-                f"{type(image).__name__}; render the record with ecg_r1.render.render_page first"
+                f"{type(image).__name__}; render the record with ecg_r1.imaging.render.render_page first"
             )
 
 
@@ -85,8 +85,8 @@ def generate(
     """Generate a completion for each example.
 
     Args:
-        model: a Qwen2-VL model (see :func:`ecg_r1.models.load_model_and_processor`).
-        processor: its :class:`ecg_r1.models.ECGProcessor`.
+        model: a Qwen2-VL model (see :func:`ecg_r1.modeling.models.load_model_and_processor`).
+        processor: its :class:`ecg_r1.modeling.models.ECGProcessor`.
         examples: mappings with ``image``, ``age``, ``sex``, ``note``.
         max_new_tokens: completion length cap (a completion cut here is invalid by contract).
         temperature: 0 for greedy decoding (deterministic); above 0 samples.

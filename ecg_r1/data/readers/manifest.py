@@ -44,10 +44,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.canonical import normalize_lead_name
-from ecg_r1.labels import LabelRules, parse_manifest_label, parse_manifest_twi
-from ecg_r1.readers.cinc import parse_age, parse_sex
-from ecg_r1.readers.records import (
+from ecg_r1.data.canonical import normalize_lead_name
+from ecg_r1.data.labels import LabelRules, parse_manifest_label, parse_manifest_twi
+from ecg_r1.data.readers.cinc import parse_age, parse_sex
+from ecg_r1.data.readers.records import (
     BAD_MANIFEST_ROW,
     MISSING_SIGNAL_FILE,
     PATH_ESCAPES_FOLDER,

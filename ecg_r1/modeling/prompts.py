@@ -6,7 +6,7 @@ The output contract is::
     <think>REASONING</think><answer>No</answer>      (it is not)
 
 :func:`parse_completion` is the only place this contract is checked: the rewards
-(:mod:`ecg_r1.rewards`) and the evaluation both call it, so a completion the reward calls valid is
+(:mod:`ecg_r1.training.rewards`) and the evaluation both call it, so a completion the reward calls valid is
 valid for the evaluation too. It is strict on purpose, because GRPO finds every loophole of a loose
 check (public GRPO reports: "Yes or No" answers, empty answers, garbled think blocks):
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ecg_r1.canonical import LEADS
+from ecg_r1.data.canonical import LEADS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -278,7 +278,7 @@ def leads_in_text(text: str) -> set[str]:
         text: free text, e.g. a think block.
 
     Returns:
-        A set of names from :data:`ecg_r1.canonical.LEADS`.
+        A set of names from :data:`ecg_r1.data.canonical.LEADS`.
 
     Example:
         >>> sorted(leads_in_text("TWI in V2-V4 and aVL, not in II"))
@@ -304,7 +304,7 @@ def parse_leads(twi_leads: str | Iterable[str] | None) -> list[str]:
         twi_leads: e.g. ``"V1,V2,V3"``, ``["aVL", "I"]``, "" or None.
 
     Returns:
-        Distinct standard lead names, ordered as in :data:`ecg_r1.canonical.LEADS`.
+        Distinct standard lead names, ordered as in :data:`ecg_r1.data.canonical.LEADS`.
 
     Raises:
         ValueError: when a name is not one of the 12 standard leads.
@@ -360,8 +360,8 @@ def rationale_from_findings(
 
     Args:
         twi_leads: the leads with TWI (comma-joined string or list), known on simulated cases or
-            measured from the signal (``twi_leads`` of :func:`ecg_r1.features.measure_features`).
-        features_row: optional row of :func:`ecg_r1.features.measure_features`; read when present
+            measured from the signal (``twi_leads`` of :func:`ecg_r1.data.features.measure_features`).
+        features_row: optional row of :func:`ecg_r1.data.features.measure_features`; read when present
             (None and NaN skipped): ``hr_bpm``, ``qrs_ms``, ``qt_ms``, ``t_amp_<lead>`` (deepest T
             over the TWI leads), ``t_sym_<lead>`` (mean over the TWI leads), ``st_<lead>`` and
             ``qrs_amp_<lead>`` (extremes over all leads).
@@ -432,7 +432,7 @@ def finding_flags(row: Mapping[str, Any], twi: Iterable[str]) -> dict[str, bool 
     """The categorical findings of a case from its measured features, None where unmeasured.
 
     Args:
-        row: a :func:`ecg_r1.features.measure_features` row (missing or NaN values allowed).
+        row: a :func:`ecg_r1.data.features.measure_features` row (missing or NaN values allowed).
         twi: the leads with TWI; T depth and symmetry are read over them (None without any).
 
     Returns:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ecg_r1.readers.records import FILE_TOO_LARGE, NOT_A_REGULAR_FILE, PATH_ESCAPES_FOLDER
+from ecg_r1.data.readers.records import FILE_TOO_LARGE, NOT_A_REGULAR_FILE, PATH_ESCAPES_FOLDER
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ecg_r1.canonical import LEADS, N_SAMPLES
+from ecg_r1.data.canonical import LEADS, N_SAMPLES
 
 SIGNALS_FILE = "signals.f32"
 SIGNALS_META = "signals.json"

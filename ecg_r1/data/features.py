@@ -1,7 +1,7 @@
 """Measured ECG features: heart rate, QRS and QT, and per-lead T, ST and QRS measurements.
 
 :func:`measure_features` turns canonical signals (``(n, 12, 5000)`` float32 mV at 500 Hz, rows in
-:data:`ecg_r1.canonical.LEADS` order) into one table row per record. It is what the feature
+:data:`ecg_r1.data.canonical.LEADS` order) into one table row per record. It is what the feature
 baseline learns from, what the grounding reward checks the model's reasoning against (the leads
 where T-wave inversion is *measured*), and what the vision pre-training predicts.
 
@@ -57,7 +57,7 @@ import polars as pl
 from scipy.ndimage import uniform_filter1d
 from scipy.signal import find_peaks
 
-from ecg_r1.canonical import FS, LEADS, N_SAMPLES, normalize_lead_name
+from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES, normalize_lead_name
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def measure_features(signals: np.ndarray, chunk_size: int = _CHUNK) -> pl.DataFr
 
     Args:
         signals: ``(n, 12, 5000)`` array in mV at 500 Hz, leads in :data:`LEADS` order (a
-            cohort's memmap from :func:`ecg_r1.store.open_signals` works; it is read chunk by
+            cohort's memmap from :func:`ecg_r1.data.store.open_signals` works; it is read chunk by
             chunk).
         chunk_size: records measured together; larger chunks use more memory.
 
@@ -113,7 +113,7 @@ def measure_features(signals: np.ndarray, chunk_size: int = _CHUNK) -> pl.DataFr
     if signals.ndim != 3 or signals.shape[1:] != (len(LEADS), N_SAMPLES):
         raise ValueError(
             f"signals must have shape (n, {len(LEADS)}, {N_SAMPLES}) (canonical form, see "
-            f"ecg_r1.canonical), got {signals.shape}; canonicalize the records first"
+            f"ecg_r1.data.canonical), got {signals.shape}; canonicalize the records first"
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")

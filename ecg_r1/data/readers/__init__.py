@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.canonical import CanonicalError, canonicalize
-from ecg_r1.labels import LabelRules
-from ecg_r1.readers import cinc, ludb, manifest, ptbxl
-from ecg_r1.readers.records import (
+from ecg_r1.data.canonical import CanonicalError, canonicalize
+from ecg_r1.data.labels import LabelRules
+from ecg_r1.data.readers import cinc, ludb, manifest, ptbxl
+from ecg_r1.data.readers.records import (
     EMPTY_FOLDER,
     MISSING_PATH,
     UNRECOGNISED_LAYOUT,
@@ -24,7 +24,7 @@ from ecg_r1.readers.records import (
     Quarantine,
     RecordRef,
 )
-from ecg_r1.readers.wfdb_io import Header, RecordError, parse_comments, parse_header, read_signal
+from ecg_r1.data.readers.wfdb_io import Header, RecordError, parse_comments, parse_header, read_signal
 
 __all__ = [
     "LoadedRecord",

@@ -14,7 +14,7 @@ is logged as plain run artifacts under ``model/`` and a registered model version
 dict form has no ``processor`` key, while our processor is a subclass (``ECGProcessor``, no video
 slot) that AutoProcessor cannot rebuild. Logging and registering the
 plain folder of the tiny model takes about 0.4 s, fetching it back about 0.4 s. A plain folder loads
-with :func:`ecg_r1.models.load_model_and_processor` wherever it lands, and
+with :func:`ecg_r1.modeling.models.load_model_and_processor` wherever it lands, and
 :func:`load_registered` fetches it by version number or alias.
 """
 
@@ -574,7 +574,7 @@ def load_registered(uri: str, dst: str | Path | None = None) -> Path:
             the system temp dir keyed by the store's URI.
 
     Returns:
-        The local model folder, ready for :func:`ecg_r1.models.load_model_and_processor`.
+        The local model folder, ready for :func:`ecg_r1.modeling.models.load_model_and_processor`.
 
     Raises:
         ValueError: for a malformed URI, a version that does not exist, or one whose files lie

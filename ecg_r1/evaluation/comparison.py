@@ -5,9 +5,9 @@
 ``test_external`` (the held-out hospitals), lets each model answer them (:func:`predict_cases`:
 greedy generation, the strict parser, P(Yes) at the answer position), adds the reference rows
 (:func:`reference_predictions`: majority class, the feature baseline, the cited clinicians and, on
-the simulated cohort, the Bayes ceiling), and evaluates every row with :mod:`ecg_r1.evaluate`
+the simulated cohort, the Bayes ceiling), and evaluates every row with :mod:`ecg_r1.evaluation.evaluate`
 (n, 95 % bootstrap intervals, per hospital, paired comparisons). Given a real-record folder
-(:mod:`ecg_r1.real_records`) it adds a third section, "real records (sim-to-real)": the same models
+(:mod:`ecg_r1.evaluation.real_records`) it adds a third section, "real records (sim-to-real)": the same models
 and the baselines that apply to real data on labelled TWI records no model was trained on. It
 writes under ``out_dir``::
 
@@ -18,8 +18,8 @@ writes under ``out_dir``::
     plots/*.png                   confusion matrices, ROC per split, accuracy per hospital,
                                   reward curves per trained stage, cases with the model's reasoning
 
-The statistics live in :mod:`ecg_r1.evaluate`, the drawings in :mod:`ecg_r1.report`, the
-baselines in :mod:`ecg_r1.baselines`: this module only wires them together.
+The statistics live in :mod:`ecg_r1.evaluation.evaluate`, the drawings in :mod:`ecg_r1.evaluation.report`, the
+baselines in :mod:`ecg_r1.evaluation.baselines`: this module only wires them together.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecg_r1 import report
-from ecg_r1.baselines import (
+from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN
+from ecg_r1.evaluation import report
+from ecg_r1.evaluation.baselines import (
     CLINICIANS_ACCURACY,
     CLINICIANS_NAME,
     CLINICIANS_SOURCE,
@@ -47,7 +48,7 @@ from ecg_r1.baselines import (
     clinicians_metrics,
     with_features,
 )
-from ecg_r1.evaluate import (
+from ecg_r1.evaluation.evaluate import (
     DEFAULT_BOOTSTRAP,
     BinaryMetrics,
     PairedComparison,
@@ -57,8 +58,7 @@ from ecg_r1.evaluate import (
     evaluate_predictions,
     evaluate_predictions_by_group,
 )
-from ecg_r1.real_records import REAL_SPLIT, REAL_TITLE, read_real_records
-from ecg_r1.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN
+from ecg_r1.evaluation.real_records import REAL_SPLIT, REAL_TITLE, read_real_records
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def evaluation_cases(
 
     :func:`ecg_r1.training.data.load_cases` selects the cases (the one place the selection rules
     live, so training and evaluation see the same kind of case); its boolean label is mapped back
-    to ``"ischemic"`` / ``"non-ischemic"``, the labels :mod:`ecg_r1.evaluate` and the baselines read.
+    to ``"ischemic"`` / ``"non-ischemic"``, the labels :mod:`ecg_r1.evaluation.evaluate` and the baselines read.
 
     Returns:
         The cases table of ``load_cases`` with a string ``label``.
@@ -132,7 +132,7 @@ def sample_per_split(cases: pl.DataFrame, max_cases: int, seed: int) -> pl.DataF
 
 def add_features(cases: pl.DataFrame, cohort_dir: str | Path) -> pl.DataFrame:
     """The cases with their measured ECG features (what the feature baseline reads)."""
-    from ecg_r1.store import open_signals
+    from ecg_r1.data.store import open_signals
 
     return with_features(cases, open_signals(cohort_dir))
 
@@ -147,18 +147,18 @@ def real_record_cases(
     it is left out, so the real-record section only holds records no model has seen.
 
     Args:
-        real_dir: a folder :func:`ecg_r1.real_records.prepare_real_records` wrote.
+        real_dir: a folder :func:`ecg_r1.evaluation.real_records.prepare_real_records` wrote.
         cohort_dir, splits_path: the main (training) cohort and its split manifest.
 
     Returns:
-        ``(cases, excluded)``: the cases in split :data:`~ecg_r1.real_records.REAL_SPLIT` with
+        ``(cases, excluded)``: the cases in split :data:`~ecg_r1.evaluation.real_records.REAL_SPLIT` with
         their features measured on the real cohort's signals, and the record ids left out.
 
     Raises:
         FileNotFoundError: when ``real_dir`` is not a prepared folder.
         ecg_r1.training.data.TrainingDataError: when no case is in the folder.
     """
-    from ecg_r1.store import read_cohort
+    from ecg_r1.data.store import read_cohort
 
     real = read_real_records(real_dir)
     cases = evaluation_cases(real.cohort, real.splits, real.images, REAL_SPLIT)
@@ -202,8 +202,8 @@ def predict_cases(
     Images are opened a batch at a time, so a split of any size never sits in memory.
 
     Args:
-        model_dir: a model folder (:func:`ecg_r1.models.load_model_and_processor`).
-        profile: the model's profile (a :class:`ecg_r1.models.Profile` or its name / path).
+        model_dir: a model folder (:func:`ecg_r1.modeling.models.load_model_and_processor`).
+        profile: the model's profile (a :class:`ecg_r1.modeling.profiles.Profile` or its name / path).
         cases: ``record_id``, ``image_path``, ``age``, ``sex``, ``note`` per case.
         batch_size: examples per forward pass.
         max_new_tokens: completion cap; None: the profile's GRPO ``max_completion_length``.
@@ -220,9 +220,10 @@ def predict_cases(
     """
     from PIL import Image
 
-    from ecg_r1.inference import answer_probability, generate
-    from ecg_r1.models import Profile, load_model_and_processor, load_profile
-    from ecg_r1.prompts import parse_completion
+    from ecg_r1.modeling.inference import answer_probability, generate
+    from ecg_r1.modeling.models import load_model_and_processor
+    from ecg_r1.modeling.profiles import Profile, load_profile
+    from ecg_r1.modeling.prompts import parse_completion
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     if ablation is not None and ablation not in ABLATIONS:
@@ -235,8 +236,8 @@ def predict_cases(
     rows = cases.select("image_path", "age", "sex", "note").to_dicts()
     blank_page = None
     if ablation == "image":
-        from ecg_r1.canonical import LEADS, N_SAMPLES
-        from ecg_r1.render import render_page
+        from ecg_r1.data.canonical import LEADS, N_SAMPLES
+        from ecg_r1.imaging.render import render_page
 
         blank_page = render_page(np.zeros((len(LEADS), N_SAMPLES), np.float32), profile.render_config())
         blank_page = blank_page.convert("RGB")
@@ -358,7 +359,7 @@ def reference_predictions(
 
     Returns:
         Feature baseline, majority class and (with truth) the Bayes ceiling, in that order. The
-        cited clinicians' row is not a prediction: see :func:`ecg_r1.baselines.clinicians_metrics`.
+        cited clinicians' row is not a prediction: see :func:`ecg_r1.evaluation.baselines.clinicians_metrics`.
     """
     if baselines is None:
         if train is None:
@@ -403,7 +404,7 @@ class Comparison:
         models: row name -> model folder, for the models (not the reference rows).
         stages: row name -> training stage folder (None for a bare model folder).
         results: row name -> split -> metrics (measured and reference rows).
-        kinds: row name -> :data:`ecg_r1.report.MEASURED` / ``REFERENCE``.
+        kinds: row name -> :data:`ecg_r1.evaluation.report.MEASURED` / ``REFERENCE``.
         per_hospital: row name -> hospital -> metrics, over both test splits.
         paired: the paired comparisons.
         predictions: row name -> predictions on both test splits (and the real records).
@@ -585,7 +586,7 @@ def run_comparison(
     Args:
         models: row name -> model folder or training stage folder (``result.json`` + ``model/``),
             in table order (e.g. ``{"GRPO": ..., "GRPO from SFT": ..., "SFT": ...}``).
-        profile: the models' profile (name, path or :class:`ecg_r1.models.Profile`).
+        profile: the models' profile (name, path or :class:`ecg_r1.modeling.profiles.Profile`).
         cohort_dir, splits_path, images_dir: the cohort, split manifest and rendered images.
         out_dir: where the table, metrics, predictions and plots go (created).
         truth_path: the simulator's ``truth.parquet`` for the Bayes ceiling; None on real data.
@@ -602,9 +603,9 @@ def run_comparison(
         progress: tqdm progress bars while the models answer.
         ablations: keys of :data:`ABLATIONS`; each model is also evaluated with that input taken
             away (row ``"<name> (no ECG)"`` / ``"<name> (no note)"``) and paired with itself.
-        real_records: a folder :func:`ecg_r1.real_records.prepare_real_records` wrote; its cases
+        real_records: a folder :func:`ecg_r1.evaluation.real_records.prepare_real_records` wrote; its cases
             (less any also in the main cohort, see :func:`real_record_cases`) become a third split,
-            :data:`~ecg_r1.real_records.REAL_SPLIT`, titled "real records (sim-to-real)", with the
+            :data:`~ecg_r1.evaluation.real_records.REAL_SPLIT`, titled "real records (sim-to-real)", with the
             models, their ablations, majority class and feature baseline (fitted on the training
             split) and the paired comparisons. None: no such section.
 
@@ -617,7 +618,7 @@ def run_comparison(
         FileNotFoundError: when ``real_records`` is not a prepared real-record folder.
         ecg_r1.training.data.TrainingDataError: when the data cannot give test cases.
     """
-    from ecg_r1.models import Profile, load_profile
+    from ecg_r1.modeling.profiles import Profile, load_profile
 
     if not models:
         raise ValueError("no models to compare: pass at least one name -> model folder")

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
-from ecg_r1.evaluate import BinaryMetrics, Estimate, rank_missing_as_wrong
+from ecg_r1.evaluation.evaluate import BinaryMetrics, Estimate, rank_missing_as_wrong
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class TableRow:
     Attributes:
         model: the row's name ("GRPO v3", "Majority class", ...).
         split: :data:`INTERNAL` or :data:`CROSS_HOSPITAL` (any text is shown as is).
-        metrics: the row's metrics (for a cited row, :func:`ecg_r1.baselines.clinicians_metrics`).
+        metrics: the row's metrics (for a cited row, :func:`ecg_r1.evaluation.baselines.clinicians_metrics`).
         kind: :data:`MEASURED` (a model), :data:`REFERENCE` (baselines, ceiling) or :data:`CITED`
             (a figure from the literature, not measured here; shown as such).
         source: for a cited row, where the figure comes from (printed under the table).
@@ -156,7 +156,7 @@ def plot_roc_curves(
 
     Args:
         curves: ``{name: (y_true, p_yes)}``; a NaN score is ranked as wrongly as possible, as in
-            :func:`ecg_r1.evaluate.evaluate_binary`. Entries without both classes are skipped.
+            :func:`ecg_r1.evaluation.evaluate.evaluate_binary`. Entries without both classes are skipped.
         path: the PNG to write.
         title: plot title (e.g. the split).
     """
@@ -194,7 +194,7 @@ def plot_group_accuracy(
 
     Args:
         per_group: ``{model: {hospital: metrics}}`` (e.g. from
-            :func:`ecg_r1.evaluate.evaluate_predictions_by_group`).
+            :func:`ecg_r1.evaluation.evaluate.evaluate_predictions_by_group`).
         path: the PNG to write.
         reference: horizontal reference lines ``{label: accuracy}``, e.g. the cited clinicians.
         title: plot title.

@@ -44,9 +44,9 @@ import polars as pl
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ecg_r1.augment import Augment, augment_image
-from ecg_r1.canonical import FS, LEADS, N_SAMPLES
-from ecg_r1.store import open_signals, read_cohort
+from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
+from ecg_r1.data.store import open_signals, read_cohort
+from ecg_r1.imaging.augment import Augment, augment_image
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def _check_signal(signal: np.ndarray) -> np.ndarray:
     if signal.shape != (len(LEADS), N_SAMPLES):
         raise ValueError(
             f"expected a canonical signal of shape {(len(LEADS), N_SAMPLES)} (12 leads x 10 s at {FS} Hz, mV), "
-            f"got {signal.shape}; bring it to the canonical form with ecg_r1.canonical.canonicalize()"
+            f"got {signal.shape}; bring it to the canonical form with ecg_r1.data.canonical.canonicalize()"
         )
     if not np.issubdtype(signal.dtype, np.number):
         raise ValueError(f"signal must be numeric (mV), got dtype {signal.dtype}")

@@ -1,0 +1,10 @@
+"""The data stage: read exports (PTB-XL, PhysioNet/CinC, WFDB folders with a manifest) into one
+canonical cohort, label it from the diagnoses it understands, check it and split it by hospital
+and patient.
+
+Takes: a folder of raw records. Gives: ``cohort.parquet`` + ``signals.f32`` (:mod:`.store`),
+quarantine and validation reports, ``splits.parquet``. In pipeline order: :mod:`.readers`,
+:mod:`.canonical`, :mod:`.labels`, :mod:`.signal_checks`, :mod:`.ingest`, :mod:`.store`,
+:mod:`.validate`, :mod:`.split`; :mod:`.features` measures the signal for the baselines, the
+vision targets and the findings.
+"""

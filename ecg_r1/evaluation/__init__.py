@@ -1,0 +1,9 @@
+"""The evaluation stage: metrics with intervals, baselines, the model comparison, its report and
+the champion/challenger promotion.
+
+Takes: trained model folders and the test splits. Gives: ``metrics.json``, ``comparison.md``,
+plots and the promotion decision. :mod:`.evaluate` (metrics, bootstrap CIs, paired tests),
+:mod:`.baselines` (majority, feature baseline, Bayes ceiling), :mod:`.comparison` (every model
+and baseline on the same cases), :mod:`.real_records` (real labelled TWI records for the
+sim-to-real section), :mod:`.report` (tables and plots), :mod:`.promotion`.
+"""
