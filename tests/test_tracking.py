@@ -53,6 +53,47 @@ class TestExperimentFor:
         assert experiment.name == "ecg-r1-tiny"
         assert experiment.artifact_location.startswith((root / "mlflow" / "artifacts").resolve().as_uri())
 
+    def test_experiments_open_in_the_model_training_view(self, store):
+        experiment = mlflow.get_experiment(tracking.experiment_for("kind-new"))
+        assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+        # An experiment made before the tag existed (the MLflow UI shows it as GenAI) gets it.
+        old = mlflow.MlflowClient().create_experiment(tracking.experiment_name("kind-old"))
+        assert tracking.EXPERIMENT_KIND_TAG not in mlflow.get_experiment(old).tags
+        assert tracking.experiment_for("kind-old") == old
+        assert mlflow.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+class TestSplitInputs:
+    def test_each_split_is_a_dataset_with_the_data_version_as_digest(self, store, tmp_path):
+        import polars as pl
+
+        splits = tmp_path / "splits.parquet"
+        pl.DataFrame(
+            {
+                "record_id": ["r1", "r2", "r3", "r4"],
+                "patient_id": ["p1", "p2", "p3", "p4"],
+                "hospital": ["a", "b", "a", "d"],
+                "label": ["ischemic", "non-ischemic", "ischemic", "non-ischemic"],
+                "split": ["train", "train", "test_internal", "test_external"],
+            }
+        ).write_parquet(splits)
+        with tracking.start_or_resume_run("inputs", "run") as run:
+            names = tracking.log_split_inputs(splits, "0123456789abcdef0123456789abcdef.dir")
+        assert names == ["ecg-r1-test_external", "ecg-r1-test_internal", "ecg-r1-train"]
+        inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+        found = {}
+        for item in inputs:
+            tags = {t.key: t.value for t in item.tags}
+            found[item.dataset.name] = (item.dataset.digest, tags["mlflow.data.context"], tags["hospital"])
+        assert found["ecg-r1-train"] == ("0123456789abcdef0123456789abcdef", "train", "a,b")
+        assert found["ecg-r1-test_external"][1:] == ("test_external", "d")
+        train = next(i.dataset for i in inputs if i.dataset.name == "ecg-r1-train")
+        assert json.loads(train.profile)["num_rows"] == 2
+
+    def test_outside_a_run_it_says_so(self, store, tmp_path):
+        with pytest.raises(ValueError, match="no active MLflow run"):
+            tracking.log_split_inputs(tmp_path / "splits.parquet", "untracked")
+
 
 class TestStartOrResumeRun:
     def test_resume_logs_to_the_same_run(self, store, tmp_path):

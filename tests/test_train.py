@@ -477,6 +477,10 @@ class TestSFT:
         assert {"data_version", "git_commit", "config"} <= set(tags)
         experiment = client.get_experiment(run.info.experiment_id)
         assert experiment.name == "ecg-r1-tiny-test"
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        contexts = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
+        assert contexts["ecg-r1-train"]["mlflow.data.context"] == "train"
+        assert contexts["ecg-r1-test_external"]["hospital"] == "H2"
 
     def test_running_a_finished_stage_again_starts_a_new_run(
         self, data, profile, base_model, sft_result, tmp_path

@@ -17,6 +17,7 @@ from pydantic import Field
 from ecg_r1.tracking import versioning
 
 HOME_ENV_VAR = "ECG_R1_HOME"
+MLFLOW_URI_ENV_VAR = "ECG_R1_MLFLOW_URI"
 # dagster_project/defs/resources.py -> the repository root
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,7 +125,9 @@ class MlflowResource(dg.ConfigurableResource):
 
     home: str = Field(default="", description=f"Project root; empty: ${HOME_ENV_VAR} or the repository root.")
     tracking_uri: str = Field(
-        default="", description="Tracking/registry URI; empty: sqlite store under <home>/mlflow/."
+        default="",
+        description=f"Tracking/registry URI (e.g. http://mlflow-host:5000); empty: ${MLFLOW_URI_ENV_VAR}, "
+        "else the sqlite store under <home>/mlflow/.",
     )
     ui_url: str = Field(default="http://127.0.0.1:5000", description="Where `make mlflow-ui` serves the UI.")
 
@@ -136,14 +139,12 @@ class MlflowResource(dg.ConfigurableResource):
         """Point this process (and its children) at the store; returns the tracking URI."""
         from ecg_r1.tracking import runs as tracking
 
-        uri = tracking.configure(self.root)
-        if self.tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(self.tracking_uri)
-            mlflow.set_registry_uri(self.tracking_uri)
-            os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri = self.tracking_uri
-        return uri
+        # The stack's workers get the server from the environment (.stack/env), so one set of
+        # definitions serves the embedded store and the shared server.
+        remote = self.tracking_uri or os.environ.get(MLFLOW_URI_ENV_VAR, "")
+        if remote:
+            return tracking.use_store(remote)
+        return tracking.configure(self.root)
 
     def run_url(self, run_id: str | None) -> str:
         """Link to a run in the MLflow UI (served by `make mlflow-ui`)."""

@@ -28,7 +28,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,11 @@ MODEL_ARTIFACT_PATH = "model"
 RUN_ID_FILE = "mlflow_run_id.txt"
 MODEL_NAMES = {"sft": "ecg-r1-sft", "grpo": "ecg-r1-grpo"}
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
+# The MLflow UI opens an experiment in its GenAI view (traces) unless told it holds model training:
+# "custom_model_development" is the value its experiment-kind selector calls "Machine learning".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+_MAX_DIGEST_CHARS = 36  # MLflow's datasets.digest column
 
 
 def tracking_uri(repo_root: str | Path) -> str:
@@ -98,6 +103,16 @@ def open_store(repo_root: str | Path) -> str:
     return _use(f"sqlite:///{db}")
 
 
+def use_store(uri: str) -> str:
+    """Point MLflow (tracking and registry) at any store, e.g. a tracking server
+    (``http://host:5000``), in this process and in the environment of its children.
+
+    Returns:
+        The tracking URI.
+    """
+    return _use(uri)
+
+
 def _use(uri: str) -> str:
     import mlflow
 
@@ -139,13 +154,67 @@ def experiment_for(profile_name: str) -> str:
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:  # made before the tag existed
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     artifacts = artifact_root_for(mlflow.get_tracking_uri())
     location = None
     if artifacts is not None:
         # A unique sub-folder per experiment, as MLflow's default layout has.
         location = (artifacts / hashlib.sha1(name.encode()).hexdigest()[:12]).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+    )
+
+
+def log_split_inputs(
+    splits_path: str | Path, data_version: str, splits: Sequence[str] | None = None
+) -> list[str]:
+    """Log the splits of a manifest as MLflow dataset inputs of the active run, so the runs table
+    shows what each run trained and was tested on.
+
+    Each split becomes a dataset named ``ecg-r1-<split>`` (its rows: record, patient, hospital,
+    label), with the DVC data version as digest (the same split of another data version is another
+    dataset), the split as context and its hospitals as a tag.
+
+    Args:
+        splits_path: the split manifest (``splits.parquet``).
+        data_version: the DVC data version (:func:`dvc_data_version`); ``"untracked"`` gives a
+            digest of the rows instead.
+        splits: which splits to log; default all in the manifest.
+
+    Returns:
+        The names of the logged datasets.
+
+    Raises:
+        ValueError: when no run is active.
+    """
+    import polars as pl
+
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise ValueError("no active MLflow run: log dataset inputs inside start_or_resume_run")
+    manifest = pl.read_parquet(splits_path)
+    names = []
+    for split in splits or sorted(set(manifest.get_column("split"))):
+        rows = manifest.filter(pl.col("split") == split).select(
+            "record_id", "patient_id", "hospital", "label"
+        )
+        if rows.is_empty():
+            continue
+        digest = data_version.removesuffix(".dir") if data_version != "untracked" else None
+        dataset = mlflow.data.from_pandas(
+            rows.to_pandas(),
+            source=str(Path(splits_path).resolve()),
+            name=f"ecg-r1-{split}",
+            targets="label",
+            digest=digest[:_MAX_DIGEST_CHARS] if digest else None,
+        )
+        hospitals = ",".join(sorted(set(rows.get_column("hospital"))))
+        mlflow.log_input(dataset, context=split, tags={"hospital": hospitals, "data_version": data_version})
+        names.append(dataset.name)
+    return names
 
 
 @contextlib.contextmanager
@@ -534,8 +603,11 @@ def _check_in_store(name: str, version: int) -> None:
     may point anywhere (another path, another server), and models are loaded only from here."""
     client = _client()
     found = client.get_model_version(name, str(version))
-    artifacts = artifact_root_for(_tracking_uri())
+    uri = _tracking_uri()
+    artifacts = artifact_root_for(uri)
     location = client.get_run(found.run_id).info.artifact_uri if found.run_id else found.source
+    if uri.startswith(("http://", "https://")) and location.startswith("mlflow-artifacts:"):
+        return  # files the tracking server itself stores and serves (`mlflow server --serve-artifacts`)
     local = location[len("file://") :] if location.startswith("file://") else location
     if artifacts is None or not Path(local).resolve().is_relative_to(artifacts.resolve()):
         raise ValueError(

@@ -319,6 +319,7 @@ def _train(
     callbacks: Sequence[Any],
     samples_fn: Any,
     samples_per_step: int,
+    splits_path: Path | None = None,
 ) -> StageResult:
     """Run one TRL trainer with checkpoints, resume, MLflow logging and registration."""
     out_dir = Path(out_dir)
@@ -328,6 +329,10 @@ def _train(
     tags = {"profile": profile.name, **provenance}
     with _tracked_run(tracking, profile, stage, out_dir, run_name, tags) as run_id:
         _log_params(run_id, {**params, **provenance, "profile": _profile_params(profile)})
+        if run_id is not None and splits_path is not None:
+            from ecg_r1.tracking.runs import log_split_inputs
+
+            log_split_inputs(splits_path, provenance["data_version"])
         model, processor = load_model_and_processor(start_model, profile)
         if profile.stage_settings(stage).get("freeze_vision", False):
             freeze_vision_tower(model)
@@ -611,8 +616,10 @@ def _common(
     repo_root: str | Path,
     run_name: str | None,
     callbacks: Sequence[Any],
+    splits_path: str | Path,
 ) -> dict[str, Any]:
     return {
+        "splits_path": Path(splits_path),
         "tracking": tracking,
         "progress": progress,
         "resume": resume,
@@ -708,7 +715,7 @@ def run_format_warmup(
         params={"warmup_answer": answer, "seed": run_seed},
         register_as=None,
         eval_cases=_eval_cases(cohort_dir, splits_path, images_dir),
-        **_common(tracking, progress, resume, repo_root, run_name, callbacks),
+        **_common(tracking, progress, resume, repo_root, run_name, callbacks, splits_path),
     )
 
 
@@ -778,7 +785,7 @@ def run_sft(
         register_as=MODEL_NAMES["sft"] if register and tracking else None,
         eval_cases=_eval_cases(cohort_dir, splits_path, images_dir),
         notes=notes,
-        **_common(tracking, progress, resume, repo_root, run_name, callbacks),
+        **_common(tracking, progress, resume, repo_root, run_name, callbacks, splits_path),
     )
 
 
@@ -882,7 +889,7 @@ def run_grpo(
         register_as=MODEL_NAMES["grpo"] if register and tracking else None,
         samples_fn=None,
         samples_per_step=0,
-        **_common(tracking, progress, resume, repo_root, run_name, callbacks),
+        **_common(tracking, progress, resume, repo_root, run_name, callbacks, splits_path),
     )
 
 

@@ -25,6 +25,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from dagster_project.defs.executors import DEFAULT_QUEUE
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1.data import split as split_lib
 from ecg_r1.data import validate as validate_lib
@@ -125,7 +126,7 @@ def _dict_table(values: dict, key: str, value: str) -> str:
     return markdown_table(pl.DataFrame({key: list(values), value: [values[k] for k in values]}))
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def simulated_raw(
     context: dg.AssetExecutionContext, config: SimulationConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -158,7 +159,7 @@ def simulated_raw(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[simulated_raw], kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, deps=[simulated_raw], kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def raw_cohort(
     context: dg.AssetExecutionContext, config: IngestConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -194,7 +195,7 @@ def raw_cohort(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[raw_cohort], kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, deps=[raw_cohort], kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def validated_cohort(
     context: dg.AssetExecutionContext, config: ValidationSettings, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -226,7 +227,7 @@ def validated_cohort(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[validated_cohort], kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, deps=[validated_cohort], kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def cohort_splits(
     context: dg.AssetExecutionContext, config: SplitConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:

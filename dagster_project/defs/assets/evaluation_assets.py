@@ -24,6 +24,7 @@ from pydantic import Field
 
 from dagster_project.defs.assets.data_assets import markdown_table
 from dagster_project.defs.assets.image_assets import _inline_png
+from dagster_project.defs.executors import DEFAULT_QUEUE, GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 from ecg_r1.evaluation import comparison as comparison_lib
@@ -132,7 +133,12 @@ def _registered(stage_dir: Path | None) -> tuple[str, int] | None:
     return name, int(version)
 
 
-@dg.asset(group_name=GROUP, deps=[dg.AssetKey("ecg_images")], kinds={"python", "scikitlearn"})
+@dg.asset(
+    group_name=GROUP,
+    deps=[dg.AssetKey("ecg_images")],
+    kinds={"python", "scikitlearn"},
+    op_tags=DEFAULT_QUEUE,
+)
 def reference_baselines(
     context: dg.AssetExecutionContext, config: BaselineConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -177,7 +183,7 @@ def reference_baselines(
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "png"})
+@dg.asset(group_name=GROUP, kinds={"python", "png"}, op_tags=DEFAULT_QUEUE)
 def real_record_cohort(
     context: dg.AssetExecutionContext, config: RealRecordsConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -222,6 +228,9 @@ def real_record_cohort(
     group_name=GROUP,
     deps=[reference_baselines, real_record_cohort, *(dg.AssetKey(name) for name in DEFAULT_MODELS.values())],
     kinds={"python", "mlflow"},
+    # Every model answers every test case (generation + P(Yes)): accelerator work.
+    op_tags=GPU_QUEUE,
+    retry_policy=TRANSIENT_RETRY,
 )
 def model_comparison(
     context: dg.AssetExecutionContext,
@@ -396,7 +405,13 @@ def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, pr
     return predictions
 
 
-@dg.asset(group_name=GROUP, deps=[model_comparison], kinds={"python", "mlflow"})
+@dg.asset(
+    group_name=GROUP,
+    deps=[model_comparison],
+    kinds={"python", "mlflow"},
+    op_tags=GPU_QUEUE,
+    retry_policy=TRANSIENT_RETRY,
+)
 def model_promotion(
     context: dg.AssetExecutionContext, config: PromotionConfig, layout: DataLayout, mlflow: MlflowResource
 ) -> dg.MaterializeResult:

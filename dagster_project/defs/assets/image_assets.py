@@ -7,6 +7,7 @@ import polars as pl
 from pydantic import Field
 
 from dagster_project.defs.assets.data_assets import cohort_splits
+from dagster_project.defs.executors import DEFAULT_QUEUE
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.imaging.render import render_cohort
@@ -40,7 +41,7 @@ def _inline_png(path) -> str:
     return f"![{path.name}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
-@dg.asset(group_name=GROUP, deps=[cohort_splits], kinds={"python", "png"})
+@dg.asset(group_name=GROUP, deps=[cohort_splits], kinds={"python", "png"}, op_tags=DEFAULT_QUEUE)
 def ecg_images(
     context: dg.AssetExecutionContext, config: ImageConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:

@@ -17,6 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from dagster_project.defs.assets.image_assets import ecg_images
+from dagster_project.defs.executors import GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
@@ -60,7 +61,10 @@ def model_folder(layout: DataLayout, asset_name: str) -> Path:
     result = stages.read_result(stage_dir(layout, asset_name))
     folder = Path(result.model_dir) if result else stage_dir(layout, asset_name) / MODEL_DIR
     if not (folder / "config.json").is_file():
-        raise dg.Failure(f"{asset_name} has no finished model in {folder}; materialize {asset_name} first")
+        raise dg.Failure(
+            f"{asset_name} has no finished model in {folder}; materialize {asset_name} first",
+            allow_retries=False,
+        )
     return folder
 
 
@@ -131,7 +135,13 @@ def _train(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[ecg_images], kinds={"pytorch"})
+@dg.asset(
+    group_name=GROUP,
+    deps=[ecg_images],
+    kinds={"pytorch"},
+    op_tags=GPU_QUEUE,
+    retry_policy=TRANSIENT_RETRY,
+)
 def base_model(
     context: dg.AssetExecutionContext, config: StageConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
@@ -189,6 +199,8 @@ def _stage_asset(
         deps=[dg.AssetKey(d) for d in (deps or (start_asset,))],
         kinds={"pytorch", "mlflow"},
         description=description,
+        op_tags=GPU_QUEUE,
+        retry_policy=TRANSIENT_RETRY,
     )
     def _asset(
         context: dg.AssetExecutionContext,
