@@ -349,7 +349,9 @@ def fill_deepspeed_config(
     from transformers import TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    class _Filler(HfTrainerDeepSpeedConfig):
+    # Without deepspeed installed, transformers' class does not derive from accelerate's (which holds
+    # get_value, is_zero3...): listing both bases gives the same class either way.
+    class _Filler(HfTrainerDeepSpeedConfig, AccelerateDeepSpeedConfig):
         def __init__(self, config: Mapping[str, Any]) -> None:
             AccelerateDeepSpeedConfig.__init__(self, dict(config))  # parses the config; no deepspeed import
             self._dtype = None
