@@ -107,6 +107,8 @@ class TestLoadProfile:
             load_profile(write_profile(tmp_path, model__dtype="int8"))
         with pytest.raises(ProfileError, match="min_pixels"):
             load_profile(write_profile(tmp_path, image__min_pixels=10**7))
+        with pytest.raises(ProfileError, match="vllm_mode"):
+            load_profile(write_profile(tmp_path, model__vllm_mode="remote"))
 
     def test_generations_must_divide_the_batch(self, tmp_path):
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))
@@ -153,7 +155,7 @@ class TestTrainerKwargs:
         kwargs = load_profile(write_profile(tmp_path, "qwen2-vl-2b", model__use_vllm=True)).trainer_kwargs(
             "grpo"
         )
-        assert kwargs["use_vllm"] is True and kwargs["vllm_mode"] == "colocate"
+        assert kwargs["use_vllm"] is True and kwargs["vllm_mode"] == "server"
 
     def test_unknown_kind_is_refused(self):
         with pytest.raises(ProfileError, match="'sft' or 'grpo'"):

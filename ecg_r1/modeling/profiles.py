@@ -31,6 +31,7 @@ DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) 
 DEFAULT_MAX_COMPLETION_LENGTH = 256
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_VLLM_MODES = ("colocate", "server")  # TRL GRPOConfig.vllm_mode
 
 
 class ProfileError(ValueError):
@@ -320,6 +321,9 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     dtype = str(model.get("dtype", "float32"))
     if dtype not in _DTYPES:
         raise ProfileError(f"{path}: model.dtype must be one of {_DTYPES}, got {dtype!r}")
+    vllm_mode = str(model.get("vllm_mode", "colocate"))
+    if vllm_mode not in _VLLM_MODES:
+        raise ProfileError(f"{path}: model.vllm_mode must be one of {_VLLM_MODES}, got {vllm_mode!r}")
     tiny = None
     if source == TINY_SOURCE:
         sizes = model.get("tiny")
@@ -367,7 +371,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         attn_implementation=model.get("attn_implementation", "sdpa"),
         gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
         use_vllm=bool(model.get("use_vllm", False)),
-        vllm_mode=str(model.get("vllm_mode", "colocate")),
+        vllm_mode=vllm_mode,
         image_width=int(image.get("width", 224)),
         image_height=None if image.get("height") is None else int(image["height"]),
         image_min_pixels=min_pixels,
