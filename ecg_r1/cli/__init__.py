@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module.name.startswith("_"):  # __main__ (python -m ecg_r1.cli) is no subcommand
+            continue
         importlib.import_module(f"{__name__}.{module.name}").register(subparsers)
     return parser
 

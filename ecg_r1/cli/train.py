@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
-from ecg_r1.modeling.profiles import DEFAULT_PROFILE
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE, Profile
+
+logger = logging.getLogger(__name__)
 
 STAGE_HELP = {
     "vision": "signal-grounded pre-training of the vision tower (targets measured from the raw signal)",
@@ -81,6 +84,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--restart", action="store_true", help="ignore checkpoints in --out and start from step 0"
     )
+    parser.add_argument(
+        "--launch-config",
+        metavar="NAME_OR_FILE",
+        help="sft and grpo: the accelerate config this process was launched with (ddp, zero2, zero3 or a "
+        "YAML path). Checked against the profile first (ecg-r1 launch-check); the stage then trains with "
+        "the planned per-device batch and accumulation steps, keeping the profile's global batch",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_run)
@@ -96,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
+    if args.launch_config:
+        profile = _planned_profile(profile, args.stage, args.launch_config)
     data = {"cohort_dir": args.cohort, "splits_path": args.splits, "images_dir": args.images}
     tracked = not args.no_tracking
     if tracked:
@@ -134,3 +146,23 @@ def _run(args: argparse.Namespace) -> int:
     summary.pop("history", None)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _planned_profile(profile: Profile, stage: str, launch_config: str) -> Profile:
+    """The profile with the batch layout of a launch config, after its pre-flight check."""
+    from ecg_r1.training.launch import apply_plan, preflight, world_size_from_env
+
+    if stage not in ("sft", "grpo"):
+        raise ValueError(f"--launch-config is for the sft and grpo stages, not {stage!r}")
+    # Under `accelerate launch` WORLD_SIZE is the process count actually started (--num_processes
+    # may override the file's).
+    plan = preflight(profile, stage, launch_config, num_processes=world_size_from_env())
+    logger.info(
+        "%s on %d processes: per-device batch %d x accumulation %d (global %d)",
+        stage,
+        plan.num_processes,
+        plan.per_device_train_batch_size,
+        plan.gradient_accumulation_steps,
+        plan.global_batch,
+    )
+    return apply_plan(profile, plan)
