@@ -89,8 +89,8 @@ class LaunchPlan:
         kind: ``sft`` or ``grpo`` (the profile section).
         num_processes: processes (GPUs) training.
         per_device_train_batch_size, gradient_accumulation_steps: what each process uses.
-        global_batch: samples (GRPO: completions) per optimiser step over all processes.
-        profile_global_batch: the profile's own per-device batch x accumulation steps (one GPU).
+        global_batch: samples (GRPO: completions) per optimiser step over all processes: the
+            profile's own per-device batch x accumulation steps, as on one GPU.
         num_generations: GRPO completions per prompt (None for SFT).
         generation_batch: GRPO completions generated at once over all processes (None for SFT).
     """
@@ -100,7 +100,6 @@ class LaunchPlan:
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     global_batch: int
-    profile_global_batch: int
     num_generations: int | None = None
     generation_batch: int | None = None
 
@@ -245,7 +244,6 @@ def plan_launch(profile: Profile, kind: str, num_processes: int) -> LaunchPlan:
         per_device_train_batch_size=new_per_device,
         gradient_accumulation_steps=share // new_per_device,
         global_batch=intended,
-        profile_global_batch=intended,
     )
     if kind == "grpo":
         plan = _with_generation_batch(plan, profile)
