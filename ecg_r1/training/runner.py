@@ -185,16 +185,11 @@ def log_run_params(run_id: str | None, params: Mapping[str, Any]) -> None:
 
 
 def log_run_metrics(run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
-    if run_id is None:
-        return
-    from mlflow.entities import Metric
+    """Log a stage's metrics on its run (nothing when untracked)."""
+    if run_id is not None:
+        from ecg_r1.tracking.runs import log_metrics
 
-    from mlflow import MlflowClient
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
-    if batch:
-        MlflowClient().log_batch(run_id, metrics=batch, synchronous=True)
+        log_metrics(run_id, metrics, step)
 
 
 def log_model_folder(run_id: str, model_dir: Path) -> None:
