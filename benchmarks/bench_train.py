@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import TrainerCallback
 
     from ecg_r1.modeling.profiles import load_profile
-    from ecg_r1.training import stages
+    from ecg_r1.training import runner, stages
 
     torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
@@ -99,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
         "sequences_per_s": batch / step,
         "tokens_per_step": per_step_tokens,
         "tokens_per_s": per_step_tokens / step,
-        "peak_rss_mb": stages.peak_rss_mb(),
+        "peak_rss_mb": runner.peak_rss_mb(),
     }
     if args.stage == "grpo":
         report["completion_length"] = result.metrics.get("completions/mean_length")

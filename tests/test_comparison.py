@@ -288,6 +288,50 @@ class TestEvaluateCommand:
                 ]
             )
 
+    def test_log_and_promote_leave_the_records_the_assets_leave(
+        self, setup, tmp_path, monkeypatch, seed_mlflow_db, capsys
+    ):
+        """`evaluate --log` puts the metrics and answers on the registered version's run and writes
+        registered.json; `promote` then makes the first version champion and records why."""
+        import mlflow
+        from ecg_r1.cli import main
+        from ecg_r1.evaluation import registry
+        from ecg_r1.tracking import runs as tracking
+
+        seed_mlflow_db(tmp_path / "mlflow" / "mlflow.db")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+        monkeypatch.setenv("MLFLOW_REGISTRY_URI", "")
+        previous = mlflow.get_tracking_uri()
+        tracking.configure(tmp_path)
+        try:
+            with tracking.start_or_resume_run("tiny-test", "sft") as run:
+                version = tracking.register_model_version(run.info.run_id, setup["model"], "ecg-r1-sft")
+            out = tmp_path / "out"
+            common = ["--cohort", str(setup["cohort"]), "--splits", str(setup["splits"])]
+            common += ["--images", str(setup["images"]), "--profile", str(setup["profile"])]
+            assert (
+                main(
+                    ["evaluate", "--model", f"SFT=models:/ecg-r1-sft/{version}", *common, "--out", str(out)]
+                    + ["--n-boot", "0", "--max-new-tokens", "2", "--log", "--mlflow-root", str(tmp_path)]
+                )
+                == 0
+            )
+            assert json.loads((out / registry.REGISTRY_FILE).read_text()) == {"SFT": f"ecg-r1-sft/{version}"}
+            version_run = tracking.version_run_id("ecg-r1-sft", version)
+            metrics = mlflow.MlflowClient().get_run(version_run).data.metrics
+            assert any(key.startswith("test_external") for key in metrics), sorted(metrics)
+            artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(version_run, "evaluation")}
+            assert registry.VERSION_PREDICTIONS in artifacts
+
+            assert main(["promote", "--evaluation", str(out), "--mlflow-root", str(tmp_path)]) == 0
+            assert "promoted" in capsys.readouterr().out
+            assert tracking.alias_version("ecg-r1-sft", "champion") == version
+            (decision,) = json.loads((out / registry.PROMOTION_FILE).read_text())
+            assert decision["model"] == "ecg-r1-sft" and decision["decision"] == "promoted"
+        finally:
+            mlflow.set_tracking_uri(previous)
+            mlflow.set_registry_uri(previous)
+
 
 @pytest.mark.slow  # predicts with trained models
 class TestAblations:

@@ -131,7 +131,7 @@ class TestDataChain:
         metadata = materialization(result, "cohort_splits")
         assert metadata["data_version"].value == data_version(home)
         assert metadata["data_version"].value.endswith(".dir")
-        assert metadata["git_commit"].value == (git_commit(REPO_ROOT) or "none")  # the code's commit
+        assert metadata["git_commit"].value == (git_commit(REPO_ROOT) or "unknown")  # the code's commit
         assert any((home / ".dvc-storage").rglob("*")), "the version was not pushed to the local remote"
 
     def test_bring_your_own_data_path_without_simulator(self, tmp_path):

@@ -261,11 +261,19 @@ class TestVersionEvaluation:
 class TestProvenance:
     def test_dvc_file_gives_the_data_version(self, tmp_path):
         (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  path: data\n")
-        assert tracking.dvc_data_version(tmp_path) == "0123abcd.dir"
+        assert tracking.run_context(tmp_path)["data_version"] == "0123abcd.dir"
+
+    def test_dvc_lock_outputs_give_a_data_version(self, tmp_path):
+        lock = (
+            "stages:\n  s:\n    outs:\n    - path: data/a\n      md5: aa\n    - path: other\n      md5: bb\n"
+        )
+        (tmp_path / "dvc.lock").write_text(lock)
+        version = tracking.run_context(tmp_path)["data_version"]
+        assert len(version) == 32 and version == tracking.run_context(tmp_path)["data_version"]
+        (tmp_path / "dvc.lock").write_text(lock.replace("md5: aa", "md5: ab"))
+        assert tracking.run_context(tmp_path)["data_version"] != version
 
     def test_untracked_data_and_no_git_say_so(self, tmp_path):
-        assert tracking.dvc_data_version(tmp_path) == "untracked"
-        assert tracking.git_commit(tmp_path) == "unknown"
         assert tracking.run_context(tmp_path) == {"git_commit": "unknown", "data_version": "untracked"}
 
 

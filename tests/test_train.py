@@ -363,7 +363,7 @@ class TestAnswerMasking:
 
         from ecg_r1.modeling.models import load_processor
         from ecg_r1.modeling.prompts import format_target
-        from ecg_r1.training.stages import AnswerMaskingCollator
+        from ecg_r1.training.sft import AnswerMaskingCollator
 
         processor = load_processor(base_model, profile)
         tok = processor.tokenizer

@@ -113,11 +113,9 @@ class DvcResource(dg.ConfigurableResource):
             version = versioning.track_data(self.root, self.data_dir, push=self.push)
         else:
             version = self.version()
-        return {
-            "data_version": version or "untracked",
-            # The code's commit (this checkout), which may differ from the data's home.
-            "git_commit": versioning.git_commit(REPO_ROOT) or "none",
-        }
+        # The code's commit (this checkout), which may differ from the data's home.
+        code = versioning.provenance(REPO_ROOT)
+        return {"data_version": version or "untracked", "git_commit": code["git_commit"]}
 
 
 class MlflowResource(dg.ConfigurableResource):

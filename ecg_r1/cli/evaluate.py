@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from ecg_r1.cli.predict import add_mlflow_root
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE
@@ -78,6 +79,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="real records for a sim-to-real section (a LUDB, CinC or PTB-XL folder or a manifest CSV; "
         "repeatable): ingested and rendered at the profile's page size into OUT/real_records, and the "
         "labelled TWI records not in --cohort evaluated as 'real records (sim-to-real)'",
+    )
+    parser.add_argument(
+        "--log",
+        action="store_true",
+        help="log the results in MLflow as the Dagster asset does: each registered version's metrics "
+        "and answers on its run, and the table and plots in an 'evaluation' run (then `ecg-r1 "
+        "promote --evaluation OUT` can judge the new versions)",
     )
     add_mlflow_root(parser)
     parser.set_defaults(func=run)
@@ -150,4 +158,32 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"evaluation failed: {exc}") from exc
     print(result.table)
     print(f"Written to {result.out_dir}: {', '.join(sorted(p.name for p in result.plots.values()))}")
+    if args.log:
+        _log(args, result, profile.name)
     return 0
+
+
+def _log(args: argparse.Namespace, result: Any, experiment: str) -> None:
+    """Log the comparison as the ``model_comparison`` asset does (:mod:`ecg_r1.evaluation.registry`)."""
+    from ecg_r1.evaluation import registry
+    from ecg_r1.tracking import runs as tracking
+
+    tracking.configure(args.mlflow_root)
+    versions = {}
+    for spec in args.model:
+        name, model = _row_name(spec)
+        if model.startswith("models:/"):
+            versions[name] = tracking.resolve_version(model)
+        else:
+            folder = Path(model)
+            versions[name] = registry.stage_version(folder if (folder / "result.json").is_file() else None)
+    logged = registry.log_comparison(
+        result,
+        versions,
+        experiment,
+        provenance=tracking.run_context(args.mlflow_root),
+        params={"n_boot": args.n_boot, "seed": args.seed},
+    )
+    print(
+        f"Logged to MLflow: evaluation run {logged.evaluation_run_id}; versions {logged.registered or 'none'}"
+    )

@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.tracking import runs as tracking
-    from ecg_r1.training import stages
+    from ecg_r1.training import runner, stages
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     data = {"cohort_dir": args.cohort, "splits_path": args.splits, "images_dir": args.images}
     tracked = not args.no_tracking
     if tracked:
-        tracking.configure(args.mlflow or stages.REPO_ROOT)
+        tracking.configure(args.mlflow or runner.REPO_ROOT)
     start = args.start
     if start is None:
         start = stages.build_start_model(profile, out_dir=args.out / "base_model", **data)

@@ -5,5 +5,6 @@ Takes: trained model folders and the test splits. Gives: ``metrics.json``, ``com
 plots and the promotion decision. :mod:`.evaluate` (metrics, bootstrap CIs, paired tests),
 :mod:`.baselines` (majority, feature baseline, Bayes ceiling), :mod:`.comparison` (every model
 and baseline on the same cases), :mod:`.real_records` (real labelled TWI records for the
-sim-to-real section), :mod:`.report` (tables and plots), :mod:`.promotion`.
+sim-to-real section), :mod:`.report` (tables and plots), :mod:`.promotion` (the decision rule),
+:mod:`.registry` (the results on the registered versions in MLflow, and the promotion itself).
 """

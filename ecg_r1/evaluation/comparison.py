@@ -286,7 +286,7 @@ def stage_folder(path: str | Path) -> tuple[Path, Path | None]:
     """
     path = Path(path)
     if (path / RESULT_FILE).is_file():
-        from ecg_r1.training.stages import read_result
+        from ecg_r1.training.runner import read_result
 
         result = read_result(path)
         model_dir = Path(result.model_dir) if result and Path(result.model_dir).is_dir() else path / "model"
@@ -509,7 +509,7 @@ def _reward_log(stage_dir: Path | None) -> pl.DataFrame | None:
     """The reward columns of a stage's training history, or None when it logged no rewards."""
     if stage_dir is None:
         return None
-    from ecg_r1.training.stages import read_result
+    from ecg_r1.training.runner import read_result
 
     result = read_result(stage_dir)
     history = [h for h in (result.history if result else []) if "step" in h]

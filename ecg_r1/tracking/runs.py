@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -290,6 +289,35 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int = 0) -> dict[str, float]:
+    """Log the numeric, finite values of ``metrics`` on a run at ``step``, in MLflow's batches.
+
+    Booleans, non-numbers and NaN/inf are skipped (MLflow cannot chart them; a skipped non-finite
+    value is logged as a warning). The call returns once MLflow has stored them.
+
+    Returns:
+        The metrics logged.
+    """
+    import math
+
+    from mlflow.entities import Metric
+
+    finite: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value):
+            logger.warning("metric %s=%r of run %s is not finite: not logged", key, value, run_id)
+            continue
+        finite[key] = float(value)
+    now = int(time.time() * 1000)
+    items = [Metric(key, value, now, int(step)) for key, value in finite.items()]
+    client = _client()
+    for start in range(0, len(items), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=items[start : start + 1000], synchronous=True)
+    return finite
+
+
 def log_params_flat(params: Mapping[str, Any], prefix: str = "", run_id: str | None = None) -> dict[str, str]:
     """Log nested parameters (profile, hyperparameters, data version, git commit, seed) to a run.
 
@@ -334,59 +362,11 @@ def log_params_flat(params: Mapping[str, Any], prefix: str = "", run_id: str | N
 
 
 def run_context(repo_root: str | Path, data_path: str = "data") -> dict[str, str]:
-    """The provenance every run logs: git commit (with a ``-dirty`` mark) and DVC data version.
+    """The provenance every run logs: git commit (with a ``-dirty`` mark) and DVC data version
+    (:func:`ecg_r1.tracking.versioning.provenance`)."""
+    from ecg_r1.tracking.versioning import provenance
 
-    The data version is the md5 DVC recorded for ``data_path`` (from ``<data_path>.dvc`` or
-    ``dvc.lock``), or ``"untracked"`` when DVC does not track it.
-    """
-    return {"git_commit": git_commit(repo_root), "data_version": dvc_data_version(repo_root, data_path)}
-
-
-def git_commit(repo_root: str | Path) -> str:
-    """The repository's HEAD commit, ``-dirty`` when the tree has changes; ``"unknown"`` outside git."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(repo_root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=20,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo_root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}-dirty" if dirty else head
-
-
-def dvc_data_version(repo_root: str | Path, data_path: str = "data") -> str:
-    """The md5 DVC recorded for ``data_path``: from ``<data_path>.dvc``, else from ``dvc.lock``."""
-    import yaml
-
-    root = Path(repo_root)
-    dvc_file = root / f"{data_path}.dvc"
-    if dvc_file.is_file():
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
-        for out in outs:
-            if out.get("md5"):
-                return str(out["md5"])
-    lock = root / "dvc.lock"
-    if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
-        digests = sorted(
-            f"{out['path']}:{out['md5']}"
-            for stage in stages.values()
-            for out in stage.get("outs") or []
-            if str(out.get("path", "")).startswith(data_path) and out.get("md5")
-        )
-        if digests:
-            return hashlib.md5("\n".join(digests).encode()).hexdigest()
-    return "untracked"
+    return provenance(repo_root, data_path)
 
 
 def register_model_version(
@@ -491,22 +471,9 @@ def log_version_metrics(
     Returns:
         The run id the metrics went to.
     """
-    import math
-
-    from mlflow.entities import Metric
-
     run_id = version_run_id(name, version)
+    finite = log_metrics(run_id, metrics)
     client = _client()
-    now = int(time.time() * 1000)
-    finite = {}
-    for key, value in metrics.items():
-        if value is None or not math.isfinite(float(value)):
-            logger.warning("metric %s=%r of %s/%s is not finite: not logged", key, value, name, version)
-            continue
-        finite[key] = float(value)
-    items = [Metric(key, value, now, 0) for key, value in finite.items()]
-    for start in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[start : start + 1000])
     for key, value in {**{f"metric.{k}": f"{v:.6g}" for k, v in finite.items()}, **(tags or {})}.items():
         client.set_model_version_tag(name, str(version), key, str(value))
     return run_id

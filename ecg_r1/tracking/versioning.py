@@ -16,6 +16,7 @@ line, for example S3 (needs ``dvc[s3]`` in the dvc environment)::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -160,26 +161,67 @@ def pull_data(repo_root: str | Path, data_dir: str = DATA_DIR) -> None:
 
 
 def data_version(repo_root: str | Path, data_dir: str = DATA_DIR) -> str | None:
-    """Return the data version recorded in ``<data_dir>.dvc`` (the md5 of the tracked folder).
+    """Return the data version DVC recorded for ``data_dir``: the md5 in ``<data_dir>.dvc``, else a
+    digest of the ``dvc.lock`` outputs under it.
 
-    Reads the file only (no dvc process), so it is cheap enough for every asset's metadata. The
+    Reads the files only (no dvc process), so it is cheap enough for every asset's metadata. The
     version is that of the last :func:`track_data`, not of uncommitted changes since.
 
     Returns:
-        The md5 (``<hex>.dir`` for a folder), or None when the data has never been tracked.
+        The md5 (``<hex>.dir`` for a folder), or None when DVC does not track the data.
     """
-    path = Path(repo_root) / f"{data_dir}.dvc"
-    if not path.is_file():
-        return None
-    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
-    return str(outs[0]["md5"]) if outs and outs[0].get("md5") else None
+    root = Path(repo_root)
+    path = root / f"{data_dir}.dvc"
+    if path.is_file():
+        for out in (yaml.safe_load(path.read_text()) or {}).get("outs") or []:
+            if out.get("md5"):
+                return str(out["md5"])
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+        digests = sorted(
+            f"{out['path']}:{out['md5']}"
+            for stage in stages.values()
+            for out in stage.get("outs") or []
+            if str(out.get("path", "")).startswith(data_dir) and out.get("md5")
+        )
+        if digests:
+            return hashlib.md5("\n".join(digests).encode()).hexdigest()
+    return None
 
 
 def git_commit(repo_root: str | Path) -> str | None:
-    """Return the checked-out git commit of ``repo_root``, or None outside git or before the first commit."""
+    """Return the checked-out git commit of ``repo_root``, ``-dirty`` when tracked files have changed;
+    None outside git or before the first commit."""
     if shutil.which("git") is None:
         return None
-    done = subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo_root, capture_output=True, text=True
-    )
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        if done.returncode != 0 or not done.stdout.strip():
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    head = done.stdout.strip()
+    return f"{head}-dirty" if dirty else head
+
+
+def provenance(repo_root: str | Path, data_dir: str = DATA_DIR) -> dict[str, str]:
+    """What every run and asset records as its origin: the git commit (:func:`git_commit`, else
+    ``"unknown"``) and the DVC data version (:func:`data_version`, else ``"untracked"``)."""
+    return {
+        "git_commit": git_commit(repo_root) or "unknown",
+        "data_version": data_version(repo_root, data_dir) or "untracked",
+    }

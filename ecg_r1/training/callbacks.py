@@ -75,20 +75,14 @@ class MlflowMetricsCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        from mlflow.entities import Metric
-
-        from mlflow import MlflowClient
+        from ecg_r1.tracking.runs import log_metrics
 
         values = _numbers(logs)
         # only on a step's log (it carries the rewards), not on the end-of-training summary
         rate = latest_format_valid_rate(self.trainer) if "reward" in logs else None
         if rate is not None:
             values["format_valid_rate"] = rate
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"{self.prefix}{k}", v, now, int(state.global_step)) for k, v in values.items()]
-        client = MlflowClient()
-        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-            client.log_batch(self.run_id, metrics=metrics[start : start + 1000], synchronous=True)
+        log_metrics(self.run_id, {f"{self.prefix}{k}": v for k, v in values.items()}, int(state.global_step))
 
 
 def latest_format_valid_rate(trainer: Any) -> float | None:

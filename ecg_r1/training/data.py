@@ -35,6 +35,8 @@ from ecg_r1.modeling.prompts import build_prompt, format_target, rationale_from_
 if TYPE_CHECKING:
     import datasets
 
+    from ecg_r1.modeling.profiles import Profile
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.parquet"
@@ -358,3 +360,40 @@ def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
         "ischemic_share": round(float(labelled["label"].mean()), 4) if labelled.height else None,
         "hospitals": ",".join(sorted(str(h) for h in cases["hospital"].unique().to_list())),
     }
+
+
+def note_settings(profile: Profile, stage: str) -> dict[str, float]:
+    """``note_dropout`` and ``note_scramble`` of a stage (fractions of the training cases shown
+    without their note, or with it scrambled; :func:`ecg_r1.training.data.sft_dataset`)."""
+    settings = profile.stage_settings(stage)
+    return {key: float(settings.get(key, 0.0)) for key in ("note_dropout", "note_scramble")}
+
+
+def training_cases(
+    profile: Profile, stage: str, cohort_dir: str | Path, splits_path: str | Path, images_dir: str | Path
+) -> pl.DataFrame:
+    """The labelled training cases a label-driven stage (SFT, GRPO) trains on: the train split,
+    with each hospital balanced to 1:1 when the stage's ``balance_hospitals`` is set
+    (:func:`ecg_r1.training.data.balance_hospitals`)."""
+    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
+    if profile.stage_settings(stage).get("balance_hospitals", False):
+        cases = balance_hospitals(cases, seed=profile.seed)
+    return cases
+
+
+def findings_rationale(profile: Profile) -> bool:
+    """Whether the profile's SFT targets state the measured findings (``stages.sft.rationale_findings``,
+    only with ``model.sft_rationale`` on)."""
+    return profile.sft_rationale and bool(profile.stage_settings("sft").get("rationale_findings", False))
+
+
+def validation_cases(
+    cohort_dir: str | Path, splits_path: str | Path, images_dir: str | Path
+) -> pl.DataFrame | None:
+    """The validation split's cases (for the sample completions a stage logs), or None when the
+    cohort has none: samples are a nicety, and a cohort without a validation split still trains."""
+    try:
+        return load_cases(cohort_dir, splits_path, images_dir, "val")
+    except TrainingDataError as error:
+        logger.info("no validation cases for sample completions: %s", error)
+        return None

@@ -15,7 +15,6 @@
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import dagster as dg
@@ -29,17 +28,15 @@ from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResour
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 from ecg_r1.evaluation import comparison as comparison_lib
 from ecg_r1.evaluation import real_records as real_records_lib
-from ecg_r1.evaluation.evaluate import Predictions, align
-from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
-from ecg_r1.modeling.profiles import DEFAULT_PROFILE
+from ecg_r1.evaluation import registry
+from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
 from ecg_r1.tracking import runs as tracking
 
 GROUP = "evaluation"
 EVALUATION_DIR = "evaluation"  # under the data folder: the reports are versioned with the data
 REAL_RECORDS_DIR = "real_records"  # under the data folder, like the cohort it is checked against
 BASELINES_ASSET = "reference_baselines"
-REGISTRY_FILE = "registered.json"  # row name -> "model-name/version" of this comparison
-VERSION_PREDICTIONS = "evaluation/predictions.parquet"  # on each version's run, for later champions
 # The default comparison: row name -> model asset, in table order. The paper's RL-only recipe
 # (grpo_after_warmup_model) is not in it: it costs a third of a CPU run and is added by config
 # (models: {"GRPO after warm-up": "grpo_after_warmup_model", ...}) when wanted.
@@ -118,19 +115,6 @@ def evaluation_dir(layout: DataLayout) -> Path:
 
 def real_records_dir(layout: DataLayout) -> Path:
     return layout.data / REAL_RECORDS_DIR
-
-
-def _registered(stage_dir: Path | None) -> tuple[str, int] | None:
-    """(model name, version) a training stage registered, or None."""
-    if stage_dir is None:
-        return None
-    from ecg_r1.training.stages import read_result
-
-    result = read_result(stage_dir)
-    if result is None or not result.registered:
-        return None
-    name, version = result.registered.rsplit("/", 1)
-    return name, int(version)
 
 
 @dg.asset(
@@ -242,8 +226,6 @@ def model_comparison(
     """Every model and reference row on the internal and cross-hospital test splits (n, 95 % CIs,
     per hospital, paired comparisons) and, when real_record_cohort holds records, on those (a
     sim-to-real section); metrics logged on each model version's MLflow run."""
-    import mlflow as mlflow_lib
-
     folders = {}
     for name, asset in config.models.items():
         folder = layout.models / asset
@@ -281,46 +263,16 @@ def model_comparison(
     )
     provenance = dvc.record()
     uri = mlflow.configure()
-    registered: dict[str, str] = {}
-    version_runs: dict[str, str] = {}
-    for name in folders:
-        found = _registered(result.stages[name])
-        if found is None:
-            context.log.warning(
-                f"{name}: its stage registered no model version; metrics not logged on a version"
-            )
-            continue
-        model_name, version = found
-        registered[name] = f"{model_name}/{version}"
-        run_id = tracking.log_version_metrics(
-            model_name,
-            version,
-            result.model_metrics(name),
-            tags={"evaluation.data_version": provenance["data_version"], "evaluation.row": name},
-        )
-        # The fixed name lets a later promotion read this version's answers as the champion's.
-        _log_as(run_id, result.files[f"predictions_{comparison_lib.slug(name)}"], VERSION_PREDICTIONS)
-        version_runs[name] = run_id
-    (out / REGISTRY_FILE).write_text(json.dumps(registered, indent=2))
-
-    from ecg_r1.modeling.profiles import load_profile
-
-    # The profile's experiment (a profile given as a YAML path is named by its `name`).
-    experiment = load_profile(config.profile).name
-    with tracking.start_or_resume_run(experiment, "evaluation", tags={"stage": "evaluation"}) as run:
-        tracking.log_params_flat(
-            {
-                "models": {n: registered.get(n, str(f)) for n, f in folders.items()},
-                "n_boot": config.n_boot,
-                "seed": config.seed,
-                **provenance,
-            },
-            prefix="evaluation.",
-        )
-        figures = {k: v for k, v in result.figures().items() if v == v}  # NaN: not chartable
-        mlflow_lib.log_metrics({k.replace(" ", "_"): v for k, v in figures.items()})
-        mlflow_lib.log_artifacts(str(out), "evaluation")
-        evaluation_run = run.info.run_id
+    versions = {name: registry.stage_version(result.stages[name]) for name in folders}
+    logged = registry.log_comparison(
+        result,
+        versions,
+        # The profile's experiment (a profile given as a YAML path is named by its `name`).
+        experiment=load_profile(config.profile).name,
+        provenance=provenance,
+        params={"n_boot": config.n_boot, "seed": config.seed},
+    )
+    registered, evaluation_run = logged.registered, logged.evaluation_run_id
 
     metadata = {
         "path": dg.MetadataValue.path(str(out)),
@@ -330,7 +282,7 @@ def model_comparison(
         "evaluation_run": dg.MetadataValue.url(mlflow.run_url(evaluation_run)),
         "registered_versions": ", ".join(f"{n}: {v}" for n, v in registered.items()) or "none",
         "real_records": str(real_records) if real_records else "none configured",
-        **{f"run_id_{comparison_lib.slug(n)}": r for n, r in version_runs.items()},
+        **{f"run_id_{comparison_lib.slug(n)}": r for n, r in logged.version_runs.items()},
         **provenance,
     }
     for name in folders:
@@ -349,16 +301,6 @@ def _truth_covers(truth: Path, layout: DataLayout, splits_path: Path) -> bool:
     known = set(pl.read_parquet(truth, columns=["record_id"])["record_id"].to_list())
     wanted = pl.read_parquet(splits_path, columns=["record_id"])["record_id"].to_list()
     return all(rid in known for rid in wanted)
-
-
-def _log_as(run_id: str, path: Path, artifact_file: str) -> None:
-    from mlflow import MlflowClient
-
-    parent, name = artifact_file.rsplit("/", 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / name
-        copy.write_bytes(path.read_bytes())
-        MlflowClient().log_artifact(run_id, str(copy), parent)
 
 
 @dg.asset_check(
@@ -385,26 +327,6 @@ def check_evaluation_metrics_finite(layout: DataLayout) -> dg.AssetCheckResult:
     )
 
 
-def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, profile: str) -> Predictions:
-    """The champion's answers on the cases: from its run's evaluation, else predicted anew."""
-    import mlflow
-
-    run_id = tracking.version_run_id(model_name, version)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=VERSION_PREDICTIONS, dst_path=tmp
-            )
-            saved = Predictions.from_frame(f"{model_name} v{version}", pl.read_parquet(local))
-            align(saved, cases)  # raises when the saved answers miss some of these cases
-            return saved
-        except (OSError, ValueError, mlflow.exceptions.MlflowException):
-            pass  # evaluated on other cases (new data) or never: predict below
-    folder = tracking.load_registered(f"models:/{model_name}/{version}")
-    predictions, _ = comparison_lib.predict_cases(folder, profile, cases, name=f"{model_name} v{version}")
-    return predictions
-
-
 @dg.asset(
     group_name=GROUP,
     deps=[model_comparison],
@@ -429,52 +351,20 @@ def model_promotion(
         )
     except ValueError as error:
         raise dg.Failure(f"invalid promotion rule: {error}") from error
-    out = evaluation_dir(layout)
-    registered = json.loads((out / REGISTRY_FILE).read_text()) if (out / REGISTRY_FILE).is_file() else {}
-    all_cases = pl.read_parquet(out / comparison_lib.CASES_FILE)
-    cases = all_cases.filter(pl.col("split") == TEST_EXTERNAL)
-    profile = json.loads((out / comparison_lib.METRICS_FILE).read_text()).get("profile", DEFAULT_PROFILE)
-    rows, metadata = [], {}
-    for name in config.candidates:
-        if name not in registered:
-            context.log.warning(f"{name}: no registered version in this comparison; nothing to promote")
-            continue
-        model_name, version = registered[name].rsplit("/", 1)
-        challenger = comparison_lib.read_predictions(out, name)
-        y, challenger_pred, _ = align(challenger, cases)
-        champion = tracking.alias_version(model_name, CHAMPION)
-        champion_pred = None
-        if champion is not None and champion != int(version):
-            saved = _champion_predictions(model_name, champion, cases, profile)
-            champion_pred = align(saved, cases)[1]
-        elif champion == int(version):
-            context.log.info(f"{model_name} v{version} is already champion")
-        decision = decide_promotion(y, champion_pred, challenger_pred, rule)
-        record_decision(model_name, version, decision)
-        context.log.info(f"{model_name} v{version}: {decision.reason}")
-        rows.append(
-            {
-                "model": model_name,
-                "challenger": int(version),
-                "champion_before": champion,
-                "decision": "promoted" if decision.promote else "refused",
-                "champion_after": tracking.alias_version(model_name, CHAMPION),
-                "challenger_accuracy": decision.figures.get("challenger_accuracy"),
-                "champion_accuracy": decision.figures.get("champion_accuracy"),
-                "p_mid": decision.figures.get("mcnemar_p_mid"),
-            }
-        )
-        slug = comparison_lib.slug(model_name)
-        metadata[f"{slug}_decision"] = rows[-1]["decision"]
-        metadata[f"{slug}_reason"] = decision.reason
-        metadata[f"{slug}_champion"] = rows[-1]["champion_after"]
-        metadata |= {
-            f"{slug}_{k}": v
-            for k, v in decision.figures.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-    (out / "promotion.json").write_text(json.dumps(rows, indent=2, default=str))
-    table = markdown_table(pl.DataFrame(rows)) if rows else "(no registered versions to judge)"
+    rows = registry.promote_challengers(evaluation_dir(layout), config.candidates, rule, DEFAULT_PROFILE)
+    metadata: dict = {}
+    for row in rows:
+        slug = comparison_lib.slug(row["model"])
+        metadata[f"{slug}_decision"] = row["decision"]
+        metadata[f"{slug}_reason"] = row["reason"]
+        metadata[f"{slug}_champion"] = row["champion_after"]
+        metadata |= {f"{slug}_{k}": v for k, v in row["figures"].items()}
+        context.log.info(f"{row['model']} v{row['challenger']}: {row['reason']}")
+    shown = [{k: v for k, v in row.items() if k not in ("reason", "figures")} for row in rows]
+    cases = pl.read_parquet(evaluation_dir(layout) / comparison_lib.CASES_FILE).filter(
+        pl.col("split") == rule.split
+    )
+    table = markdown_table(pl.DataFrame(shown)) if shown else "(no registered versions to judge)"
     return dg.MaterializeResult(
         metadata={
             "decisions": dg.MetadataValue.md(table),
@@ -490,7 +380,7 @@ def check_every_judged_model_has_a_champion(
     layout: DataLayout, mlflow: MlflowResource
 ) -> dg.AssetCheckResult:
     mlflow.configure()
-    path = evaluation_dir(layout) / "promotion.json"
+    path = evaluation_dir(layout) / registry.PROMOTION_FILE
     rows = json.loads(path.read_text()) if path.is_file() else []
     missing = sorted({r["model"] for r in rows if tracking.alias_version(r["model"], CHAMPION) is None})
     return dg.AssetCheckResult(

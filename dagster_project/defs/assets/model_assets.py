@@ -2,7 +2,7 @@
 GRPO from the start the profile names (``stages.grpo.start``), plus GRPO after the label-free
 warm-up (the paper's RL-only recipe) for comparison.
 
-Each asset is one call of an ``ecg_r1.training.stages`` function writing ``data/models/<asset>/``
+Each asset is one call of an ``ecg_r1.training`` stage function writing ``data/models/<asset>/``
 (``model/``, ``checkpoints/``, ``result.json``); a run killed part-way resumes from its last
 checkpoint when the asset is materialized again. Hyperparameters live in the profile YAML
 (``ecg_r1/configs/profiles``); the config classes here only name the profile and override steps
@@ -21,10 +21,10 @@ from dagster_project.defs.executors import GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
-from ecg_r1.training import stages
+from ecg_r1.training import runner, stages
 
 GROUP = "models"
-MODEL_DIR = stages.MODEL
+MODEL_DIR = runner.MODEL
 
 
 class StageConfig(dg.Config):
@@ -58,7 +58,7 @@ def stage_dir(layout: DataLayout, asset_name: str) -> Path:
 
 def model_folder(layout: DataLayout, asset_name: str) -> Path:
     """The model folder an upstream asset left (a finished stage's, or the base model's)."""
-    result = stages.read_result(stage_dir(layout, asset_name))
+    result = runner.read_result(stage_dir(layout, asset_name))
     folder = Path(result.model_dir) if result else stage_dir(layout, asset_name) / MODEL_DIR
     if not (folder / "config.json").is_file():
         raise dg.Failure(
@@ -68,7 +68,7 @@ def model_folder(layout: DataLayout, asset_name: str) -> Path:
     return folder
 
 
-def _metadata(result: stages.StageResult, mlflow: MlflowResource, extra: dict) -> dict:
+def _metadata(result: runner.StageResult, mlflow: MlflowResource, extra: dict) -> dict:
     finals = {
         f"final_{key.replace('/', '_')}": round(float(value), 4)
         for key, value in result.metrics.items()

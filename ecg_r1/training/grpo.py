@@ -1,0 +1,128 @@
+"""GRPO (TRL ``GRPOTrainer``) with the format and accuracy rewards of :mod:`ecg_r1.training.rewards`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ecg_r1.modeling.models import vision_token_ids
+from ecg_r1.modeling.profiles import Profile, lora_config
+from ecg_r1.training.data import (
+    data_summary,
+    grpo_dataset,
+    note_settings,
+    training_cases,
+)
+from ecg_r1.training.runner import (
+    REPO_ROOT,
+    RunOptions,
+    StageResult,
+    TrainerJob,
+    as_profile,
+    config_digest,
+    run_trainer,
+    trainer_config,
+)
+
+# ------------------------------------------------------------------------------------------------
+# GRPO
+
+
+def run_grpo(
+    profile: Profile | str | Path,
+    start_model: str | Path,
+    cohort_dir: str | Path,
+    splits_path: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    max_steps: int | None = None,
+    seed: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    rewards: Mapping[str, float] | None = None,
+    register: bool = True,
+    tracking: bool = True,
+    progress: bool = False,
+    resume: bool = True,
+    repo_root: str | Path = REPO_ROOT,
+    run_name: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> StageResult:
+    """GRPO with TRL's ``GRPOTrainer``: format, accuracy (and optionally grounding) rewards.
+
+    The profile's ``grpo`` section gives num_generations, beta, temperature,
+    max_completion_length, learning rate and batch; its ``rewards`` section the reward functions
+    (:data:`ecg_r1.training.rewards.REWARD_FUNCS`) and weights. Start from the format warm-up model (the
+    paper's setting for a model that cannot yet write the format) or from the SFT model (the
+    common R1 recipe).
+
+    Args:
+        profile, start_model, cohort_dir, splits_path, images_dir, out_dir: as in :func:`run_sft`.
+        max_steps: override the number of steps (default: the profile's epochs).
+        seed: override the profile's seed.
+        overrides: GRPOConfig fields to override (for tuning: ``learning_rate``, ``beta``...).
+        rewards: reward name -> weight, replacing the profile's ``rewards`` section.
+        register: register the model as a version of ``ecg-r1-grpo``.
+        tracking, progress, resume, repo_root, run_name, callbacks: as in :func:`run_sft`.
+
+    Returns:
+        A :class:`StageResult`; ``metrics`` holds the last logged reward means, KL, completion
+        length and format-valid rate.
+    """
+    from ecg_r1.tracking.runs import MODEL_NAMES
+    from ecg_r1.training.rewards import get_reward_funcs
+
+    profile = as_profile(profile)
+    cases = training_cases(profile, "grpo", cohort_dir, splits_path, images_dir)
+    config_seed = int(seed if seed is not None else profile.seed)
+    dataset = grpo_dataset(cases, **note_settings(profile, "grpo"), seed=config_seed)
+    reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)
+    reward_funcs = get_reward_funcs(list(reward_map))
+    config_kwargs = trainer_config(profile, "grpo", Path(out_dir), max_steps, seed, dict(overrides or {}))
+    config_kwargs["reward_weights"] = [float(w) for w in reward_map.values()]
+    config_kwargs["log_completions"] = False  # our CompletionSamplesCallback keeps samples
+    params = {
+        "stage": "grpo",
+        "start_model": str(start_model),
+        "rewards": reward_map,
+        "seed": config_kwargs["seed"],
+        "data": data_summary(cases),
+        "trainer": config_kwargs | {"output_dir": "<out_dir>/checkpoints"},
+    }
+    params["config_digest"] = config_digest(params["trainer"] | {"rewards": reward_map})
+
+    def make(model: Any, processor: Any) -> Any:
+        from trl import GRPOConfig, GRPOTrainer
+
+        # TRL keeps a sampled <|image_pad|> out of completions; a sampled <|vision_start|> or
+        # <|video_pad|> breaks Qwen2-VL's position ids just the same (the forward pass then counts
+        # one image or video more than it was given), so no vision token may be sampled.
+        generation = dict(config_kwargs.get("generation_kwargs") or {})
+        generation["suppress_tokens"] = vision_token_ids(model.config)
+        # TRL left-pads the prompt ids it generates from, but takes Qwen2-VL's per-token image
+        # markers (mm_token_type_ids) from a processor call padded on the tokenizer's side: with
+        # right padding they mark the wrong tokens as image in every padded prompt, silently
+        # (wrong positions) or, once a prompt is padded past its image, as a crash in
+        # get_rope_index. Prompts of unequal length (note dropout) make it common.
+        processor.tokenizer.padding_side = "left"
+        return GRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=GRPOConfig(**(config_kwargs | {"generation_kwargs": generation})),
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=lora_config(profile),
+        )
+
+    job = TrainerJob(
+        stage="grpo",
+        profile=profile,
+        start_model=Path(start_model),
+        out_dir=Path(out_dir),
+        make_trainer=make,
+        params=params,
+        register_as=MODEL_NAMES["grpo"] if register and tracking else None,
+    )
+    options = RunOptions(tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path))
+    return run_trainer(job, options)

@@ -1,0 +1,448 @@
+"""What every training stage shares: its output folder, checkpoints and resume, MLflow run and
+registration, and the generic TRL trainer run.
+
+``out_dir`` layout of a stage::
+
+    out_dir/checkpoints/checkpoint-<step>/   trainer checkpoints (TRL / transformers format)
+    out_dir/mlflow_run_id.txt                the run this training logs to
+    out_dir/model/                           the final model folder
+    out_dir/result.json                      written last: the stage finished
+
+**Resume**: when ``out_dir`` holds checkpoints but no ``result.json`` (the process was killed),
+the stage resumes from the last checkpoint at its step, with its optimizer, scheduler and RNG
+state, and logs to the same MLflow run. When ``result.json`` exists, the previous run finished,
+and a new call starts a new run from scratch.
+
+:func:`run_trainer` runs one :class:`TrainerJob` (what to train) under :class:`RunOptions` (how:
+tracking, progress, resume); :mod:`ecg_r1.training.sft` and :mod:`ecg_r1.training.grpo` build
+the jobs. (A little over 400 lines: the trainer run and the folder, resume and MLflow plumbing
+it alone uses are kept together.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
+from ecg_r1.modeling.profiles import Profile, load_profile
+
+logger = logging.getLogger(__name__)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class StageResult:
+    """What a training stage produced.
+
+    Attributes:
+        stage: ``vision`` | ``warmup`` | ``sft`` | ``grpo``.
+        model_dir: the saved model folder.
+        run_id: the MLflow run (None when tracking was off).
+        registered: ``"ecg-r1-sft/3"``-style name/version, or None.
+        steps: the global step reached.
+        resumed_from: the checkpoint step the run resumed from (0 for a fresh run).
+        seconds: wall time of the training loop in this process.
+        seconds_per_step: mean over the steps run in this process.
+        samples_per_second: training samples (prompts) per second in this process.
+        peak_rss_mb: the process's peak resident memory.
+        metrics: the last logged value of every metric, plus summary figures.
+        history: the trainer's log history (one dict per logging step).
+    """
+
+    stage: str
+    model_dir: Path
+    run_id: str | None
+    registered: str | None
+    steps: int
+    resumed_from: int
+    seconds: float
+    seconds_per_step: float
+    samples_per_second: float
+    peak_rss_mb: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["model_dir"] = str(self.model_dir)
+        return json.dumps(data, indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> StageResult:
+        data = json.loads(text)
+        data["model_dir"] = Path(data["model_dir"])
+        return cls(**data)
+
+
+def read_result(out_dir: str | Path) -> StageResult | None:
+    """The result of a finished stage in ``out_dir``; None when it has not finished."""
+    path = Path(out_dir) / RESULT_FILE
+    return StageResult.from_json(path.read_text()) if path.is_file() else None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+def as_profile(profile: Profile | str | Path) -> Profile:
+    return profile if isinstance(profile, Profile) else load_profile(profile)
+
+
+def last_checkpoint(checkpoints: str | Path) -> Path | None:
+    """The newest *complete* checkpoint in a trainer's output folder, or None.
+
+    The trainer writes ``trainer_state.json`` last, after the weights, optimizer, scheduler and
+    RNG states; a process killed while saving leaves a folder without it. Such a folder is removed
+    (resuming from it would fail, or silently start over), and the previous checkpoint is used.
+    """
+    folder = Path(checkpoints)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.iterdir():
+        name, _, number = path.name.rpartition("-")
+        if path.is_dir() and name == "checkpoint" and number.isdigit():
+            found.append((int(number), path))
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return path
+        logger.warning("removing incomplete checkpoint %s (the run was killed while saving it)", path)
+        shutil.rmtree(path)
+    return None
+
+
+def prepare_out_dir(out_dir: Path, resume: bool) -> str | None:
+    """Make ``out_dir`` ready; return the checkpoint to resume from, if any."""
+    from ecg_r1.tracking.runs import RUN_ID_FILE
+
+    checkpoints = out_dir / CHECKPOINTS
+    finished = (out_dir / RESULT_FILE).is_file()
+    if finished or not resume:
+        # A finished (or deliberately restarted) stage starts over: a new run, fresh checkpoints.
+        for stale in (checkpoints, out_dir / MODEL):
+            if stale.exists():
+                shutil.rmtree(stale)
+        for stale_file in (out_dir / RESULT_FILE, out_dir / RUN_ID_FILE):
+            stale_file.unlink(missing_ok=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    last = last_checkpoint(checkpoints)
+    if last is None and (out_dir / RUN_ID_FILE).is_file():
+        # Killed before the first checkpoint: nothing to resume; the run id is kept so the
+        # metrics of the restarted attempt land in the same MLflow run.
+        logger.info("no checkpoint in %s: the stage starts from step 0", checkpoints)
+    return str(last) if last is not None else None
+
+
+@contextlib.contextmanager
+def tracked_run(
+    enabled: bool, profile: Profile, stage: str, out_dir: Path, run_name: str | None, tags: Mapping[str, str]
+) -> Iterator[str | None]:
+    if not enabled:
+        yield None
+        return
+    from ecg_r1.tracking.runs import start_or_resume_run
+
+    name = run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with start_or_resume_run(profile.name, name, state_dir=out_dir, tags={"stage": stage, **tags}) as run:
+        yield run.info.run_id
+
+
+def run_provenance(repo_root: Path) -> dict[str, str]:
+    from ecg_r1.tracking.runs import run_context
+
+    return run_context(repo_root)
+
+
+def log_run_params(run_id: str | None, params: Mapping[str, Any]) -> None:
+    if run_id is None:
+        return
+    from ecg_r1.tracking.runs import log_params_flat
+
+    log_params_flat(params, run_id=run_id)
+
+
+def log_run_metrics(run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
+    """Log a stage's metrics on its run (nothing when untracked)."""
+    if run_id is not None:
+        from ecg_r1.tracking.runs import log_metrics
+
+        log_metrics(run_id, metrics, step)
+
+
+def log_model_folder(run_id: str, model_dir: Path) -> None:
+    """Log an intermediate stage's model folder as the run's ``model/`` artifacts (the registered
+    stages do this through :func:`ecg_r1.tracking.runs.register_model_version`)."""
+    from ecg_r1.tracking.runs import MODEL_ARTIFACT_PATH
+    from mlflow import MlflowClient
+
+    MlflowClient().log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+
+
+def profile_params(profile: Profile) -> dict[str, Any]:
+    return {
+        "name": profile.name,
+        "source": profile.source,
+        "dtype": profile.dtype,
+        "image": f"{profile.image_width}x{profile.image_height}",
+        "image_max_pixels": profile.image_max_pixels,
+        "lora": profile.lora.enabled,
+        "sft_rationale": profile.sft_rationale,
+        "tiny": asdict(profile.tiny) if profile.tiny is not None else None,
+        "vision": dict(profile.vision) if profile.vision is not None else None,
+        "path": str(profile.path),
+    }
+
+
+def trainer_config(
+    profile: Profile,
+    kind: str,
+    out_dir: Path,
+    max_steps: int | None,
+    seed: int | None,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    kwargs = profile.trainer_kwargs(kind)
+    kwargs.update(overrides)
+    if max_steps is not None:
+        kwargs["max_steps"] = int(max_steps)
+    if seed is not None:
+        kwargs["seed"] = int(seed)
+    kwargs.update(
+        output_dir=str(out_dir / CHECKPOINTS),
+        report_to="none",  # metrics go to our run through MlflowMetricsCallback (see callbacks.py)
+        disable_tqdm=True,  # our ProgressCallback draws the bar
+        save_strategy="steps",
+        dataloader_num_workers=0,
+        data_seed=kwargs.get("seed", profile.seed),
+    )
+    return kwargs
+
+
+def _attach_callbacks(
+    trainer: Any, stage: str, run_id: str | None, progress: bool, extra: Sequence[Any]
+) -> list[Any]:
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
+
+    from ecg_r1.training.callbacks import (
+        CompletionSamplesCallback,
+        LogLinesCallback,
+        MlflowMetricsCallback,
+        ProgressCallback,
+    )
+
+    # The trainer's own printer / bar print every log dict in full; ours are compact.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(HFProgress)
+    callbacks: list[Any] = [LogLinesCallback(stage)]
+    if progress:
+        callbacks.append(ProgressCallback(stage))
+    if run_id is not None:
+        callbacks.append(MlflowMetricsCallback(run_id))
+    if stage == "grpo":
+        callbacks.append(CompletionSamplesCallback())
+    callbacks.extend(extra)
+    for callback in callbacks:
+        if hasattr(callback, "trainer"):
+            callback.trainer = trainer
+        trainer.add_callback(callback)
+    return callbacks
+
+
+def _final_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    last: dict[str, float] = {}
+    for entry in history:
+        for key, value in entry.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                last[key] = float(value)
+    return last
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage runs, whatever it trains.
+
+    Attributes:
+        tracking: log the run to MLflow (and register SFT / GRPO models).
+        progress: draw a progress bar.
+        resume: continue from the last checkpoint of an unfinished run in the same folder.
+        repo_root: the repository whose git commit and DVC data version are the provenance.
+        run_name: the MLflow run name (default ``<stage>-<time>``).
+        callbacks: extra trainer callbacks.
+        splits_path: the split manifest, logged as the run's dataset inputs.
+    """
+
+    tracking: bool = True
+    progress: bool = False
+    resume: bool = True
+    repo_root: Path = REPO_ROOT
+    run_name: str | None = None
+    callbacks: Sequence[Any] = ()
+    splits_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrainerJob:
+    """What one TRL trainer run trains.
+
+    Attributes:
+        stage: the stage name (``warmup``, ``sft``, ``grpo``).
+        profile: the model profile.
+        start_model: the model folder training starts from.
+        out_dir: the stage's folder (layout in the module docstring).
+        make_trainer: ``make_trainer(model, processor)`` returns the configured trainer.
+        params: parameters logged with the run (``config_digest`` tags the registered version).
+        register_as: the registered model name, or None to log the model folder only.
+        samples: ``samples(model, processor, step)`` returns sample-completion rows, or None.
+    """
+
+    stage: str
+    profile: Profile
+    start_model: Path
+    out_dir: Path
+    make_trainer: Callable[[Any, Any], Any]
+    params: dict[str, Any]
+    register_as: str | None = None
+    samples: Callable[[Any, Any, int], list[dict[str, Any]]] | None = None
+
+
+def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
+    """Run one TRL trainer with checkpoints, resume, MLflow logging and registration."""
+    stage, profile, start_model, params = job.stage, job.profile, job.start_model, job.params
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = prepare_out_dir(out_dir, options.resume)
+    provenance = run_provenance(Path(options.repo_root))
+    tags = {"profile": profile.name, **provenance}
+    with tracked_run(options.tracking, profile, stage, out_dir, options.run_name, tags) as run_id:
+        log_run_params(run_id, {**params, **provenance, "profile": profile_params(profile)})
+        if run_id is not None and options.splits_path is not None:
+            from ecg_r1.tracking.runs import log_split_inputs
+
+            log_split_inputs(options.splits_path, provenance["data_version"])
+        model, processor = load_model_and_processor(start_model, profile)
+        if profile.stage_settings(stage).get("freeze_vision", False):
+            freeze_vision_tower(model)
+        trainer = job.make_trainer(model, processor)
+        attached = _attach_callbacks(trainer, stage, run_id, options.progress, options.callbacks)
+        resumed_from = 0
+        if checkpoint is not None:
+            resumed_from = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+            logger.info("%s: resuming from %s (step %d)", stage, checkpoint, resumed_from)
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        seconds = time.perf_counter() - started
+        steps = int(trainer.state.global_step)
+        run_steps = max(1, steps - resumed_from)
+        batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        if stage == "grpo":  # a GRPO step consumes batch / num_generations distinct prompts
+            batch = batch // max(1, trainer.args.num_generations)
+        model_dir = out_dir / MODEL
+        info = {
+            "stage": stage,
+            "profile": profile.name,
+            "started_from": str(start_model),
+            "steps": steps,
+            "mlflow_run_id": run_id,
+            **provenance,
+        }
+        save_model_folder(trainer.model, processor, model_dir, info=info)
+        history = list(trainer.state.log_history)
+        metrics = _final_metrics(history)
+        summary = {
+            "train_seconds": seconds,
+            "seconds_per_step": seconds / run_steps,
+            "samples_per_second": run_steps * batch / seconds if seconds > 0 else 0.0,
+            "peak_rss_mb": peak_rss_mb(),
+            "train_loss_mean": float(output.training_loss),
+        }
+        log_run_metrics(run_id, summary, steps)
+        rows = []
+        for callback in attached:
+            rows.extend(getattr(callback, "rows", []))
+        if job.samples is not None and run_id is not None:
+            rows.extend(job.samples(trainer.model, processor, steps))
+        if run_id is not None and rows:
+            from ecg_r1.tracking.runs import log_completions_table
+
+            log_completions_table(rows, "samples/completions.json", run_id=run_id)
+        registered = None
+        if run_id is not None and job.register_as is None:
+            log_model_folder(run_id, model_dir)
+        if run_id is not None and job.register_as is not None:
+            from ecg_r1.tracking.runs import register_model_version
+
+            version = register_model_version(
+                run_id,
+                model_dir,
+                job.register_as,
+                tags={
+                    "stage": stage,
+                    "profile": profile.name,
+                    "config": params.get("config_digest", ""),
+                    "start_model": str(start_model),
+                    **provenance,
+                },
+            )
+            registered = f"{job.register_as}/{version}"
+    result = StageResult(
+        stage=stage,
+        model_dir=model_dir,
+        run_id=run_id,
+        registered=registered,
+        steps=steps,
+        resumed_from=resumed_from,
+        seconds=seconds,
+        seconds_per_step=summary["seconds_per_step"],
+        samples_per_second=summary["samples_per_second"],
+        peak_rss_mb=summary["peak_rss_mb"],
+        metrics={**metrics, **summary},
+        history=history,
+    )
+    (out_dir / RESULT_FILE).write_text(result.to_json())
+    return result
+
+
+def freeze_vision_tower(model: Any) -> int:
+    """Keep the vision tower (patch embedding, blocks and merger) out of training.
+
+    After the signal-grounded pre-training the tower already reads the page; freezing it keeps
+    what it learned from being overwritten by a few hundred label-driven steps, and saves its
+    backward pass, which is most of a tiny model's step on a CPU (measured with cProfile: the
+    vision forward alone is over half the model's forward at 224 px).
+
+    Returns:
+        The number of parameters frozen.
+    """
+    visual = model.model.visual
+    visual.requires_grad_(False)
+    return sum(p.numel() for p in visual.parameters())
+
+
+def config_digest(values: Mapping[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
