@@ -630,8 +630,14 @@ class TestAtomicOutputs:
 
     def test_one_worker_ingest_leaves_ctrl_c_working(self, cohort) -> None:
         folder, out, _ = cohort
-        ingest([folder], out, workers=1)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # Start from Python's own Ctrl-C handler whatever the test runner was started with (a
+        # background job inherits SIGINT ignored), and put the runner's back afterwards.
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            ingest([folder], out, workers=1)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        finally:
+            signal.signal(signal.SIGINT, before)
 
     def test_second_writer_is_refused(self, cohort) -> None:
         from ecg_r1.data.ingest import IngestRefused, _exclusive
