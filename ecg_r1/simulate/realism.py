@@ -8,7 +8,7 @@ T window). Per record:
 * heart rate: 60 / median RR;
 * QRS duration: QRS offset minus onset (lead II annotation for LUDB; the extent of the QRS
   waves, +-2.5 widths, for the generator);
-* amplitudes are ratios: every lead of the LUDB copy in ``shared/data`` spans exactly 1 mV
+* amplitudes are ratios: every lead of the LUDB copy this was checked against spans exactly 1 mV
   peak-to-peak (its header gains differ per lead), so the simulated leads are scaled the same way
   before measuring (``unit_ptp``); absolute voltages cannot be checked against this copy;
 * per lead, QRS amplitude: peak-to-peak between QRS onset and offset;
@@ -145,7 +145,7 @@ def simulate_normals(
         seed: random seed.
         profile: the recording device (hospital_a's 500 Hz diagnostic device by default).
         unit_ptp: scale every lead to 1 mV peak-to-peak over the record before measuring, as the
-            LUDB copy in ``shared/data`` is scaled (its header gains differ per lead so that each
+            LUDB copy this was checked against is scaled (its header gains differ per lead so that each
             lead spans exactly 1 mV); amplitudes are then comparable as ratios. False measures mV.
 
     Returns:
