@@ -174,9 +174,8 @@ def _log(args: argparse.Namespace, result: Any, experiment: str) -> None:
         name, model = _row_name(spec)
         if model.startswith("models:/"):
             versions[name] = tracking.resolve_version(model)
-        else:
-            folder = Path(model)
-            versions[name] = registry.stage_version(folder if (folder / "result.json").is_file() else None)
+        else:  # a training stage folder knows the version it registered; a model folder none
+            versions[name] = registry.stage_version(Path(model))
     logged = registry.log_comparison(
         result,
         versions,

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"invalid promotion rule: {exc}") from exc
     candidates = args.candidate or list(json.loads(registry_file.read_text()))
     tracking.open_store(args.mlflow_root)
-    rows = registry.promote_challengers(args.evaluation, candidates, rule, DEFAULT_PROFILE)
+    rows = registry.promote_challengers(args.evaluation, candidates, rule, DEFAULT_PROFILE).rows
     for row in rows:
         print(f"{row['model']} v{row['challenger']}: {row['decision']} ({row['reason']})")
     if not rows:

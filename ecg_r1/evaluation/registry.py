@@ -146,9 +146,23 @@ def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, pr
     return predictions
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """What :func:`promote_challengers` decided.
+
+    Attributes:
+        rows: one row a judged version (model, challenger, champion before and after, decision,
+            accuracies, p-value, reason, figures), as in ``promotion.json``.
+        cases: the number of cases of the rule's split the decisions rest on.
+    """
+
+    rows: list[dict[str, Any]]
+    cases: int
+
+
 def promote_challengers(
     evaluation_dir: Path, candidates: Sequence[str], rule: PromotionRule, default_profile: str
-) -> list[dict[str, Any]]:
+) -> Promotion:
     """Judge each candidate row's registered version against its model's champion.
 
     Args:
@@ -159,8 +173,7 @@ def promote_challengers(
         default_profile: the profile to predict a champion with when the comparison names none.
 
     Returns:
-        One row a judged version (model, challenger, champion before and after, decision,
-        accuracies, p-value, reason); also written to ``promotion.json``.
+        A :class:`Promotion`; its rows are also written to ``promotion.json``.
     """
     registry_file = evaluation_dir / REGISTRY_FILE
     registered = json.loads(registry_file.read_text()) if registry_file.is_file() else {}
@@ -205,4 +218,4 @@ def promote_challengers(
             }
         )
     (evaluation_dir / PROMOTION_FILE).write_text(json.dumps(rows, indent=2, default=str))
-    return rows
+    return Promotion(rows, cases.height)

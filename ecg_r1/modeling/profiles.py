@@ -249,7 +249,19 @@ def _check_trainer_fields(kind: str, kwargs: Mapping[str, Any], profile_name: st
 
 def available_profiles() -> list[str]:
     """Names of the profiles shipped in ``ecg_r1/configs/profiles``."""
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    return shipped_names(PROFILES_DIR)
+
+
+def shipped_names(folder: Path) -> list[str]:
+    """Names of the YAML files shipped in a config folder (file stems, sorted)."""
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path, folder: Path) -> Path:
+    """A YAML path as given, or where the shipped config of that name lies in ``folder`` (the
+    caller checks that it exists and names what it looked for)."""
+    path = Path(name_or_path)
+    return path if path.suffix in (".yaml", ".yml") else folder / f"{name_or_path}.yaml"
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -265,9 +277,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
         ProfileError: when the file is missing, or a section or key is unknown or has the wrong
             type (the message names the file and the key).
     """
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    path = config_path(name_or_path, PROFILES_DIR)
     if not path.is_file():
         raise ProfileError(
             f"no profile {str(name_or_path)!r}: {path} does not exist; shipped profiles: {available_profiles()}"

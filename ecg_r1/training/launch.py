@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.modeling.profiles import Profile
+from ecg_r1.modeling.profiles import Profile, config_path, shipped_names
 
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "configs" / "launch"
 # Relative paths in a launch config (the DeepSpeed JSON) are relative to the directory
@@ -113,7 +113,7 @@ class LaunchPlan:
 
 def available_launch_configs() -> list[str]:
     """Names of the launch configurations shipped in ``ecg_r1/configs/launch``."""
-    return sorted(p.stem for p in LAUNCH_DIR.glob("*.yaml"))
+    return shipped_names(LAUNCH_DIR)
 
 
 def _resolve(path_text: str, config_path: Path) -> Path:
@@ -142,9 +142,7 @@ def load_launch_config(name_or_path: str | Path) -> LaunchConfig:
     """
     from accelerate.commands.config.config_args import ClusterConfig
 
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = LAUNCH_DIR / f"{name_or_path}.yaml"
+    path = config_path(name_or_path, LAUNCH_DIR)
     if not path.is_file():
         raise LaunchError(
             f"no launch config {str(name_or_path)!r}: {path} does not exist; shipped: {available_launch_configs()}"

@@ -351,25 +351,22 @@ def model_promotion(
         )
     except ValueError as error:
         raise dg.Failure(f"invalid promotion rule: {error}") from error
-    rows = registry.promote_challengers(evaluation_dir(layout), config.candidates, rule, DEFAULT_PROFILE)
+    promotion = registry.promote_challengers(evaluation_dir(layout), config.candidates, rule, DEFAULT_PROFILE)
     metadata: dict = {}
-    for row in rows:
+    for row in promotion.rows:
         slug = comparison_lib.slug(row["model"])
         metadata[f"{slug}_decision"] = row["decision"]
         metadata[f"{slug}_reason"] = row["reason"]
         metadata[f"{slug}_champion"] = row["champion_after"]
         metadata |= {f"{slug}_{k}": v for k, v in row["figures"].items()}
         context.log.info(f"{row['model']} v{row['challenger']}: {row['reason']}")
-    shown = [{k: v for k, v in row.items() if k not in ("reason", "figures")} for row in rows]
-    cases = pl.read_parquet(evaluation_dir(layout) / comparison_lib.CASES_FILE).filter(
-        pl.col("split") == rule.split
-    )
+    shown = [{k: v for k, v in row.items() if k not in ("reason", "figures")} for row in promotion.rows]
     table = markdown_table(pl.DataFrame(shown)) if shown else "(no registered versions to judge)"
     return dg.MaterializeResult(
         metadata={
             "decisions": dg.MetadataValue.md(table),
             "rule": f"{rule.test}, alpha {rule.alpha}, margin {rule.margin}, split {rule.split}",
-            "cases": cases.height,
+            "cases": promotion.cases,
             **metadata,
         }
     )
