@@ -19,6 +19,7 @@ from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.resources import DataLayout
 from ecg_r1.data import split as split_lib
 from ecg_r1.data import validate as validate_lib
+from ecg_r1.data.labels import KNOWN_LABELS
 from ecg_r1.data.store import SUMMARY_FILE, read_cohort
 from ecg_r1.imaging.render import INDEX_FILE as IMAGE_INDEX_FILE
 
@@ -131,7 +132,7 @@ def check_every_split_has_both_labels(layout: DataLayout) -> dg.AssetCheckResult
     """Each non-empty split holds both ischemic and non-ischemic records (metrics need both)."""
     splits = split_lib.read_splits(layout.splits)
     present = splits.group_by("split").agg(
-        pl.col("label").filter(pl.col("label").is_in(["ischemic", "non-ischemic"])).n_unique().alias("labels")
+        pl.col("label").filter(pl.col("label").is_in(KNOWN_LABELS)).n_unique().alias("labels")
     )
     lacking = present.filter(pl.col("labels") < 2).get_column("split").to_list()
     return dg.AssetCheckResult(

@@ -140,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"model:     {args.model} ({where}profile {profile.name})")
     if parsed.valid:
         print(f"reasoning: {parsed.think or '(empty)'}")
-        verdict = "ischemic" if parsed.answer else "non-ischemic"
+        from ecg_r1.data.labels import ISCHEMIC, NON_ISCHEMIC
+
+        verdict = ISCHEMIC if parsed.answer else NON_ISCHEMIC
         print(f"answer:    {result['answer']} ({verdict} T-wave inversion)")
     else:
         print(f"output:    {completion!r}")

@@ -44,7 +44,7 @@ import numpy as np
 import polars as pl
 
 from ecg_r1.data.canonical import LEADS, N_SAMPLES
-from ecg_r1.data.labels import LabelRules, load_rules
+from ecg_r1.data.labels import LABELS, LabelRules, load_rules
 from ecg_r1.data.readers import RECORD_ERRORS, discover, load_ref
 from ecg_r1.data.readers.records import (
     DUPLICATE_RECORD_ID,
@@ -652,7 +652,7 @@ def _summarise(
 
 def _counts(labels: pl.Series) -> dict[str, int]:
     counts = Counter(labels.to_list())
-    return {label: counts.get(label, 0) for label in ("ischemic", "non-ischemic", "unknown")}
+    return {label: counts.get(label, 0) for label in LABELS}
 
 
 def _progress(total: int, enabled: bool) -> Any:

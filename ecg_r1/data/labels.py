@@ -21,7 +21,10 @@ from ecg_r1.data.canonical import LEADS, normalize_lead_name
 logger = logging.getLogger(__name__)
 
 DEFAULT_RULES = Path(__file__).resolve().parents[1] / "configs" / "labels.yaml"
+# The label vocabulary: every module that writes or reads a cohort label uses these names.
 ISCHEMIC, NON_ISCHEMIC, UNKNOWN = "ischemic", "non-ischemic", "unknown"
+LABELS: tuple[str, ...] = (ISCHEMIC, NON_ISCHEMIC, UNKNOWN)
+KNOWN_LABELS: tuple[str, ...] = (ISCHEMIC, NON_ISCHEMIC)  # the cases a model is trained and scored on
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,8 @@ def measure_twi(
 
 # --------------------------------------------------------------------------- manifest
 
-_LABEL_WORDS = {
+# How people write a label (manifests, reward inputs) -> the cohort label.
+LABEL_WORDS: dict[str, str] = {
     "ischemic": ISCHEMIC,
     "ischaemic": ISCHEMIC,
     "yes": ISCHEMIC,
@@ -408,6 +412,7 @@ _LABEL_WORDS = {
     "": UNKNOWN,
     "na": UNKNOWN,
     "nan": UNKNOWN,
+    "none": UNKNOWN,
 }
 _BOOL_WORDS = {
     "true": True,
@@ -424,9 +429,9 @@ _BOOL_WORDS = {
 def parse_manifest_label(value: str | None) -> str:
     """Normalise a manifest ``label`` cell; raises ValueError naming the accepted values."""
     key = (value or "").strip().lower()
-    if key not in _LABEL_WORDS:
+    if key not in LABEL_WORDS:
         raise ValueError(f"label {value!r} is not one of ischemic, non-ischemic, unknown (or yes/no, 1/0)")
-    return _LABEL_WORDS[key]
+    return LABEL_WORDS[key]
 
 
 def parse_manifest_twi(value: str | None, twi_leads: Iterable[str], rules: LabelRules) -> bool:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ecg_r1.data.labels import UNKNOWN
+
 logger = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST_INTERNAL, TEST_EXTERNAL = "train", "val", "test_internal", "test_external"
@@ -92,7 +94,7 @@ def split_cohort(
     if twi_only:
         table = table.filter(pl.col("twi").fill_null(False)).drop("twi")
     if labelled_only:
-        table = table.filter(pl.col("label").is_not_null() & (pl.col("label") != "unknown"))
+        table = table.filter(pl.col("label").is_not_null() & (pl.col("label") != UNKNOWN))
     if table.height == 0:
         raise SplitError(
             f"no records left to split (twi_only={twi_only}, labelled_only={labelled_only}); "

@@ -28,8 +28,6 @@ COHORT_FILE = "cohort.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
 SUMMARY_FILE = "summary.json"
 
-LABELS = ("ischemic", "non-ischemic", "unknown")
-
 # The cohort table every reader fills and every later stage reads.
 COHORT_SCHEMA: dict[str, pl.DataType] = {
     "record_id": pl.String,  # unique in the cohort, prefixed by its source ("cinc2021/E00666")
@@ -50,7 +48,7 @@ COHORT_SCHEMA: dict[str, pl.DataType] = {
     "raw_codes": pl.String,  # the codes / statements the label was derived from
     "twi": pl.Boolean,  # in the T-wave-inversion cohort
     "twi_leads": pl.String,  # comma-joined leads with TWI where the source says or it is measured
-    "label": pl.String,  # one of LABELS
+    "label": pl.String,  # one of ecg_r1.data.labels.LABELS
     "device": pl.String,  # recording device where the source names it
     "extra": pl.String,  # JSON object of manifest columns that are not cohort fields (kept, not dropped)
     "row": pl.Int64,  # index into the signal array

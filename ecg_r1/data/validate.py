@@ -19,7 +19,7 @@ Two kinds of expectation (``meta["fatal"]`` on each expectation):
   quarantining would hide.
 * **Per record** (the record goes to quarantine, the rest continues): missing patient or hospital,
   age outside [0, 120], sex not M/F, implausible sampling rate or gain, a duration outside the
-  canonical rules, a label outside :data:`ecg_r1.data.store.LABELS`, a missing TWI flag, a patient found
+  canonical rules, a label outside :data:`ecg_r1.data.labels.LABELS`, a missing TWI flag, a patient found
   in several hospitals (all its records: which hospital is right cannot be told), NaN samples,
   flat or saturated leads, implausible amplitude. Nulls pass the range checks (a missing age is
   allowed; a wrong one is not).
@@ -48,8 +48,9 @@ import numpy as np
 import polars as pl
 
 from ecg_r1.data.canonical import FS, MIN_DURATION_S, N_SAMPLES
+from ecg_r1.data.labels import LABELS
 from ecg_r1.data.signal_checks import MAX_PTP_MV, MIN_RECORD_PTP_MV, signal_quality
-from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, LABELS, QUARANTINE_SCHEMA, open_signals, read_cohort
+from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, QUARANTINE_SCHEMA, open_signals, read_cohort
 
 logger = logging.getLogger(__name__)
 

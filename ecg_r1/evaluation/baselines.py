@@ -44,6 +44,7 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 from ecg_r1.data.features import FEATURE_COLUMNS, TWI_THRESHOLD_MV
+from ecg_r1.data.labels import KNOWN_LABELS
 from ecg_r1.evaluation.evaluate import BinaryMetrics, Estimate, Predictions, labels_to_truth
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ TERRITORY_COLUMNS: tuple[str, ...] = tuple(
 def _labelled(frame: pl.DataFrame) -> pl.DataFrame:
     if "label" not in frame.columns:
         raise ValueError("the training table needs a 'label' column")
-    known = frame.filter(pl.col("label").is_in(["ischemic", "non-ischemic"]))
+    known = frame.filter(pl.col("label").is_in(KNOWN_LABELS))
     if known.height < frame.height:
         log.info(
             "training on %d labelled cases; %d unlabelled left out", known.height, frame.height - known.height

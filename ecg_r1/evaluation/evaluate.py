@@ -29,6 +29,8 @@ import polars as pl
 from scipy.stats import binom, binomtest, rankdata
 from sklearn.metrics import roc_auc_score
 
+from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
+
 log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = (
@@ -397,10 +399,6 @@ def metrics_table(results: Mapping[str, BinaryMetrics]) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-POSITIVE_LABEL = "ischemic"
-NEGATIVE_LABEL = "non-ischemic"
-
-
 def labels_to_truth(labels: Sequence[str] | pl.Series) -> np.ndarray:
     """Map cohort labels to ``y_true``: "ischemic" -> True, "non-ischemic" -> False.
 
@@ -408,13 +406,13 @@ def labels_to_truth(labels: Sequence[str] | pl.Series) -> np.ndarray:
         ValueError: on any other label ("unknown" included), naming how many and which.
     """
     values = labels.to_list() if isinstance(labels, pl.Series) else list(labels)
-    bad = sorted({str(v) for v in values if v not in (POSITIVE_LABEL, NEGATIVE_LABEL)})
+    bad = sorted({str(v) for v in values if v not in KNOWN_LABELS})
     if bad:
         raise ValueError(
-            f"labels {bad} are neither {POSITIVE_LABEL!r} nor {NEGATIVE_LABEL!r}; "
+            f"labels {bad} are neither {ISCHEMIC!r} nor {NON_ISCHEMIC!r}; "
             "evaluate only labelled cases (filter label != 'unknown' first)"
         )
-    return np.array([v == POSITIVE_LABEL for v in values], dtype=bool)
+    return np.array([v == ISCHEMIC for v in values], dtype=bool)
 
 
 @dataclass(frozen=True)

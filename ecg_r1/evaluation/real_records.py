@@ -117,9 +117,9 @@ def prepare_real_records(
         ValueError: with no input, or when no labelled TWI record is among the records read.
     """
     from ecg_r1.data.ingest import ingest
+    from ecg_r1.data.labels import KNOWN_LABELS
     from ecg_r1.data.store import read_cohort
     from ecg_r1.imaging.render import render_cohort
-    from ecg_r1.training.data import LABELLED
 
     if not paths:
         raise ValueError(f"no real-record inputs given (set {ENV_VAR} or pass folders)")
@@ -133,7 +133,7 @@ def prepare_real_records(
     summary = ingest([Path(p) for p in paths], out / COHORT_DIR, rules=rules, workers=workers)
     cohort = read_cohort(out / COHORT_DIR)
     # The selection of ecg_r1.training.data.load_cases: the cases a model is trained to answer.
-    cases = cohort.filter(pl.col("twi").fill_null(False) & pl.col("label").is_in(LABELLED))
+    cases = cohort.filter(pl.col("twi").fill_null(False) & pl.col("label").is_in(KNOWN_LABELS))
     if cases.height == 0:
         raise ValueError(
             f"none of the {summary.loaded} records read from {[str(p) for p in paths]} is a labelled TWI "

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
+from ecg_r1.data.labels import ISCHEMIC
 from ecg_r1.evaluation.evaluate import BinaryMetrics, Estimate, rank_missing_as_wrong
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ def plot_cases(cases: Sequence[CaseView], path: str | Path, wrap: int = 70, max_
         ax_txt.set_axis_off()
         answer = "invalid output" if case.answer is None else ("Yes (ischemic)" if case.answer else "No")
         truth = case.label
-        right = case.answer is not None and (case.answer == (truth == "ischemic"))
+        right = case.answer is not None and (case.answer == (truth == ISCHEMIC))
         head = f"truth: {truth}   model: {answer}" + (
             f"   p(Yes) = {case.p_yes:.2f}" if case.p_yes is not None else ""
         )

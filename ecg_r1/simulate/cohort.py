@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from ecg_r1.data import labels
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate import truth
 from ecg_r1.simulate.clinical import write_notes
@@ -123,7 +124,7 @@ def _chunk(args: tuple[Path, HospitalProfile, int, int, int, int]) -> tuple[list
     for i in range(size):
         rid = f"{profile.name}_{start + i:06d}"
         write_wfdb(folder / rid, to_adc(signals[i], profile.adc_gain), profile.fs, profile.adc_gain, spelling)
-        label = "ischemic" if cases.ischemic[i] else "non-ischemic"
+        label = labels.ISCHEMIC if cases.ischemic[i] else labels.NON_ISCHEMIC
         mech = truth.MECHANISMS[cases.mechanism[i]]
         manifest.append(
             {
@@ -173,7 +174,7 @@ def _chunk(args: tuple[Path, HospitalProfile, int, int, int, int]) -> tuple[list
 
 
 def _summarise(truth_df: pl.DataFrame, seed: int, profiles: list[HospitalProfile]) -> SimulationSummary:
-    y = (truth_df["label"] == "ischemic").to_numpy()
+    y = (truth_df["label"] == labels.ISCHEMIC).to_numpy()
     post = truth_df["posterior_ischemic"].to_numpy()
     naive = truth_df["naive_rule_ischemic"].to_numpy()
     overall = truth.bayes_metrics(y, post)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 from ecg_r1.data.store import read_cohort
 from ecg_r1.modeling.prompts import build_prompt, format_target, rationale_from_findings
 
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.parquet"
-LABELLED = ("ischemic", "non-ischemic")
 CASE_COLUMNS = (
     "record_id",
     "hospital",
@@ -117,7 +117,7 @@ def load_cases(
     if "twi" in cases.columns:
         cases = cases.filter(pl.col("twi").fill_null(False))
     if labelled_only:
-        cases = cases.filter(pl.col("label").is_in(LABELLED))
+        cases = cases.filter(pl.col("label").is_in(KNOWN_LABELS))
     cases = cases.join(index, on="record_id", how="left", maintain_order="left")
     no_image = cases.filter(pl.col("image_path").is_null() | (pl.col("image_path") == ""))[
         "record_id"
@@ -140,9 +140,9 @@ def load_cases(
         "sex",
         "note",
         pl.col("twi_leads").fill_null(""),
-        pl.when(pl.col("label") == "ischemic")
+        pl.when(pl.col("label") == ISCHEMIC)
         .then(True)
-        .when(pl.col("label") == "non-ischemic")
+        .when(pl.col("label") == NON_ISCHEMIC)
         .then(False)
         .otherwise(None)
         .alias("label"),

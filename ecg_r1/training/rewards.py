@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ecg_r1.data.labels import ISCHEMIC, LABEL_WORDS, NON_ISCHEMIC
 from ecg_r1.modeling.prompts import completion_text, leads_in_text, parse_completion, parse_leads
 
-_POSITIVE = {"ischemic", "yes", "true", "1"}
-_NEGATIVE = {"non-ischemic", "nonischemic", "no", "false", "0"}
-_UNKNOWN = {"unknown", "", "none", "nan"}
+_ANSWER = {ISCHEMIC: True, NON_ISCHEMIC: False}
 
 
 def label_answer(label: Any) -> bool | None:
@@ -46,12 +45,8 @@ def label_answer(label: Any) -> bool | None:
         if label in (0, 1):
             return bool(label)
     key = str(label).strip().lower()
-    if key in _POSITIVE:
-        return True
-    if key in _NEGATIVE:
-        return False
-    if key in _UNKNOWN:
-        return None
+    if key in LABEL_WORDS:
+        return _ANSWER.get(LABEL_WORDS[key])
     raise ValueError(
         f"cannot read label {label!r}: expected 'ischemic', 'non-ischemic', 'unknown', a bool, 0/1, or None"
     )
