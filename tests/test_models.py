@@ -26,7 +26,14 @@ from ecg_r1.modeling.models import (
     save_model_folder,
     train_tokenizer,
 )
-from ecg_r1.modeling.profiles import ProfileError, available_profiles, load_profile, lora_config
+from ecg_r1.modeling.profiles import (
+    STAGE_DEFAULTS,
+    STAGE_SECTIONS,
+    ProfileError,
+    available_profiles,
+    load_profile,
+    lora_config,
+)
 from ecg_r1.modeling.prompts import build_multimodal_prompt, format_target
 
 CASES = [
@@ -114,6 +121,17 @@ class TestLoadProfile:
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))
         with pytest.raises(ProfileError, match="divisible by num_generations"):
             profile.trainer_kwargs("grpo")
+
+    def test_stage_settings_fill_defaults_and_refuse_unknown_keys(self, tmp_path):
+        tiny = load_profile("tiny")
+        for stage, section in STAGE_SECTIONS.items():
+            assert set(tiny.stage_settings(stage)) == set(STAGE_DEFAULTS[section])
+        assert tiny.stage_settings("sft")["note_dropout"] == 0.33  # the profile's value wins
+        assert tiny.stage_settings("sft")["rationale_findings"] is False  # the library default
+        with pytest.raises(ProfileError, match="note_dropuot.*stages.sft"):
+            load_profile(write_profile(tmp_path, stages__sft__note_dropuot=0.5))
+        with pytest.raises(ProfileError, match="stages"):
+            load_profile(write_profile(tmp_path, stages__vision=dict(steps=3)))
 
     def test_image_tokens_follow_the_page_size(self):
         assert image_tokens(load_profile("tiny")) == 48  # 224 x 173 page -> 224 x 168 -> 8 x 6

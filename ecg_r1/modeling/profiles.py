@@ -81,6 +81,39 @@ class TinyArchitecture:
 # Training stage -> its section under a profile's ``stages``.
 STAGE_SECTIONS = {"vision": "vision_pretrain", "warmup": "format_warmup", "sft": "sft", "grpo": "grpo"}
 
+# Every setting the training stages read from a profile's ``stages`` section, with the value used
+# when the profile leaves it out: the one place these defaults live. An unknown key is an error.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vision_pretrain": {
+        "steps": 300,
+        "learning_rate": 1.0e-3,
+        "batch_size": 32,
+        "head": "positional",  # positional | pooled (ecg_r1.training.vision)
+        "finding_targets": True,  # the categorical findings as extra targets
+    },
+    "format_warmup": {
+        "steps": 100,
+        "learning_rate": None,  # None: the sft section's learning_rate
+        "batch_size": None,  # None: the sft section's per_device_train_batch_size
+        "answer": "masked",  # masked | random (ecg_r1.training.sft)
+        "freeze_vision": False,
+    },
+    "sft": {
+        "note_dropout": 0.0,  # fractions of the training cases shown without their note ...
+        "note_scramble": 0.0,  # ... or with its words' letters shuffled (ecg_r1.training.data)
+        "balance_hospitals": False,
+        "freeze_vision": False,
+        "rationale_findings": False,  # with model.sft_rationale: targets state the measured findings
+    },
+    "grpo": {
+        "start": "warmup",  # base | vision | warmup | sft: the model GRPO starts from
+        "note_dropout": 0.0,
+        "note_scramble": 0.0,
+        "balance_hospitals": False,
+        "freeze_vision": False,
+    },
+}
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -149,11 +182,12 @@ class Profile:
         return self.is_tiny or self.vision is not None
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
-        """The ``stages`` section of a training stage (``vision``, ``warmup``, ``sft``, ``grpo``),
-        as a fresh dict (empty when the profile has none)."""
+        """The settings of a training stage (``vision``, ``warmup``, ``sft``, ``grpo``): the
+        profile's ``stages`` section over :data:`STAGE_DEFAULTS`, as a fresh dict with every key."""
         if stage not in STAGE_SECTIONS:
             raise ProfileError(f"unknown training stage {stage!r}; choose one of {sorted(STAGE_SECTIONS)}")
-        return dict(self.stages.get(STAGE_SECTIONS[stage], {}))
+        section = STAGE_SECTIONS[stage]
+        return STAGE_DEFAULTS[section] | dict(self.stages.get(section, {}))
 
     @property
     def max_completion_length(self) -> int:
@@ -324,7 +358,14 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         raw, "lora", {"enabled", "r", "alpha", "dropout", "target_modules", "modules_to_save"}, path
     )
     rewards = _section(raw, "rewards", None, path)
-    stages = _section(raw, "stages", None, path)
+    stages = _section(raw, "stages", set(STAGE_DEFAULTS), path)
+    for section, settings in stages.items():
+        if not isinstance(settings, dict | None):
+            raise ProfileError(f"{path}: stages.{section} must be a mapping, got {type(settings).__name__}")
+        if unknown := sorted(set(settings or {}) - set(STAGE_DEFAULTS[section])):
+            raise ProfileError(
+                f"{path}: unknown keys {unknown} in stages.{section}; allowed: {sorted(STAGE_DEFAULTS[section])}"
+            )
     source = str(model.get("source", "")).strip()
     if not source:
         raise ProfileError(f"{path}: model.source is required ('tiny', a hub id, or a local folder)")

@@ -366,7 +366,7 @@ def note_settings(profile: Profile, stage: str) -> dict[str, float]:
     """``note_dropout`` and ``note_scramble`` of a stage (fractions of the training cases shown
     without their note, or with it scrambled; :func:`ecg_r1.training.data.sft_dataset`)."""
     settings = profile.stage_settings(stage)
-    return {key: float(settings.get(key, 0.0)) for key in ("note_dropout", "note_scramble")}
+    return {key: float(settings[key]) for key in ("note_dropout", "note_scramble")}
 
 
 def training_cases(
@@ -376,7 +376,7 @@ def training_cases(
     with each hospital balanced to 1:1 when the stage's ``balance_hospitals`` is set
     (:func:`ecg_r1.training.data.balance_hospitals`)."""
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
-    if profile.stage_settings(stage).get("balance_hospitals", False):
+    if profile.stage_settings(stage)["balance_hospitals"]:
         cases = balance_hospitals(cases, seed=profile.seed)
     return cases
 
@@ -384,7 +384,7 @@ def training_cases(
 def findings_rationale(profile: Profile) -> bool:
     """Whether the profile's SFT targets state the measured findings (``stages.sft.rationale_findings``,
     only with ``model.sft_rationale`` on)."""
-    return profile.sft_rationale and bool(profile.stage_settings("sft").get("rationale_findings", False))
+    return profile.sft_rationale and bool(profile.stage_settings("sft")["rationale_findings"])
 
 
 def validation_cases(

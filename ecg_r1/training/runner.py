@@ -344,7 +344,7 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
 
             log_split_inputs(options.splits_path, provenance["data_version"])
         model, processor = load_model_and_processor(start_model, profile)
-        if profile.stage_settings(stage).get("freeze_vision", False):
+        if profile.stage_settings(stage)["freeze_vision"]:
             freeze_vision_tower(model)
         trainer = job.make_trainer(model, processor)
         attached = _attach_callbacks(trainer, stage, run_id, options.progress, options.callbacks)

@@ -234,18 +234,21 @@ def run_format_warmup(
     """
     profile = as_profile(profile)
     stage_cfg = profile.stage_settings("warmup")
-    answer = answer or str(stage_cfg.get("answer", "masked"))
+    answer = answer or str(stage_cfg["answer"])
     if answer not in WARMUP_ANSWER_MODES:
         raise ValueError(f"format warm-up answer mode must be one of {WARMUP_ANSWER_MODES}, got {answer!r}")
     cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
     run_seed = int(seed if seed is not None else profile.seed)
     targets = sft_targets(cases, rationale=True, answers=random_answers(cases.height, run_seed))
+    # Learning rate and batch size unset here fall to the sft section's, then to SFTConfig's.
     overrides = {
-        "learning_rate": float(stage_cfg.get("learning_rate", profile.sft.get("learning_rate", 1e-3))),
-        "per_device_train_batch_size": int(
-            stage_cfg.get("batch_size", profile.sft.get("per_device_train_batch_size", 8))
-        ),
-        "max_steps": int(stage_cfg.get("steps", 100)),
+        key: value
+        for key, value in (
+            ("learning_rate", stage_cfg["learning_rate"]),
+            ("per_device_train_batch_size", stage_cfg["batch_size"]),
+            ("max_steps", int(stage_cfg["steps"])),
+        )
+        if value is not None
     }
     return _sft_like(
         stage="warmup",

@@ -88,7 +88,7 @@ def run_vision_stage(
     with tracked_run(
         tracking, profile, "vision", out_dir, run_name, {"profile": profile.name, **provenance}
     ) as run_id:
-        steps = int(max_steps if max_steps is not None else stage_cfg.get("steps", 300))
+        steps = int(max_steps if max_steps is not None else stage_cfg["steps"])
         log_run_params(
             run_id,
             {
@@ -114,7 +114,7 @@ def run_vision_stage(
             on_step=lambda step, metrics: log_run_metrics(run_id, metrics, step),
         )
         seconds = time.perf_counter() - started
-        batch = int(stage_cfg.get("batch_size", 32))
+        batch = int(stage_cfg["batch_size"])
         summary = {
             "train_seconds": outcome.seconds,
             "seconds_per_step": outcome.seconds / max(1, outcome.steps),

@@ -242,9 +242,9 @@ def run_vision_pretrain(
             f"{len(signal_rows)} rows"
         )
     stage = profile.stage_settings("vision")
-    steps = int(steps if steps is not None else stage.get("steps", 300))
-    learning_rate = float(learning_rate if learning_rate is not None else stage.get("learning_rate", 1e-3))
-    batch_size = int(batch_size if batch_size is not None else stage.get("batch_size", 32))
+    steps = int(steps if steps is not None else stage["steps"])
+    learning_rate = float(learning_rate if learning_rate is not None else stage["learning_rate"])
+    batch_size = int(batch_size if batch_size is not None else stage["batch_size"])
     seed = int(seed if seed is not None else profile.seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -252,7 +252,7 @@ def run_vision_pretrain(
     signals = open_signals(cohort_dir)
     started = time.perf_counter()
     features = measure_features(np.asarray(signals[np.asarray(signal_rows)]))
-    targets = measured_targets(features, finding_targets=bool(stage.get("finding_targets", True)))
+    targets = measured_targets(features, finding_targets=bool(stage["finding_targets"]))
     logger.info(
         "measured vision targets for %d cases in %.1f s", len(signal_rows), time.perf_counter() - started
     )
@@ -265,7 +265,7 @@ def run_vision_pretrain(
     tokens = int(grid.prod()) // merge**2
     hidden = model.config.text_config.hidden_size
     binary = targets.twi.shape[1]
-    head = _head(str(stage.get("head", "positional")), hidden, tokens, binary + len(REGRESSION_TARGETS))
+    head = _head(str(stage["head"]), hidden, tokens, binary + len(REGRESSION_TARGETS))
 
     order = rng.permutation(len(image_paths))
     n_eval = int(round(eval_fraction * len(order))) if len(order) >= 10 else 0

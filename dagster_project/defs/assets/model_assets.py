@@ -174,7 +174,7 @@ GRPO_STARTS = {
 def grpo_start_asset(profile: str) -> str:
     """The asset the profile's GRPO starts from: the instruction-tuned base for the GPU profiles
     (as the paper does), the SFT model for ``tiny`` (the recipe measured to work on a CPU)."""
-    start = str(load_profile(profile).stage_settings("grpo").get("start", "warmup"))
+    start = str(load_profile(profile).stage_settings("grpo")["start"])
     if start not in GRPO_STARTS:
         raise dg.Failure(
             f"profile {profile}: stages.grpo.start={start!r}; choose one of {sorted(GRPO_STARTS)}"
