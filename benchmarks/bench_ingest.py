@@ -47,7 +47,7 @@ from ecg_r1.data.canonical import LEADS  # noqa: E402
 from ecg_r1.data.ingest import ingest  # noqa: E402
 from ecg_r1.data.labels import load_rules  # noqa: E402
 from ecg_r1.data.readers import discover, load_ref  # noqa: E402
-from ecg_r1.data.readers.wfdb_io import write_record  # noqa: E402
+from ecg_r1.data.readers.wfdb_write import write_record  # noqa: E402
 
 SHARED = ROOT / ".." / "shared" / "data"
 PTBXL_RECORDS = 21_799

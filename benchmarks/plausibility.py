@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from ecg_r1.data.canonical import FS, LEADS, canonicalize  # noqa: E402
 from ecg_r1.data.ingest import ingest  # noqa: E402
-from ecg_r1.data.readers.wfdb_io import parse_header, read_signal  # noqa: E402
+from ecg_r1.data.readers.wfdb_header import parse_header  # noqa: E402
+from ecg_r1.data.readers.wfdb_signal import read_signal  # noqa: E402
 from ecg_r1.data.signal_checks import signal_issues, signal_quality  # noqa: E402
 from ecg_r1.data.store import open_signals  # noqa: E402
 from ecg_r1.simulate import simulate_cohort  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 from ecg_r1.cli import main as cli_main
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.data.ingest import ingest
-from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
 
 FS = 500

@@ -19,7 +19,7 @@ from ecg_r1.cli import main as cli_main
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.data.ingest import ingest
 from ecg_r1.data.labels import label_cinc, label_ptbxl, load_rules, parse_dx
-from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
 
 SECRET = "SECRET-LINE do not copy me"

@@ -14,7 +14,7 @@ from ecg_r1.cli import main as cli_main
 from ecg_r1.data.canonical import LEADS, N_SAMPLES
 from ecg_r1.data.ingest import ingest
 from ecg_r1.data.readers import read_record
-from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.signal_checks import signal_quality
 from ecg_r1.data.store import COHORT_SCHEMA, open_signals, read_cohort, read_quarantine
 

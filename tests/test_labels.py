@@ -23,7 +23,8 @@ from ecg_r1.data.labels import (
     t_wave_amplitudes,
 )
 from ecg_r1.data.readers.ludb import diagnoses, lead_t_amplitudes
-from ecg_r1.data.readers.wfdb_io import parse_comments, parse_header, read_signal
+from ecg_r1.data.readers.wfdb_header import parse_comments, parse_header
+from ecg_r1.data.readers.wfdb_signal import read_signal
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -15,13 +16,11 @@ from ecg_r1.data.ingest import ingest
 from ecg_r1.data.labels import load_rules
 from ecg_r1.data.readers import detect_layout, discover, read_record
 from ecg_r1.data.readers.cinc import cinc_hospital
-from ecg_r1.data.readers.wfdb_io import (
-    RecordError,
-    parse_comments,
-    parse_header,
-    read_annotations,
-    write_record,
-)
+from ecg_r1.data.readers.confined_read import read_bytes
+from ecg_r1.data.readers.records import RecordError
+from ecg_r1.data.readers.wfdb_annotations import read_annotations
+from ecg_r1.data.readers.wfdb_header import parse_comments, parse_header
+from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
 
 PTBXL_SIGNAL_IDS = range(6000, 6010)
@@ -95,6 +94,40 @@ class TestAnnotations:
         samples, symbols = read_annotations(ludb_dir / "data" / f"{number}.{lead}")
         np.testing.assert_array_equal(samples, reference.sample)
         assert symbols == list(reference.symbol)
+
+
+class TestConfinedRead:
+    """The open itself refuses what the path check before it cannot see (the tests of
+    ``test_hostile_input.py`` cover links and FIFOs that are there before the check)."""
+
+    def test_link_put_in_place_after_the_check_is_not_followed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        folder = tmp_path / "export"
+        folder.mkdir()
+        (tmp_path / "secret.dat").write_bytes(b"SECRET")
+        (folder / "E1.dat").symlink_to(tmp_path / "secret.dat")
+        with pytest.raises(RecordError) as info, monkeypatch.context() as patch:
+            # The check resolves the path as it was a moment earlier, a plain file; the link is
+            # there by the time the file is opened.
+            patch.setattr(os.path, "realpath", os.path.abspath)
+            read_bytes(folder / "E1.dat", str(folder))
+        assert info.value.reason == "path_escapes_folder"
+        assert "SECRET" not in str(info.value)
+
+    def test_fifo_put_in_place_after_the_check_is_not_waited_on(self, tmp_path: Path) -> None:
+        # The path check passes whatever the file is; the type is checked on the opened descriptor.
+        os.mkfifo(tmp_path / "E1.dat")
+        with pytest.raises(RecordError) as info:
+            read_bytes(tmp_path / "E1.dat", str(tmp_path))
+        assert info.value.reason == "not_a_regular_file"
+
+    def test_loop_of_links_is_refused_with_a_reason(self, tmp_path: Path) -> None:
+        (tmp_path / "E1.dat").symlink_to(tmp_path / "E2.dat")
+        (tmp_path / "E2.dat").symlink_to(tmp_path / "E1.dat")
+        with pytest.raises(RecordError) as info:
+            read_bytes(tmp_path / "E1.dat", str(tmp_path))
+        assert info.value.reason == "path_escapes_folder"
 
 
 class TestCincSources:

@@ -15,7 +15,7 @@ from PIL import Image
 from test_train import ANTERIOR, LATERAL, make_cohort, synthetic_signal, tiny_test_profile
 
 from ecg_r1.data.canonical import FS, LEADS
-from ecg_r1.data.readers.wfdb_io import write_record
+from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.store import read_cohort
 from ecg_r1.evaluation import comparison
 from ecg_r1.evaluation.real_records import (

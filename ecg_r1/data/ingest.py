@@ -75,7 +75,8 @@ CHUNK_SIZE = 64
 CHECK_BATCH = 8
 # Longest one record may take to read (seconds of wall-clock time), after which it is quarantined
 # as ``timeout`` and the batch goes on. A 10 s record reads in about a millisecond and the size
-# limits of :mod:`ecg_r1.data.readers.wfdb_io` bound the slowest valid file measured at 0.9 s, so only a
+# limits of :mod:`ecg_r1.data.readers.confined_read` and
+# :mod:`ecg_r1.data.readers.wfdb_header` bound the slowest valid file measured at 0.9 s, so only a
 # file that hangs (a stalled disk, a pathological parse) reaches it. ``ecg-r1 ingest
 # --record-timeout`` and the ``raw_cohort`` asset's config default to this.
 RECORD_TIMEOUT_S = 10.0

@@ -22,9 +22,11 @@ from ecg_r1.data.readers.records import (
     UNRECOGNISED_LAYOUT,
     LoadedRecord,
     Quarantine,
+    RecordError,
     RecordRef,
 )
-from ecg_r1.data.readers.wfdb_io import Header, RecordError, parse_comments, parse_header, read_signal
+from ecg_r1.data.readers.wfdb_header import Header, parse_comments, parse_header
+from ecg_r1.data.readers.wfdb_signal import read_signal
 
 __all__ = [
     "LoadedRecord",

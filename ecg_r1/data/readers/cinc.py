@@ -27,7 +27,7 @@ from ecg_r1.data.readers.records import (
     Quarantine,
     RecordRef,
 )
-from ecg_r1.data.readers.wfdb_io import Header, parse_comments
+from ecg_r1.data.readers.wfdb_header import Header, parse_comments
 
 # Record-name prefix -> source database (Challenge 2021 sources; longest prefix first).
 CINC_SOURCES: tuple[tuple[str, str], ...] = (

@@ -22,7 +22,8 @@ from ecg_r1.data.canonical import normalize_lead_name
 from ecg_r1.data.labels import LabelRules, label_ludb_diagnoses, measure_twi, t_wave_amplitudes_by_lead
 from ecg_r1.data.readers.cinc import parse_age, parse_sex
 from ecg_r1.data.readers.records import RecordRef
-from ecg_r1.data.readers.wfdb_io import Header, parse_comments, read_annotation_arrays
+from ecg_r1.data.readers.wfdb_annotations import read_annotation_arrays
+from ecg_r1.data.readers.wfdb_header import Header, parse_comments
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,10 @@
-"""Small records passed between discovery, the loading workers and the cohort writer."""
+"""Small records passed between discovery, the loading workers and the cohort writer.
+
+Also the quarantine reasons they carry and :class:`RecordError`, the error the record readers
+(``confined_read``, ``wfdb_header``, ``wfdb_signal``, ``wfdb_annotations``) raise for a record
+they refuse, its ``reason`` one of those keys; they import both from here, and this module
+imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +36,14 @@ RECORD_TIMEOUT = "timeout"
 # Key of a reader's row holding the diagnosis codes its label rules did not understand (counted in
 # the ingest summary, not stored in the cohort table).
 UNRECOGNISED_CODES = "unrecognised_codes"
+
+
+class RecordError(ValueError):
+    """A record cannot be read; ``reason`` is a short quarantine key, the message says what to do."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
