@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 DVC_VENV := .venv-dvc
 PY := $(VENV)/bin/python
+DG := $(VENV)/bin/dg
 export DAGSTER_HOME := $(CURDIR)/.dagster
 export ECG_R1_HOME := $(CURDIR)
 # dvc lives in its own venv: it pins an antlr4 runtime that breaks dagster's asset selection parser (antlr4 4.9 vs 4.13).
@@ -39,13 +40,12 @@ $(DAGSTER_HOME)/dagster.yaml:
 	printf 'telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers: [ecg_r1]\n  python_log_level: INFO\n' > $@
 
 run: setup
-	$(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job
+	$(DG) launch --job full_pipeline_job
 	$(VENV)/bin/ecg-r1 where
 
 # The same pipeline with the smol profile (pretrained SmolLM2-135M): about two hours on 2 cores.
 reproduce: setup
-	$(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job \
-		-c dagster_project/run_configs/smol.yaml
+	$(DG) launch --job full_pipeline_job --config dagster_project/run_configs/smol.yaml
 	$(VENV)/bin/ecg-r1 where
 
 test: setup
@@ -55,7 +55,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 ui: setup
-	$(VENV)/bin/dagster dev -h 127.0.0.1 -p $(UI_PORT) -m dagster_project.definitions
+	$(DG) dev --host 127.0.0.1 --port $(UI_PORT)
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
@@ -85,7 +85,7 @@ stack-status:
 
 # The whole pipeline on the stack: steps on the Celery workers, runs in PostgreSQL, MLflow server.
 stack-run: setup
-	source .stack/env && $(PY) -m dagster job execute -m dagster_project.definitions -j full_pipeline_job
+	source .stack/env && $(DG) launch --job full_pipeline_job
 	source .stack/env && echo "MLflow: $$ECG_R1_MLFLOW_URI"
 
 clean:

@@ -1,12 +1,12 @@
-"""The ECG-R1 code location: every definition under ``dagster_project/defs`` (``dagster dev -m dagster_project.definitions``)."""
+"""The ECG-R1 code location: every definition under ``dagster_project/defs`` (``dg dev``, ``dg launch``)."""
 
 from __future__ import annotations
 
-import dagster as dg
+from pathlib import Path
 
-import dagster_project.defs
+import dagster as dg
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.load_defs(defs_root=dagster_project.defs)
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from browser import (
+    REPO_ROOT,
     chromium_driver,
     free_port,
     require_chromium,
@@ -44,7 +45,7 @@ resources:
       track: false
 """
 MODEL_NAMES = ("ecg-r1-sft", "ecg-r1-grpo")
-SERVER_START_S = 240  # dagster dev / mlflow ui start in ~10 s on an idle machine; CI may be loaded
+SERVER_START_S = 240  # dg dev / mlflow ui start in ~10 s on an idle machine; CI may be loaded
 RUN_TIMEOUT_S = 240
 
 
@@ -138,14 +139,14 @@ def dagster_ui(tmp_path: Path):
     project_home.mkdir()
     port = free_port()
     argv = [
-        venv_tool("dagster"),
+        venv_tool("dg"),
         "dev",
-        "-h",
+        "--host",
         "127.0.0.1",
-        "-p",
+        "--port",
         str(port),
-        "-m",
-        "dagster_project.definitions",
+        "--target-path",
+        str(REPO_ROOT),
     ]
     env = server_env(DAGSTER_HOME=str(dagster_home), ECG_R1_HOME=str(project_home))
     with running_server(argv, tmp_path / "dagster.log", env) as server:

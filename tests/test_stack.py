@@ -117,8 +117,9 @@ def stack() -> Iterator[dict]:
 
 def dagster(job: str, config: Path, env: dict, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dagster", "job", "execute", "-m", "dagster_project.definitions"]
-        + ["-j", job, "-c", str(config)],
+        # `make stack-run`'s command; --target-path: the dg project, as the run's cwd is tmp_path
+        [str(Path(sys.executable).parent / "dg"), "launch", "--job", job, "--config", str(config)]
+        + ["--target-path", str(REPO)],
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,
