@@ -51,8 +51,9 @@ def main() -> None:
     from peft import get_peft_model
 
     from ecg_r1.imaging.render import render_page
-    from ecg_r1.modeling.models import image_tokens, load_model_and_processor
+    from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.pretrained import build_pretrained_language_model
+    from ecg_r1.modeling.processor import image_tokens
     from ecg_r1.modeling.profiles import load_profile, lora_config
     from ecg_r1.modeling.prompts import build_multimodal_prompt, build_sft_messages, format_target
 

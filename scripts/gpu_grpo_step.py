@@ -96,14 +96,13 @@ def build(tiny: bool, image_width: int, workdir: Path) -> tuple[object, object]:
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from ecg_r1.modeling.models import (
+    from ecg_r1.modeling.build import corpus_from_cases, train_tokenizer
+    from ecg_r1.modeling.processor import (
         EOS_TOKEN,
         PAD_TOKEN,
         QWEN2_VL_CHAT_TEMPLATE,
         _processor_class,
-        corpus_from_cases,
         make_image_processor,
-        train_tokenizer,
     )
     from ecg_r1.modeling.profiles import load_profile
 

@@ -16,7 +16,7 @@ from test_train import make_cohort, tiny_test_profile
 
 from ecg_r1.evaluation import comparison
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME
-from ecg_r1.modeling.models import build_base_model, corpus_from_cases
+from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.profiles import load_profile
 
 N_BOOT = 200

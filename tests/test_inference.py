@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from ecg_r1.modeling import inference
-from ecg_r1.modeling.models import build_base_model, corpus_from_cases, load_model_and_processor
+from ecg_r1.modeling.build import build_base_model, corpus_from_cases
+from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.modeling.prompts import YES
 

@@ -15,17 +15,9 @@ import pytest
 import torch
 import yaml
 
-from ecg_r1.modeling.models import (
-    MODEL_INFO_FILE,
-    SPECIAL_TOKENS,
-    build_base_model,
-    corpus_from_cases,
-    image_tokens,
-    load_model_and_processor,
-    load_processor,
-    save_model_folder,
-    train_tokenizer,
-)
+from ecg_r1.modeling.build import build_base_model, corpus_from_cases, train_tokenizer
+from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor, save_model_folder
+from ecg_r1.modeling.processor import SPECIAL_TOKENS, image_tokens, load_processor
 from ecg_r1.modeling.profiles import (
     STAGE_DEFAULTS,
     STAGE_SECTIONS,

@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from ecg_r1.modeling import pretrained
-from ecg_r1.modeling.models import MODEL_INFO_FILE, build_base_model, image_tokens, load_model_and_processor
+from ecg_r1.modeling.build import build_base_model
+from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor
+from ecg_r1.modeling.processor import image_tokens
 from ecg_r1.modeling.profiles import ProfileError, load_profile, lora_config
 from ecg_r1.modeling.prompts import build_multimodal_prompt
 

@@ -25,7 +25,7 @@ from ecg_r1.evaluation.real_records import (
     prepare_real_records,
     read_real_records,
 )
-from ecg_r1.modeling.models import build_base_model, corpus_from_cases
+from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.profiles import load_profile
 
 N_BOOT = 200

@@ -361,7 +361,7 @@ class TestAnswerMasking:
     def test_only_the_answer_word_leaves_the_loss(self, base_model, profile):
         import torch
 
-        from ecg_r1.modeling.models import load_processor
+        from ecg_r1.modeling.processor import load_processor
         from ecg_r1.modeling.prompts import format_target
         from ecg_r1.training.sft import AnswerMaskingCollator
 

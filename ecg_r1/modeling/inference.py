@@ -86,7 +86,7 @@ def generate(
 
     Args:
         model: a Qwen2-VL model (see :func:`ecg_r1.modeling.models.load_model_and_processor`).
-        processor: its :class:`ecg_r1.modeling.models.ECGProcessor`.
+        processor: its :class:`ecg_r1.modeling.processor.ECGProcessor`.
         examples: mappings with ``image``, ``age``, ``sex``, ``note``.
         max_new_tokens: completion length cap (a completion cut here is invalid by contract).
         temperature: 0 for greedy decoding (deterministic); above 0 samples.

@@ -132,7 +132,7 @@ def add_vision_tokens(tokenizer: Any) -> list[int]:
         ValueError: when the tokenizer lacks ``<|im_start|>``, ``<|im_end|>`` or ``<|endoftext|>``
             (the chat template needs them; SmolLM2's ChatML tokenizer has them).
     """
-    from ecg_r1.modeling.models import EOS_TOKEN, PAD_TOKEN, QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS
+    from ecg_r1.modeling.processor import EOS_TOKEN, PAD_TOKEN, QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS
 
     vocab = tokenizer.get_vocab()
     missing_chat = [t for t in SPECIAL_TOKENS if t not in VISION_TOKENS and t not in vocab]
@@ -147,7 +147,7 @@ def add_vision_tokens(tokenizer: Any) -> list[int]:
 
 def text_sizes(llama_config: Any) -> dict[str, Any]:
     """``Qwen2VLTextConfig`` fields equal to a Llama config's decoder (input of
-    :func:`ecg_r1.modeling.models.qwen2_vl_config`).
+    :func:`ecg_r1.modeling.build.qwen2_vl_config`).
 
     Raises:
         ValueError: for a Llama variant Qwen2 cannot express (biased or scaled RoPE, MLP bias,
@@ -242,7 +242,7 @@ def convert_to_qwen2_vl(
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from ecg_r1.modeling.models import qwen2_vl_config
+    from ecg_r1.modeling.build import qwen2_vl_config
 
     config = qwen2_vl_config(text_sizes(llama.config), vision, tokenizer)
     torch.manual_seed(seed)
@@ -257,7 +257,7 @@ def build_pretrained_language_model(
 ) -> Path:
     """Build a profile's model folder from a pretrained-language source: load the GGUF weights,
     transplant them into Qwen2-VL with the profile's vision tower, and save model, processor
-    and summary with :func:`ecg_r1.modeling.models.save_built_model`.
+    and summary with :func:`ecg_r1.modeling.build.save_built_model`.
 
     Args:
         profile: a profile whose ``model.source`` is a key of :data:`LANGUAGE_MODELS`.
@@ -267,7 +267,7 @@ def build_pretrained_language_model(
     Returns:
         The folder.
     """
-    from ecg_r1.modeling.models import save_built_model
+    from ecg_r1.modeling.build import save_built_model
     from ecg_r1.modeling.profiles import ProfileError
 
     if profile.vision is None:

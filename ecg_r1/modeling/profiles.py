@@ -7,8 +7,8 @@ tower, see :mod:`ecg_r1.modeling.pretrained`; otherwise a hub id such as
 ``Qwen/Qwen2-VL-2B-Instruct`` or a local folder), its dtype, gradient checkpointing, LoRA, vLLM
 generation, the image size the model reads, the trainers' hyperparameters (``sft`` and ``grpo``
 sections, written with TRL's own field names), the reward weights and the stage settings. The
-same code path serves every profile; only the file differs. :mod:`ecg_r1.modeling.models`
-builds and loads the model a profile names.
+same code path serves every profile; only the file differs. :mod:`ecg_r1.modeling.build`
+builds the model a profile names, :mod:`ecg_r1.modeling.models` loads it.
 """
 
 from __future__ import annotations

@@ -151,14 +151,14 @@ def build_start_model(
     out_dir: str | Path,
 ) -> Path:
     """The profile's base model: for ``tiny``, built with a tokenizer trained on the training
-    split's prompts and answer texts (:func:`ecg_r1.modeling.models.corpus_from_cases`); for a
+    split's prompts and answer texts (:func:`ecg_r1.modeling.build.corpus_from_cases`); for a
     pretrained-language source (``smollm2-135m``), converted from the installed weights; for hub
     profiles, the pretrained checkpoint's folder. An existing built model in ``out_dir`` is reused.
 
     Returns:
         The model folder.
     """
-    from ecg_r1.modeling.models import build_base_model, corpus_from_cases
+    from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 
     profile = as_profile(profile)
     out_dir = Path(out_dir)
