@@ -16,8 +16,10 @@ import json
 import statistics
 from pathlib import Path
 
-from ecg_r1.evaluation.comparison import EVAL_SPLITS, SPLIT_TITLES, evaluation_cases, predict_cases
+from ecg_r1.evaluation.cases import EVAL_SPLITS, evaluation_cases
 from ecg_r1.evaluation.evaluate import align, compare_paired
+from ecg_r1.evaluation.predictions import predict_cases
+from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.training import stages
 
 ROOT = Path(__file__).resolve().parents[1]

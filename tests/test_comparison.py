@@ -14,8 +14,13 @@ import polars as pl
 import pytest
 from test_train import make_cohort, tiny_test_profile
 
-from ecg_r1.evaluation import comparison
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME
+from ecg_r1.evaluation.cases import EVAL_SPLITS, add_features, evaluation_cases, sample_per_split
+from ecg_r1.evaluation.comparison import run_comparison
+from ecg_r1.evaluation.outputs import read_predictions
+from ecg_r1.evaluation.predictions import predict_cases, stage_folder
+from ecg_r1.evaluation.references import ReferenceBaselines
+from ecg_r1.evaluation.results import Comparison
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.profiles import load_profile
 
@@ -70,8 +75,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def result(setup, tmp_path_factory) -> comparison.Comparison:
-    return comparison.run_comparison(
+def result(setup, tmp_path_factory) -> Comparison:
+    return run_comparison(
         {"GRPO": setup["stage"], "SFT": setup["model"]},
         setup["profile"],
         setup["cohort"],
@@ -114,7 +119,7 @@ class TestRunComparison:
         assert "(cited)" in table and "positive predictive value" in table
 
     def test_invalid_outputs_count_wrong_and_the_invalid_rate_is_reported(self, result):
-        for split in comparison.EVAL_SPLITS:
+        for split in EVAL_SPLITS:
             m = result.results["GRPO"][split]
             assert m.n_invalid == m.n  # an untrained model never follows the output contract
             assert m.valid_rate.value == 0.0
@@ -156,7 +161,7 @@ class TestRunComparison:
         assert "reward_curves_grpo" in result.files  # from the stage's history
         # The SFT row was given the model folder inside the stage folder: it finds the stage too.
         assert "reward_curves_sft" in result.files
-        saved = comparison.read_predictions(result.out_dir, "GRPO")
+        saved = read_predictions(result.out_dir, "GRPO")
         assert saved.record_id == result.predictions["GRPO"].record_id
         assert all(v is None for v in saved.y_pred)
         frame = pl.read_parquet(result.files["predictions_grpo"])
@@ -166,14 +171,14 @@ class TestRunComparison:
         assert "hospital/h2/accuracy" in metrics
 
     def test_without_truth_there_is_no_bayes_row(self, setup, tmp_path):
-        baselines = comparison.ReferenceBaselines.fit(
-            comparison.add_features(
-                comparison.evaluation_cases(setup["cohort"], setup["splits"], setup["images"], "train"),
+        baselines = ReferenceBaselines.fit(
+            add_features(
+                evaluation_cases(setup["cohort"], setup["splits"], setup["images"], "train"),
                 setup["cohort"],
             )
         )
         baselines.save(tmp_path / "baselines")
-        out = comparison.run_comparison(
+        out = run_comparison(
             {"SFT": setup["model"]},
             setup["profile"],
             setup["cohort"],
@@ -189,21 +194,19 @@ class TestRunComparison:
         assert set(out.results) == {"SFT", "Feature baseline (gradient boosting)", "Majority class"}
 
     def test_sample_per_split_is_seeded_and_bounded(self, setup):
-        cases = comparison.evaluation_cases(
-            setup["cohort"], setup["splits"], setup["images"], list(comparison.EVAL_SPLITS)
-        )
-        sample = comparison.sample_per_split(cases, 3, seed=1)
+        cases = evaluation_cases(setup["cohort"], setup["splits"], setup["images"], list(EVAL_SPLITS))
+        sample = sample_per_split(cases, 3, seed=1)
         assert sample["split"].value_counts().sort("split")["count"].to_list() == [3, 3]
-        assert sample.equals(comparison.sample_per_split(cases, 3, seed=1))
-        assert comparison.sample_per_split(cases, 100, seed=1).equals(cases)
+        assert sample.equals(sample_per_split(cases, 3, seed=1))
+        assert sample_per_split(cases, 100, seed=1).equals(cases)
         with pytest.raises(ValueError, match="at least 1"):
-            comparison.sample_per_split(cases, 0, seed=1)
+            sample_per_split(cases, 0, seed=1)
 
     def test_truth_missing_cases_is_refused(self, setup, tmp_path):
         partial = pl.read_parquet(setup["truth"]).head(3)
         partial.write_parquet(tmp_path / "truth.parquet")
         with pytest.raises(ValueError, match="not in the truth table"):
-            comparison.run_comparison(
+            run_comparison(
                 {"SFT": setup["model"]},
                 setup["profile"],
                 setup["cohort"],
@@ -220,12 +223,12 @@ class TestRunComparison:
         import shutil
 
         bare = shutil.copytree(setup["model"], tmp_path / "bare")
-        assert comparison.stage_folder(bare) == (bare, None)
-        assert comparison.stage_folder(setup["stage"]) == (setup["model"], setup["stage"])
+        assert stage_folder(bare) == (bare, None)
+        assert stage_folder(setup["stage"]) == (setup["model"], setup["stage"])
 
     def test_not_a_model_folder_is_refused(self, tmp_path):
         with pytest.raises(ValueError, match="neither a model folder"):
-            comparison.stage_folder(tmp_path)
+            stage_folder(tmp_path)
 
 
 @pytest.mark.slow  # the CLI on trained models
@@ -346,12 +349,10 @@ class TestAblations:
             return ["<think></think><answer>No</answer>"] * len(examples)
 
         monkeypatch.setattr(inference, "generate", spy)
-        cases = comparison.evaluation_cases(
-            setup["cohort"], setup["splits"], setup["images"], ["test_external"]
-        )
+        cases = evaluation_cases(setup["cohort"], setup["splits"], setup["images"], ["test_external"])
         for ablation in (None, "image", "note"):
             shown.clear()
-            preds, _ = comparison.predict_cases(setup["model"], setup["profile"], cases, ablation=ablation)
+            preds, _ = predict_cases(setup["model"], setup["profile"], cases, ablation=ablation)
             assert len(shown) == cases.height and all(p is False for p in preds.y_pred)
             notes = [ex["note"] for ex in shown]
             pages = {ex["image"].tobytes() for ex in shown}
@@ -367,7 +368,7 @@ class TestAblations:
                 assert len(pages) == cases.height  # every case its own ECG
 
     def test_rows_and_self_pairs_for_every_model(self, setup, tmp_path):
-        result = comparison.run_comparison(
+        result = run_comparison(
             {"SFT": setup["model"]},
             setup["profile"],
             setup["cohort"],
@@ -388,7 +389,7 @@ class TestAblations:
 
     def test_unknown_ablation_is_refused(self, setup, tmp_path):
         with pytest.raises(ValueError, match="unknown ablations"):
-            comparison.run_comparison(
+            run_comparison(
                 {"SFT": setup["model"]},
                 setup["profile"],
                 setup["cohort"],

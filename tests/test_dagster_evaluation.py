@@ -116,7 +116,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, seed_mlflow_db) -> dict:
     profile_path = tiny_test_profile(root / "profile.yaml", grpo={"max_completion_length": 16})
     profile = load_profile(profile_path)
     untrained = build_base_model(profile, corpus_from_cases(cohort.to_dicts()), root / "untrained")
-    from ecg_r1.evaluation.comparison import evaluation_cases
+    from ecg_r1.evaluation.cases import evaluation_cases
 
     cases = evaluation_cases(
         data["cohort"], root / "data" / "splits" / "splits.parquet", data["images"], "train"
@@ -164,7 +164,8 @@ def metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
 
 
 def test_the_always_yes_model_answers_yes(home):
-    from ecg_r1.evaluation.comparison import evaluation_cases, predict_cases
+    from ecg_r1.evaluation.cases import evaluation_cases
+    from ecg_r1.evaluation.predictions import predict_cases
 
     root = home["root"]
     cases = evaluation_cases(

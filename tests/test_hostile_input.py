@@ -152,7 +152,7 @@ class _Payload:
 class TestNoCodeFromData:
     @pytest.mark.parametrize("name", ["feature_baseline.pkl", "feature_baseline.parquet"])
     def test_baselines_folder_cannot_run_code(self, tmp_path: Path, name: str) -> None:
-        from ecg_r1.evaluation.comparison import MAJORITY_FILE, ReferenceBaselines
+        from ecg_r1.evaluation.references import MAJORITY_FILE, ReferenceBaselines
 
         marker = tmp_path / "ran"
         folder = tmp_path / "baselines"

@@ -45,3 +45,16 @@ def test_no_package_imports_a_later_stage_and_none_imports_dagster() -> None:
                 if parts[0] == "ecg_r1" and len(parts) > 1 and parts[1] in STAGES[index + 1 :]:
                     wrong.append(f"{path.relative_to(PACKAGE)} imports {name} (a later stage)")
     assert wrong == []
+
+
+def test_label_words_are_spelled_only_in_the_label_vocabulary() -> None:
+    """``ecg_r1.data.labels`` is the one module that spells the cohort labels; the rest import them."""
+    vocabulary = PACKAGE / "data" / "labels.py"
+    spelled = []
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "dagster_project").rglob("*.py")]:
+        if path == vocabulary:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Constant) and node.value in ("ischemic", "non-ischemic"):
+                spelled.append(f"{path.name}:{node.lineno}")
+    assert spelled == []

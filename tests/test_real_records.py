@@ -17,7 +17,8 @@ from test_train import ANTERIOR, LATERAL, make_cohort, synthetic_signal, tiny_te
 from ecg_r1.data.canonical import FS, LEADS
 from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.store import read_cohort
-from ecg_r1.evaluation import comparison
+from ecg_r1.evaluation.cases import add_features, evaluation_cases, real_record_cases
+from ecg_r1.evaluation.comparison import run_comparison
 from ecg_r1.evaluation.real_records import (
     REAL_SPLIT,
     REAL_TITLE,
@@ -25,6 +26,8 @@ from ecg_r1.evaluation.real_records import (
     prepare_real_records,
     read_real_records,
 )
+from ecg_r1.evaluation.references import ReferenceBaselines
+from ecg_r1.evaluation.results import Comparison
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.profiles import load_profile
 
@@ -77,8 +80,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def result(setup, tmp_path_factory) -> comparison.Comparison:
-    return comparison.run_comparison(
+def result(setup, tmp_path_factory) -> Comparison:
+    return run_comparison(
         {"GRPO": setup["model"], "SFT": setup["model"]},
         setup["profile"],
         setup["cohort"],
@@ -156,12 +159,12 @@ class TestRealRecordSection:
         assert not real & set(main["record_id"]) and not real_sums & set(main["checksum"])
 
     def test_reference_rows_fitted_on_train_features_from_the_real_signals(self, setup, result):
-        train = comparison.add_features(
-            comparison.evaluation_cases(setup["cohort"], setup["splits"], setup["images"], "train"),
+        train = add_features(
+            evaluation_cases(setup["cohort"], setup["splits"], setup["images"], "train"),
             setup["cohort"],
         )
-        baselines = comparison.ReferenceBaselines.fit(train)
-        cases, _ = comparison.real_record_cases(setup["real"].folder, setup["cohort"], setup["splits"])
+        baselines = ReferenceBaselines.fit(train)
+        cases, _ = real_record_cases(setup["real"].folder, setup["cohort"], setup["splits"])
         expected = baselines.feature.predict(cases)
         got = result.predictions[FEATURE_ROW]
         where = {rid: i for i, rid in enumerate(got.record_id)}
@@ -190,7 +193,7 @@ class TestRealRecordSection:
         manifest = pl.read_parquet(real.splits).filter(pl.col("record_id") == "sim/0000")
         manifest.write_parquet(real.splits)
         with pytest.raises(ValueError, match="also in the main cohort"):
-            comparison.run_comparison(
+            run_comparison(
                 {"SFT": setup["model"]},
                 setup["profile"],
                 setup["cohort"],
@@ -243,7 +246,7 @@ def test_shared_ludb_and_cinc_records(setup, ludb_dir, cinc_dir, tmp_path):
     real = prepare_real_records([ludb_dir, cinc_dir], tmp_path / "real", page, workers=2)
     assert 25 <= real.cases <= 45, real
     assert set(real.by_source) == {"ludb", "cinc"} and set(real.by_label) == {"ischemic", "non-ischemic"}
-    out = comparison.run_comparison(
+    out = run_comparison(
         {"SFT": setup["model"]},
         setup["profile"],
         setup["cohort"],

@@ -65,16 +65,17 @@ def registry_lines(client: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecg_r1.evaluation.outputs import METRICS_FILE, PLOTS_DIR, TABLE_FILE
     from ecg_r1.tracking import runs as tracking
 
     root = (args.root or Path(os.environ.get("ECG_R1_HOME") or ".")).resolve()
     evaluation = args.evaluation or root / EVALUATION_DIR
-    table = evaluation / "comparison.md"
+    table = evaluation / TABLE_FILE
     print("== Comparison table")
     if table.is_file():
         print(table.read_text())
         print(
-            f"(from {table}; plots in {evaluation / 'plots'}, all figures in {evaluation / 'metrics.json'})"
+            f"(from {table}; plots in {evaluation / PLOTS_DIR}, all figures in {evaluation / METRICS_FILE})"
         )
     else:
         print(f"no comparison yet at {table}: run `make run` (or `ecg-r1 evaluate ... --out {evaluation}`)")

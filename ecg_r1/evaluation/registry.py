@@ -25,9 +25,11 @@ from typing import Any
 
 import polars as pl
 
-from ecg_r1.evaluation import comparison as comparison_lib
 from ecg_r1.evaluation.evaluate import Predictions, align
+from ecg_r1.evaluation.outputs import CASES_FILE, predictions_key, read_metrics, read_predictions
+from ecg_r1.evaluation.predictions import predict_cases
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
+from ecg_r1.evaluation.results import Comparison
 from ecg_r1.tracking import runs as tracking
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def _log_file_as(run_id: str, path: Path, artifact_file: str) -> None:
 
 
 def log_comparison(
-    result: comparison_lib.Comparison,
+    result: Comparison,
     versions: Mapping[str, tuple[str, int] | None],
     experiment: str,
     provenance: Mapping[str, str],
@@ -113,7 +115,7 @@ def log_comparison(
             tags={"evaluation.data_version": provenance.get("data_version", ""), "evaluation.row": name},
         )
         # The fixed name lets a later promotion read this version's answers as the champion's.
-        _log_file_as(run_id, result.files[f"predictions_{comparison_lib.slug(name)}"], VERSION_PREDICTIONS)
+        _log_file_as(run_id, result.files[predictions_key(name)], VERSION_PREDICTIONS)
         version_runs[name] = run_id
     (result.out_dir / REGISTRY_FILE).write_text(json.dumps(registered, indent=2))
     with tracking.start_or_resume_run(experiment, "evaluation", tags={"stage": "evaluation"}) as run:
@@ -142,7 +144,7 @@ def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, pr
         except (OSError, ValueError, mlflow.exceptions.MlflowException):
             pass  # evaluated on other cases (new data) or never: predict below
     folder = tracking.load_registered(f"models:/{model_name}/{version}")
-    predictions, _ = comparison_lib.predict_cases(folder, profile, cases, name=f"{model_name} v{version}")
+    predictions, _ = predict_cases(folder, profile, cases, name=f"{model_name} v{version}")
     return predictions
 
 
@@ -177,9 +179,9 @@ def promote_challengers(
     """
     registry_file = evaluation_dir / REGISTRY_FILE
     registered = json.loads(registry_file.read_text()) if registry_file.is_file() else {}
-    all_cases = pl.read_parquet(evaluation_dir / comparison_lib.CASES_FILE)
+    all_cases = pl.read_parquet(evaluation_dir / CASES_FILE)
     cases = all_cases.filter(pl.col("split") == rule.split)
-    metrics = json.loads((evaluation_dir / comparison_lib.METRICS_FILE).read_text())
+    metrics = read_metrics(evaluation_dir)
     profile = metrics.get("profile", default_profile)
     rows: list[dict[str, Any]] = []
     for name in candidates:
@@ -187,7 +189,7 @@ def promote_challengers(
             logger.warning("%s: no registered version in this comparison; nothing to promote", name)
             continue
         model_name, version = registered[name].rsplit("/", 1)
-        challenger = comparison_lib.read_predictions(evaluation_dir, name)
+        challenger = read_predictions(evaluation_dir, name)
         y, challenger_pred, _ = align(challenger, cases)
         champion = tracking.alias_version(model_name, CHAMPION)
         champion_pred = None

@@ -1,5 +1,10 @@
 """Reports people look at: the comparison table (markdown) and PNG plots.
 
+Takes: metrics (:mod:`ecg_r1.evaluation.evaluate`), paired comparisons
+(:mod:`ecg_r1.evaluation.results`), curves and cases. Gives: markdown text (the table
+:func:`comparison_table`, the paired comparisons :func:`paired_markdown`, the real-record note
+:func:`real_records_markdown`) and PNG files.
+
 Every function writes one file and returns its path, so a caller can log it to MLflow
 (``mlflow.log_artifact``) and show it in Dagster metadata (``MetadataValue.path`` / ``.md``).
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas, not through ``pyplot``:
@@ -19,6 +24,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -27,13 +33,17 @@ from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
 from ecg_r1.data.labels import ISCHEMIC
+from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL
 from ecg_r1.evaluation.evaluate import BinaryMetrics, Estimate, rank_missing_as_wrong
+from ecg_r1.evaluation.real_records import REAL_SPLIT, REAL_TITLE
+from ecg_r1.evaluation.results import PairedRecord
 
 log = logging.getLogger(__name__)
 
 INTERNAL = "internal test"
 CROSS_HOSPITAL = "cross-hospital"
 MEASURED, REFERENCE, CITED = "measured", "reference", "cited"
+SPLIT_TITLES = {TEST_INTERNAL: INTERNAL, TEST_EXTERNAL: CROSS_HOSPITAL, REAL_SPLIT: REAL_TITLE}
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,45 @@ def comparison_table(rows: Sequence[TableRow]) -> str:
     return text
 
 
+def paired_markdown(paired: Sequence[PairedRecord]) -> str:
+    """The paired comparisons as a markdown section ("" when there are none)."""
+    if not paired:
+        return ""
+    lines = [
+        "\n## Paired comparisons (same cases)\n",
+        "| A | B | Split | n | Accuracy A | Accuracy B | A - B [95% CI] | only A right | only B right "
+        "| McNemar mid-p |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for rec in paired:
+        r = rec.result
+        lines.append(
+            f"| {rec.a} | {rec.b} | {SPLIT_TITLES.get(rec.split, rec.split)} | {r.n} | {r.accuracy_a:.3f} "
+            f"| {r.accuracy_b:.3f} | {r.difference} | {r.only_a_correct} | {r.only_b_correct} | {r.p_mid:.3g} |"
+        )
+    lines.append(
+        "\nDifference: paired bootstrap over cases (the same resampled cases for both rows); "
+        "McNemar's mid-p on the discordant cases. Invalid outputs count as wrong for both."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def real_records_markdown(info: Mapping[str, Any], cases: pl.DataFrame) -> str:
+    """What the real-record section is: a sim-to-real check, its n, sources and exclusions."""
+    sources = ", ".join(f"{k} {v}" for k, v in cases["hospital"].value_counts(sort=True).iter_rows())
+    positive = int((cases["label"] == ISCHEMIC).sum())
+    text = (
+        f"\n**{REAL_TITLE}**: {cases.height} labelled TWI records ({positive} ischemic) read from "
+        f"{', '.join(info['inputs'])} (by hospital: {sources}). The models were trained on simulated ECGs "
+        "only and none of these records was trained on; the majority class and the feature baseline "
+        "are fitted on the simulated training split. At this n the intervals are wide: read the "
+        "section as a sim-to-real check, not as a benchmark."
+    )
+    if info["excluded_in_main_cohort"]:
+        text += f" Left out: {len(info['excluded_in_main_cohort'])} records also in the main cohort."
+    return text + "\n"
+
+
 def write_comparison_table(rows: Sequence[TableRow], path: str | Path) -> Path:
     """Write :func:`comparison_table` to ``path`` (markdown) and return the path."""
     path = Path(path)
@@ -142,7 +191,7 @@ def plot_confusion_matrices(results: Mapping[str, BinaryMetrics], path: str | Pa
                 colour = "white" if grid[i, j] > grid.max() / 2 else "black"
                 ax.text(j, i, str(grid[i, j]), ha="center", va="center", color=colour, fontsize=12)
         ax.set_xticks([0, 1], ["No", "Yes"])
-        ax.set_yticks([0, 1], ["non-isch.", "ischemic"])
+        ax.set_yticks([0, 1], ["non-isch.", ISCHEMIC])
         ax.set_xlabel("answer")
         ax.set_ylabel("truth")
         ax.set_title(f"{title}\nacc {m.accuracy.value:.2f}, invalid {m.n_invalid}", fontsize=9)

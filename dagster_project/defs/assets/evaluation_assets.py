@@ -26,10 +26,14 @@ from dagster_project.defs.assets.image_assets import _inline_png
 from dagster_project.defs.executors import DEFAULT_QUEUE, GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
-from ecg_r1.evaluation import comparison as comparison_lib
 from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation import registry
+from ecg_r1.evaluation.cases import add_features, evaluation_cases
+from ecg_r1.evaluation.comparison import run_comparison
+from ecg_r1.evaluation.outputs import read_metrics, slug
+from ecg_r1.evaluation.predictions import ABLATIONS, RESULT_FILE
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule
+from ecg_r1.evaluation.references import ReferenceBaselines
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
 from ecg_r1.tracking import runs as tracking
 
@@ -90,7 +94,7 @@ class ComparisonConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the bootstrap and of the cases shown.")
     n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
     ablations: list[str] = Field(
-        default_factory=lambda: list(comparison_lib.ABLATIONS),
+        default_factory=lambda: list(ABLATIONS),
         description="Inputs taken away for extra rows per model: image (a flat-line page), note.",
     )
 
@@ -132,13 +136,13 @@ def reference_baselines(
     from ecg_r1.evaluation.evaluate import evaluate_predictions
 
     train, val = (
-        comparison_lib.add_features(
-            comparison_lib.evaluation_cases(layout.cohort, layout.splits / SPLITS_FILE, layout.images, s),
+        add_features(
+            evaluation_cases(layout.cohort, layout.splits / SPLITS_FILE, layout.images, s),
             layout.cohort,
         )
         for s in (TRAIN, VAL)
     )
-    baselines = comparison_lib.ReferenceBaselines(
+    baselines = ReferenceBaselines(
         MajorityBaseline().fit(train),
         FeatureBaseline(
             seed=config.seed,
@@ -200,8 +204,8 @@ def real_record_cohort(
             "records": real.records,
             "quarantined": real.quarantined,
             "cases": real.cases,
-            **{f"cases_{comparison_lib.slug(k)}": v for k, v in real.by_label.items()},
-            **{f"cases_from_{comparison_lib.slug(k)}": v for k, v in real.by_source.items()},
+            **{f"cases_{slug(k)}": v for k, v in real.by_label.items()},
+            **{f"cases_from_{slug(k)}": v for k, v in real.by_source.items()},
             "not_rendered": len(real.not_rendered),
             **dvc.record(),
         }
@@ -229,7 +233,7 @@ def model_comparison(
     folders = {}
     for name, asset in config.models.items():
         folder = layout.models / asset
-        if not (folder / comparison_lib.RESULT_FILE).is_file():
+        if not (folder / RESULT_FILE).is_file():
             raise dg.Failure(
                 f"{folder} holds no finished training stage (result.json): materialize {asset} first"
             )
@@ -242,7 +246,7 @@ def model_comparison(
         context.log.info("no simulator truth for these cases: the table has no Bayes ceiling row")
     real_dir = real_records_dir(layout)
     real_records = real_dir if (real_dir / real_records_lib.SUMMARY_FILE).is_file() else None
-    result = comparison_lib.run_comparison(
+    result = run_comparison(
         folders,
         config.profile,
         layout.cohort,
@@ -282,12 +286,12 @@ def model_comparison(
         "evaluation_run": dg.MetadataValue.url(mlflow.run_url(evaluation_run)),
         "registered_versions": ", ".join(f"{n}: {v}" for n, v in registered.items()) or "none",
         "real_records": str(real_records) if real_records else "none configured",
-        **{f"run_id_{comparison_lib.slug(n)}": r for n, r in logged.version_runs.items()},
+        **{f"run_id_{slug(n)}": r for n, r in logged.version_runs.items()},
         **provenance,
     }
     for name in folders:
         for split, m in result.results[name].items():
-            key = f"{comparison_lib.slug(name)}_{split}"
+            key = f"{slug(name)}_{split}"
             metadata[f"{key}_accuracy"] = m.accuracy.value
             metadata[f"{key}_valid_rate"] = m.valid_rate.value
             metadata[f"{key}_n"] = m.n
@@ -309,7 +313,7 @@ def _truth_covers(truth: Path, layout: DataLayout, splits_path: Path) -> bool:
     description="Every model's accuracy and valid rate are finite on both test splits, with n > 0.",
 )
 def check_evaluation_metrics_finite(layout: DataLayout) -> dg.AssetCheckResult:
-    metrics = comparison_lib.read_metrics(evaluation_dir(layout))
+    metrics = read_metrics(evaluation_dir(layout))
     bad = [
         f"{r['name']} {r['split']}"
         for r in metrics["rows"]
@@ -354,11 +358,11 @@ def model_promotion(
     promotion = registry.promote_challengers(evaluation_dir(layout), config.candidates, rule, DEFAULT_PROFILE)
     metadata: dict = {}
     for row in promotion.rows:
-        slug = comparison_lib.slug(row["model"])
-        metadata[f"{slug}_decision"] = row["decision"]
-        metadata[f"{slug}_reason"] = row["reason"]
-        metadata[f"{slug}_champion"] = row["champion_after"]
-        metadata |= {f"{slug}_{k}": v for k, v in row["figures"].items()}
+        prefix = slug(row["model"])
+        metadata[f"{prefix}_decision"] = row["decision"]
+        metadata[f"{prefix}_reason"] = row["reason"]
+        metadata[f"{prefix}_champion"] = row["champion_after"]
+        metadata |= {f"{prefix}_{k}": v for k, v in row["figures"].items()}
         context.log.info(f"{row['model']} v{row['challenger']}: {row['reason']}")
     shown = [{k: v for k, v in row.items() if k not in ("reason", "figures")} for row in promotion.rows]
     table = markdown_table(pl.DataFrame(shown)) if shown else "(no registered versions to judge)"
