@@ -2,7 +2,12 @@
 
 The rules live in ``ecg_r1/configs/labels.yaml`` (documented there and in the README); this
 module loads them and applies them to each source's codes. Every function returns the raw
-codes it decided from, which the cohort keeps in ``raw_codes``.
+codes it decided from, which the cohort keeps in ``raw_codes``. It is also the label vocabulary
+(:data:`ISCHEMIC`, :data:`NON_ISCHEMIC`, :data:`UNKNOWN`, :data:`LABEL_WORDS`): no other module
+spells a label.
+
+(About 450 lines: the rules of every source share :class:`LabelRules` and the vocabulary, and a
+reader of one source's rules should see the others beside it.)
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ check (public GRPO reports: "Yes or No" answers, empty answers, garbled think bl
 * the answer is exactly ``Yes`` or ``No``, case-sensitive (``yes`` is refused: a format the
   model must learn, and one the evaluation reads the same way);
 * the reasoning may be empty (``<think></think>``): answer-only SFT targets use that form.
+
+(About 490 lines, half of them docstrings: the prompt, the targets and the parser are the one output
+contract, and keeping them together keeps them in step.)
 """
 
 from __future__ import annotations
