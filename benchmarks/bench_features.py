@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/bench_features.py [--records 2000] [--nk-records 10]``
 
-Signals are the 200 real LUDB records (from ``../shared/data/ludb``), tiled to ``--records``; when
+Signals are the 200 real LUDB records (``--ludb``: a PhysioNet LUDB download), tiled to ``--records``; when
 LUDB is absent, synthetic records stand in. One BLAS/OpenMP thread, so the figure is per core.
 neurokit2 (``ecg_clean`` + ``ecg_peaks`` + ``ecg_delineate`` with the DWT method, the usual way to
 get T peaks with it) is timed on lead II only of ``--nk-records`` records: it delineates one lead,
@@ -26,16 +26,14 @@ import numpy as np  # noqa: E402
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES, canonicalize  # noqa: E402
 from ecg_r1.data.features import measure_features  # noqa: E402
 
-LUDB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ludb" / "data"
 
-
-def load_signals() -> tuple[np.ndarray, str]:
-    if LUDB.is_dir():
+def load_signals(ludb: Path | None) -> tuple[np.ndarray, str]:
+    if ludb is not None and (ludb / "data").is_dir():
         import wfdb
 
         out = []
         for rid in range(1, 201):
-            rec = wfdb.rdrecord(str(LUDB / str(rid)))
+            rec = wfdb.rdrecord(str(ludb / "data" / str(rid)))
             out.append(canonicalize(rec.p_signal, rec.fs, rec.sig_name).signal)
         return np.stack(out), "LUDB (200 real records)"
     rng = np.random.default_rng(0)
@@ -82,8 +80,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=2000, help="records to measure (LUDB tiled)")
     parser.add_argument("--nk-records", type=int, default=10, help="records for the neurokit2 comparison")
+    parser.add_argument(
+        "--ludb",
+        type=Path,
+        default=os.environ.get("ECG_R1_LUDB"),
+        help="a PhysioNet LUDB folder (default: $ECG_R1_LUDB; synthetic records when absent)",
+    )
     args = parser.parse_args()
-    signals, source = load_signals()
+    signals, source = load_signals(args.ludb)
     print(f"signals: {source}; one thread")
     ours, ours_cpu = bench_ours(signals, args.records)
     print(

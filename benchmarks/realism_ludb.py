@@ -5,12 +5,13 @@ each lead's peak-to-peak, the only scale this LUDB copy allows: every lead spans
 the share of upright / inverted T waves per lead, the simulated absolute amplitudes in mV, and
 the measures whose medians differ most.
 
-Usage: .venv/bin/python benchmarks/realism_ludb.py [--n 300] [--ludb ../shared/data/ludb]
+Usage: .venv/bin/python benchmarks/realism_ludb.py [--n 300] --ludb LUDB_FOLDER  (a PhysioNet LUDB download)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -25,10 +26,10 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=300, help="simulated normal records")
     parser.add_argument(
-        "--ludb", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ludb"
+        "--ludb", type=Path, default=os.environ.get("ECG_R1_LUDB"), help="LUDB folder (default: $ECG_R1_LUDB)"
     )
     args = parser.parse_args()
-    if not (args.ludb / "ludb.csv").is_file():
+    if args.ludb is None or not (args.ludb / "ludb.csv").is_file():
         raise SystemExit(f"LUDB not found at {args.ludb}: pass --ludb PATH")
 
     start = time.perf_counter()
