@@ -28,7 +28,8 @@ def main() -> None:
 
     from ecg_r1.evaluation.evaluate import evaluate_binary
     from ecg_r1.evaluation.predictions import predict_cases
-    from ecg_r1.imaging.render import render_page, save_png
+    from ecg_r1.imaging.draw import render_page
+    from ecg_r1.imaging.png import save_png
     from ecg_r1.modeling.build import build_base_model, corpus_from_cases
     from ecg_r1.modeling.profiles import load_profile
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from ecg_r1.data.canonical import FS, LEADS, canonicalize  # noqa: E402
 from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter  # noqa: E402
-from ecg_r1.imaging import render  # noqa: E402
+from ecg_r1.imaging import draw, page, png, render  # noqa: E402
 
 LUDB = ROOT / ".." / "shared" / "data" / "ludb"
 EXAMPLE_RECORD = "16"  # sinus rhythm; LUDB notes anterior ischaemia
@@ -60,8 +60,8 @@ def matplotlib_page(signal: np.ndarray, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
 
-    config = render.CLINICAL
-    plan = render._plan(config)
+    config = page.CLINICAL
+    plan = page.plan_page(config)
     width_mm, height_mm = config.paper_mm[0], config.height_px / config.px_per_mm
     fig = plt.figure(figsize=(width_mm / 25.4, height_mm / 25.4), dpi=config.dpi)
     ax = fig.add_axes((0, 0, 1, 1))
@@ -74,7 +74,7 @@ def matplotlib_page(signal: np.ndarray, path: Path) -> None:
         lines = [[(x, 0), (x, height_mm)] for x in xs] + [[(0, y), (width_mm, y)] for y in ys]
         ax.add_collection(LineCollection(lines, colors=[colour], linewidths=width))
     speed, gain = config.speed_mm_per_s, config.gain_mm_per_mv
-    rows = render._rows(config.layout)
+    rows = page.layout_rows(config.layout)
     for row, baseline in zip(rows, plan.baselines_mm, strict=True):
         cal = plan.x0_mm - 0.2 * speed - 4
         ax.plot(
@@ -122,8 +122,8 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def ours(config: render.RenderConfig):
-    return lambda signal, path: render.render_png(signal, config, path)
+def ours(config: page.RenderConfig):
+    return lambda signal, path: draw.render_png(signal, config, path)
 
 
 def write_cohort(folder: Path, ids: list[str], signals: list[np.ndarray]) -> None:
@@ -159,8 +159,8 @@ def main() -> int:
     )
 
     _, (example_signal,) = load_ludb(LUDB, [f"data/{EXAMPLE_RECORD}"])
-    example = render.render_page(example_signal, render.CLINICAL, header=f"LUDB record {EXAMPLE_RECORD}")
-    render.save_png(example, args.example)
+    example = draw.render_page(example_signal, page.CLINICAL, header=f"LUDB record {EXAMPLE_RECORD}")
+    png.save_png(example, args.example)
     print(f"example page: {args.example}")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +169,7 @@ def main() -> int:
         (tmp / "ours").mkdir()
         subset = signals[: args.records]
         mpl_wall, mpl_cpu = time_pages(subset, matplotlib_page, tmp / "mpl", 0.0, args.mpl_pages)
-        our_wall, our_cpu = time_pages(subset, ours(render.CLINICAL), tmp / "ours", args.seconds, len(subset))
+        our_wall, our_cpu = time_pages(subset, ours(page.CLINICAL), tmp / "ours", args.seconds, len(subset))
         print("\n== one core, 2200 x 1700 px, 3x4 + rhythm, PNG written (wall clock | per CPU second) ==")
         print(f"matplotlib reference : {mpl_wall:7.2f} | {mpl_cpu:7.2f} images/s")
         print(f"ecg_r1.imaging.render        : {our_wall:7.2f} | {our_cpu:7.2f} images/s")
@@ -181,14 +181,14 @@ def main() -> int:
         # Where the time goes: drawing versus encoding (CPU time).
         count = max(len(subset), 20)
         started = time.process_time()
-        pages = [render._draw(subset[i % len(subset)], render.CLINICAL) for i in range(count)]
+        pages = [draw._draw(subset[i % len(subset)], page.CLINICAL) for i in range(count)]
         draw_ms = (time.process_time() - started) / count * 1000
-        palette = render._palette(render.CLINICAL)
+        palette = draw._palette(page.CLINICAL)
         started = time.process_time()
-        for page in pages:
-            render._png_2bit(page, palette, render.CLINICAL.dpi)
+        for indices in pages:
+            png._png_2bit(indices, palette, page.CLINICAL.dpi)
         encode_ms = (time.process_time() - started) / count * 1000
-        images = [render.render_page(subset[i % len(subset)], render.CLINICAL) for i in range(count)]
+        images = [draw.render_page(subset[i % len(subset)], page.CLINICAL) for i in range(count)]
         started = time.process_time()
         for i, image in enumerate(images):
             image.save(tmp / "ours" / f"pil{i}.png", compress_level=1)
@@ -199,7 +199,7 @@ def main() -> int:
 
         print("\n== one core, model sizes ==")
         for width in (448, 896):
-            config = render.with_size(render.CLINICAL, width)
+            config = page.with_size(page.CLINICAL, width)
             wall, cpu = time_pages(subset, ours(config), tmp / "ours", args.seconds / 2, len(subset))
             print(f"{width} x {config.height_px} px      : {wall:7.1f} | {cpu:7.1f} images/s")
 
@@ -209,7 +209,7 @@ def main() -> int:
         rates = {}
         for workers in (1, 2):
             before_child, before_self = children_cpu(), time.process_time()
-            summary = render.render_cohort(cohort, tmp / f"images{workers}", render.CLINICAL, workers=workers)
+            summary = render.render_cohort(cohort, tmp / f"images{workers}", page.CLINICAL, workers=workers)
             cpu = children_cpu() - before_child + time.process_time() - before_self
             rates[workers] = summary.images_per_s
             print(
@@ -217,7 +217,7 @@ def main() -> int:
                 f"({summary.rendered} in {summary.seconds:.1f} s, {summary.rendered / cpu:.1f} per CPU second)"
             )
         print(f"scaling 2 vs 1       : {rates[2] / rates[1]:7.2f} x (wall clock; needs 2 idle cores)")
-        again = render.render_cohort(cohort, tmp / "images2", render.CLINICAL, workers=2)
+        again = render.render_cohort(cohort, tmp / "images2", page.CLINICAL, workers=2)
         print(
             f"re-run (cached)      : {again.rendered} rendered, {again.cached} cached in {again.seconds:.2f} s"
         )

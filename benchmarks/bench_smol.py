@@ -50,7 +50,7 @@ def main() -> None:
     import torch
     from peft import get_peft_model
 
-    from ecg_r1.imaging.render import render_page
+    from ecg_r1.imaging.draw import render_page
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.pretrained import build_pretrained_language_model
     from ecg_r1.modeling.processor import image_tokens

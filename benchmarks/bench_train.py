@@ -35,7 +35,8 @@ def make_data(root: Path, n: int) -> dict[str, str]:
     from ecg_r1.data.ingest import ingest
     from ecg_r1.data.split import split_cohort, write_splits
     from ecg_r1.data.store import read_cohort
-    from ecg_r1.imaging.render import CLINICAL, render_cohort, with_size
+    from ecg_r1.imaging.page import CLINICAL, with_size
+    from ecg_r1.imaging.render import render_cohort
     from ecg_r1.simulate import simulate_cohort
 
     simulate_cohort(root / "raw", n=n, hospitals=4, seed=0)

@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from ecg_r1.imaging.render import CLINICAL, render_page, with_size
+    from ecg_r1.imaging.draw import render_page
+    from ecg_r1.imaging.page import CLINICAL, with_size
     from ecg_r1.modeling.prompts import build_prompt
     from ecg_r1.training.rewards import accuracy_reward, format_reward
 

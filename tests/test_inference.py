@@ -46,7 +46,7 @@ def loaded(model_dir, small_profile_path):
 
 
 def page(seed: int):
-    from ecg_r1.imaging.render import render_page
+    from ecg_r1.imaging.draw import render_page
 
     signal = np.random.default_rng(seed).normal(0, 0.3, (12, 5000)).astype(np.float32)
     return render_page(signal, load_profile("tiny").render_config())

@@ -52,7 +52,7 @@ def tiny(tiny_dir):
 
 
 def rendered_page(profile):
-    from ecg_r1.imaging.render import render_page
+    from ecg_r1.imaging.draw import render_page
 
     signal = np.random.default_rng(0).normal(0, 0.2, (12, 5000)).astype(np.float32)
     return render_page(signal, profile.render_config())

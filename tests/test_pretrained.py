@@ -146,7 +146,7 @@ class TestConversion:
         assert not attention.q_proj.bias.any() and not attention.k_proj.bias.any()
 
     def test_saved_folder_reloads_and_reads_a_page(self, smol_dir, smol):
-        from ecg_r1.imaging.render import render_page
+        from ecg_r1.imaging.draw import render_page
 
         model, processor = smol
         profile = load_profile("smol")

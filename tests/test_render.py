@@ -18,16 +18,10 @@ from PIL import Image
 
 from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter
 from ecg_r1.imaging.augment import Augment
-from ecg_r1.imaging.render import (
-    CLINICAL,
-    INDEX_FILE,
-    RenderConfig,
-    content_hash,
-    render_cohort,
-    render_page,
-    render_png,
-    save_png,
-)
+from ecg_r1.imaging.draw import render_page, render_png
+from ecg_r1.imaging.page import CLINICAL, RenderConfig
+from ecg_r1.imaging.png import save_png
+from ecg_r1.imaging.render import INDEX_FILE, content_hash, render_cohort
 
 FS = 500
 t_s = np.arange(5000) / FS
@@ -607,7 +601,7 @@ class TestCli:
 
     def test_choices_match_the_renderer(self) -> None:
         from ecg_r1.cli import render as cli
-        from ecg_r1.imaging import render
+        from ecg_r1.imaging import page
 
-        assert cli.LAYOUT_NAMES == render.LAYOUTS
-        assert set(cli.PRESET_NAMES) == set(render.PRESETS)
+        assert cli.LAYOUT_NAMES == page.LAYOUTS
+        assert set(cli.PRESET_NAMES) == set(page.PRESETS)

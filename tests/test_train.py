@@ -50,7 +50,8 @@ def make_cohort(root: Path, n: int = 24, seed: int = 0, width: int = 224) -> dic
     Returns:
         ``{"cohort": dir, "splits": parquet, "images": dir}``.
     """
-    from ecg_r1.imaging.render import CLINICAL, render_cohort, with_size
+    from ecg_r1.imaging.page import CLINICAL, with_size
+    from ecg_r1.imaging.render import render_cohort
 
     rng = np.random.default_rng(seed)
     cohort_dir = root / "cohort"

@@ -90,7 +90,8 @@ def header_demographics(meta: dict[str, Any]) -> tuple[float | None, str | None]
 
 def run(args: argparse.Namespace) -> int:
     from ecg_r1.data.readers import read_record
-    from ecg_r1.imaging.render import render_page, save_png
+    from ecg_r1.imaging.draw import render_page
+    from ecg_r1.imaging.png import save_png
     from ecg_r1.modeling import inference
     from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor
     from ecg_r1.modeling.profiles import load_profile

@@ -70,7 +70,7 @@ def build_config(args: argparse.Namespace):  # -> RenderConfig (imported lazily:
     from dataclasses import replace
 
     from ecg_r1.imaging.augment import Augment
-    from ecg_r1.imaging.render import PRESETS
+    from ecg_r1.imaging.page import PRESETS
 
     changes: dict[str, object] = {}
     if args.width is not None:
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 def _render_record(path: Path, out: Path, config) -> int:
     from ecg_r1.data.canonical import CanonicalError
     from ecg_r1.data.readers import RecordError, read_record
-    from ecg_r1.imaging.render import render_png
+    from ecg_r1.imaging.draw import render_png
 
     if not (path.exists() or path.with_name(path.name + ".hea").exists()):
         raise SystemExit(

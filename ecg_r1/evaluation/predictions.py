@@ -80,7 +80,7 @@ def predict_cases(
     blank_page = None
     if ablation == "image":
         from ecg_r1.data.canonical import LEADS, N_SAMPLES
-        from ecg_r1.imaging.render import render_page
+        from ecg_r1.imaging.draw import render_page
 
         blank_page = render_page(np.zeros((len(LEADS), N_SAMPLES), np.float32), profile.render_config())
         blank_page = blank_page.convert("RGB")

@@ -31,7 +31,7 @@ import polars as pl
 
 from ecg_r1.data.labels import LabelRules
 from ecg_r1.data.split import SPLITS_FILE
-from ecg_r1.imaging.render import RenderConfig
+from ecg_r1.imaging.page import RenderConfig
 
 logger = logging.getLogger(__name__)
 

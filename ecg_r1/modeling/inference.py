@@ -31,7 +31,7 @@ def _check_examples(examples: Sequence[Mapping[str, Any]]) -> None:
         if image is None or not hasattr(image, "convert"):
             raise ValueError(
                 f"example {i} needs an 'image' (a PIL image of the rendered ECG page), got "
-                f"{type(image).__name__}; render the record with ecg_r1.imaging.render.render_page first"
+                f"{type(image).__name__}; render the record with ecg_r1.imaging.draw.render_page first"
             )
 
 

@@ -209,8 +209,8 @@ class Profile:
         return [float(w) for w in self.rewards.values()]
 
     def render_config(self) -> Any:
-        """The :class:`ecg_r1.imaging.render.RenderConfig` of the page this profile's model reads."""
-        from ecg_r1.imaging.render import RenderConfig
+        """The :class:`ecg_r1.imaging.page.RenderConfig` of the page this profile's model reads."""
+        from ecg_r1.imaging.page import RenderConfig
 
         return RenderConfig(width_px=self.image_width, height_px=self.image_height)
 
