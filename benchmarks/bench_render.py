@@ -1,4 +1,4 @@
-"""Rendering speed: ecg_r1.imaging.render against a plain matplotlib reference, side by side.
+"""Rendering speed: ecg_r1.imaging against a plain matplotlib reference, side by side.
 
 Usage:
     .venv/bin/python benchmarks/bench_render.py [--records 40] [--mpl-pages 6] [--cohort 120]
@@ -7,9 +7,10 @@ Both renderers draw the same real LUDB records (read with wfdb, canonicalised) a
 3x4 + rhythm page at the same size (2200 x 1700 px, 200 dpi: grid paper with 1 mm and 5 mm
 lines, calibration pulses, lead labels, header) and write a PNG file; the timings include
 encoding and writing. Printed: images/s of each on one core and their ratio, the renderer at
-448 and 896 px, the split between drawing and PNG encoding, a cohort rendered with 1 and 2
-worker processes (scaling), and the re-run that finds everything cached. Also writes the
-README's example page (``docs/img/ludb_example.png``).
+448 and 896 px, the split between drawing and PNG encoding, Pillow's PNG encoder (the one used)
+against the hand-written 2-bit encoder the project used to hold (time and bytes a page, at each
+preset), a cohort rendered with 1 and 2 worker processes (scaling), and the re-run that finds
+everything cached. Also writes the README's example page (``docs/img/ludb_example.png``).
 
 The machine may be shared: the load average is printed; compare figures from one run only.
 """
@@ -17,15 +18,19 @@ The machine may be shared: the load average is printed; compare figures from one
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import resource
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -99,7 +104,7 @@ def matplotlib_page(signal: np.ndarray, path: Path) -> None:
 
 
 def time_pages(
-    signals: list[np.ndarray], draw, out: Path, minimum_s: float, minimum_pages: int
+    signals: list[np.ndarray], make_page, out: Path, minimum_s: float, minimum_pages: int
 ) -> tuple[float, float]:
     """Draw pages (cycling through the signals) for at least ``minimum_s`` and ``minimum_pages``
     after one warm-up page (imports, font cache, the cached background).
@@ -107,14 +112,100 @@ def time_pages(
     Returns:
         (images per wall-clock second, images per CPU second of this process).
     """
-    draw(signals[0], out / "warmup.png")
+    make_page(signals[0], out / "warmup.png")
     pages, started, cpu = 0, time.perf_counter(), time.process_time()
     while True:
-        draw(signals[pages % len(signals)], out / f"{pages % len(signals)}.png")
+        make_page(signals[pages % len(signals)], out / f"{pages % len(signals)}.png")
         pages += 1
         elapsed = time.perf_counter() - started
         if elapsed >= minimum_s and pages >= minimum_pages:
             return pages / elapsed, pages / (time.process_time() - cpu)
+
+
+# The 4 pixels of a little-endian uint32 (a0 + a1<<8 + a2<<16 + a3<<24, each 0..3) times this
+# constant puts a0<<6 | a1<<4 | a2<<2 | a3 in bits 24-31; the other products stay below bit 24
+# or overflow past bit 31, so one multiply and one shift pack 4 pixels into a PNG byte.
+_PACK_2BIT = np.uint32((1 << 30) | (1 << 20) | (1 << 10) | 1)
+
+
+def handwritten_png_2bit(indices: np.ndarray, palette: list[int], dpi: float) -> bytes:
+    """The reference: the hand-written 2-bit palette PNG encoder ecg_r1 held before it used
+    Pillow's (IHDR, PLTE, pHYs, IDAT, IEND; filter type 0 on every row; zlib level 1)."""
+    height, width = indices.shape
+    padded_width = -(-width // 4) * 4
+    if padded_width != width or not indices.flags.c_contiguous:
+        padded = np.zeros((height, padded_width), dtype=np.uint8)
+        padded[:, :width] = indices
+        indices = padded
+    raw = np.empty((height, padded_width // 4 + 1), dtype=np.uint8)
+    raw[:, 0] = 0  # filter type None
+    raw[:, 1:] = (indices.view("<u4") * _PACK_2BIT) >> np.uint32(24)
+    per_metre = round(dpi / 0.0254)
+    chunks = [
+        b"IHDR" + struct.pack(">IIBBBBB", width, height, 2, 3, 0, 0, 0),
+        b"PLTE" + bytes(palette[:12]),
+        b"pHYs" + struct.pack(">IIB", per_metre, per_metre, 1),
+        b"IDAT" + zlib.compress(raw, 1),
+        b"IEND",
+    ]
+    body = b"".join(struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c)) for c in chunks)
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def compare_encoders(signals: list[np.ndarray], out: Path, repeats: int) -> None:
+    """Pillow's PNG encoder (what ecg_r1.imaging.png uses) against the hand-written reference on
+    the same pages at each preset: CPU ms a page for encoding alone and for the whole page (draw,
+    encode, atomic write), bytes a page, and whether both files decode to the same pixels. The
+    two alternate ``repeats`` times and each keeps its best pass (the machine may be shared)."""
+    print("\n== PNG encoder, one core: Pillow (used) | hand-written 2-bit reference, CPU ms a page ==")
+    for name, config in page.PRESETS.items():
+        print(
+            f"{name:10s} {config.width_px} x {config.height_px}: {_compare_at(config, signals, out, repeats)}"
+        )
+
+
+def _compare_at(config: page.RenderConfig, signals: list[np.ndarray], out: Path, repeats: int) -> str:
+    palette = draw._palette(config)
+    indices = [draw._draw(signal, config) for signal in signals]
+    images = [draw.render_page(signal, config) for signal in signals]
+
+    def whole_pillow(i: int) -> bytes:
+        return png.save_png(draw.render_page(signals[i], config), out / "pillow.png").read_bytes()
+
+    def whole_reference(i: int) -> bytes:
+        data = handwritten_png_2bit(draw._draw(signals[i], config), palette, config.dpi)
+        return png._write_atomic(out / "reference.png", data).read_bytes()
+
+    jobs = {
+        "encode pillow": lambda i: png.encode_png(images[i]),
+        "encode reference": lambda i: handwritten_png_2bit(indices[i], palette, config.dpi),
+        "page pillow": whole_pillow,
+        "page reference": whole_reference,
+    }
+    best = dict.fromkeys(jobs, float("inf"))
+    for job in jobs.values():
+        job(0)  # warm-up
+    for _ in range(repeats):
+        for label, job in jobs.items():
+            started = time.process_time()
+            for i in range(len(signals)):
+                job(i)
+            best[label] = min(best[label], (time.process_time() - started) / len(signals) * 1000)
+    ours = [png.encode_png(image) for image in images]
+    reference = [jobs["encode reference"](i) for i in range(len(images))]
+    same = all(
+        np.array_equal(np.asarray(Image.open(io.BytesIO(a))), np.asarray(Image.open(io.BytesIO(b))))
+        for a, b in zip(ours, reference, strict=True)
+    )
+    two_bit = all(data[24:26] == bytes((2, 3)) for data in ours)  # IHDR: bit depth 2, palette colour
+    return (
+        f"encode {best['encode pillow']:.2f} | {best['encode reference']:.2f} ms "
+        f"({best['encode pillow'] / best['encode reference']:.2f}x), "
+        f"whole page {best['page pillow']:.2f} | {best['page reference']:.2f} ms "
+        f"({best['page pillow'] / best['page reference']:.2f}x), "
+        f"{np.mean([len(d) for d in ours]) / 1024:.1f} | {np.mean([len(d) for d in reference]) / 1024:.1f} KB; "
+        f"same pixels: {same}; Pillow's files 2-bit palette: {two_bit}"
+    )
 
 
 def children_cpu() -> float:
@@ -147,6 +238,8 @@ def main() -> int:
     parser.add_argument("--mpl-pages", type=int, default=6, help="pages drawn by the matplotlib reference")
     parser.add_argument("--cohort", type=int, default=120, help="records in the 1 vs 2 worker cohort run")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
+    parser.add_argument("--encoder-pages", type=int, default=20, help="pages in the PNG encoder comparison")
+    parser.add_argument("--encoder-repeats", type=int, default=3, help="alternating passes of each encoder")
     parser.add_argument("--example", type=Path, default=ROOT / "docs" / "img" / "ludb_example.png")
     args = parser.parse_args()
 
@@ -172,7 +265,7 @@ def main() -> int:
         our_wall, our_cpu = time_pages(subset, ours(page.CLINICAL), tmp / "ours", args.seconds, len(subset))
         print("\n== one core, 2200 x 1700 px, 3x4 + rhythm, PNG written (wall clock | per CPU second) ==")
         print(f"matplotlib reference : {mpl_wall:7.2f} | {mpl_cpu:7.2f} images/s")
-        print(f"ecg_r1.imaging.render        : {our_wall:7.2f} | {our_cpu:7.2f} images/s")
+        print(f"ecg_r1.imaging.draw  : {our_wall:7.2f} | {our_cpu:7.2f} images/s")
         print(f"ratio                : {our_wall / mpl_wall:7.1f} | {our_cpu / mpl_cpu:7.1f} x")
         mpl_size = np.mean([p.stat().st_size for p in (tmp / "mpl").glob("*.png")]) / 1024
         our_size = np.mean([p.stat().st_size for p in (tmp / "ours").glob("*.png")]) / 1024
@@ -181,21 +274,14 @@ def main() -> int:
         # Where the time goes: drawing versus encoding (CPU time).
         count = max(len(subset), 20)
         started = time.process_time()
-        pages = [draw._draw(subset[i % len(subset)], page.CLINICAL) for i in range(count)]
-        draw_ms = (time.process_time() - started) / count * 1000
-        palette = draw._palette(page.CLINICAL)
-        started = time.process_time()
-        for indices in pages:
-            png._png_2bit(indices, palette, page.CLINICAL.dpi)
-        encode_ms = (time.process_time() - started) / count * 1000
         images = [draw.render_page(subset[i % len(subset)], page.CLINICAL) for i in range(count)]
+        draw_ms = (time.process_time() - started) / count * 1000
         started = time.process_time()
-        for i, image in enumerate(images):
-            image.save(tmp / "ours" / f"pil{i}.png", compress_level=1)
-        pil_ms = (time.process_time() - started) / count * 1000
-        print(
-            f"per page (CPU)       : draw {draw_ms:.1f} ms, 2-bit PNG encode {encode_ms:.1f} ms (PIL's encoder: {pil_ms:.1f} ms)"
-        )
+        for image in images:
+            png.encode_png(image)
+        encode_ms = (time.process_time() - started) / count * 1000
+        print(f"per page (CPU)       : draw {draw_ms:.1f} ms, 2-bit PNG encode {encode_ms:.1f} ms")
+        compare_encoders(subset[: args.encoder_pages], tmp, args.encoder_repeats)
 
         print("\n== one core, model sizes ==")
         for width in (448, 896):

@@ -339,16 +339,16 @@ class TestAppearance:
         assert not list(tmp_path.glob(".*tmp"))
 
     @pytest.mark.parametrize("width", [2200, 450, 449])  # 450 and 449: rows that do not fill whole bytes
-    def test_fast_png_path_decodes_to_the_same_pixels(self, tmp_path: Path, width: int) -> None:
+    def test_png_file_is_2_bit_palette_with_the_pages_pixels(self, tmp_path: Path, width: int) -> None:
         config = RenderConfig(width_px=width, color=False)
         signal = lead_marked_signal()
-        direct = render_png(signal, config, tmp_path / "direct.png")
-        image = render_page(signal, config)
-        via_pil = tmp_path / "pil.png"
-        image.save(via_pil)  # PIL's own encoder as the reference
-        back, reference = Image.open(direct), Image.open(via_pil)
-        assert back.size == reference.size == (width, config.height_px)
-        assert np.array_equal(np.asarray(back.convert("RGB")), np.asarray(reference.convert("RGB")))
+        path = render_png(signal, config, tmp_path / "page.png")
+        data = path.read_bytes()
+        assert data[12:16] == b"IHDR" and (data[24], data[25]) == (2, 3)  # bit depth 2, palette colour
+        back, image = Image.open(path), render_page(signal, config)
+        assert back.mode == "P" and len(back.getpalette()) == 12
+        assert back.size == (width, config.height_px)
+        assert np.array_equal(np.asarray(back.convert("RGB")), np.asarray(image.convert("RGB")))
         assert back.info["dpi"][0] == pytest.approx(config.dpi, abs=0.5)
 
     def test_missing_samples_leave_a_gap_not_a_crash(self) -> None:

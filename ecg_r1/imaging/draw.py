@@ -1,8 +1,8 @@
 """Draw a page: the cached background (grid, calibration pulses, labels, ticks) plus the traces.
 
 Takes: a canonical signal (12 x 5000, mV at 500 Hz) and a :class:`~.page.RenderConfig`.
-Gives: the page as a 4-colour ``"P"`` image (:func:`render_page`) or written straight to a PNG
-file (:func:`render_png`, through :mod:`.png`).
+Gives: the page as a 4-colour ``"P"`` image (:func:`render_page`) or as a PNG file
+(:func:`render_png`, through :mod:`.png`).
 
 A page is ECG grid paper (1 mm minor and 5 mm major lines) with the traces drawn at
 ``speed_mm_per_s`` and ``gain_mm_per_mv`` (25 mm/s and 10 mm/mV by default), a 1 mV calibration
@@ -12,8 +12,8 @@ line with speed, gain and sampling rate; where each goes is :func:`~.page.plan_p
 Why it is fast: everything that does not depend on the signal (grid, labels, calibration
 pulses, ticks, the fixed header) is drawn once per configuration and cached; a page is a copy of
 that array plus the traces, which are rasterised with numpy as one vertical span per pixel
-column (the way a thermal ECG printer draws them). The page holds 4 palette indices, so it is
-stored as a 2-bit palette PNG.
+column (the way a thermal ECG printer draws them). The page holds 4 palette indices, so its PNG
+is a 2-bit palette one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
 from ecg_r1.imaging.augment import augment_image
 from ecg_r1.imaging.page import CAL_PULSE_S, CLINICAL, HEADER_TOP_MM, RenderConfig, layout_rows, plan_page
-from ecg_r1.imaging.png import _png_2bit, _write_atomic, save_png
+from ecg_r1.imaging.png import save_png
 
 # Palette indices of a page; PNG stores 4 indices in 2 bits a pixel.
 BACKGROUND, MINOR, MAJOR, INK = 0, 1, 2, 3
@@ -268,8 +268,5 @@ def render_page(signal: np.ndarray, config: RenderConfig = CLINICAL, header: str
 
 
 def render_png(signal: np.ndarray, config: RenderConfig, path: str | Path, header: str = "") -> Path:
-    """Render a page straight to a PNG file: the same pixels as ``save_png(render_page(...))``,
-    without building a PIL image when there is no header text and no augmentation."""
-    if header or config.augment.enabled:
-        return save_png(render_page(signal, config, header), path)
-    return _write_atomic(Path(path), _png_2bit(_draw(signal, config), _palette(config), config.dpi))
+    """Render a page to a PNG file (:func:`render_page`, then :func:`~.png.save_png`)."""
+    return save_png(render_page(signal, config, header), path)

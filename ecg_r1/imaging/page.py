@@ -31,7 +31,8 @@ from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
 from ecg_r1.imaging.augment import Augment
 
 # Bump whenever a change to this module or to :mod:`.draw` changes the pixels of a page: it is
-# part of the content hash, so every cached image is re-rendered once.
+# part of the content hash, so every cached image is re-rendered once. A change of PNG encoding
+# alone (:mod:`.png`) that keeps the pixels needs no bump.
 RENDERER_VERSION = "1"
 
 LAYOUTS: tuple[str, ...] = ("3x4+rhythm", "6x2", "12x1")
