@@ -21,9 +21,10 @@ import numpy as np
 import polars as pl
 
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
+from ecg_r1.data.expectations import ValidationConfig
 from ecg_r1.data.signal_checks import signal_quality
 from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter, open_signals
-from ecg_r1.data.validate import ValidationConfig, validate_cohort, validate_cohort_dir
+from ecg_r1.data.validate import validate_cohort, validate_cohort_dir
 
 
 def table(n: int) -> pl.DataFrame:

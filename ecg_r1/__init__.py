@@ -9,7 +9,7 @@ A plain library (no Dagster import), one package per pipeline stage, in pipeline
 * :mod:`ecg_r1.modeling`: profiles, the Qwen2-VL model, prompts and inference;
 * :mod:`ecg_r1.training`: vision pre-training, SFT and GRPO with TRL;
 * :mod:`ecg_r1.evaluation`: metrics with intervals, baselines, comparison, report, promotion;
-* :mod:`ecg_r1.tracking.runs`: git/DVC provenance and MLflow runs and models;
+* :mod:`ecg_r1.tracking`: git/DVC provenance, MLflow runs and registered models;
 * :mod:`ecg_r1.cli`: the ``ecg-r1`` command.
 
 The Dagster project in ``dagster_project/`` and the CLI are thin callers of these packages.

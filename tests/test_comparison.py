@@ -299,6 +299,7 @@ class TestEvaluateCommand:
         import mlflow
         from ecg_r1.cli import main
         from ecg_r1.evaluation import registry
+        from ecg_r1.tracking import model_registry
         from ecg_r1.tracking import runs as tracking
 
         seed_mlflow_db(tmp_path / "mlflow" / "mlflow.db")
@@ -308,7 +309,7 @@ class TestEvaluateCommand:
         tracking.configure(tmp_path)
         try:
             with tracking.start_or_resume_run("tiny-test", "sft") as run:
-                version = tracking.register_model_version(run.info.run_id, setup["model"], "ecg-r1-sft")
+                version = model_registry.register_model_version(run.info.run_id, setup["model"], "ecg-r1-sft")
             out = tmp_path / "out"
             common = ["--cohort", str(setup["cohort"]), "--splits", str(setup["splits"])]
             common += ["--images", str(setup["images"]), "--profile", str(setup["profile"])]
@@ -320,7 +321,7 @@ class TestEvaluateCommand:
                 == 0
             )
             assert json.loads((out / registry.REGISTRY_FILE).read_text()) == {"SFT": f"ecg-r1-sft/{version}"}
-            version_run = tracking.version_run_id("ecg-r1-sft", version)
+            version_run = model_registry.version_run_id("ecg-r1-sft", version)
             metrics = mlflow.MlflowClient().get_run(version_run).data.metrics
             assert any(key.startswith("test_external") for key in metrics), sorted(metrics)
             artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(version_run, "evaluation")}
@@ -328,7 +329,7 @@ class TestEvaluateCommand:
 
             assert main(["promote", "--evaluation", str(out), "--mlflow-root", str(tmp_path)]) == 0
             assert "promoted" in capsys.readouterr().out
-            assert tracking.alias_version("ecg-r1-sft", "champion") == version
+            assert model_registry.alias_version("ecg-r1-sft", "champion") == version
             (decision,) = json.loads((out / registry.PROMOTION_FILE).read_text())
             assert decision["model"] == "ecg-r1-sft" and decision["decision"] == "promoted"
         finally:

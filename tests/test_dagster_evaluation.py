@@ -23,6 +23,7 @@ from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.modeling.prompts import format_target, parse_completion
+from ecg_r1.tracking import model_registry
 from ecg_r1.tracking import runs as tracking
 
 # every test here materializes trained models and the comparison (~25 s in all)
@@ -95,7 +96,7 @@ def stage(models_dir: Path, asset: str, model_dir: Path, registered: str) -> Non
 
 def register(profile_name: str, model_dir: Path, name: str) -> str:
     with tracking.start_or_resume_run(profile_name, f"train {name}") as run:
-        version = tracking.register_model_version(run.info.run_id, model_dir, name)
+        version = model_registry.register_model_version(run.info.run_id, model_dir, name)
     return f"{name}/{version}"
 
 
@@ -191,7 +192,7 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     stage(models, "grpo_model", home["untrained"], register(profile_name, home["untrained"], "ecg-r1-grpo"))
     result = materialize(home, ("GRPO", "SFT"))
     assert result.success
-    assert tracking.alias_version("ecg-r1-sft", "champion") == 1
+    assert model_registry.alias_version("ecg-r1-sft", "champion") == 1
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {
         "check_evaluation_metrics_finite": True,
@@ -218,9 +219,9 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     assert evaluation_run.info.experiment_id == tracking.experiment_for(profile_name)
     artifacts = {a.path for a in MlflowClient().list_artifacts(evaluation_run.info.run_id, "evaluation")}
     assert "evaluation/comparison.md" in artifacts and "evaluation/plots" in artifacts
-    assert tracking.alias_version("ecg-r1-grpo", "champion") == 1
+    assert model_registry.alias_version("ecg-r1-grpo", "champion") == 1
     # The metrics sit on the version's run, so the MLflow UI compares versions side by side.
-    run = MlflowClient().get_run(tracking.version_run_id("ecg-r1-grpo", 1))
+    run = MlflowClient().get_run(model_registry.version_run_id("ecg-r1-grpo", 1))
     assert run.data.metrics["test_external/accuracy"] == 0.0
     assert run.data.metrics["test_external/n"] == 8
 
@@ -233,7 +234,7 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     assert (
         promotion["ecg_r1_grpo_challenger_accuracy"].value > promotion["ecg_r1_grpo_champion_accuracy"].value
     )
-    assert tracking.alias_version("ecg-r1-grpo", "champion") == 2
+    assert model_registry.alias_version("ecg-r1-grpo", "champion") == 2
 
     # 3. A worse challenger (never right) is refused: the champion stays.
     stage(models, "grpo_model", home["untrained"], register(profile_name, home["untrained"], "ecg-r1-grpo"))
@@ -241,8 +242,8 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     promotion = metadata(result, "model_promotion")
     assert promotion["ecg_r1_grpo_decision"].value == "refused"
     assert promotion["ecg_r1_grpo_mcnemar_p_mid"].value < 0.1
-    assert tracking.alias_version("ecg-r1-grpo", "champion") == 2
-    assert tracking.alias_version("ecg-r1-grpo", "challenger") == 3
+    assert model_registry.alias_version("ecg-r1-grpo", "champion") == 2
+    assert model_registry.alias_version("ecg-r1-grpo", "challenger") == 3
     tags = MlflowClient().get_model_version("ecg-r1-grpo", "3").tags
     assert tags["promotion.decision"] == "refused"
 

@@ -352,9 +352,9 @@ class TestDuplicateSignals:
     def test_same_signal_under_another_patient_or_hospital_is_quarantined(
         self, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import ecg_r1.data.ingest as ingest_module
+        import ecg_r1.data.record_loader as record_loader
 
-        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 1)  # the first record must win across workers
+        monkeypatch.setattr(record_loader, "CHUNK_SIZE", 1)  # the first record must win across workers
         export = _manifest(
             tmp_path / "export",
             [
@@ -521,9 +521,9 @@ class TestRecordTimeout:
         """Make reading ``record_id`` hang (workers are forked: they inherit the patch)."""
         import time
 
-        import ecg_r1.data.ingest as ingest_module
+        import ecg_r1.data.record_loader as record_loader
 
-        real = ingest_module.load_ref
+        real = record_loader.load_ref
 
         def hanging(ref, rules, out=None):
             if ref.record_id.endswith(f"/{record_id}"):
@@ -532,15 +532,15 @@ class TestRecordTimeout:
                 time.sleep(TestRecordTimeout.HANG_S)
             return real(ref, rules, out=out)
 
-        monkeypatch.setattr(ingest_module, "load_ref", hanging)
+        monkeypatch.setattr(record_loader, "load_ref", hanging)
 
     @pytest.mark.parametrize("workers", [1, 2])
     def test_hanging_record_is_quarantined_and_the_rest_load(
         self, export: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import ecg_r1.data.ingest as ingest_module
+        import ecg_r1.data.record_loader as record_loader
 
-        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 2)
+        monkeypatch.setattr(record_loader, "CHUNK_SIZE", 2)
         self._hang_on(monkeypatch, "E3")
         summary = ingest([export], tmp_path / "out", workers=workers, record_timeout_s=self.LIMIT_S)
         assert _reasons(tmp_path / "out") == {"E3": "timeout"}
@@ -559,10 +559,10 @@ class TestRecordTimeout:
     def test_worker_stuck_beyond_signals_is_ended_and_only_its_record_lost(
         self, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import ecg_r1.data.ingest as ingest_module
+        import ecg_r1.data.record_loader as record_loader
 
-        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 2)
-        monkeypatch.setattr(ingest_module, "STUCK_GRACE_S", 0.5)
+        monkeypatch.setattr(record_loader, "CHUNK_SIZE", 2)
+        monkeypatch.setattr(record_loader, "STUCK_GRACE_S", 0.5)
         self._hang_on(monkeypatch, "E2", block_alarm=True)
         summary = ingest([export], tmp_path / "out", workers=2, record_timeout_s=self.LIMIT_S)
         assert _reasons(tmp_path / "out") == {"E2": "timeout"}
@@ -610,10 +610,10 @@ class TestAtomicOutputs:
         assert [p.name for p in out.parent.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
 
     def test_interrupted_ingest_leaves_the_old_cohort(self, cohort, monkeypatch: pytest.MonkeyPatch) -> None:
-        import ecg_r1.data.ingest as ingest_module
+        import ecg_r1.data.record_loader as record_loader
 
         folder, out, files = cohort
-        real = ingest_module._load_chunk
+        real = record_loader._load_chunk
         calls = []
 
         def interrupt_second_chunk(task):
@@ -622,8 +622,8 @@ class TestAtomicOutputs:
                 raise KeyboardInterrupt
             return real(task)
 
-        monkeypatch.setattr(ingest_module, "CHUNK_SIZE", 1)
-        monkeypatch.setattr(ingest_module, "_load_chunk", interrupt_second_chunk)
+        monkeypatch.setattr(record_loader, "CHUNK_SIZE", 1)
+        monkeypatch.setattr(record_loader, "_load_chunk", interrupt_second_chunk)
         with pytest.raises(KeyboardInterrupt):
             ingest([folder], out, workers=1)
         self._unchanged(out, files)

@@ -208,10 +208,11 @@ class TestPredictCli:
 
     def test_reads_a_registered_version(self, registry, model_dir, small_profile_path, capsys):
         from ecg_r1.cli import main
+        from ecg_r1.tracking import model_registry
         from ecg_r1.tracking import runs as tracking
 
         with tracking.start_or_resume_run("tiny", "grpo") as run:
-            version = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
+            version = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
         record = write_record(registry / "records")
         args = [
             "predict",

@@ -9,6 +9,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
+from ecg_r1.tracking import model_registry  # noqa: E402
 from ecg_r1.tracking import runs as tracking  # noqa: E402
 
 
@@ -168,72 +169,72 @@ class TestLogParamsFlat:
 class TestRegistry:
     def test_versions_aliases_and_loading(self, store, model_dir, tmp_path):
         with tracking.start_or_resume_run("tiny", "sft") as run:
-            first = tracking.register_model_version(
+            first = model_registry.register_model_version(
                 run.info.run_id, model_dir, "ecg-r1-sft", tags={"data_version": "abc", "profile": "tiny"}
             )
         (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "v": 2}))
         with tracking.start_or_resume_run("tiny", "sft") as run2:
-            second = tracking.register_model_version(run2.info.run_id, model_dir, "ecg-r1-sft")
+            second = model_registry.register_model_version(run2.info.run_id, model_dir, "ecg-r1-sft")
         assert second == first + 1
         version = mlflow.MlflowClient().get_model_version("ecg-r1-sft", str(first))
         assert version.tags == {"data_version": "abc", "profile": "tiny"}
         assert version.run_id == run.info.run_id
 
-        tracking.set_alias("ecg-r1-sft", "champion", first)
-        by_alias = tracking.load_registered("models:/ecg-r1-sft@champion", dst=tmp_path / "a")
-        by_number = tracking.load_registered(f"models:/ecg-r1-sft/{second}", dst=tmp_path / "b")
+        model_registry.set_alias("ecg-r1-sft", "champion", first)
+        by_alias = model_registry.load_registered("models:/ecg-r1-sft@champion", dst=tmp_path / "a")
+        by_number = model_registry.load_registered(f"models:/ecg-r1-sft/{second}", dst=tmp_path / "b")
         assert json.loads((by_alias / "config.json").read_text()) == {"model_type": "qwen2_vl"}
         assert json.loads((by_number / "config.json").read_text())["v"] == 2
         assert (by_alias / "model.safetensors").stat().st_size == 64
-        assert tracking.resolve_version("ecg-r1-sft@champion") == ("ecg-r1-sft", first)
+        assert model_registry.resolve_version("ecg-r1-sft@champion") == ("ecg-r1-sft", first)
 
     def test_default_destination_is_a_reused_cache(self, store, model_dir):
         with tracking.start_or_resume_run("tiny", "grpo") as run:
-            number = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
+            number = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
         root, _ = store
-        first = tracking.load_registered(f"models:/ecg-r1-grpo/{number}")
+        first = model_registry.load_registered(f"models:/ecg-r1-grpo/{number}")
         assert first == (root / "mlflow" / "cache" / "ecg-r1-grpo" / str(number)).resolve()
         assert (first / "config.json").is_file()
         (first / "marker").write_text("kept")  # a second call reuses the folder, no new download
-        assert tracking.load_registered(f"models:/ecg-r1-grpo/{number}") == first
+        assert model_registry.load_registered(f"models:/ecg-r1-grpo/{number}") == first
         assert (first / "marker").is_file()
 
     def test_unknown_version_or_alias_is_a_clear_error(self, store, model_dir):
         with tracking.start_or_resume_run("tiny", "sft") as run:
-            tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-sft")
+            model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-sft")
         with pytest.raises(ValueError, match="not in the registry"):
-            tracking.load_registered("models:/ecg-r1-sft/999")
+            model_registry.load_registered("models:/ecg-r1-sft/999")
         with pytest.raises(ValueError, match="not in the registry"):
-            tracking.load_registered("models:/ecg-r1-sft@nobody")
+            model_registry.load_registered("models:/ecg-r1-sft@nobody")
 
     def test_version_stored_outside_the_store_is_refused(self, store, model_dir, tmp_path):
         """A registry entry may point anywhere; models load only from the store's own artifacts."""
         client = mlflow.MlflowClient()
         elsewhere = client.create_experiment("elsewhere", artifact_location=(tmp_path / "x").as_uri())
         run = client.create_run(elsewhere)
-        number = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-elsewhere")
+        number = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-elsewhere")
         with pytest.raises(ValueError, match="outside this store's artifacts"):
-            tracking.load_registered(f"models:/ecg-r1-elsewhere/{number}", dst=tmp_path / "dst")
+            model_registry.load_registered(f"models:/ecg-r1-elsewhere/{number}", dst=tmp_path / "dst")
         assert not (tmp_path / "dst" / "config.json").exists()
 
     @pytest.mark.parametrize("uri", ["models:/ecg-r1-sft", "ecg-r1-sft/latest", "models:/@x"])
     def test_malformed_uri_is_refused(self, uri):
         with pytest.raises(ValueError, match="cannot read model URI"):
-            tracking.resolve_version(uri)
+            model_registry.resolve_version(uri)
 
     def test_a_folder_without_a_model_is_refused(self, store, tmp_path):
         with (
             tracking.start_or_resume_run("tiny", "x") as run,
             pytest.raises(ValueError, match="not a model folder"),
         ):
-            tracking.register_model_version(run.info.run_id, tmp_path, "ecg-r1-sft")
+            model_registry.register_model_version(run.info.run_id, tmp_path, "ecg-r1-sft")
 
 
 class TestVersionEvaluation:
     def test_metrics_land_on_the_version_run_and_its_tags(self, store, model_dir):
         with tracking.start_or_resume_run("tiny", "grpo") as run:
-            version = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-eval")
-        run_id = tracking.log_version_metrics(
+            version = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-eval")
+        run_id = model_registry.log_version_metrics(
             "ecg-r1-eval",
             version,
             {"external/accuracy": 0.71, "external/auroc": float("nan")},
@@ -246,16 +247,16 @@ class TestVersionEvaluation:
         assert tags["metric.external/accuracy"] == "0.71" and tags["eval"] == "v1"
 
     def test_alias_version_is_none_until_set(self, store, model_dir):
-        assert tracking.alias_version("ecg-r1-none", "champion") is None
+        assert model_registry.alias_version("ecg-r1-none", "champion") is None
         with tracking.start_or_resume_run("tiny", "grpo") as run:
-            version = tracking.register_model_version(run.info.run_id, model_dir, "ecg-r1-alias")
-        assert tracking.alias_version("ecg-r1-alias", "champion") is None
-        tracking.set_alias("ecg-r1-alias", "champion", version)
-        assert tracking.alias_version("ecg-r1-alias", "champion") == version
+            version = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-alias")
+        assert model_registry.alias_version("ecg-r1-alias", "champion") is None
+        model_registry.set_alias("ecg-r1-alias", "champion", version)
+        assert model_registry.alias_version("ecg-r1-alias", "champion") == version
 
     def test_unknown_version_is_a_clear_error(self, store):
         with pytest.raises(ValueError, match="not in the registry"):
-            tracking.version_run_id("ecg-r1-alias", 99)
+            model_registry.version_run_id("ecg-r1-alias", 99)
 
 
 class TestProvenance:

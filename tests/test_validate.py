@@ -1,4 +1,4 @@
-"""The Great Expectations suite on the cohort (ecg_r1.data.validate)."""
+"""The Great Expectations suite on the cohort (ecg_r1.data.expectations, ecg_r1.data.validate)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import polars as pl
 import pytest
 
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
+from ecg_r1.data.expectations import ValidationConfig
 from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, QUARANTINE_SCHEMA, SignalWriter
 from ecg_r1.data.validate import (
     VALIDATED_FILE,
     VALIDATION_QUARANTINE_FILE,
-    ValidationConfig,
     ValidationResult,
     clear_validation,
     read_validated_cohort,

@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
 def _log(args: argparse.Namespace, result: Any, experiment: str) -> None:
     """Log the comparison as the ``model_comparison`` asset does (:mod:`ecg_r1.evaluation.registry`)."""
     from ecg_r1.evaluation import registry
+    from ecg_r1.tracking import model_registry
     from ecg_r1.tracking import runs as tracking
 
     tracking.configure(args.mlflow_root)
@@ -173,7 +174,7 @@ def _log(args: argparse.Namespace, result: Any, experiment: str) -> None:
     for spec in args.model:
         name, model = _row_name(spec)
         if model.startswith("models:/"):
-            versions[name] = tracking.resolve_version(model)
+            versions[name] = model_registry.resolve_version(model)
         else:  # a training stage folder knows the version it registered; a model folder none
             versions[name] = registry.stage_version(Path(model))
     logged = registry.log_comparison(

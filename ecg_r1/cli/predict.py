@@ -70,12 +70,13 @@ def resolve_model_dir(model: str, mlflow_root: Path) -> Path:
         raise SystemExit(
             f"--model {model!r} is neither a model folder nor a models:/NAME/VERSION registry URI"
         )
+    from ecg_r1.tracking import model_registry
     from ecg_r1.tracking import runs as tracking
 
     try:
-        tracking.parse_model_uri(model)  # a malformed URI is refused before any store is touched
+        model_registry.parse_model_uri(model)  # a malformed URI is refused before any store is touched
         tracking.open_store(mlflow_root)
-        return tracking.load_registered(model)
+        return model_registry.load_registered(model)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
 

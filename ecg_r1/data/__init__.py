@@ -4,7 +4,8 @@ and patient.
 
 Takes: a folder of raw records. Gives: ``cohort.parquet`` + ``signals.f32`` (:mod:`.store`),
 quarantine and validation reports, ``splits.parquet``. In pipeline order: :mod:`.readers`,
-:mod:`.canonical`, :mod:`.labels`, :mod:`.signal_checks`, :mod:`.ingest`, :mod:`.store`,
-:mod:`.validate`, :mod:`.split`; :mod:`.features` measures the signal for the baselines, the
-vision targets and the findings.
+:mod:`.canonical`, :mod:`.labels`, :mod:`.signal_checks`, :mod:`.ingest` (with
+:mod:`.screening` and :mod:`.record_loader`), :mod:`.store`, :mod:`.validate` (running the
+suite of :mod:`.expectations`), :mod:`.split`; :mod:`.features` measures the signal for the
+baselines, the vision targets and the findings.
 """

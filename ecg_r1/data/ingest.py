@@ -1,16 +1,20 @@
 """Ingest: read every record of the given inputs into one cohort folder (see :mod:`ecg_r1.data.store`).
 
+Takes: input folders or manifest CSVs, the label rules, the cohort folder to write. Gives: that
+cohort folder, replaced as a whole under a lock, and an :class:`IngestSummary`.
+
 Steps:
 
 1. **Discover** each input's layout and records (tables and file names only).
-2. **Screen** the metadata: a repeated record id keeps its first occurrence; a patient id found
-   in two hospitals is refused in all of them (a patient must belong to one hospital, or
-   held-out hospitals leak into training).
-3. **Load** records in chunks, in ``workers`` processes: header, signal, canonical form, signal
-   checks, source metadata and label. Each worker writes its signals straight into its slots
-   of the signal file, so memory holds one chunk, not the cohort.
+2. **Screen** the metadata (:func:`ecg_r1.data.screening.screen`): a repeated record id keeps its
+   first occurrence; a patient id found in two hospitals is refused in all of them (a patient
+   must belong to one hospital, or held-out hospitals leak into training).
+3. **Load** records in chunks, in ``workers`` processes (:mod:`ecg_r1.data.record_loader`):
+   header, signal, canonical form, signal checks, source metadata and label. Each worker writes
+   its signals straight into its slots of the signal file, so memory holds one chunk, not the
+   cohort.
 4. **Screen** the signals: a record whose signal file has the content (sha256) of an earlier
-   loaded record is refused (see :func:`screen_duplicate_signals`).
+   loaded record is refused (see :func:`ecg_r1.data.screening.screen_duplicate_signals`).
 5. **Write** ``cohort.parquet``, ``quarantine.parquet``, ``signals.f32``/``.json`` and
    ``summary.json``.
 
@@ -24,17 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,20 +43,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ecg_r1.data.canonical import LEADS, N_SAMPLES
 from ecg_r1.data.labels import LABELS, LabelRules, load_rules
-from ecg_r1.data.readers import RECORD_ERRORS, discover, load_ref
-from ecg_r1.data.readers.records import (
-    DUPLICATE_RECORD_ID,
-    DUPLICATE_SIGNAL,
-    PATIENT_IN_TWO_HOSPITALS,
-    READ_ERROR,
-    RECORD_TIMEOUT,
-    UNRECOGNISED_CODES,
-    Quarantine,
-    RecordRef,
-)
-from ecg_r1.data.signal_checks import signal_issues
+from ecg_r1.data.readers import discover
+from ecg_r1.data.readers.records import UNRECOGNISED_CODES, Quarantine, RecordRef
+from ecg_r1.data.record_loader import load_records
+from ecg_r1.data.screening import screen, screen_duplicate_signals
 from ecg_r1.data.store import (
     COHORT_FILE,
     COHORT_SCHEMA,
@@ -68,11 +59,6 @@ from ecg_r1.data.store import (
 
 logger = logging.getLogger(__name__)
 
-# Records a worker handles per task: large enough to vectorise the signal checks and amortise
-# inter-process overhead, small enough to keep memory at a few MB per worker.
-CHUNK_SIZE = 64
-# Records checked together: 8 x 12 x 5000 float32 (1.9 MB) stays in the CPU cache.
-CHECK_BATCH = 8
 # Longest one record may take to read (seconds of wall-clock time), after which it is quarantined
 # as ``timeout`` and the batch goes on. A 10 s record reads in about a millisecond and the size
 # limits of :mod:`ecg_r1.data.readers.confined_read` and
@@ -80,10 +66,6 @@ CHECK_BATCH = 8
 # file that hangs (a stalled disk, a pathological parse) reaches it. ``ecg-r1 ingest
 # --record-timeout`` and the ``raw_cohort`` asset's config default to this.
 RECORD_TIMEOUT_S = 10.0
-# A worker that does not answer within its chunk's time (the per-record limit for each record
-# plus one more, plus this grace for process scheduling on a busy machine) is stuck where the
-# limit's signal cannot reach it (in C code that blocks signals); see :func:`_load_in_pool`.
-STUCK_GRACE_S = 5.0
 
 
 @dataclass
@@ -232,7 +214,7 @@ def _ingest_into(
     rows: list[dict[str, Any]] = []
     unrecognised: Counter[str] = Counter()
     bar = _progress(len(refs), progress)
-    for chunk_rows, chunk_refused in _load_all(refs, rules, str(slots.path), workers, record_timeout_s):
+    for chunk_rows, chunk_refused in load_records(refs, rules, str(slots.path), workers, record_timeout_s):
         for row in chunk_rows:
             unrecognised.update(row.pop(UNRECOGNISED_CODES, ()))
         rows.extend(chunk_rows)
@@ -278,353 +260,6 @@ def _ingest_into(
     for reason, count in summary.quarantined.items():
         logger.warning("quarantined %d record(s): %s (see %s)", count, reason, out_dir / QUARANTINE_FILE)
     return summary
-
-
-def screen(refs: list[RecordRef]) -> tuple[list[RecordRef], list[Quarantine]]:
-    """Refuse repeated record ids (after the first) and patients found in more than one hospital.
-
-    Returns:
-        (records kept, in input order; refused records).
-    """
-    kept: list[RecordRef] = []
-    refused: list[Quarantine] = []
-    first_source: dict[str, str] = {}
-    for ref in refs:
-        if ref.record_id in first_source:
-            refused.append(
-                Quarantine.of(
-                    ref,
-                    DUPLICATE_RECORD_ID,
-                    f"record id {ref.record_id!r} was already read from {first_source[ref.record_id]}; "
-                    "record ids must be unique: rename one of them, or drop the copy if it is the same record",
-                )
-            )
-            continue
-        first_source[ref.record_id] = ref.header_path
-        kept.append(ref)
-    hospitals: dict[str, set[str]] = defaultdict(set)
-    for ref in kept:
-        hospitals[ref.patient_id].add(ref.hospital)
-    conflicted = {patient for patient, where in hospitals.items() if len(where) > 1}
-    if not conflicted:
-        return kept, refused
-    out = []
-    for ref in kept:
-        if ref.patient_id in conflicted:
-            refused.append(
-                Quarantine.of(
-                    ref,
-                    PATIENT_IN_TWO_HOSPITALS,
-                    f"patient id {ref.patient_id!r} appears in hospitals {sorted(hospitals[ref.patient_id])}; "
-                    "a patient must belong to one hospital (or held-out hospitals leak into training): if "
-                    "these are different people make the ids unique per hospital (e.g. prefix the hospital), "
-                    "if it is one person give all their records one hospital",
-                )
-            )
-        else:
-            out.append(ref)
-    return out, refused
-
-
-def screen_duplicate_signals(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Quarantine]]:
-    """Refuse each loaded record whose signal checksum an earlier row (in input order) has.
-
-    One recording under two patients or hospitals is a mix-up (and, across hospitals, a leak of a
-    test record into training); the same patient's record exported twice would count one
-    recording twice in training and evaluation. Either way the first record is kept and the
-    repeat refused with a message naming it: which of the two is right only the user can tell.
-
-    Args:
-        rows: cohort rows (with ``checksum``), in input order.
-
-    Returns:
-        (rows kept, in order; refused records).
-    """
-    kept: list[dict[str, Any]] = []
-    refused: list[Quarantine] = []
-    first: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        checksum = row["checksum"]
-        original = first.get(checksum) if checksum else None
-        if original is None:
-            if checksum:
-                first[checksum] = row
-            kept.append(row)
-            continue
-        same_patient = (row["patient_id"], row["hospital"]) == (original["patient_id"], original["hospital"])
-        where = (
-            "a re-export of the same patient's record: the first is kept; drop the copy"
-            if same_patient
-            else f"which belongs to another patient ({original['patient_id']!r}, hospital "
-            f"{original['hospital']!r}): one recording cannot belong to two patients; keep it only "
-            "under the right one"
-        )
-        refused.append(
-            _refused_row(
-                row,
-                DUPLICATE_SIGNAL,
-                f"same signal (sha256 {checksum[:12]}) as record {original['record_id']!r} read from "
-                f"{original['source_path']}, {where}",
-            )
-        )
-    return kept, refused
-
-
-def _refused_row(row: dict[str, Any], reason: str, message: str) -> Quarantine:
-    """Quarantine a record that was read (its cohort row), the message prefixed with its file."""
-    return Quarantine(
-        source_path=row["source_path"],
-        reason=reason,
-        message=f"{row['source_path']}: {message}",
-        record_id=row["record_id"],
-        patient_id=row["patient_id"],
-        hospital=row["hospital"],
-        source_format=row["source_format"],
-    )
-
-
-def _load_all(
-    refs: list[RecordRef], rules: LabelRules, signals_path: str, workers: int, timeout_s: float
-) -> Iterator[tuple[list[dict[str, Any]], list[Quarantine]]]:
-    """Load every record in chunks, in this process or in ``workers`` processes.
-
-    Each record gets ``timeout_s`` seconds (see :func:`_read_one`). In this process the limit's
-    SIGALRM needs the main thread (Python runs signal handlers only there); elsewhere (e.g. an
-    orchestrator's thread) one worker process reads instead.
-    """
-    tasks = [(start, refs[start : start + CHUNK_SIZE]) for start in range(0, len(refs), CHUNK_SIZE)]
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if (workers <= 1 or len(tasks) <= 1) and in_main_thread:
-        _init_worker(rules, signals_path, timeout_s)  # in this process: its own Ctrl-C handling stays
-        try:
-            yield from map(_load_chunk, tasks)
-        finally:
-            _close_worker()
-        return
-    yield from _load_in_pool(tasks, rules, signals_path, max(workers, 1), timeout_s)
-
-
-def _load_in_pool(
-    tasks: list[tuple[int, list[RecordRef]]],
-    rules: LabelRules,
-    signals_path: str,
-    workers: int,
-    timeout_s: float,
-) -> Iterator[tuple[list[dict[str, Any]], list[Quarantine]]]:
-    """Load chunks in a pool of forked workers, replacing the pool when a worker is stuck.
-
-    Each worker limits each record itself (SIGALRM, :func:`_read_one`); that covers Python code
-    and system calls, which a signal interrupts. A worker stuck where no signal handler can run
-    (C code blocking signals) is caught here: a chunk whose result is later than its records'
-    limits allow is given up, the pool ended (its processes with it) and a new one started for the
-    chunks not done; the stuck chunk's records are retried one a task, so only the record that
-    hangs is quarantined. Chunks are waited on in submission order and workers take them in that
-    order, so each wait starts after its chunk started: the deadline is never too short.
-    """
-    # fork: workers inherit the imported modules (a spawned interpreter needs ~1 s to import them).
-    context = multiprocessing.get_context("fork")
-    queue = list(tasks)
-    while queue:
-        batch, queue = queue, []
-        pool = context.Pool(
-            min(workers, len(batch)), initializer=_init_pool_worker, initargs=(rules, signals_path, timeout_s)
-        )
-        try:
-            submitted = [(task, pool.apply_async(_load_chunk, (task,))) for task in batch]
-            for index, (task, result) in enumerate(submitted):
-                deadline = timeout_s * (len(task[1]) + 1) + STUCK_GRACE_S
-                try:
-                    loaded = result.get(timeout=deadline)
-                except multiprocessing.TimeoutError:
-                    start, chunk = task
-                    logger.warning(
-                        "a worker reading %d record(s) from %s is stuck", len(chunk), chunk[0].header_path
-                    )
-                    if len(chunk) == 1:
-                        yield [], [_timed_out(chunk[0], deadline, stuck=True)]
-                    else:
-                        queue.extend((start + offset, [ref]) for offset, ref in enumerate(chunk))
-                    queue.extend(rest for rest, _ in submitted[index + 1 :])
-                    break
-                yield loaded
-        finally:
-            pool.terminate()  # SIGTERM: a worker's default action, whatever C code it is stuck in
-            pool.join()
-
-
-def _timed_out(ref: RecordRef, seconds: float, stuck: bool = False) -> Quarantine:
-    what = (
-        f"the process reading it stopped responding for {seconds:g} s and was ended"
-        if stuck
-        else f"reading it took longer than the {seconds:g} s a record may take"
-    )
-    return Quarantine.of(
-        ref,
-        RECORD_TIMEOUT,
-        f"{ref.header_path}: {what}; a valid 10 s record reads in milliseconds, so its files are "
-        "malformed or on a stalled disk: check them (or raise --record-timeout if the record is valid "
-        "and the disk slow)",
-    )
-
-
-_WORKER: dict[str, Any] = {}
-
-
-class _RecordTimeout(BaseException):
-    """Raised by SIGALRM in the middle of a record that overran its time. A BaseException, like
-    KeyboardInterrupt: a reader's (or a library's) ``except Exception`` must not turn it into
-    another error or swallow it."""
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    # Only while a record is being read: an alarm that arrives as the record finishes is late.
-    if _WORKER.get("armed"):
-        _WORKER["armed"] = False
-        raise _RecordTimeout
-
-
-def _init_pool_worker(rules: LabelRules, signals_path: str, timeout_s: float) -> None:
-    # A forked worker inherits its parent's signal handlers (an orchestrator's, say); the pool
-    # ends its workers with SIGTERM, which must just end them. Ctrl-C reaches the whole process
-    # group: the parent handles it (and ends the pool), so a worker ignores it. Never done in the
-    # parent itself, or a 1-worker ingest could not be interrupted.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(rules, signals_path, timeout_s)
-
-
-def _init_worker(rules: LabelRules, signals_path: str, timeout_s: float) -> None:
-    """Set up this process for :func:`_load_chunk` (the main thread: it installs a SIGALRM handler)."""
-    _WORKER["rules"] = rules
-    _WORKER["fd"] = os.open(signals_path, os.O_WRONLY)
-    _WORKER["timeout"] = timeout_s
-    _WORKER["armed"] = False
-    # Whatever alarm the caller had set (a test's, an orchestrator's) is put back by _close_worker,
-    # less the time spent here.
-    _WORKER["previous_alarm"] = (
-        signal.signal(signal.SIGALRM, _on_alarm),
-        signal.setitimer(signal.ITIMER_REAL, 0)[0],
-        time.monotonic(),
-    )
-
-
-def _close_worker() -> None:
-    _WORKER.pop("buffer", None)
-    fd = _WORKER.pop("fd", None)
-    if fd is not None:
-        os.close(fd)
-    previous = _WORKER.pop("previous_alarm", None)
-    if previous is not None:
-        handler, remaining, since = previous
-        _WORKER["armed"] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, handler)
-        if remaining > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(remaining - (time.monotonic() - since), 1e-3))
-
-
-def _read_one(
-    ref: RecordRef, rules: LabelRules, target: np.ndarray
-) -> tuple[np.ndarray, dict[str, Any]] | Quarantine:
-    """Read one record into ``target`` within the per-record time limit; a refusal as a Quarantine.
-
-    The limit is a SIGALRM timer armed for the read (two system calls a record, a microsecond or
-    two): its handler raises in the middle of whatever Python code runs, and interrupts a blocking
-    system call (PEP 475 retries a call only when the handler returns).
-    """
-    timeout_s: float = _WORKER["timeout"]
-    try:
-        try:
-            _WORKER["armed"] = True
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
-            return load_ref(ref, rules, out=target)
-        finally:
-            # Disarmed before any handler below runs; an alarm arriving in here still raises
-            # _RecordTimeout, which the clause below catches.
-            _WORKER["armed"] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _RecordTimeout:
-        return _timed_out(ref, timeout_s)
-    except RECORD_ERRORS as exc:
-        return Quarantine.of(ref, exc.reason, f"{ref.header_path}: {exc}")
-    except Exception as exc:  # one bad record must not end the batch; it is quarantined, not hidden
-        logger.exception("unexpected error reading %s", ref.header_path)
-        return Quarantine.of(
-            ref,
-            READ_ERROR,
-            f"{ref.header_path}: unexpected {type(exc).__name__}: {exc}; check the record's files "
-            "and report this if they look valid",
-        )
-
-
-def _load_chunk(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str, Any]], list[Quarantine]]:
-    """Load a chunk of records (see :func:`_load_chunk_gc_off`) with the cyclic garbage collector paused.
-
-    Reading a record allocates hundreds of small objects and none of them form cycles, yet each
-    few hundred allocations start a collection that also walks every row kept so far (about 4 %
-    of ingest's time); collection resumes between chunks, so memory is still reclaimed.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _load_chunk_gc_off(task)
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _load_chunk_gc_off(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str, Any]], list[Quarantine]]:
-    """Load a chunk of records, check their signals in small batches, write the good ones to their slots.
-
-    Signals are converted straight into a chunk buffer (no per-record copy) and checked a
-    cache-sized batch at a time, which amortises numpy's per-call overhead over the batch.
-    """
-    start, refs = task
-    rules: LabelRules = _WORKER["rules"]
-    fd: int = _WORKER["fd"]
-    rows: list[dict[str, Any]] = []
-    refused: list[Quarantine] = []
-    buffer = _WORKER.get("buffer")
-    if buffer is None or len(buffer) < CHECK_BATCH:
-        buffer = _WORKER["buffer"] = np.empty((CHECK_BATCH, len(LEADS), N_SAMPLES), dtype=np.float32)
-    pending: list[tuple[int, dict[str, Any]]] = []  # (slot, row) whose signal is buffer[index]
-
-    def flush() -> None:
-        issues = signal_issues(buffer[: len(pending)])
-        run_start = 0  # buffer index where the current run of passing records in consecutive slots began
-        for index, ((slot, row), issue) in enumerate(zip(pending, issues, strict=True)):
-            if issue is None:
-                row["slot"] = slot
-                rows.append(row)
-                if (
-                    index + 1 < len(pending)
-                    and issues[index + 1] is None
-                    and pending[index + 1][0] == slot + 1
-                ):
-                    continue
-                # One write for the whole run: fewer system calls than one a record.
-                SlotFile.write_run(fd, pending[run_start][0], buffer[run_start : index + 1])
-                run_start = index + 1
-                continue
-            run_start = index + 1
-            refused.append(_refused_row(row, *issue))
-        pending.clear()
-
-    for slot, ref in enumerate(refs, start=start):
-        target = buffer[len(pending)]
-        loaded = _read_one(ref, rules, target)
-        if isinstance(loaded, Quarantine):
-            refused.append(loaded)
-            continue
-        values, row = loaded
-        if not np.shares_memory(values, target):
-            target[...] = values  # resampled, reordered or padded: a new array
-        pending.append((slot, row))
-        if len(pending) == CHECK_BATCH:
-            flush()
-    if pending:
-        flush()
-    return rows, refused
 
 
 def _summarise(

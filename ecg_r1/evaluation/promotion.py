@@ -225,7 +225,7 @@ def record_decision(
     Returns:
         The tags written on the version.
     """
-    from ecg_r1.tracking.runs import set_alias
+    from ecg_r1.tracking.model_registry import set_alias
     from mlflow import MlflowClient
 
     version = str(challenger_version)

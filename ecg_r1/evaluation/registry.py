@@ -30,6 +30,7 @@ from ecg_r1.evaluation.outputs import CASES_FILE, predictions_key, read_metrics,
 from ecg_r1.evaluation.predictions import predict_cases
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
 from ecg_r1.evaluation.results import Comparison
+from ecg_r1.tracking import model_registry
 from ecg_r1.tracking import runs as tracking
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def log_comparison(
             continue
         model_name, version = found
         registered[name] = f"{model_name}/{version}"
-        run_id = tracking.log_version_metrics(
+        run_id = model_registry.log_version_metrics(
             model_name,
             version,
             result.model_metrics(name),
@@ -132,7 +133,7 @@ def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, pr
     """The champion's answers on the cases: from its run's evaluation, else predicted anew."""
     import mlflow
 
-    run_id = tracking.version_run_id(model_name, version)
+    run_id = model_registry.version_run_id(model_name, version)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(
@@ -143,7 +144,7 @@ def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, pr
             return saved
         except (OSError, ValueError, mlflow.exceptions.MlflowException):
             pass  # evaluated on other cases (new data) or never: predict below
-    folder = tracking.load_registered(f"models:/{model_name}/{version}")
+    folder = model_registry.load_registered(f"models:/{model_name}/{version}")
     predictions, _ = predict_cases(folder, profile, cases, name=f"{model_name} v{version}")
     return predictions
 
@@ -191,7 +192,7 @@ def promote_challengers(
         model_name, version = registered[name].rsplit("/", 1)
         challenger = read_predictions(evaluation_dir, name)
         y, challenger_pred, _ = align(challenger, cases)
-        champion = tracking.alias_version(model_name, CHAMPION)
+        champion = model_registry.alias_version(model_name, CHAMPION)
         champion_pred = None
         if champion is not None and champion != int(version):
             saved = _champion_predictions(model_name, champion, cases, profile)
@@ -207,7 +208,7 @@ def promote_challengers(
                 "challenger": int(version),
                 "champion_before": champion,
                 "decision": "promoted" if decision.promote else "refused",
-                "champion_after": tracking.alias_version(model_name, CHAMPION),
+                "champion_after": model_registry.alias_version(model_name, CHAMPION),
                 "challenger_accuracy": decision.figures.get("challenger_accuracy"),
                 "champion_accuracy": decision.figures.get("champion_accuracy"),
                 "p_mid": decision.figures.get("mcnemar_p_mid"),

@@ -46,7 +46,7 @@ def load_model_and_processor(model_dir_or_id: str | Path, profile: Profile) -> t
 
     Args:
         model_dir_or_id: a model folder (from :func:`build_base_model`, a trainer, or
-            :func:`ecg_r1.tracking.runs.load_registered`) or a hub id.
+            :func:`ecg_r1.tracking.model_registry.load_registered`) or a hub id.
         profile: supplies dtype, attention implementation and the image pixel bounds.
 
     Returns:

@@ -70,7 +70,7 @@ def run_grpo(
         A :class:`StageResult`; ``metrics`` holds the last logged reward means, KL, completion
         length and format-valid rate.
     """
-    from ecg_r1.tracking.runs import MODEL_NAMES
+    from ecg_r1.tracking.model_registry import MODEL_NAMES
     from ecg_r1.training.rewards import get_reward_funcs
 
     profile = as_profile(profile)

@@ -194,8 +194,8 @@ def log_run_metrics(run_id: str | None, metrics: Mapping[str, float], step: int)
 
 def log_model_folder(run_id: str, model_dir: Path) -> None:
     """Log an intermediate stage's model folder as the run's ``model/`` artifacts (the registered
-    stages do this through :func:`ecg_r1.tracking.runs.register_model_version`)."""
-    from ecg_r1.tracking.runs import MODEL_ARTIFACT_PATH
+    stages do this through :func:`ecg_r1.tracking.model_registry.register_model_version`)."""
+    from ecg_r1.tracking.model_registry import MODEL_ARTIFACT_PATH
     from mlflow import MlflowClient
 
     MlflowClient().log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
@@ -393,7 +393,7 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
         if run_id is not None and job.register_as is None:
             log_model_folder(run_id, model_dir)
         if run_id is not None and job.register_as is not None:
-            from ecg_r1.tracking.runs import register_model_version
+            from ecg_r1.tracking.model_registry import register_model_version
 
             version = register_model_version(
                 run_id,

@@ -307,7 +307,7 @@ def run_sft(
     Returns:
         A :class:`StageResult` with ``registered`` set when registered.
     """
-    from ecg_r1.tracking.runs import MODEL_NAMES
+    from ecg_r1.tracking.model_registry import MODEL_NAMES
 
     profile = as_profile(profile)
     rationale = profile.sft_rationale if rationale is None else bool(rationale)

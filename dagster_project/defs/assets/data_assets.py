@@ -29,6 +29,7 @@ from dagster_project.defs.executors import DEFAULT_QUEUE
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1.data import split as split_lib
 from ecg_r1.data import validate as validate_lib
+from ecg_r1.data.expectations import ValidationConfig
 from ecg_r1.data.ingest import RECORD_TIMEOUT_S, ingest
 from ecg_r1.data.labels import load_rules
 from ecg_r1.data.store import read_cohort
@@ -37,7 +38,7 @@ from ecg_r1.simulate import simulate_cohort
 GROUP = "data"
 SPLIT_CONFIG_FILE = "split_config.json"
 
-_VALIDATION_DEFAULTS = validate_lib.ValidationConfig()
+_VALIDATION_DEFAULTS = ValidationConfig()
 
 
 class SimulationConfig(dg.Config):
@@ -69,7 +70,7 @@ class IngestConfig(dg.Config):
 
 
 class ValidationSettings(dg.Config):
-    """Thresholds of the validation suite (see ``ecg_r1.data.validate``)."""
+    """Thresholds of the validation suite (see ``ecg_r1.data.expectations``)."""
 
     min_age: float = _VALIDATION_DEFAULTS.min_age
     max_age: float = _VALIDATION_DEFAULTS.max_age
@@ -204,7 +205,7 @@ def validated_cohort(
     A fatal result still materializes (so the report shows in the UI); the blocking check
     ``check_validation_not_fatal`` then stops everything downstream.
     """
-    settings = validate_lib.ValidationConfig(**config.model_dump())
+    settings = ValidationConfig(**config.model_dump())
     result = validate_lib.validate_cohort_dir(layout.cohort, settings)
     if result.fatal:
         context.log.error(f"validation is fatal: {result.fatal_reasons}; downstream assets will not run")

@@ -35,7 +35,7 @@ from ecg_r1.evaluation.predictions import ABLATIONS, RESULT_FILE
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule
 from ecg_r1.evaluation.references import ReferenceBaselines
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
-from ecg_r1.tracking import runs as tracking
+from ecg_r1.tracking import model_registry
 
 GROUP = "evaluation"
 EVALUATION_DIR = "evaluation"  # under the data folder: the reports are versioned with the data
@@ -383,7 +383,7 @@ def check_every_judged_model_has_a_champion(
     mlflow.configure()
     path = evaluation_dir(layout) / registry.PROMOTION_FILE
     rows = json.loads(path.read_text()) if path.is_file() else []
-    missing = sorted({r["model"] for r in rows if tracking.alias_version(r["model"], CHAMPION) is None})
+    missing = sorted({r["model"] for r in rows if model_registry.alias_version(r["model"], CHAMPION) is None})
     return dg.AssetCheckResult(
         passed=not missing,
         metadata={"judged": len(rows), "without_champion": ", ".join(missing) or "none"},

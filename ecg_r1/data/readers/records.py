@@ -93,6 +93,19 @@ class Quarantine:
             source_format=ref.source_format,
         )
 
+    @classmethod
+    def of_row(cls, row: dict[str, Any], reason: str, message: str) -> Quarantine:
+        """Quarantine a record that was read (its cohort row), the message prefixed with its file."""
+        return cls(
+            source_path=row["source_path"],
+            reason=reason,
+            message=f"{row['source_path']}: {message}",
+            record_id=row["record_id"],
+            patient_id=row["patient_id"],
+            hospital=row["hospital"],
+            source_format=row["source_format"],
+        )
+
 
 @dataclass(frozen=True)
 class LoadedRecord:

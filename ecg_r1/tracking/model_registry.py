@@ -1,0 +1,259 @@
+"""The MLflow model registry of ECG-R1: register a run's model folder, name versions with aliases,
+attach evaluation metrics, and fetch a version back to local disk.
+
+Takes: a run id and a saved model folder, a model URI (``models:/ecg-r1-grpo/3``,
+``models:/ecg-r1-grpo@champion``). Gives: version numbers, alias targets, the run behind a
+version, and the local model folder. The store these work in is the one
+:mod:`ecg_r1.tracking.runs` points MLflow at. (Comparing and promoting versions is the
+evaluation stage's, :mod:`ecg_r1.evaluation.registry` and :mod:`ecg_r1.evaluation.promotion`.)
+
+How models are stored: the model folder (weights, tokenizer, processor, ``ecg_r1_model.json``)
+is logged as plain run artifacts under ``model/`` and a registered model version
+(``ecg-r1-sft`` / ``ecg-r1-grpo``) points at ``runs:/<run_id>/model``. The
+``mlflow.transformers`` flavour was tried and does not work here: ``log_model`` with
+``task="image-text-to-text"`` refuses the components ("cannot be created as a Pipeline") and its
+dict form has no ``processor`` key, while our processor is a subclass (``ECGProcessor``, no video
+slot) that AutoProcessor cannot rebuild. Logging and registering the
+plain folder of the tiny model takes about 0.4 s, fetching it back about 0.4 s. A plain folder loads
+with :func:`ecg_r1.modeling.models.load_model_and_processor` wherever it lands, and
+:func:`load_registered` fetches it by version number or alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ecg_r1.tracking.runs import artifact_root_for, log_metrics, mlflow_client
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT_PATH = "model"
+MODEL_NAMES = {"sft": "ecg-r1-sft", "grpo": "ecg-r1-grpo"}
+
+
+def register_model_version(
+    run_id: str, model_dir: str | Path, name: str, tags: Mapping[str, Any] | None = None
+) -> int:
+    """Log a model folder as the run's ``model/`` artifacts and register it as a new version.
+
+    Args:
+        run_id: the training run.
+        model_dir: the saved model folder (config, weights, tokenizer, processor).
+        name: registered model name, ``ecg-r1-sft`` or ``ecg-r1-grpo`` (:data:`MODEL_NAMES`).
+        tags: version tags, e.g. ``data_version``, ``profile``, ``config``, ``git_commit``.
+
+    Returns:
+        The new version number.
+
+    Raises:
+        ValueError: when ``model_dir`` is not a model folder.
+    """
+    from mlflow.exceptions import MlflowException
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} has no config.json: not a model folder; save the model before registering it"
+        )
+    client = mlflow_client()
+    client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT_PATH)
+    try:
+        client.create_registered_model(name, description="ECG-R1: ischemic vs non-ischemic T-wave inversion")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    version = client.create_model_version(
+        name,
+        source=f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}",
+        run_id=run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+    )
+    _wait_ready(client, name, version.version)
+    logger.info("registered %s version %s from run %s", name, version.version, run_id)
+    return int(version.version)
+
+
+def _wait_ready(client: Any, name: str, version: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.get_model_version(name, version).status
+        if status == "READY":
+            return
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise RuntimeError(f"model version {name}/{version} did not become READY (status {status})")
+        time.sleep(0.2)
+
+
+def set_alias(name: str, alias: str, version: int | str) -> None:
+    """Point an alias (``champion``, ``challenger``) of a registered model at a version."""
+    mlflow_client().set_registered_model_alias(name, alias, str(version))
+
+
+def alias_version(name: str, alias: str) -> int | None:
+    """The version an alias points at, or None when the model or the alias does not exist yet
+    (the first evaluation has no champion to compare with)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(mlflow_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def version_run_id(name: str, version: int | str) -> str:
+    """The id of the run that produced a registered model version.
+
+    Raises:
+        ValueError: when the version does not exist or has no run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow_client().get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise ValueError(f"{name} version {version} is not in the registry at {_tracking_uri()}") from exc
+    if not found.run_id:
+        raise ValueError(f"{name} version {version} was registered without a run")
+    return found.run_id
+
+
+def log_version_metrics(
+    name: str, version: int | str, metrics: Mapping[str, float], tags: Mapping[str, Any] | None = None
+) -> str:
+    """Log evaluation metrics on the run of a model version (so the MLflow UI compares versions
+    side by side) and copy them, with ``tags``, onto the version as tags.
+
+    Args:
+        name: registered model name.
+        version: its version.
+        metrics: e.g. ``{"test_external/accuracy": 0.71}``; non-finite values are skipped with a
+            warning (MLflow cannot chart them).
+        tags: extra version tags (e.g. the evaluation's data version).
+
+    Returns:
+        The run id the metrics went to.
+    """
+    run_id = version_run_id(name, version)
+    finite = log_metrics(run_id, metrics)
+    client = mlflow_client()
+    for key, value in {**{f"metric.{k}": f"{v:.6g}" for k, v in finite.items()}, **(tags or {})}.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    return run_id
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/name/N``, ``models:/name@alias`` (``models:/`` optional) into parts.
+
+    Raises:
+        ValueError: for anything else (checked before any store is opened).
+    """
+    body = uri[len("models:/") :] if uri.startswith("models:/") else uri
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise ValueError(
+        f"cannot read model URI {uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS "
+        "(e.g. models:/ecg-r1-grpo/3 or models:/ecg-r1-grpo@champion)"
+    )
+
+
+def resolve_version(uri: str) -> tuple[str, int]:
+    """The registered model name and version number a URI points at.
+
+    Raises:
+        ValueError: for a malformed URI, an unknown model, version or alias.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_model_uri(uri)
+    client = mlflow_client()
+    try:
+        found = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except MlflowException as exc:
+        raise ValueError(
+            f"{uri!r} is not in the registry at {_tracking_uri()}: {exc.message}. "
+            "List versions in the MLflow UI (make mlflow-ui) or check the tracking URI."
+        ) from exc
+    return name, int(found.version)
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def load_registered(uri: str, dst: str | Path | None = None) -> Path:
+    """Fetch a registered model version's folder to local disk.
+
+    Args:
+        uri: ``models:/ecg-r1-grpo/3`` or ``models:/ecg-r1-grpo@champion`` (the ``models:/``
+            prefix may be left out).
+        dst: where to put it; default a cache keyed by name and version (a version never
+            changes, so the cache is reused): ``mlflow/cache/`` beside a SQLite store, else under
+            the system temp dir keyed by the store's URI.
+
+    Returns:
+        The local model folder, ready for :func:`ecg_r1.modeling.models.load_model_and_processor`.
+
+    Raises:
+        ValueError: for a malformed URI, a version that does not exist, or one whose files lie
+            outside this store's artifact folder.
+    """
+    import mlflow
+
+    name, version = resolve_version(uri)
+    _check_in_store(name, version)
+    if dst is None:
+        dst = _cache_dir() / name / str(version)
+        if (dst / "config.json").is_file():
+            return dst
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst))
+    )
+    if not (local / "config.json").is_file():
+        raise ValueError(f"{uri!r} (version {version}) holds no model folder (no config.json in {local})")
+    return local
+
+
+def _check_in_store(name: str, version: int) -> None:
+    """Refuse a version whose files are not in the store's own artifact folder: a registry entry
+    may point anywhere (another path, another server), and models are loaded only from here."""
+    client = mlflow_client()
+    found = client.get_model_version(name, str(version))
+    uri = _tracking_uri()
+    artifacts = artifact_root_for(uri)
+    location = client.get_run(found.run_id).info.artifact_uri if found.run_id else found.source
+    if uri.startswith(("http://", "https://")) and location.startswith("mlflow-artifacts:"):
+        return  # files the tracking server itself stores and serves (`mlflow server --serve-artifacts`)
+    local = location[len("file://") :] if location.startswith("file://") else location
+    if artifacts is None or not Path(local).resolve().is_relative_to(artifacts.resolve()):
+        raise ValueError(
+            f"{name} version {version} points at {location}, outside this store's artifacts ({artifacts}); "
+            "models are loaded only from the project's own MLflow store: register it there"
+        )
+
+
+def _cache_dir() -> Path:
+    uri = _tracking_uri()
+    artifacts = artifact_root_for(uri)
+    if artifacts is not None:
+        return artifacts.parent / "cache"
+    return Path(tempfile.gettempdir()) / "ecg_r1_models" / hashlib.sha1(uri.encode()).hexdigest()[:10]
