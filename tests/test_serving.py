@@ -7,8 +7,10 @@ well-formed response has answer and reasoning null, a problem named, and P(Yes) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,6 +69,7 @@ def request_frame(n: int = 1) -> pd.DataFrame:
 
 
 def assert_well_formed(row: dict) -> None:
+    assert set(row) == set(serving.OUTPUT_COLUMNS)
     assert isinstance(row["completion"], str) and isinstance(row["valid"], bool)
     assert 0.0 <= row["p_yes"] <= 1.0
     if row["valid"]:
@@ -148,19 +151,67 @@ def champion(store, taught_model) -> tuple[int, str]:
 
 class TestRegisteredPyfunc:
     def test_the_logged_model_links_run_and_version(self, champion):
+        from mlflow.entities import LoggedModelStatus
+
         version, run_id = champion
         client = mlflow.MlflowClient()
         found = client.get_model_version("ecg-r1-grpo", str(version))
-        logged = client.get_logged_model(found.model_id)
-        assert found.run_id == run_id and logged.source_run_id == run_id
-        assert [m.model_id for m in client.get_run(run_id).outputs.model_outputs] == [logged.model_id]
-        assert logged.status.to_string() == "READY" and logged.tags["profile"] == "tiny"
-        mlmodel = yaml.safe_load(
-            (Path(mlflow.artifacts.download_artifacts(f"models:/{found.model_id}/MLmodel"))).read_text()
-        )
+        [output] = client.get_run(run_id).outputs.model_outputs  # the runs table's Models column
+        logged = client.get_logged_model(output.model_id)
+        # the version names the logged model as its source and the run behind it...
+        assert found.source == f"models:/{logged.model_id}" and found.run_id == run_id
+        assert logged.source_run_id == run_id
+        assert client.get_model_version_download_uri("ecg-r1-grpo", str(version)) == logged.artifact_location
+        # ...and the logged model lists the version (what the model pages show)
+        assert json.loads(logged.tags["mlflow.modelVersions"]) == [
+            {"name": "ecg-r1-grpo", "version": version}
+        ]
+        assert logged.status == LoggedModelStatus.READY and logged.tags["profile"] == "tiny"
+        assert found.tags["profile"] == "tiny"
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{logged.model_id}"))
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
         flavor = mlmodel["flavors"]["python_function"]
-        assert flavor["model_code_path"].endswith("served_model.py") and "cloudpickle_version" not in flavor
-        assert mlmodel["signature"]["params"] and "saved_input_example_info" in mlmodel
+        # nothing pickled: the served class is code (MLflow records its cloudpickle version anyway)
+        assert flavor["model_code_path"].endswith("served_model.py") and "python_model" not in flavor
+        assert not list(local.rglob("*.pkl"))
+        assert mlmodel["signature"]["inputs"] and mlmodel["signature"]["params"]
+        assert "saved_input_example_info" not in mlmodel  # so MLflow did not serve it to validate it
+
+    def test_registration_never_loads_the_model(self, store, taught_model, monkeypatch):
+        """Registration happens in every training stage: it copies the folder, and MLflow does not
+        load the model to infer a signature or validate an example."""
+        from ecg_r1.tracking import model_registry
+        from ecg_r1.tracking import runs as tracking
+
+        loaded = []
+        monkeypatch.setattr(serving.ECGR1Model, "load_context", lambda self, context: loaded.append(1))
+        with tracking.start_or_resume_run("tiny", "sft") as run:
+            model_registry.register_model_version(run.info.run_id, taught_model, "ecg-r1-sft")
+        assert loaded == []
+
+    def test_the_served_model_carries_its_profile(self, store, taught_model, tmp_path):
+        """A model trained from a profile file names a profile no one can load by name; the pyfunc
+        carries the file, and loads and caps completions with it."""
+        from ecg_r1.modeling.models import MODEL_INFO_FILE
+        from ecg_r1.tracking import model_registry
+        from ecg_r1.tracking import runs as tracking
+
+        raw = yaml.safe_load(load_profile("tiny").path.read_text())
+        raw["name"] = "served-custom"
+        raw["grpo"]["max_completion_length"] = 7
+        (tmp_path / "custom.yaml").write_text(yaml.safe_dump(raw))
+        folder = shutil.copytree(taught_model, tmp_path / "model")
+        (folder / MODEL_INFO_FILE).write_text(json.dumps({"profile": "served-custom"}))
+        with tracking.start_or_resume_run("tiny", "sft") as run:
+            with pytest.raises(ValueError, match="not a shipped profile"):
+                model_registry.register_model_version(run.info.run_id, folder, "ecg-r1-custom")
+            version = model_registry.register_model_version(
+                run.info.run_id, folder, "ecg-r1-custom", profile=tmp_path / "custom.yaml"
+            )
+        model = mlflow.pyfunc.load_model(f"models:/ecg-r1-custom/{version}")
+        assert model.unwrap_python_model().max_new_tokens == 7
+        [param] = model.metadata.get_params_schema().params
+        assert (param.name, param.default) == ("max_new_tokens", 7)
 
     def test_loads_from_code_and_answers_in_process(self, champion):
         model = mlflow.pyfunc.load_model("models:/ecg-r1-grpo@champion")
@@ -192,39 +243,40 @@ def _group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_over_http(store, champion):
+def test_mlflow_models_serve_answers_over_http(store, champion, tmp_path):
     """``mlflow models serve -m models:/ecg-r1-grpo@champion`` on 127.0.0.1 answers a request."""
     _, uri = store
     port = _free_port()
+    from ecg_r1.cli.serve import server_environment
+
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
-        "MLFLOW_REGISTRY_URI": uri,
+        **server_environment(uri),  # the store, and uvicorn on PATH (mlflow starts it from there)
         # the served code imports this checkout's ecg_r1
         "PYTHONPATH": os.pathsep.join(
-            [str(Path(ecg_r1.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+            filter(None, [str(Path(ecg_r1.__file__).parents[1]), os.environ.get("PYTHONPATH")])
         ),
     }
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/ecg-r1-grpo@champion"]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    server = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:  # a file, not a pipe nobody reads that could fill and stall the server
+        server = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
     pgid = server.pid
     try:
         deadline = time.monotonic() + 90
         while True:
             if server.poll() is not None:
-                pytest.fail(
-                    f"the server exited ({server.returncode}): {server.stdout.read().decode()[-2000:]}"
-                )
+                pytest.fail(f"the server exited ({server.returncode}): {log.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
                     if reply.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            assert time.monotonic() < deadline, "the server did not answer /ping in 90 s"
+            assert time.monotonic() < deadline, f"no answer to /ping in 90 s: {log.read_text()[-2000:]}"
             time.sleep(0.5)
         body = {
             "dataframe_records": request_frame(1).to_dict(orient="records"),
@@ -247,20 +299,22 @@ def test_mlflow_models_serve_answers_over_http(store, champion):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(bad, timeout=30)
         assert refused.value.code in (400, 500) and "base64" in refused.value.read().decode()
-    finally:
-        os.killpg(pgid, signal.SIGTERM)
+    finally:  # the whole group: `mlflow models serve` runs uvicorn in a child process
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
             server.wait(timeout=5)
         deadline = time.monotonic() + 10
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.2)
         alive = _group_alive(pgid)
         if alive:
-            os.killpg(pgid, signal.SIGKILL)
-        server.stdout.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
     assert not alive, "a server process outlived SIGTERM"
 
 
@@ -274,6 +328,8 @@ class TestServeCommand:
         expected = ["-m", f"models:/ecg-r1-grpo/{version}", "--env-manager", "local", "-h", "127.0.0.1"]
         assert command[-8:] == [*expected, "-p", "5009"]
         assert env["MLFLOW_TRACKING_URI"] == uri
+        # mlflow models serve runs `uvicorn` from PATH: this interpreter's bin comes first
+        assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
     def test_a_version_stored_elsewhere_is_refused(self, store, taught_model, tmp_path):
         from ecg_r1.cli import main

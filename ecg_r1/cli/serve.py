@@ -45,7 +45,15 @@ def serve_command(model: str, mlflow_root: Path, host: str, port: int) -> tuple[
     model_registry.check_in_store(name, version)
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{version}"]
     command += ["--env-manager", "local", "-h", host, "-p", str(port)]
-    return command, {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    return command, {**os.environ, **server_environment(uri)}
+
+
+def server_environment(uri: str) -> dict[str, str]:
+    """What ``mlflow models serve`` needs in its environment beyond this process's: the store, and
+    this interpreter's ``bin`` first on ``PATH``, since it starts the server as ``uvicorn`` from
+    ``PATH`` (``.venv/bin/python`` run without activating the virtualenv has it elsewhere)."""
+    path = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
+    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,18 +1,19 @@
 """A registered model behind an HTTP endpoint: the MLflow pyfunc that ``mlflow models serve`` runs.
 
 Every registered version is logged as an MLflow pyfunc "from code" (no pickle: the served class is
-the file :data:`CODE_FILE`, which MLflow executes, and the model folder travels as the pyfunc's
-artifact ``model``), so::
+the file :data:`CODE_FILE`, which MLflow executes; the model folder and the profile YAML it was
+trained with travel as the pyfunc's artifacts ``model`` and ``profile``), so::
 
-    MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow/mlflow.db \\
+    PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow/mlflow.db \\
         mlflow models serve -m models:/ecg-r1-grpo@champion --env-manager local -h 127.0.0.1 -p 5001
 
 answers ``POST /invocations`` with one row per case: the page as a base64 PNG (``image``), the
 clinical ``note``, ``age`` and ``sex``; it returns the reasoning, the answer and P(Yes), computed by
 :func:`ecg_r1.modeling.inference.predict`, the function behind ``ecg-r1 predict``.
 
-The pyfunc is also the version's files for :func:`ecg_r1.tracking.model_registry.load_registered`, which
-returns the model folder inside it (``artifacts/<folder>``, named in the ``MLmodel`` file).
+(``ecg-r1 serve`` runs the same once it has checked the version lies in the project's store.)
+The pyfunc is also the version's files for :func:`ecg_r1.tracking.model_registry.load_registered`,
+which returns the model folder inside it (``artifacts/<folder>``, named in the ``MLmodel`` file).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import io
 import json
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 CODE_FILE = Path(__file__).with_name("served_model.py")
 # The pyfunc's artifact holding the model folder (weights, tokenizer, processor, ecg_r1_model.json).
 MODEL_ARTIFACT = "model"
+# The pyfunc's artifact holding the profile YAML the model was trained with (loading and the
+# default completion cap follow it, whatever the shipped profile of that name says later).
+PROFILE_ARTIFACT = "profile"
 INPUT_COLUMNS = ("image", "note", "age", "sex")
 OUTPUT_COLUMNS = ("reasoning", "answer", "p_yes", "valid", "problem", "completion")
 SEXES = ("M", "F")
@@ -141,14 +146,21 @@ class ECGR1Model(PythonModel):
         self.max_new_tokens = 128
 
     def load_context(self, context: Any) -> None:
-        """Load the model folder the pyfunc carries, with the profile recorded in it."""
-        self.load_folder(context.artifacts[MODEL_ARTIFACT])
+        """Load the model folder the pyfunc carries, with the profile it carries (else the one the
+        folder names)."""
+        self.load_folder(context.artifacts[MODEL_ARTIFACT], context.artifacts.get(PROFILE_ARTIFACT))
 
-    def load_folder(self, folder: str | Path) -> None:
-        """Load a model folder (also used directly, without MLflow, in tests and scripts)."""
+    def load_folder(self, folder: str | Path, profile: Any = None) -> None:
+        """Load a model folder (also used directly, without MLflow, in tests and scripts).
+
+        Args:
+            folder: the model folder.
+            profile: a :class:`~ecg_r1.modeling.profiles.Profile`, a profile name or YAML path;
+                default the one the folder names (:func:`folder_profile`).
+        """
         from ecg_r1.modeling.models import load_model_and_processor
 
-        profile = folder_profile(folder)
+        profile = resolve_profile(folder, profile)
         self.model, self.processor = load_model_and_processor(folder, profile)
         self.max_new_tokens = profile.max_completion_length
 
@@ -175,50 +187,83 @@ class ECGR1Model(PythonModel):
 
 
 def folder_profile(folder: str | Path) -> Any:
-    """The profile a model folder was trained with (``ecg_r1_model.json``), else the default."""
+    """The profile a model folder names (``ecg_r1_model.json``), else the default.
+
+    Raises:
+        ValueError: when the folder names a profile that is not shipped (one trained from a YAML
+            path records only its name): pass the profile itself.
+    """
     from ecg_r1.modeling.models import MODEL_INFO_FILE
-    from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
+    from ecg_r1.modeling.profiles import DEFAULT_PROFILE, ProfileError, load_profile
 
     info_file = Path(folder) / MODEL_INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    return load_profile(info.get("profile") or DEFAULT_PROFILE)
+    name = info.get("profile") or DEFAULT_PROFILE
+    try:
+        return load_profile(name)
+    except ProfileError as exc:
+        raise ValueError(
+            f"{folder} was trained with profile {name!r}, which is not a shipped profile: "
+            f"give the profile (its YAML path) ({exc})"
+        ) from exc
 
 
-def input_example(profile: Any) -> pd.DataFrame:
-    """A request of one case: a flat-line page rendered at the profile's size and a short note."""
-    import numpy as np
+def resolve_profile(folder: str | Path, profile: Any = None) -> Any:
+    """``profile`` as a :class:`~ecg_r1.modeling.profiles.Profile` (a name or YAML path is
+    loaded), or the folder's (:func:`folder_profile`) when None."""
+    from ecg_r1.modeling.profiles import Profile, load_profile
 
-    from ecg_r1.imaging.draw import render_page
-
-    page = render_page(np.zeros((12, 5000), dtype=np.float32), profile.render_config())
-    return pd.DataFrame(
-        [{"image": encode_image(page), "note": "Chest pain for 2 hours.", "age": 63.0, "sex": "F"}]
-    )
+    if profile is None:
+        return folder_profile(folder)
+    return profile if isinstance(profile, Profile) else load_profile(profile)
 
 
 def log_served_model(
-    run_id: str, model_dir: str | Path, tags: Mapping[str, Any] | None = None, name: str = "model"
+    run_id: str,
+    model_dir: str | Path,
+    profile: Any = None,
+    tags: Mapping[str, Any] | None = None,
+    name: str = "model",
 ) -> str:
-    """Log a model folder as the run's pyfunc model (an MLflow LoggedModel linked to the run).
+    """Log a model folder as the run's pyfunc model (an MLflow LoggedModel, output of the run).
 
     The LoggedModel is created in the run's experiment, so its files land in that experiment's
     artifact folder (in the project's store), whatever run or experiment is active in this process.
 
+    Registration happens in every training stage, so this stays a copy of the folder: the model is
+    never loaded. The signature is given (:func:`signature`), so MLflow infers none, and no input
+    example is logged. ``mlflow.pyfunc.log_model`` (``Model.log``) is not used: with an input
+    example it loads the pyfunc and runs a generation to validate it (a pyfunc cannot turn that
+    off), and with a run it copies every metric history of the run to find its step-0 values
+    (seconds on a long GRPO run). The same public steps remain: save the pyfunc
+    (``mlflow.pyfunc.save_model``), upload it as the logged model's files, record the logged
+    model as the run's output (the runs table's *Models* column), mark it READY.
+
     Args:
         run_id: the training run.
         model_dir: the saved model folder.
+        profile: the profile it was trained with (a Profile, name or YAML path); its YAML travels
+            with the pyfunc. Default: the one the folder names.
         tags: tags of the logged model (e.g. the profile and data version).
         name: the logged model's name.
 
     Returns:
         The logged model's id (``m-...``); register it from ``models:/<id>``.
     """
+    import tempfile
     from importlib.metadata import PackageNotFoundError, version
 
-    from mlflow.entities import LoggedModelStatus
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    client = mlflow.MlflowClient()
+    from ecg_r1.tracking.runs import mlflow_client
+
+    folder = Path(model_dir).resolve()
+    profile = resolve_profile(folder, profile)  # before anything is written to the store
+    artifacts = {MODEL_ARTIFACT: str(folder)}
+    if profile.path is not None:
+        artifacts[PROFILE_ARTIFACT] = str(Path(profile.path).resolve())
+    client = mlflow_client()
     experiment_id = client.get_run(run_id).info.experiment_id
     logged = client.create_logged_model(
         experiment_id=experiment_id,
@@ -226,31 +271,34 @@ def log_served_model(
         source_run_id=run_id,
         tags={k: str(v) for k, v in (tags or {}).items()},
     )
-    profile = folder_profile(model_dir)
     requirements = []
     for package in _REQUIREMENTS:
         try:
             requirements.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
             continue
-    # MLflow validates the input example on logging (it loads the pyfunc and answers it: a load
-    # and one short generation); a model that fails it is still logged, with a warning.
-    # Model.log is mlflow.pyfunc.log_model with the run named: the run is linked even when
-    # another run is active in this process.
-    Model.log(
-        artifact_path=None,
-        flavor=mlflow.pyfunc,
-        name=name,
-        run_id=run_id,
-        model_id=logged.model_id,
-        python_model=str(CODE_FILE),
-        artifacts={MODEL_ARTIFACT: str(Path(model_dir).resolve())},
-        signature=signature(profile.max_completion_length),
-        input_example=input_example(profile),
-        pip_requirements=requirements,
-    )
-    if client.get_logged_model(logged.model_id).status != LoggedModelStatus.READY:
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    # The pyfunc is staged beside the model folder (the stage's output), not in /tmp: it holds a
+    # copy of the weights, which for a 7B model is more than a small /tmp takes.
+    with tempfile.TemporaryDirectory(prefix=".pyfunc-", dir=folder.parent) as tmp, warnings.catch_warnings():
+        # MLflow asks for an input example when none is given; leaving it out is the point (above).
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        staged = Path(tmp) / name
+        mlflow.pyfunc.save_model(
+            path=str(staged),
+            python_model=str(CODE_FILE),
+            artifacts=artifacts,
+            signature=signature(profile.max_completion_length),
+            pip_requirements=requirements,
+            mlflow_model=Model(
+                artifact_path=logged.artifact_location,
+                run_id=run_id,
+                model_uuid=logged.model_id,
+                model_id=logged.model_id,
+            ),
+        )
+        client.log_model_artifacts(logged.model_id, str(staged))
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return logged.model_id
 
 
