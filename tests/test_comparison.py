@@ -309,7 +309,9 @@ class TestEvaluateCommand:
         tracking.configure(tmp_path)
         try:
             with tracking.start_or_resume_run("tiny-test", "sft") as run:
-                version = model_registry.register_model_version(run.info.run_id, setup["model"], "ecg-r1-sft")
+                version = model_registry.register_model_version(
+                    run.info.run_id, setup["model"], "ecg-r1-sft", profile=setup["profile"]
+                )
             out = tmp_path / "out"
             common = ["--cohort", str(setup["cohort"]), "--splits", str(setup["splits"])]
             common += ["--images", str(setup["images"]), "--profile", str(setup["profile"])]

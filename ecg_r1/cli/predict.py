@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     from ecg_r1.modeling import inference
     from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor
     from ecg_r1.modeling.profiles import load_profile
-    from ecg_r1.modeling.prompts import parse_completion
 
     try:
         record = read_record(args.record)
@@ -117,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
         save_png(example["image"], args.save_image)
     model, processor = load_model_and_processor(model_dir, profile)
     max_new_tokens = args.max_new_tokens or profile.max_completion_length
-    [completion] = inference.generate(model, processor, [example], max_new_tokens=max_new_tokens)
-    [p_yes] = inference.answer_probability(model, processor, [example], completions=[completion])
-    parsed = parse_completion(completion)
+    [answer] = inference.predict(model, processor, [example], max_new_tokens=max_new_tokens)
     result = {
         "record": str(args.record),
         "model": args.model,
@@ -127,12 +124,7 @@ def run(args: argparse.Namespace) -> int:
         "age": example["age"],
         "sex": example["sex"],
         "note": example["note"],
-        "completion": completion,
-        "valid": parsed.valid,
-        "reasoning": parsed.think,
-        "answer": None if parsed.answer is None else ("Yes" if parsed.answer else "No"),
-        "problem": parsed.problem,
-        "p_yes": round(float(p_yes), 4),
+        **answer,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -140,14 +132,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"record:    {result['record']}")
     where = f"{model_dir}, " if str(model_dir) != args.model else ""
     print(f"model:     {args.model} ({where}profile {profile.name})")
-    if parsed.valid:
-        print(f"reasoning: {parsed.think or '(empty)'}")
+    if answer["valid"]:
+        print(f"reasoning: {answer['reasoning'] or '(empty)'}")
         from ecg_r1.data.labels import ISCHEMIC, NON_ISCHEMIC
+        from ecg_r1.modeling.prompts import YES
 
-        verdict = ISCHEMIC if parsed.answer else NON_ISCHEMIC
-        print(f"answer:    {result['answer']} ({verdict} T-wave inversion)")
+        verdict = ISCHEMIC if answer["answer"] == YES else NON_ISCHEMIC
+        print(f"answer:    {answer['answer']} ({verdict} T-wave inversion)")
     else:
-        print(f"output:    {completion!r}")
-        print(f"answer:    none: the output breaks the answer format ({parsed.problem})")
+        print(f"output:    {answer['completion']!r}")
+        print(f"answer:    none: the output breaks the answer format ({answer['problem']})")
     print(f"P(Yes):    {result['p_yes']:.3f}")
     return 0

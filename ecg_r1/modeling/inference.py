@@ -260,3 +260,43 @@ def _continuation_logprobs(model: Any, inputs: dict[str, Any]) -> list[float]:
         positions = torch.arange(keep - 1 - tail, keep - 1, device=logprobs.device)
         out.append(float(logprobs[row, positions, targets].sum()))
     return out
+
+
+def predict(
+    model: Any, processor: Any, examples: Sequence[Mapping[str, Any]], max_new_tokens: int = 128
+) -> list[dict[str, Any]]:
+    """The model's answer to each example, as ``ecg-r1 predict`` prints it and the served model
+    returns it: a greedy completion, its reading against the output contract, and P(Yes).
+
+    Args:
+        model, processor: as for :func:`generate`.
+        examples: mappings with ``image``, ``age``, ``sex``, ``note``.
+        max_new_tokens: completion length cap.
+
+    Returns:
+        One mapping per example: ``completion`` (the raw text), ``valid`` (it follows the
+        contract), ``reasoning`` (the think block; None when not valid), ``answer`` (``"Yes"``,
+        ``"No"``, or None when not valid), ``problem`` (what broke the contract; None when
+        valid) and ``p_yes`` (:func:`answer_probability`, rounded to 4 places).
+
+    Raises:
+        ValueError: when an example has no image.
+    """
+    from ecg_r1.modeling.prompts import parse_completion
+
+    completions = generate(model, processor, examples, max_new_tokens=max_new_tokens)
+    probabilities = answer_probability(model, processor, examples, completions=completions)
+    results = []
+    for completion, p_yes in zip(completions, probabilities, strict=True):
+        parsed = parse_completion(completion)
+        results.append(
+            {
+                "completion": completion,
+                "valid": parsed.valid,
+                "reasoning": parsed.think,
+                "answer": None if parsed.answer is None else (YES if parsed.answer else NO),
+                "problem": parsed.problem,
+                "p_yes": round(float(p_yes), 4),
+            }
+        )
+    return results

@@ -7,24 +7,28 @@ version, and the local model folder. The store these work in is the one
 :mod:`ecg_r1.tracking.runs` points MLflow at. (Comparing and promoting versions is the
 evaluation stage's, :mod:`ecg_r1.evaluation.registry` and :mod:`ecg_r1.evaluation.promotion`.)
 
-How models are stored: the model folder (weights, tokenizer, processor, ``ecg_r1_model.json``)
-is logged as plain run artifacts under ``model/`` and a registered model version
-(``ecg-r1-sft`` / ``ecg-r1-grpo``) points at ``runs:/<run_id>/model``. The
+How models are stored: a registered version is an MLflow pyfunc logged "from code" (no pickle;
+:mod:`ecg_r1.tracking.serving`), a LoggedModel of the training run whose artifact ``model`` is the
+model folder (weights, tokenizer, processor, ``ecg_r1_model.json``); the version is registered from
+``models:/<model id>``, so the run, the logged model and the version link to each other in the
+MLflow UI, and ``mlflow models serve -m models:/ecg-r1-grpo@champion`` serves it. The
 ``mlflow.transformers`` flavour was tried and does not work here: ``log_model`` with
 ``task="image-text-to-text"`` refuses the components ("cannot be created as a Pipeline") and its
 dict form has no ``processor`` key, while our processor is a subclass (``ECGProcessor``, no video
-slot) that AutoProcessor cannot rebuild. Logging and registering the
-plain folder of the tiny model takes about 0.4 s, fetching it back about 0.4 s. A plain folder loads
-with :func:`ecg_r1.modeling.models.load_model_and_processor` wherever it lands, and
-:func:`load_registered` fetches it by version number or alias.
+slot) that AutoProcessor cannot rebuild. Registering never loads the model (no signature
+inference, no input-example validation) nor reads the run's metric histories: for the tiny model
+(8 MB) it takes 0.2-0.3 s, the copy of the folder and a few store writes. :func:`load_registered` fetches a version by number or
+alias and returns the model folder inside it (or the folder itself for versions registered before
+the pyfunc, as plain ``runs:/<run_id>/model`` artifacts), which loads with
+:func:`ecg_r1.modeling.models.load_model_and_processor`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,56 +42,64 @@ MODEL_NAMES = {"sft": "ecg-r1-sft", "grpo": "ecg-r1-grpo"}
 
 
 def register_model_version(
-    run_id: str, model_dir: str | Path, name: str, tags: Mapping[str, Any] | None = None
+    run_id: str,
+    model_dir: str | Path,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    profile: Any = None,
 ) -> int:
-    """Log a model folder as the run's ``model/`` artifacts and register it as a new version.
+    """Log a model folder as the run's served model (an MLflow pyfunc, see
+    :mod:`ecg_r1.tracking.serving`) and register it as a new version.
+
+    The logged model is the run's output (the runs table's *Models* column) and the version is
+    registered from it by :func:`mlflow.register_model` with ``models:/<model id>``: the version's
+    source names the logged model, its run is the logged model's run, and the logged model's
+    ``mlflow.modelVersions`` tag lists the version, so the run, logged model and version pages
+    link to each other. (``MlflowClient.create_model_version(..., model_id=...)`` does neither
+    last step against a local store, and the SQL registry has no column for a version's
+    ``model_id``: read back, it is None.)
 
     Args:
         run_id: the training run.
         model_dir: the saved model folder (config, weights, tokenizer, processor).
         name: registered model name, ``ecg-r1-sft`` or ``ecg-r1-grpo`` (:data:`MODEL_NAMES`).
-        tags: version tags, e.g. ``data_version``, ``profile``, ``config``, ``git_commit``.
+        tags: version tags, e.g. ``data_version``, ``profile``, ``config``, ``git_commit``; also
+            set on the logged model.
+        profile: the profile the model was trained with (a Profile, name or YAML path), carried
+            by the served model; default the one the folder names (``ecg_r1_model.json``).
 
     Returns:
         The new version number.
 
     Raises:
-        ValueError: when ``model_dir`` is not a model folder.
+        ValueError: when ``model_dir`` is not a model folder, or no profile is given and the one
+            it names is not shipped.
     """
     from mlflow.exceptions import MlflowException
+
+    import mlflow
+    from ecg_r1.tracking.serving import log_served_model
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise ValueError(
             f"{folder} has no config.json: not a model folder; save the model before registering it"
         )
-    client = mlflow_client()
-    client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT_PATH)
+    version_tags = {k: str(v) for k, v in (tags or {}).items()}
+    model_id = log_served_model(run_id, folder, profile, tags=version_tags, name=MODEL_ARTIFACT_PATH)
     try:
-        client.create_registered_model(name, description="ECG-R1: ischemic vs non-ischemic T-wave inversion")
+        mlflow_client().create_registered_model(
+            name, description="ECG-R1: ischemic vs non-ischemic T-wave inversion"
+        )
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
-    version = client.create_model_version(
-        name,
-        source=f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}",
-        run_id=run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()},
+    # Waits until the version is READY and raises when its registration failed.
+    version = mlflow.register_model(f"models:/{model_id}", name, tags=version_tags)
+    logger.info(
+        "registered %s version %s from run %s (logged model %s)", name, version.version, run_id, model_id
     )
-    _wait_ready(client, name, version.version)
-    logger.info("registered %s version %s from run %s", name, version.version, run_id)
     return int(version.version)
-
-
-def _wait_ready(client: Any, name: str, version: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = client.get_model_version(name, version).status
-        if status == "READY":
-            return
-        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
-            raise RuntimeError(f"model version {name}/{version} did not become READY (status {status})")
-        time.sleep(0.2)
 
 
 def set_alias(name: str, alias: str, version: int | str) -> None:
@@ -216,31 +228,41 @@ def load_registered(uri: str, dst: str | Path | None = None) -> Path:
             outside this store's artifact folder.
     """
     import mlflow
+    from ecg_r1.tracking.serving import model_folder
 
     name, version = resolve_version(uri)
-    _check_in_store(name, version)
+    check_in_store(name, version)
     if dst is None:
         dst = _cache_dir() / name / str(version)
-        if (dst / "config.json").is_file():
-            return dst
+        with contextlib.suppress(ValueError):
+            return model_folder(dst)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst))
     )
-    if not (local / "config.json").is_file():
-        raise ValueError(f"{uri!r} (version {version}) holds no model folder (no config.json in {local})")
-    return local
+    try:
+        return model_folder(local)
+    except ValueError as exc:
+        raise ValueError(f"{uri!r} (version {version}) holds no model folder: {exc}") from exc
 
 
-def _check_in_store(name: str, version: int) -> None:
+def check_in_store(name: str, version: int) -> None:
     """Refuse a version whose files are not in the store's own artifact folder: a registry entry
-    may point anywhere (another path, another server), and models are loaded only from here."""
-    client = mlflow_client()
-    found = client.get_model_version(name, str(version))
+    may point anywhere (another path, another server), and models are loaded only from here.
+
+    Raises:
+        ValueError: when the version's files lie outside the store's artifacts.
+    """
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
     uri = _tracking_uri()
     artifacts = artifact_root_for(uri)
-    location = client.get_run(found.run_id).info.artifact_uri if found.run_id else found.source
+    # Where the registry reads the version's files: a logged model's own folder for a version
+    # registered from models:/<model id>, the run's folder for one registered from runs:/...
+    location = mlflow_client().get_model_version_download_uri(name, str(version))
+    if RunsArtifactRepository.is_runs_uri(location):
+        location = RunsArtifactRepository.get_underlying_uri(location)
     if uri.startswith(("http://", "https://")) and location.startswith("mlflow-artifacts:"):
         return  # files the tracking server itself stores and serves (`mlflow server --serve-artifacts`)
     local = location[len("file://") :] if location.startswith("file://") else location

@@ -194,7 +194,8 @@ def log_run_metrics(run_id: str | None, metrics: Mapping[str, float], step: int)
 
 def log_model_folder(run_id: str, model_dir: Path) -> None:
     """Log an intermediate stage's model folder as the run's ``model/`` artifacts (the registered
-    stages do this through :func:`ecg_r1.tracking.model_registry.register_model_version`)."""
+    stages log theirs as a servable pyfunc through
+    :func:`ecg_r1.tracking.model_registry.register_model_version`)."""
     from ecg_r1.tracking.model_registry import MODEL_ARTIFACT_PATH
     from mlflow import MlflowClient
 
@@ -406,6 +407,7 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
                     "start_model": str(start_model),
                     **provenance,
                 },
+                profile=profile,
             )
             registered = f"{job.register_as}/{version}"
     result = StageResult(
