@@ -94,9 +94,11 @@ def stage(models_dir: Path, asset: str, model_dir: Path, registered: str) -> Non
     (folder / "result.json").write_text(json.dumps(result))
 
 
-def register(profile_name: str, model_dir: Path, name: str) -> str:
-    with tracking.start_or_resume_run(profile_name, f"train {name}") as run:
-        version = model_registry.register_model_version(run.info.run_id, model_dir, name)
+def register(profile_path: Path, model_dir: Path, name: str) -> str:
+    # The test profile is a YAML file, not a shipped name: the served model carries it.
+    profile = load_profile(profile_path)
+    with tracking.start_or_resume_run(profile.name, f"train {name}") as run:
+        version = model_registry.register_model_version(run.info.run_id, model_dir, name, profile=profile)
     return f"{name}/{version}"
 
 
@@ -188,8 +190,10 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     models = root / "data" / "models"
 
     # 1. First versions: no champion yet, so both are promoted.
-    stage(models, "sft_model", home["untrained"], register(profile_name, home["untrained"], "ecg-r1-sft"))
-    stage(models, "grpo_model", home["untrained"], register(profile_name, home["untrained"], "ecg-r1-grpo"))
+    stage(models, "sft_model", home["untrained"], register(home["profile"], home["untrained"], "ecg-r1-sft"))
+    stage(
+        models, "grpo_model", home["untrained"], register(home["profile"], home["untrained"], "ecg-r1-grpo")
+    )
     result = materialize(home, ("GRPO", "SFT"))
     assert result.success
     assert model_registry.alias_version("ecg-r1-sft", "champion") == 1
@@ -227,7 +231,7 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
 
     # 2. A better challenger (right on every ischemic case) replaces the champion. (Only the GRPO
     # row from here on, to keep the test short.)
-    stage(models, "grpo_model", home["yes"], register(profile_name, home["yes"], "ecg-r1-grpo"))
+    stage(models, "grpo_model", home["yes"], register(home["profile"], home["yes"], "ecg-r1-grpo"))
     result = materialize(home)
     promotion = metadata(result, "model_promotion")
     assert promotion["ecg_r1_grpo_decision"].value == "promoted"
@@ -237,7 +241,9 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     assert model_registry.alias_version("ecg-r1-grpo", "champion") == 2
 
     # 3. A worse challenger (never right) is refused: the champion stays.
-    stage(models, "grpo_model", home["untrained"], register(profile_name, home["untrained"], "ecg-r1-grpo"))
+    stage(
+        models, "grpo_model", home["untrained"], register(home["profile"], home["untrained"], "ecg-r1-grpo")
+    )
     result = materialize(home)
     promotion = metadata(result, "model_promotion")
     assert promotion["ecg_r1_grpo_decision"].value == "refused"
