@@ -48,3 +48,21 @@ def seed_mlflow_db(tmp_path_factory):
         return db_path
 
     return seed
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, seed_mlflow_db):
+    """One project MLflow store for a test module (``ecg_r1.tracking.runs.configure``), the
+    process's tracking URI restored afterwards: ``(project root, tracking URI)``."""
+    import mlflow
+    from ecg_r1.tracking import runs as tracking
+
+    root = tmp_path_factory.mktemp("repo")
+    seed_mlflow_db(root / "mlflow" / "mlflow.db")
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        uri = tracking.configure(root)
+        yield root, uri
+        mlflow.set_tracking_uri(previous)

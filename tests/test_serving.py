@@ -122,21 +122,6 @@ class TestPredict:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, seed_mlflow_db):
-    from ecg_r1.tracking import runs as tracking
-
-    root = tmp_path_factory.mktemp("repo")
-    seed_mlflow_db(root / "mlflow" / "mlflow.db")
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        uri = tracking.configure(root)
-        yield root, uri
-        mlflow.set_tracking_uri(previous)
-
-
-@pytest.fixture(scope="module")
 def champion(store, taught_model) -> tuple[int, str]:
     from ecg_r1.tracking import model_registry
     from ecg_r1.tracking import runs as tracking

@@ -13,20 +13,6 @@ from ecg_r1.tracking import model_registry  # noqa: E402
 from ecg_r1.tracking import runs as tracking  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, seed_mlflow_db):
-    """One store for the module: creating the SQLite schema takes seconds."""
-    root = tmp_path_factory.mktemp("repo")
-    seed_mlflow_db(root / "mlflow" / "mlflow.db")
-    previous = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        uri = tracking.configure(root)
-        yield root, uri
-        mlflow.set_tracking_uri(previous)
-
-
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
     folder = tmp_path / "model"
