@@ -66,3 +66,20 @@ def store(tmp_path_factory, seed_mlflow_db):
         uri = tracking.configure(root)
         yield root, uri
         mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def small_profile_path(tmp_path_factory) -> Path:
+    """The tiny profile (still named ``tiny``) with a smaller model: built in a second."""
+    import yaml
+
+    from ecg_r1.modeling.profiles import load_profile
+
+    raw = yaml.safe_load(load_profile("tiny").path.read_text())
+    raw["name"] = "tiny"
+    raw["model"]["tiny"]["text"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    raw["model"]["tiny"]["vision"].update(embed_dim=32, depth=1, num_heads=2)
+    raw["model"]["tiny"]["tokenizer"]["vocab_size"] = 300
+    path = tmp_path_factory.mktemp("profile") / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from ecg_r1.modeling import inference
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases
@@ -20,18 +19,6 @@ from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.modeling.prompts import YES
 
 CASES = [{"age": 50 + i, "sex": "F", "note": f"Troponin {i}.", "twi_leads": "V2,V3"} for i in range(20)]
-
-
-@pytest.fixture(scope="module")
-def small_profile_path(tmp_path_factory) -> Path:
-    raw = yaml.safe_load(load_profile("tiny").path.read_text())
-    raw["name"] = "tiny"
-    raw["model"]["tiny"]["text"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-    raw["model"]["tiny"]["vision"].update(embed_dim=32, depth=1, num_heads=2)
-    raw["model"]["tiny"]["tokenizer"]["vocab_size"] = 300
-    path = tmp_path_factory.mktemp("profile") / "small.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -45,18 +45,10 @@ def page(seed: int):
 
 
 @pytest.fixture(scope="module")
-def taught_model(tmp_path_factory) -> Path:
+def taught_model(small_profile_path, tmp_path_factory) -> Path:
     """A small untrained model (the tiny profile's architecture, smaller sizes)."""
-    raw = yaml.safe_load(load_profile("tiny").path.read_text())
-    raw["name"] = "tiny"
-    raw["model"]["tiny"]["text"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-    raw["model"]["tiny"]["vision"].update(embed_dim=32, depth=1, num_heads=2)
-    raw["model"]["tiny"]["tokenizer"]["vocab_size"] = 300
-    tmp = tmp_path_factory.mktemp("served")
-    (tmp / "small.yaml").write_text(yaml.safe_dump(raw))
-    profile = load_profile(tmp / "small.yaml")
-    base = build_base_model(profile, corpus_from_cases(CASES), tmp / "base")
-    return base
+    profile = load_profile(small_profile_path)
+    return build_base_model(profile, corpus_from_cases(CASES), tmp_path_factory.mktemp("served") / "base")
 
 
 def request_frame(n: int = 1) -> pd.DataFrame:
