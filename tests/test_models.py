@@ -108,6 +108,10 @@ class TestLoadProfile:
             load_profile(write_profile(tmp_path, image__min_pixels=10**7))
         with pytest.raises(ProfileError, match="vllm_mode"):
             load_profile(write_profile(tmp_path, model__vllm_mode="remote"))
+        with pytest.raises(ProfileError, match="image.layout 'medians'.*medians\+rhythm"):
+            load_profile(write_profile(tmp_path, image__layout="medians"))
+        page = load_profile(write_profile(tmp_path, image__layout="medians+rhythm")).render_config()
+        assert page.layout == "medians+rhythm" and page.width_px == 224
 
     def test_generations_must_divide_the_batch(self, tmp_path):
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))

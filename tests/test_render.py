@@ -308,6 +308,70 @@ class TestLayouts:
             render_page(np.zeros((12, 5000), np.float32), RenderConfig(speed_mm_per_s=50))
 
 
+class TestMediansLayout:
+    """The median-complex page: each panel shows its lead's representative beat, larger."""
+
+    @staticmethod
+    def beating_signal() -> np.ndarray:
+        """72 beats/min; every lead has a 1 mV QRS spike and a T wave of its own depth
+        (-0.05 * (k + 1) mV in lead k), plus muscle-like noise that the median averages out."""
+        rng = np.random.default_rng(0)
+        signal = np.zeros((12, 5000), dtype=np.float32)
+        for r in np.arange(0.4, 10.0, 60 / 72):
+            qrs = np.exp(-0.5 * ((t_s - r) / 0.012) ** 2)
+            t_wave = np.exp(-0.5 * ((t_s - r - 0.30) / 0.05) ** 2)
+            for k in range(12):
+                signal[k] += qrs - 0.05 * (k + 1) * t_wave
+        return signal + 0.02 * rng.standard_normal(signal.shape).astype(np.float32)
+
+    def test_each_panel_holds_its_leads_median_beat_at_twice_the_gain(self) -> None:
+        from ecg_r1.imaging.medians import MEDIAN_GAIN_FACTOR, median_traces
+        from ecg_r1.imaging.page import RHYTHM_TRACE, plan_page
+
+        signal = self.beating_signal()
+        plan = plan_page(RenderConfig(width_px=896, layout="medians+rhythm"))
+        traces = median_traces(signal, plan)
+        assert traces.shape == (13, 5000)
+        np.testing.assert_array_equal(traces[RHYTHM_TRACE], signal[1])  # the strip: lead II in full
+        for seg in plan.segments:
+            if seg.lead == RHYTHM_TRACE:
+                continue
+            panel = traces[seg.lead, seg.first : seg.last + 1]
+            assert np.isfinite(panel).all()
+            # One beat per panel: one QRS peak, the T trough at its lead's depth (twice the gain),
+            # and the noise (0.02 mV sd) mostly gone.
+            assert panel.max() == pytest.approx(MEDIAN_GAIN_FACTOR * 1.0, abs=0.15)
+            assert panel.min() == pytest.approx(-MEDIAN_GAIN_FACTOR * 0.05 * (seg.lead + 1), abs=0.06)
+            peak_s = np.argmax(panel) / len(panel) * 0.85
+            assert peak_s == pytest.approx(0.30, abs=0.02)
+            outside = np.delete(traces[seg.lead], np.arange(seg.first, seg.last + 1))
+            assert np.isnan(outside).all()
+
+    def test_a_record_without_beats_shows_its_raw_segments(self) -> None:
+        from ecg_r1.imaging.medians import median_traces
+        from ecg_r1.imaging.page import plan_page
+
+        plan = plan_page(RenderConfig(width_px=448, layout="medians+rhythm"))
+        flat = np.full((12, 5000), 0.1, dtype=np.float32)
+        traces = median_traces(flat, plan)
+        assert np.isfinite(traces[:12]).sum() == sum(s.last - s.first + 1 for s in plan.segments[:12])
+        assert np.nanmax(np.abs(traces - 0.1)) == 0.0
+
+    def test_the_page_draws_the_median_beat_and_states_its_scale(self) -> None:
+        from ecg_r1.imaging.medians import median_scale
+
+        signal = self.beating_signal()
+        medians = RenderConfig(width_px=896, layout="medians+rhythm")
+        speed, gain = median_scale(medians)
+        assert speed == pytest.approx(25.0 * 2.5 / 0.85, rel=0.01) and gain == 20.0
+        page, standard = render_page(signal, medians), render_page(signal, RenderConfig(width_px=896))
+        # Same grid, rows and rhythm strip; the panels differ (one large beat, not three small ones).
+        np.testing.assert_allclose(baselines(page), baselines(standard), atol=1.0)
+        assert not np.array_equal(ink(page), ink(standard))
+        header = slice(0, page.height // 12)
+        assert ink(page)[header].sum() > ink(standard)[header].sum()  # "medians 74 mm/s 20 mm/mV"
+
+
 class TestAppearance:
     def test_colour_page_has_red_grid_and_greyscale_page_has_none(self) -> None:
         zeros = np.zeros((12, 5000), np.float32)

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 # Spelled out so that `--help` does not import the renderer; a test checks they match it.
 PRESET_NAMES = ("clinical", "model-448", "model-896")
-LAYOUT_NAMES = ("3x4+rhythm", "6x2", "12x1")
+LAYOUT_NAMES = ("3x4+rhythm", "6x2", "12x1", "medians+rhythm")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -73,9 +73,12 @@ VELOCITY_SMOOTH: int = 15  # samples (30 ms); tuned with the fraction on LUDB (s
 MAX_MEDIAN_BEATS: int = 9
 FLAT_LEAD_MV: float = 0.02  # peak-to-peak over the whole record below this: lead off
 
-_PRE = int(0.30 * FS)  # samples before the fiducial in a beat window
-_POST = int(0.55 * FS)  # samples after it
+MEDIAN_BEAT_PRE_S: float = 0.30  # a beat window starts this long before the QRS fiducial
+MEDIAN_BEAT_POST_S: float = 0.55  # and ends this long after it
+_PRE = int(MEDIAN_BEAT_PRE_S * FS)  # samples before the fiducial in a beat window
+_POST = int(MEDIAN_BEAT_POST_S * FS)  # samples after it
 _WIN = _PRE + _POST
+MEDIAN_BEAT_SAMPLES: int = _WIN
 _CHUNK = 128  # records per vectorised chunk: bounds memory at about 60 MB of float32
 
 FEATURE_COLUMNS: tuple[str, ...] = (
@@ -308,15 +311,39 @@ def _correlation(seg: np.ndarray, template: np.ndarray) -> np.ndarray:
     return np.nan_to_num(corr)
 
 
-def _measure_chunk(x: np.ndarray) -> dict[str, np.ndarray]:
-    c = len(x)
-    out = _nan_cols(c)
+def _chunk_medians(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Steps 1-2 for a chunk ``(c, 12, N)``: (finite records, live leads, median beats, RR, beats used)."""
     finite = np.isfinite(x).all(axis=(1, 2))
-    if not finite.all():  # zero the bad records so they cannot poison the chunk; nulled below
+    if not finite.all():  # zero the bad records so they cannot poison the chunk; nulled by the callers
         x = np.where(finite[:, None, None], x, np.float32(0.0))
     lead_ok = np.ptp(x, axis=-1) >= FLAT_LEAD_MV  # (c, 12)
     beats = _detect_beats(x if lead_ok.all() else x * lead_ok[:, :, None])
     med, rr, used = _median_beats(x, beats)
+    return finite, lead_ok, med, rr, used
+
+
+def median_beats(signals: np.ndarray) -> np.ndarray:
+    """Each record's representative beat per lead (steps 1-2 of the module doc).
+
+    Args:
+        signals: ``(n, 12, 5000)`` canonical signals in mV at 500 Hz.
+
+    Returns:
+        ``(n, 12, MEDIAN_BEAT_SAMPLES)`` float32 mV at 500 Hz, from :data:`MEDIAN_BEAT_PRE_S`
+        before the QRS fiducial to :data:`MEDIAN_BEAT_POST_S` after it, baseline-corrected; NaN
+        for a record that cannot be measured (non-finite samples, fewer than :data:`MIN_BEATS`
+        beats) and for its flat leads.
+    """
+    x = np.asarray(signals, dtype=np.float32)
+    finite, lead_ok, med, _, used = _chunk_medians(x)
+    usable = finite[:, None] & lead_ok & (used >= MIN_BEATS)[:, None]
+    return np.where(usable[:, :, None], med, np.float32(np.nan))
+
+
+def _measure_chunk(x: np.ndarray) -> dict[str, np.ndarray]:
+    c = len(x)
+    out = _nan_cols(c)
+    finite, lead_ok, med, rr, used = _chunk_medians(x)
     ok = finite & (used >= MIN_BEATS) & lead_ok.any(axis=1)
     if not ok.any():
         return out

@@ -28,7 +28,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
 from ecg_r1.imaging.augment import augment_image
-from ecg_r1.imaging.page import CAL_PULSE_S, CLINICAL, HEADER_TOP_MM, RenderConfig, layout_rows, plan_page
+from ecg_r1.imaging.medians import median_scale, median_traces
+from ecg_r1.imaging.page import (
+    CAL_PULSE_S,
+    CLINICAL,
+    HEADER_TOP_MM,
+    MEDIANS_LAYOUT,
+    RenderConfig,
+    layout_rows,
+    plan_page,
+)
 from ecg_r1.imaging.png import save_png
 
 # Palette indices of a page; PNG stores 4 indices in 2 bits a pixel.
@@ -111,6 +120,9 @@ def _background(config: RenderConfig) -> np.ndarray:
                 anchor="ls",
             )
     header = f"{config.speed_mm_per_s:g} mm/s   {config.gain_mm_per_mv:g} mm/mV   {FS} Hz"
+    if config.layout == MEDIANS_LAYOUT:
+        speed, gain = median_scale(config)
+        header += f"   medians {speed:.0f} mm/s {gain:g} mm/mV"
     header_font = _font(max(8, round(_HEADER_SIZE_MM * ppm)))
     draw.text((plan.x0_mm * ppm, HEADER_TOP_MM * ppm), header, fill=INK, font=header_font, anchor="lt")
     # Text drawn into a palette image is not anti-aliased, so the page keeps its 4 indices.
@@ -223,7 +235,8 @@ def _draw(signal: np.ndarray, config: RenderConfig) -> np.ndarray:
     plan = plan_page(config)
     page = _background(config).copy()
     gain_px = config.gain_mm_per_mv * config.px_per_mm
-    values = signal.astype(np.float64)
+    traces = median_traces(signal, plan) if config.layout == MEDIANS_LAYOUT else signal
+    values = traces.astype(np.float64)
     finite = np.isfinite(values)
     if not finite.all():
         values[~finite] = np.nan  # a gap in the trace, not a line to infinity

@@ -11,7 +11,10 @@ Layouts:
 * ``"3x4+rhythm"``: three rows of four 2.5 s segments (I, aVR, V1, V4 / II, aVL, V2, V5 /
   III, aVF, V3, V6), each segment showing the time it sits under, plus a 10 s lead II strip;
 * ``"6x2"``: six rows of two 5 s segments (limb leads 0-5 s, chest leads 5-10 s);
-* ``"12x1"``: twelve 10 s rows.
+* ``"12x1"``: twelve 10 s rows;
+* ``"medians+rhythm"``: the 3x4 grid with each panel showing its lead's median beat stretched over
+  the panel at twice the gain (as an ECG machine's median-complex report does; :mod:`.medians`),
+  plus the 10 s lead II strip at the page's speed and gain.
 
 Geometry: 1 mm of paper is ``width_px / paper_mm[0]`` pixels in both directions, the grid's
 origin is the page's top-left corner, and the first sample of every row and every row's baseline
@@ -35,7 +38,9 @@ from ecg_r1.imaging.augment import Augment
 # alone (:mod:`.png`) that keeps the pixels needs no bump.
 RENDERER_VERSION = "1"
 
-LAYOUTS: tuple[str, ...] = ("3x4+rhythm", "6x2", "12x1")
+MEDIANS_LAYOUT = "medians+rhythm"
+LAYOUTS: tuple[str, ...] = ("3x4+rhythm", "6x2", "12x1", MEDIANS_LAYOUT)
+RHYTHM_TRACE = len(LEADS)  # the medians layout's traces: 12 median rows, then lead II in full
 LETTER_LANDSCAPE_MM: tuple[float, float] = (279.4, 215.9)  # 11 x 8.5 in, the usual ECG printout
 
 HEADER_TOP_MM = 4.0  # top of the header line
@@ -144,7 +149,7 @@ class RenderConfig:
 class Segment:
     """One lead's stretch of one row."""
 
-    lead: int  # row of the signal
+    lead: int  # row of the traces drawn (the signal's, or :mod:`.medians`' for the medians layout)
     first: int  # first sample shown
     last: int  # last sample shown (inclusive)
     baseline_px: float
@@ -163,7 +168,7 @@ class PagePlan:
 
 def layout_rows(layout: str) -> list[list[tuple[str, float, float]]]:
     """Each row's segments as (lead, start s, end s)."""
-    if layout == "3x4+rhythm":
+    if layout in ("3x4+rhythm", MEDIANS_LAYOUT):
         rows = [[(lead, 2.5 * col, 2.5 * (col + 1)) for col, lead in enumerate(row)] for row in _ROWS_3X4]
         return [*rows, [("II", 0.0, 10.0)]]
     if layout == "6x2":
@@ -212,11 +217,13 @@ def plan_page(config: RenderConfig) -> PagePlan:
     top = _HEADER_BAND_MM + (usable - pitch * len(rows)) / 2
     baselines = tuple(step * round((top + pitch * (i + 0.6)) / step) for i in range(len(rows)))
     segments = []
-    for row, baseline in zip(rows, baselines, strict=True):
+    for i, (row, baseline) in enumerate(zip(rows, baselines, strict=True)):
+        rhythm = config.layout == MEDIANS_LAYOUT and i == len(rows) - 1
         for lead, start, end in row:
             first = round(start * FS)
             last = min(round(end * FS), N_SAMPLES - 1)
-            segments.append(Segment(LEADS.index(lead), first, last, baseline * ppm))
+            trace = RHYTHM_TRACE if rhythm else LEADS.index(lead)
+            segments.append(Segment(trace, first, last, baseline * ppm))
     sample_x = (x0 + np.arange(N_SAMPLES, dtype=np.float64) / FS * config.speed_mm_per_s) * ppm
     sample_x.setflags(write=False)
     header_x = (x0 + 0.45 * trace_mm) * ppm

@@ -91,7 +91,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 300,
         "learning_rate": 1.0e-3,
         "batch_size": 32,
-        "head": "positional",  # positional | pooled (ecg_r1.training.vision)
+        "head": "positional",  # positional | pooled | positional+pooled (ecg_r1.training.vision)
         "finding_targets": True,  # the categorical findings as extra targets
     },
     "format_warmup": {
@@ -104,6 +104,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {
         "note_dropout": 0.0,  # fractions of the training cases shown without their note ...
         "note_scramble": 0.0,  # ... or with its words' letters shuffled (ecg_r1.training.data)
+        "note_scramble_words": 1.0,  # the share of a scrambled note's words that are shuffled
         "balance_hospitals": False,
         "freeze_vision": False,
         "rationale_findings": False,  # with model.sft_rationale: targets state the measured findings
@@ -112,6 +113,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "start": "warmup",  # base | vision | warmup | sft: the model GRPO starts from
         "note_dropout": 0.0,
         "note_scramble": 0.0,
+        "note_scramble_words": 1.0,
         "balance_hospitals": False,
         "freeze_vision": False,
     },
@@ -133,6 +135,7 @@ class Profile:
         use_vllm: let GRPO generate with TRL's vLLM integration; ``vllm_mode`` colocate | server.
         image_width, image_height: the rendered page size the model reads (pixels); a height of
             None follows the paper's aspect ratio (224 wide -> 173 high on letter paper).
+        image_layout: the page layout (:data:`ecg_r1.imaging.page.LAYOUTS`).
         image_min_pixels, image_max_pixels: ``Qwen2VLImageProcessor`` bounds; they cap the
             number of image tokens (pixels / 28**2).
         tiny: architecture of the tiny model; None for other profiles.
@@ -160,6 +163,7 @@ class Profile:
     vllm_mode: str = "colocate"
     image_width: int = 224
     image_height: int | None = None
+    image_layout: str = "3x4+rhythm"
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 224 * 224
     tiny: TinyArchitecture | None = None
@@ -212,7 +216,7 @@ class Profile:
         """The :class:`ecg_r1.imaging.page.RenderConfig` of the page this profile's model reads."""
         from ecg_r1.imaging.page import RenderConfig
 
-        return RenderConfig(width_px=self.image_width, height_px=self.image_height)
+        return RenderConfig(width_px=self.image_width, height_px=self.image_height, layout=self.image_layout)
 
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype named by :attr:`dtype`."""
@@ -340,7 +344,7 @@ _MODEL_KEYS = {
     "vision",
     "sft_rationale",
 }
-_IMAGE_KEYS = {"width", "height", "min_pixels", "max_pixels"}
+_IMAGE_KEYS = {"width", "height", "layout", "min_pixels", "max_pixels"}
 
 
 def _section(raw: Mapping[str, Any], key: str, allowed: set[str] | None, path: Path) -> dict[str, Any]:
@@ -414,6 +418,11 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         target_modules=tuple(lora.get("target_modules", LoraSettings.target_modules)),
         modules_to_save=tuple(lora.get("modules_to_save") or ()),
     )
+    from ecg_r1.imaging.page import LAYOUTS
+
+    layout = str(image.get("layout", Profile.image_layout))
+    if layout not in LAYOUTS:
+        raise ProfileError(f"{path}: image.layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     min_pixels = int(image.get("min_pixels", 56 * 56))
     max_pixels = int(image.get("max_pixels", 224 * 224))
     if min_pixels > max_pixels:
@@ -428,6 +437,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         vllm_mode=vllm_mode,
         image_width=int(image.get("width", 224)),
         image_height=None if image.get("height") is None else int(image["height"]),
+        image_layout=layout,
         image_min_pixels=min_pixels,
         image_max_pixels=max_pixels,
         tiny=tiny,
