@@ -313,6 +313,8 @@ class TestDatasets:
             sft_dataset(cases, targets, note_dropout=1.5)
         with pytest.raises(ValueError, match="sum to at most 1"):
             sft_dataset(cases, targets, note_dropout=0.6, note_scramble=0.6)
+        with pytest.raises(ValueError, match="note_scramble_words"):
+            sft_dataset(cases, targets, note_scramble=0.5, note_scramble_words=0.0)
 
     def test_note_scramble_keeps_numbers_and_letters_but_not_words(self, data):
         import random
@@ -326,6 +328,15 @@ class TestDatasets:
         assert [w for w in scrambled.split() if any(c.isdigit() for c in w)] == ["45", "2", "4.1"]
         assert scrambled == scramble_note(note, random.Random(1))
         assert scramble_note(None, random.Random(1)) is None
+        # A share of the words: some kept as written, some scrambled, the same characters.
+        words = note.split()
+        partly = scramble_note(note, random.Random(2), word_share=0.5).split()
+        kept = sum(
+            a == b
+            for a, b in zip(words, partly, strict=True)
+            if any(c.isalpha() for c in a) and len(set(a)) > 1
+        )
+        assert 0 < kept < sum(any(c.isalpha() for c in w) and len(set(w)) > 1 for w in words)
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
         rows = grpo_dataset(cases, note_scramble=1.0, seed=0)
@@ -403,6 +414,30 @@ class TestVisionPretrain:
         assert _changed(before, after, "visual.merger")  # the tokens the LM reads changed
         assert _metric_steps(result.run_id, "twi_loss") == [3]
         assert np.isfinite(result.metrics["loss"])
+
+    @pytest.mark.parametrize("head", ["pooled", "positional+pooled"])
+    def test_every_readout_head_trains_the_tower(self, data, base_model, tmp_path, head):
+        from ecg_r1.training.stages import run_vision_stage
+
+        profile = tiny_test_profile(
+            tmp_path / "p.yaml", stages={"vision_pretrain": {"head": head, "batch_size": 8}}
+        )
+        result = run_vision_stage(
+            profile,
+            base_model,
+            **_data_kwargs(data),
+            out_dir=tmp_path / "vision",
+            max_steps=2,
+            tracking=False,
+        )
+        assert _changed(_weights(base_model), _weights(result.model_dir), "visual.merger")
+        assert np.isfinite(result.metrics["loss"]) and 0 <= result.metrics["eval_twi_f1"] <= 1
+
+    def test_an_unknown_head_is_refused(self):
+        from ecg_r1.training.vision import _head
+
+        with pytest.raises(ValueError, match="positional\+pooled"):
+            _head("attention", hidden=8, tokens=4, outputs=3)
 
     def test_targets_come_from_the_signal_measurements(self, data):
         from ecg_r1.data.features import UPRIGHT_T_LEADS, measure_features

@@ -16,7 +16,7 @@ vectors the language model receives as image tokens). ``positional``: a small pe
 projection followed by a linear map over token positions (the page layout is fixed, so *where* a
 token sits says which lead it shows). ``pooled``: a linear map of the tokens' mean, which makes
 the tower write every finding where an attention head that has not learned where to look finds
-it. The head is thrown away; the updated vision tower (patch embedding, blocks and merger) is
+it. ``positional+pooled``: both readouts, each scored on every target. The head is thrown away; the updated vision tower (patch embedding, blocks and merger) is
 saved in the model folder, and the language model is untouched.
 """
 
@@ -113,7 +113,7 @@ def measured_targets(features: pl.DataFrame, finding_targets: bool = True) -> Vi
     return VisionTargets(twi=twi, regression=(values - mean) / std, mean=mean, std=std)
 
 
-VISION_HEADS = ("positional", "pooled")
+VISION_HEADS = ("positional", "pooled", "positional+pooled")
 
 
 def _head(kind: str, hidden: int, tokens: int, outputs: int, width: int = 8) -> torch.nn.Module:
@@ -133,7 +133,7 @@ def _head(kind: str, hidden: int, tokens: int, outputs: int, width: int = 8) -> 
             self.out = torch.nn.Linear(hidden, outputs)
 
         def forward(self, merged: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden)
-            return self.out(merged.mean(dim=1))
+            return self.out(merged.mean(dim=1))[None]  # (1, batch, outputs)
 
     class PositionalHead(torch.nn.Module):
         """Per-token projection to ``width`` features, then a linear map over all positions."""
@@ -146,11 +146,24 @@ def _head(kind: str, hidden: int, tokens: int, outputs: int, width: int = 8) -> 
 
         def forward(self, merged: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden)
             x = torch.nn.functional.gelu(self.token(self.norm(merged)))
-            return self.out(x.flatten(1))
+            return self.out(x.flatten(1))[None]  # (1, batch, outputs)
+
+    class BothHeads(torch.nn.Module):
+        """Both readouts, each trained on every target: the tower must show each finding where
+        its lead sits *and* in the tokens' mean, so the language model's attention, which starts
+        out averaging the image tokens, finds the findings from its first SFT steps while the
+        positional readout keeps the tower locating leads (the pooled head alone could not)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.positional, self.pooled = PositionalHead(), PooledHead()
+
+        def forward(self, merged: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden)
+            return torch.cat([self.positional(merged), self.pooled(merged)])  # (2, batch, outputs)
 
     if kind not in VISION_HEADS:
         raise ValueError(f"vision pre-training head must be one of {VISION_HEADS}, got {kind!r}")
-    return PooledHead() if kind == "pooled" else PositionalHead()
+    return {"pooled": PooledHead, "positional": PositionalHead, "positional+pooled": BothHeads}[kind]()
 
 
 @dataclass
@@ -286,8 +299,12 @@ def run_vision_pretrain(
         batch = pixels[torch.as_tensor(idx)].to(torch.float32).flatten(0, 1)
         grids = grid.unsqueeze(0).repeat(len(idx), 1)
         merged = visual(batch, grid_thw=grids).pooler_output.view(len(idx), tokens, hidden)
-        out = head(merged)
-        return out[:, :binary], out[:, binary:], torch.as_tensor(idx)
+        out = head(merged)  # (readouts, batch, outputs): every readout is scored on every target
+        return (
+            out[..., :binary].flatten(0, 1),
+            out[..., binary:].flatten(0, 1),
+            torch.as_tensor(np.tile(idx, len(out))),
+        )
 
     def losses(logits: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         t, r = twi[idx], reg[idx]
@@ -342,9 +359,10 @@ def run_vision_pretrain(
         with torch.no_grad():
             logit_parts, value_parts = [], []
             for start in range(0, len(eval_idx), batch_size):
-                logits, values, _ = forward(eval_idx[start : start + batch_size])
-                logit_parts.append(logits)
-                value_parts.append(values)
+                batch_idx = eval_idx[start : start + batch_size]
+                logits, values, _ = forward(batch_idx)
+                logit_parts.append(logits[: len(batch_idx)])  # the first readout (positional if any)
+                value_parts.append(values[: len(batch_idx)])
             logits, values = torch.cat(logit_parts), torch.cat(value_parts)
         t, r = twi[torch.as_tensor(eval_idx)], reg[torch.as_tensor(eval_idx)]
         t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
