@@ -315,7 +315,7 @@ def _measure_batch(signals: np.ndarray, scratch: np.ndarray, exact: bool = True)
             np.count_nonzero(values == lead_min[records, leads, None], axis=1),
         )
         saturated[records, leads] = at_extreme >= needed
-    peakiness, n_beats, hr = _qrs_structure(signals, ~has_bad & ~flat.all(axis=1), exact)
+    peakiness, n_beats, hr = _qrs_structure(signals, ~has_bad & ~flat.all(axis=1), scratch, exact)
     return {
         "peakiness": peakiness,
         "n_beats": n_beats,
@@ -330,7 +330,7 @@ def _measure_batch(signals: np.ndarray, scratch: np.ndarray, exact: bool = True)
 
 
 def _qrs_structure(
-    signals: np.ndarray, usable: np.ndarray, exact: bool = True
+    signals: np.ndarray, usable: np.ndarray, scratch: np.ndarray, exact: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """QRS peakiness, QRS complexes found and heart rate of each record (the project's beat
     detector, :mod:`ecg_r1.data.features`); records not ``usable`` (non-finite or all flat: other checks
@@ -342,6 +342,7 @@ def _qrs_structure(
     where the rate check could fail: a record whose energy crosses the beat threshold in every
     :data:`_BEAT_WINDOW_S` window has beats at most 2.4 s apart (25 bpm, a window each side plus the
     250 ms a detected peak may move), so its beat count and rate are left at values that pass.
+    ``scratch`` (free once the lag-1 products are taken) holds the slopes.
     """
     n = len(signals)
     peakiness = np.full(n, np.inf)
@@ -354,9 +355,22 @@ def _qrs_structure(
     # The QRS energy of ecg_r1.data.features at 250 Hz (every other sample: half the work; the 20 ms
     # difference and 40 ms smoothing keep their lengths), then every other sample of it.
     # I, II and V1-V6 only: III, aVR, aVL and aVF are combinations of I and II and add no QRS.
-    half = part[:, _INDEPENDENT_LEADS, ::2]
+    # The slopes are taken straight from the two blocks of those rows into the scratch memory:
+    # no gathered copy of the leads, no fresh array.
     span = round(QRS_ENERGY_SPAN_MS * FS / 2000)
-    slopes = half[..., span:] - half[..., :-span]
+    n_slopes = (part.shape[-1] + 1) // 2 - span
+    slopes = scratch.reshape(-1)[: len(part) * _N_INDEPENDENT * n_slopes].reshape(
+        len(part), _N_INDEPENDENT, n_slopes
+    )
+    row = 0
+    for rows in _INDEPENDENT_ROWS:
+        block = part[:, rows]
+        np.subtract(
+            block[..., 2 * span : 2 * (span + n_slopes) : 2],
+            block[..., : 2 * n_slopes : 2],
+            out=slopes[:, row : row + block.shape[1]],
+        )
+        row += block.shape[1]
     energy = uniform_filter1d(np.einsum("cln,cln->cn", slopes, slopes), size=round(0.04 * FS / 2), axis=-1)
     energy = energy[:, :: _DECIMATE // 2]
     # Order statistics by one partition (np.quantile's interpolation is not needed here).
@@ -381,7 +395,12 @@ def _qrs_structure(
     return peakiness, n_beats, hr
 
 
-_INDEPENDENT_LEADS = [LEADS.index(lead) for lead in ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")]
+# Rows of I and II, and of V1-V6, in LEADS (the leads the QRS energy sums).
+_INDEPENDENT_ROWS = (
+    slice(LEADS.index("I"), LEADS.index("II") + 1),
+    slice(LEADS.index("V1"), LEADS.index("V6") + 1),
+)
+_N_INDEPENDENT = sum(rows.stop - rows.start for rows in _INDEPENDENT_ROWS)
 # Decimation of the QRS energy (smoothed over 40 ms = 20 samples) in the structure checks.
 _DECIMATE = 4
 # Windows in which a record must show a QRS-sized energy peak to skip counting its beats.
