@@ -223,7 +223,7 @@ def signal_issue(
 
 def check_scratch(n_records: int, n_samples: int = N_SAMPLES, dtype: DTypeLike = np.float32) -> np.ndarray:
     """Working memory for checking up to ``n_records`` signals of ``n_samples`` (see
-    :func:`signal_issues`): it holds one batch's centred signals."""
+    :func:`signal_issues`): it holds one batch's centred signals, then its QRS slopes."""
     return np.empty((min(n_records, _BATCH), len(LEADS), n_samples), dtype=dtype)
 
 
@@ -265,7 +265,7 @@ def _measure_batch(signals: np.ndarray, scratch: np.ndarray, exact: bool = True)
     Saturation needs the number of samples at a lead's extreme: a lead can only reach
     ``SATURATION_FRACTION`` if enough groups of :data:`_BLOCK` samples reach that extreme, so the
     exact count is taken only for those few leads (under one a record on the shared records), not
-    for every sample of every lead. ``scratch`` holds the centred signals.
+    for every sample of every lead. ``scratch`` holds the centred signals, then the QRS slopes.
     """
     signals = np.asarray(signals)
     n_records, n_leads, n_samples = signals.shape

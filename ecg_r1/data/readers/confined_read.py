@@ -138,7 +138,7 @@ def _open_resolved(path: str, root: str) -> int:
     component and the file type is checked on the opened descriptor (by :func:`read_bytes`): a
     link or a FIFO put in the file's place between them is refused too. (A folder higher up the
     path swapped for a link in that moment is not caught; it needs someone writing into the folder
-    during ingest, and only paths through links come here.)
+    during ingest, and only the paths :func:`_open_beneath` cannot open come here.)
     """
     real = os.path.realpath(path)
     if os.path.commonpath((real, root)) != root:
