@@ -122,6 +122,25 @@ class TestConfinedRead:
             read_bytes(tmp_path / "E1.dat", str(tmp_path))
         assert info.value.reason == "not_a_regular_file"
 
+    def test_link_to_a_folder_outside_is_not_followed(self, tmp_path: Path) -> None:
+        folder = tmp_path / "export"
+        folder.mkdir()
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / "E1.dat").write_bytes(b"SECRET")
+        (folder / "sub").symlink_to(tmp_path / "outside")
+        with pytest.raises(RecordError) as info:
+            read_bytes(folder / "sub" / "E1.dat", str(folder))
+        assert info.value.reason == "path_escapes_folder"
+
+    def test_links_to_folders_and_files_inside_are_read(self, tmp_path: Path) -> None:
+        (tmp_path / "store").mkdir()
+        (tmp_path / "store" / "E1.dat").write_bytes(b"data")
+        (tmp_path / "linked").symlink_to(tmp_path / "store")
+        (tmp_path / "E1.dat").symlink_to(tmp_path / "store" / "E1.dat")
+        assert read_bytes(tmp_path / "linked" / "E1.dat", str(tmp_path)) == b"data"
+        assert read_bytes(tmp_path / "E1.dat", str(tmp_path)) == b"data"
+        assert read_bytes(tmp_path / "store" / ".." / "store" / "E1.dat", str(tmp_path)) == b"data"
+
     def test_loop_of_links_is_refused_with_a_reason(self, tmp_path: Path) -> None:
         (tmp_path / "E1.dat").symlink_to(tmp_path / "E2.dat")
         (tmp_path / "E2.dat").symlink_to(tmp_path / "E1.dat")

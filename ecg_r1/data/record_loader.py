@@ -12,8 +12,9 @@ A worker reads header, signal, canonical form, signal checks, source metadata an
 writes the signals straight into its slots of the signal file, so memory holds one chunk, not
 the cohort. The time limit is a SIGALRM timer around each read (:func:`_read_one`); a worker
 stuck where no signal reaches it is ended by the pool (:func:`_load_in_pool`). The worker's state
-(rules, signal file descriptor, limit, the caller's alarm to put back) is this module's
-``_WORKER``, set up by :func:`_init_worker` and undone by :func:`_close_worker`.
+(rules, signal file descriptor, limit, the caller's alarm to put back, the signal buffer and the
+checks' scratch) is this module's ``_WORKER``, set up by :func:`_init_worker` and
+:func:`_load_chunk_gc_off` and undone by :func:`_close_worker`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ecg_r1.data.canonical import LEADS, N_SAMPLES
 from ecg_r1.data.labels import LabelRules
 from ecg_r1.data.readers import RECORD_ERRORS, load_ref
 from ecg_r1.data.readers.records import READ_ERROR, RECORD_TIMEOUT, Quarantine, RecordRef
-from ecg_r1.data.signal_checks import signal_issues
+from ecg_r1.data.signal_checks import check_scratch, signal_issues
 from ecg_r1.data.store import SlotFile
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def _init_worker(rules: LabelRules, signals_path: str, timeout_s: float) -> None
 
 def _close_worker() -> None:
     _WORKER.pop("buffer", None)
+    _WORKER.pop("scratch", None)
     fd = _WORKER.pop("fd", None)
     if fd is not None:
         os.close(fd)
@@ -256,10 +258,12 @@ def _load_chunk_gc_off(task: tuple[int, list[RecordRef]]) -> tuple[list[dict[str
     buffer = _WORKER.get("buffer")
     if buffer is None or len(buffer) < CHECK_BATCH:
         buffer = _WORKER["buffer"] = np.empty((CHECK_BATCH, len(LEADS), N_SAMPLES), dtype=np.float32)
+        _WORKER["scratch"] = check_scratch(CHECK_BATCH)
+    scratch: np.ndarray = _WORKER["scratch"]
     pending: list[tuple[int, dict[str, Any]]] = []  # (slot, row) whose signal is buffer[index]
 
     def flush() -> None:
-        issues = signal_issues(buffer[: len(pending)])
+        issues = signal_issues(buffer[: len(pending)], scratch)
         run_start = 0  # buffer index where the current run of passing records in consecutive slots began
         for index, ((slot, row), issue) in enumerate(zip(pending, issues, strict=True)):
             if issue is None:

@@ -150,8 +150,8 @@ def _load_signal(header: Header, out: Any = None) -> tuple[Any, dict[str, Any]]:
     canonical = canonicalize(raw.signal, header.fs, header.lead_names)
     meta = {
         "record_name": header.record_name,
-        "source_path": str(raw.signal_path),
-        "header_path": str(header.path),
+        "source_path": raw.signal_path,
+        "header_path": header.path,
         "checksum": raw.checksum,
         "source_fs": canonical.source_fs,
         "source_gain": raw.gain,
@@ -178,7 +178,7 @@ def load_ref(ref: RecordRef, rules: LabelRules, out: Any = None) -> tuple[Any, d
     Raises:
         RecordError / CanonicalError: with a quarantine ``reason``.
     """
-    header = parse_header(ref.header_path, ref.root or None)  # parse_header makes the one Path
+    header = parse_header(ref.header_path, ref.root or None)
     signal, meta = _load_signal(header, out)
     raw = meta.pop("_raw")
     if ref.source_format == "cinc":

@@ -76,7 +76,7 @@ def lead_t_amplitudes(header: Header, signal: np.ndarray, rules: LabelRules) -> 
     Returns:
         Standard lead name to its T amplitudes; leads without an annotation file are absent.
     """
-    stem = str(header.path)[: -len(header.path.suffix)] if header.path.suffix else str(header.path)
+    stem = os.path.splitext(header.path)[0]
     leads: list[str] = []
     annotations = []
     for column, name in enumerate(header.lead_names):

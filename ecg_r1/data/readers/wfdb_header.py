@@ -20,7 +20,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 from ecg_r1.data.canonical import normalize_lead_name
@@ -81,9 +80,10 @@ class SignalSpec(NamedTuple):
 
 @dataclass(slots=True)
 class Header:
-    """A parsed WFDB header."""
+    """A parsed WFDB header. ``path`` is a string, as given (a ``Path`` made and taken apart for
+    each record cost more than parsing half its signal lines)."""
 
-    path: Path
+    path: str
     record_name: str
     n_sig: int
     fs: float
@@ -99,7 +99,7 @@ class Header:
         return [spec.description for spec in self.signals]
 
 
-def parse_header(path: str | Path, root: str | None = None) -> Header:
+def parse_header(path: str | os.PathLike[str], root: str | None = None) -> Header:
     """Parse a WFDB header file tolerantly.
 
     Accepted deviations: a record name written with a file extension, comments without a space
@@ -119,8 +119,8 @@ def parse_header(path: str | Path, root: str | None = None) -> Header:
             :func:`read_bytes`; signal-file names that are absolute or climb out with ``..``
             give ``path_escapes_folder``.
     """
-    path = Path(path)
-    root = root or os.path.realpath(path.parent)
+    path = os.fspath(path)
+    root = root or os.path.realpath(os.path.dirname(path) or ".")
     try:
         text, encoding = read_text(path, root)
     except FileNotFoundError as exc:
@@ -165,8 +165,10 @@ def parse_header(path: str | Path, root: str | None = None) -> Header:
             f"header {path} announces {n_sig} signals but has {len(signal_lines)} signal lines; "
             "the header is cut or its record line is wrong",
         )
+    file_names: set[str] = set()
     signals = tuple(
-        _parse_signal_line(line, path, warnings, number) for number, line in enumerate(signal_lines, start=1)
+        _parse_signal_line(line, path, warnings, number, file_names)
+        for number, line in enumerate(signal_lines, start=1)
     )
     _check_units(signals, path)
     for number, spec in enumerate(signals, start=1):
@@ -191,7 +193,7 @@ def parse_header(path: str | Path, root: str | None = None) -> Header:
     )
 
 
-def _check_units(signals: tuple[SignalSpec, ...], path: Path) -> None:
+def _check_units(signals: tuple[SignalSpec, ...], path: str) -> None:
     """Refuse a header whose ECG leads are in units that are not understood (see ``_UNIT_TO_MV``)."""
     for number, spec in enumerate(signals, start=1):
         if (
@@ -213,7 +215,7 @@ def _line_name(number: int) -> str:
     return "the record line" if number == 0 else f"signal line {number}"
 
 
-def _check_signal_file_name(name: str, path: Path, number: int) -> None:
+def _check_signal_file_name(name: str, path: str, number: int) -> None:
     """Refuse a signal-file name that points away from the header's folder."""
     if os.path.isabs(name) or ".." in name.split("/"):
         raise RecordError(
@@ -223,7 +225,7 @@ def _check_signal_file_name(name: str, path: Path, number: int) -> None:
         )
 
 
-def _parse_record_line(line: str, path: Path) -> tuple[str, int, float, int | None]:
+def _parse_record_line(line: str, path: str) -> tuple[str, int, float, int | None]:
     parts = line.split()
     try:
         name = parts[0].split("/")[0]
@@ -252,7 +254,7 @@ def _parse_record_line(line: str, path: Path) -> tuple[str, int, float, int | No
     return name, n_sig, fs, n_samples
 
 
-def check_values(n_values: int, path: Path) -> None:
+def check_values(n_values: int, path: str) -> None:
     """Refuse a record of more than :data:`MAX_RECORD_VALUES` samples before it is allocated.
 
     Used on the record line's sample count here and on each signal file's size in ``wfdb_signal``.
@@ -274,9 +276,15 @@ def _parse_fs(text: str) -> float:
     return float(match.group(1))
 
 
-def _parse_signal_line(line: str, path: Path, warnings: list[str], number: int) -> SignalSpec:
+def _parse_signal_line(
+    line: str, path: str, warnings: list[str], number: int, file_names: set[str]
+) -> SignalSpec:
+    """One signal line; ``file_names`` holds the file names already checked (a record's signals
+    mostly share one file), and this line's name once it passes."""
     parts = line.split(maxsplit=8)
-    _check_signal_file_name(parts[0], path, number)
+    if parts[0] not in file_names:
+        _check_signal_file_name(parts[0], path, number)
+        file_names.add(parts[0])
     try:
         if len(parts) > 6:
             # The usual full line: no padding list to build.

@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import statistics
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class RawSignal:
     checksum: str  # sha256 of the signal file's bytes
     gain: float  # median ADC gain over the signals
     reader: str  # "numpy" or "wfdb"
-    signal_path: Path
+    signal_path: str
 
 
 def read_signal(header: Header, out: np.ndarray | None = None) -> RawSignal:
@@ -66,9 +66,10 @@ def read_signal(header: Header, out: np.ndarray | None = None) -> RawSignal:
     layouts = {(spec.fmt, spec.samples_per_frame, spec.skew, spec.byte_offset) for spec in header.signals}
     fmt, spf, skew, _ = next(iter(layouts))
     simple = len(files) == 1 and len(layouts) == 1 and spf == 1 and skew == 0
-    signal_path = header.path.parent / min(files)
+    folder = os.path.dirname(header.path)
+    signal_path = os.path.join(folder, min(files))
     try:
-        if simple and signal_path.suffix.lower() == ".mat":
+        if simple and signal_path[-4:].lower() == ".mat":
             data = read_bytes(signal_path, header.root)
             digital = _digital_from_mat(data, header, signal_path)
             reader = "numpy"
@@ -79,7 +80,7 @@ def read_signal(header: Header, out: np.ndarray | None = None) -> RawSignal:
         else:
             # Read (confined) before wfdb opens the same files itself: a file outside the folder,
             # a pipe or a device is refused here, never handed to wfdb.
-            data = b"".join(read_bytes(header.path.parent / name, header.root) for name in sorted(files))
+            data = b"".join(read_bytes(os.path.join(folder, name), header.root) for name in sorted(files))
             bits = min((FORMAT_BITS[spec.fmt] or 0) for spec in header.signals)
             if bits == 0 and header.n_samples is None:
                 raise RecordError(
@@ -111,7 +112,7 @@ def _median_gain(gains: tuple[float, ...]) -> float:
     return float(statistics.median(gains))
 
 
-def _check_length(n_frames: int, header: Header, signal_path: Path) -> None:
+def _check_length(n_frames: int, header: Header, signal_path: str) -> None:
     if header.n_samples and n_frames != header.n_samples:
         raise RecordError(
             "length_mismatch",
@@ -120,7 +121,7 @@ def _check_length(n_frames: int, header: Header, signal_path: Path) -> None:
         )
 
 
-def _digital_from_dat(data: bytes, header: Header, signal_path: Path, fmt: int) -> np.ndarray:
+def _digital_from_dat(data: bytes, header: Header, signal_path: str, fmt: int) -> np.ndarray:
     offset = header.signals[0].byte_offset
     itemsize = np.dtype(_NUMPY_FORMATS[fmt]).itemsize
     payload = len(data) - offset
@@ -141,7 +142,7 @@ def _digital_from_dat(data: bytes, header: Header, signal_path: Path, fmt: int) 
     return digital
 
 
-def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndarray:
+def _digital_from_mat(data: bytes, header: Header, signal_path: str) -> np.ndarray:
     """Read the first matrix of a MATLAB v4 file (PhysioNet/CinC: ``val``, leads x samples)."""
     if data[:6] == b"MATLAB":
         return _digital_from_mat5(data, header, signal_path)
@@ -184,7 +185,7 @@ def _digital_from_mat(data: bytes, header: Header, signal_path: Path) -> np.ndar
     return np.frombuffer(data, dtype=dtype, count=mrows * ncols, offset=start).reshape(ncols, mrows)
 
 
-def _digital_from_mat5(data: bytes, header: Header, signal_path: Path) -> np.ndarray:
+def _digital_from_mat5(data: bytes, header: Header, signal_path: str) -> np.ndarray:
     from scipy.io import loadmat
 
     expanded = _expand_mat5(data, signal_path)
@@ -220,7 +221,7 @@ def _digital_from_mat5(data: bytes, header: Header, signal_path: Path) -> np.nda
 _MI_MATRIX, _MI_COMPRESSED = 14, 15
 
 
-def _expand_mat5(data: bytes, signal_path: Path) -> bytes:
+def _expand_mat5(data: bytes, signal_path: str) -> bytes:
     """The MATLAB v5 file with its compressed elements expanded, at most :data:`MAX_RECORD_VALUES`
     float64 values in all: a few MB of zeros compress to a file that would expand to gigabytes,
     so the expansion is bounded here, before scipy sees the file."""
@@ -253,7 +254,7 @@ def _digital_from_wfdb(header: Header) -> np.ndarray:
     import wfdb
 
     try:
-        record = wfdb.rdrecord(str(header.path.with_suffix("")), physical=False)
+        record = wfdb.rdrecord(os.path.splitext(header.path)[0], physical=False)
     except Exception as exc:  # wfdb raises many types; the message is what helps
         raise RecordError(
             "bad_signal_file",
