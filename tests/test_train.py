@@ -419,9 +419,8 @@ class TestVisionPretrain:
     def test_every_readout_head_trains_the_tower(self, data, base_model, tmp_path, head):
         from ecg_r1.training.stages import run_vision_stage
 
-        profile = tiny_test_profile(
-            tmp_path / "p.yaml", stages={"vision_pretrain": {"head": head, "batch_size": 8}}
-        )
+        settings = {"head": head, "batch_size": 8}
+        profile = tiny_test_profile(tmp_path / "p.yaml", stages={"vision_pretrain": settings})
         result = run_vision_stage(
             profile,
             base_model,
@@ -436,7 +435,7 @@ class TestVisionPretrain:
     def test_an_unknown_head_is_refused(self):
         from ecg_r1.training.vision import _head
 
-        with pytest.raises(ValueError, match="positional\+pooled"):
+        with pytest.raises(ValueError, match=r"positional\+pooled"):
             _head("attention", hidden=8, tokens=4, outputs=3)
 
     def test_targets_come_from_the_signal_measurements(self, data):

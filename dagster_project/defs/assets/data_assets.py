@@ -33,7 +33,7 @@ from ecg_r1.data.expectations import ValidationConfig
 from ecg_r1.data.ingest import RECORD_TIMEOUT_S, ingest
 from ecg_r1.data.labels import load_rules
 from ecg_r1.data.store import read_cohort
-from ecg_r1.simulate import simulate_cohort
+from ecg_r1.simulate import DEFAULT_N, simulate_cohort
 
 GROUP = "data"
 SPLIT_CONFIG_FILE = "split_config.json"
@@ -44,7 +44,7 @@ _VALIDATION_DEFAULTS = ValidationConfig()
 class SimulationConfig(dg.Config):
     """The simulated multi-hospital cohort (the embedded default data)."""
 
-    n: int = Field(default=2000, description="Number of cases.")
+    n: int = Field(default=DEFAULT_N, description="Number of cases.")
     hospitals: int = Field(
         default=4, description="Number of hospitals; the last one is meant to be held out."
     )
