@@ -104,7 +104,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {
         "note_dropout": 0.0,  # fractions of the training cases shown without their note ...
         "note_scramble": 0.0,  # ... or with its words' letters shuffled (ecg_r1.training.data)
-        "note_scramble_words": 1.0,  # the share of a scrambled note's words that are shuffled
         "balance_hospitals": False,
         "freeze_vision": False,
         "rationale_findings": False,  # with model.sft_rationale: targets state the measured findings
@@ -113,7 +112,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "start": "warmup",  # base | vision | warmup | sft: the model GRPO starts from
         "note_dropout": 0.0,
         "note_scramble": 0.0,
-        "note_scramble_words": 1.0,
         "balance_hospitals": False,
         "freeze_vision": False,
     },

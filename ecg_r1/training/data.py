@@ -161,34 +161,20 @@ def _image_column(dataset: datasets.Dataset, column: str, as_list: bool) -> data
 _WORD_RE = re.compile(r"[^\W\d_]+")
 
 
-def scramble_note(note: str | None, rng: random.Random, word_share: float = 1.0) -> str | None:
-    """The note with the letters of its words shuffled; digits, units' punctuation and layout kept.
+def scramble_note(note: str | None, rng: random.Random) -> str | None:
+    """The note with the letters of every word shuffled; digits, units' punctuation and layout kept.
 
     A note the model cannot read (another hospital's language, abbreviations it never saw) is
     text in words it does not know; a scrambled note is the same for a model trained on this
     cohort's notes, made from the training notes alone (no other hospital's text is used).
-    With ``word_share`` below 1 each word is scrambled with that probability: a note read in
-    part, as another language's note is where it shares a word ("normal", "Diabetes") with the
-    training notes.
     """
     if not note:
         return note
-
-    def shuffle(m: re.Match[str]) -> str:
-        word = m.group(0)
-        if word_share < 1.0 and rng.random() >= word_share:
-            return word
-        return "".join(rng.sample(word, len(word)))
-
-    return _WORD_RE.sub(shuffle, note)
+    return _WORD_RE.sub(lambda m: "".join(rng.sample(m.group(0), len(m.group(0)))), note)
 
 
 def _prompts(
-    cases: pl.DataFrame,
-    note_dropout: float = 0.0,
-    note_scramble: float = 0.0,
-    seed: int = 0,
-    note_scramble_words: float = 1.0,
+    cases: pl.DataFrame, note_dropout: float = 0.0, note_scramble: float = 0.0, seed: int = 0
 ) -> list[list[dict]]:
     if not (
         0.0 <= note_dropout <= 1.0 and 0.0 <= note_scramble <= 1.0 and note_dropout + note_scramble <= 1.0
@@ -197,8 +183,6 @@ def _prompts(
             f"note_dropout ({note_dropout}) and note_scramble ({note_scramble}) must be fractions in "
             "[0, 1] that sum to at most 1"
         )
-    if not 0.0 < note_scramble_words <= 1.0:
-        raise ValueError(f"note_scramble_words ({note_scramble_words}) must be a share in (0, 1]")
     rng = random.Random(seed)
     prompts = []
     for row in cases.iter_rows(named=True):
@@ -208,17 +192,13 @@ def _prompts(
         if draw < note_dropout:
             note = None
         elif draw < note_dropout + note_scramble:
-            note = scramble_note(note, rng, note_scramble_words)
+            note = scramble_note(note, rng)
         prompts.append(build_prompt(row["age"], row["sex"], note))
     return prompts
 
 
 def grpo_dataset(
-    cases: pl.DataFrame,
-    note_dropout: float = 0.0,
-    note_scramble: float = 0.0,
-    seed: int = 0,
-    note_scramble_words: float = 1.0,
+    cases: pl.DataFrame, note_dropout: float = 0.0, note_scramble: float = 0.0, seed: int = 0
 ) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
@@ -229,7 +209,6 @@ def grpo_dataset(
         note_scramble: the fraction of (other) cases shown their note scrambled
             (:func:`scramble_note`).
         seed: which cases lose their note.
-        note_scramble_words: the share of a scrambled note's words that are scrambled.
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``image`` (decoded lazily), ``label`` (bool),
@@ -239,7 +218,7 @@ def grpo_dataset(
 
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_scramble_words),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed),
             "image": cases["image_path"].to_list(),
             "label": cases["label"].to_list(),
             "twi_leads": cases["twi_leads"].to_list(),
@@ -304,7 +283,6 @@ def sft_dataset(
     note_dropout: float = 0.0,
     note_scramble: float = 0.0,
     seed: int = 0,
-    note_scramble_words: float = 1.0,
 ) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 
@@ -319,8 +297,6 @@ def sft_dataset(
             (:func:`scramble_note`): they teach that a note in unknown words says nothing, so the
             image decides, where an unfamiliar note would otherwise push every answer one way.
         seed: which cases lose their note.
-        note_scramble_words: the share of a scrambled note's words that are scrambled (1: all;
-            below 1, notes read in part).
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
@@ -332,7 +308,7 @@ def sft_dataset(
         raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_scramble_words),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed),
             "completion": [[{"role": "assistant", "content": target}] for target in targets],
             "images": [[path] for path in cases["image_path"].to_list()],
             "label": cases["label"].to_list(),
@@ -387,11 +363,10 @@ def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
 
 
 def note_settings(profile: Profile, stage: str) -> dict[str, float]:
-    """``note_dropout``, ``note_scramble`` and ``note_scramble_words`` of a stage (fractions of the
-    training cases shown without their note, or with its words scrambled;
-    :func:`ecg_r1.training.data.sft_dataset`)."""
+    """``note_dropout`` and ``note_scramble`` of a stage (fractions of the training cases shown
+    without their note, or with it scrambled; :func:`ecg_r1.training.data.sft_dataset`)."""
     settings = profile.stage_settings(stage)
-    return {key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_scramble_words")}
+    return {key: float(settings[key]) for key in ("note_dropout", "note_scramble")}
 
 
 def training_cases(
