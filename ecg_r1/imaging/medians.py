@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
+from ecg_r1.data.canonical import LEADS, N_SAMPLES
 from ecg_r1.data.features import MEDIAN_BEAT_SAMPLES, median_beats
 from ecg_r1.imaging.page import RHYTHM_TRACE, PagePlan, RenderConfig, plan_page
 
@@ -39,7 +39,7 @@ def median_traces(signal: np.ndarray, plan: PagePlan) -> np.ndarray:
     Returns:
         ``(13, 5000)`` float32 traces in mV (the panels already scaled by :data:`MEDIAN_GAIN_FACTOR`).
     """
-    medians = median_beats(np.asarray(signal, dtype=np.float32)[None])[0]  # (12, MEDIAN_BEAT_SAMPLES)
+    medians = median_beats(signal[None])[0]  # (12, MEDIAN_BEAT_SAMPLES)
     traces = np.full((len(LEADS) + 1, N_SAMPLES), np.nan, dtype=np.float32)
     traces[RHYTHM_TRACE] = signal[LEADS.index("II")]
     beat_t = np.arange(MEDIAN_BEAT_SAMPLES)
@@ -59,8 +59,5 @@ def median_traces(signal: np.ndarray, plan: PagePlan) -> np.ndarray:
 def median_scale(config: RenderConfig) -> tuple[float, float]:
     """The panels' effective paper speed (mm/s) and gain (mm/mV) on a medians page."""
     first = next(s for s in plan_page(config).segments if s.lead != RHYTHM_TRACE)
-    panel_s = (first.last - first.first + 1) / FS
-    return (
-        config.speed_mm_per_s * panel_s * FS / MEDIAN_BEAT_SAMPLES,
-        config.gain_mm_per_mv * MEDIAN_GAIN_FACTOR,
-    )
+    stretch = (first.last - first.first + 1) / MEDIAN_BEAT_SAMPLES  # panel samples per beat sample
+    return config.speed_mm_per_s * stretch, config.gain_mm_per_mv * MEDIAN_GAIN_FACTOR

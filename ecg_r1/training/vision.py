@@ -16,8 +16,9 @@ vectors the language model receives as image tokens). ``positional``: a small pe
 projection followed by a linear map over token positions (the page layout is fixed, so *where* a
 token sits says which lead it shows). ``pooled``: a linear map of the tokens' mean, which makes
 the tower write every finding where an attention head that has not learned where to look finds
-it. ``positional+pooled``: both readouts, each scored on every target. The head is thrown away; the updated vision tower (patch embedding, blocks and merger) is
-saved in the model folder, and the language model is untouched.
+it. ``positional+pooled``: both readouts, each scored on every target. The head is thrown away;
+the updated vision tower (patch embedding, blocks and merger) is saved in the model folder, and
+the language model is untouched.
 """
 
 from __future__ import annotations
@@ -113,9 +114,6 @@ def measured_targets(features: pl.DataFrame, finding_targets: bool = True) -> Vi
     return VisionTargets(twi=twi, regression=(values - mean) / std, mean=mean, std=std)
 
 
-VISION_HEADS = ("positional", "pooled", "positional+pooled")
-
-
 def _head(kind: str, hidden: int, tokens: int, outputs: int, width: int = 8) -> torch.nn.Module:
     import torch
 
@@ -161,9 +159,10 @@ def _head(kind: str, hidden: int, tokens: int, outputs: int, width: int = 8) -> 
         def forward(self, merged: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden)
             return torch.cat([self.positional(merged), self.pooled(merged)])  # (2, batch, outputs)
 
-    if kind not in VISION_HEADS:
-        raise ValueError(f"vision pre-training head must be one of {VISION_HEADS}, got {kind!r}")
-    return {"pooled": PooledHead, "positional": PositionalHead, "positional+pooled": BothHeads}[kind]()
+    heads = {"positional": PositionalHead, "pooled": PooledHead, "positional+pooled": BothHeads}
+    if kind not in heads:
+        raise ValueError(f"vision pre-training head must be one of {tuple(heads)}, got {kind!r}")
+    return heads[kind]()
 
 
 @dataclass
