@@ -265,6 +265,19 @@ class TestBuildBaseModel:
         assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
         assert torch.isfinite(logits).all()
 
+    def test_a_tower_merging_4x4_patches_gets_pages_cut_for_it(self, tmp_path):
+        profile = load_profile(write_profile(tmp_path, model__tiny__vision__spatial_merge_size=4))
+        assert image_tokens(profile) == 12  # 224 x 173 px -> 16 x 12 patches -> 4 x 3 tokens
+        folder = build_base_model(profile, corpus_from_cases(CASES), tmp_path / "merge4")
+        model, processor = load_model_and_processor(folder, profile)  # the saved processor reloads
+        text = processor.apply_chat_template(
+            build_multimodal_prompt(63, "F", None), add_generation_prompt=True
+        )
+        inputs = processor(text=[text], images=[rendered_page(profile).convert("RGB")], return_tensors="pt")
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 12
+        with torch.no_grad():
+            assert torch.isfinite(model(**inputs).logits).all()
+
     def test_same_seed_same_weights(self, tiny_dir, tmp_path):
         again = build_base_model(load_profile("tiny"), corpus_from_cases(CASES), tmp_path / "again")
         first = (tiny_dir / "model.safetensors").read_bytes()

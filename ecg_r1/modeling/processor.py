@@ -96,8 +96,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def tower_patching(profile: Profile) -> tuple[int, int]:
+    """``(patch_size, merge_size)`` of the vision tower the profile builds; Qwen2-VL's for a hub model.
+
+    A tower the profile builds (tiny, or a new tower beside a pretrained language model) may set
+    ``patch_size`` and ``spatial_merge_size``; the processor must cut pages the same way.
+    """
+    from transformers import Qwen2VLVisionConfig
+
+    tower = (profile.tiny.vision if profile.tiny is not None else profile.vision) or {}
+    defaults = Qwen2VLVisionConfig()
+    return (
+        int(tower.get("patch_size", defaults.patch_size)),
+        int(tower.get("spatial_merge_size", defaults.spatial_merge_size)),
+    )
+
+
 def make_image_processor(profile: Profile) -> Any:
-    """A ``Qwen2VLImageProcessor`` bounded by the profile's min/max pixels.
+    """A ``Qwen2VLImageProcessor`` bounded by the profile's min/max pixels, cutting pages into the
+    patches and token groups of the profile's tower (:func:`tower_patching`).
 
     Without torchvision it falls back to its PIL backend (a warning, same results).
     """
@@ -105,9 +122,15 @@ def make_image_processor(profile: Profile) -> Any:
 
     from transformers import Qwen2VLImageProcessor
 
+    patch, merge = tower_patching(profile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Qwen2VLImageProcessor(min_pixels=profile.image_min_pixels, max_pixels=profile.image_max_pixels)
+        return Qwen2VLImageProcessor(
+            min_pixels=profile.image_min_pixels,
+            max_pixels=profile.image_max_pixels,
+            patch_size=patch,
+            merge_size=merge,
+        )
 
 
 def load_processor(model_dir_or_id: str | Path, profile: Profile) -> Any:
@@ -146,13 +169,14 @@ def _bound_image_processor(image_processor: Any, profile: Profile) -> None:
 def image_tokens(profile: Profile, width: int | None = None, height: int | None = None) -> int:
     """How many image tokens a page of the given size (default: the profile's rendered page) becomes.
 
-    Mirrors Qwen2-VL's ``smart_resize`` (sides rounded to multiples of 28, area clamped to the
-    pixel bounds), then one token per 2x2 patches of 14 px.
+    Mirrors Qwen2-VL's ``smart_resize`` (sides rounded to multiples of patch x merge size, 28 by
+    default, area clamped to the pixel bounds), then one token per merge x merge patches.
     """
     if width is None or height is None:
         page = profile.render_config()
         width, height = width or page.width_px, height or page.height_px
-    factor = 28
+    patch, merge = tower_patching(profile)
+    factor = patch * merge
     h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
     if h_bar * w_bar > profile.image_max_pixels:
         beta = math.sqrt(height * width / profile.image_max_pixels)
