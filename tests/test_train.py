@@ -421,6 +421,28 @@ class TestVisionPretrain:
         assert _changed(_weights(base_model), _weights(result.model_dir), "visual.merger")
         assert np.isfinite(result.metrics["loss"]) and 0 <= result.metrics["eval_twi_f1"] <= 1
 
+    def test_page_tokens_are_the_image_embeddings_the_language_model_receives(
+        self, data, profile, base_model
+    ):
+        import torch
+        from PIL import Image
+
+        from ecg_r1.modeling.models import load_model_and_processor
+        from ecg_r1.training.vision import page_tokens
+
+        model, processor = load_model_and_processor(base_model, profile)
+        paths = sorted(str(p) for p in data["images"].rglob("*.png"))[:3]
+        tokens = page_tokens(model, processor, paths, batch_size=2)
+        pages = [Image.open(p).convert("RGB") for p in paths]
+        enc = processor.image_processor(images=pages, return_tensors="pt")
+        with torch.no_grad():
+            expected = model.model.get_image_features(
+                enc["pixel_values"], enc["image_grid_thw"]
+            ).pooler_output
+        assert tokens.shape == (3, *expected[0].shape)
+        for got, want in zip(tokens, expected, strict=True):  # up to the float16 pixel cache
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
+
     def test_an_unknown_head_is_refused(self):
         from ecg_r1.training.vision import _head
 

@@ -207,6 +207,52 @@ def _pixel_batches(processor: Any, image_paths: list[str]) -> tuple[torch.Tensor
     return torch.stack(pixels), grid
 
 
+def tower_tokens(visual: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The merged tokens the language model receives for a batch of pages of one size.
+
+    Args:
+        visual: the model's vision tower (``model.model.visual``).
+        pixels: ``(pages, patches, dim)`` pixel values from :func:`_pixel_batches`.
+        grid: the pages' common ``image_grid_thw`` row.
+
+    Returns:
+        ``(pages, tokens, hidden)``.
+    """
+    import torch
+
+    merged = visual(
+        pixels.to(torch.float32).flatten(0, 1), grid_thw=grid.unsqueeze(0).repeat(len(pixels), 1)
+    ).pooler_output
+    return merged.view(len(pixels), -1, merged.shape[-1])
+
+
+def page_tokens(model: Any, processor: Any, image_paths: list[str], batch_size: int = 32) -> np.ndarray:
+    """:func:`tower_tokens` of every page, computed in batches without gradients.
+
+    Returns:
+        A float32 ``(pages, tokens, hidden)`` array.
+
+    Raises:
+        ValueError: when the pages do not all give the same image grid.
+    """
+    import torch
+
+    visual, parts, first = model.model.visual, [], None
+    visual.eval()
+    with torch.no_grad():
+        for start in range(0, len(image_paths), batch_size):
+            pixels, grid = _pixel_batches(processor, image_paths[start : start + batch_size])
+            if first is None:
+                first = grid
+            elif not torch.equal(grid, first):
+                raise ValueError(
+                    f"pages from {image_paths[start]} on give an image grid {grid.tolist()} unlike the "
+                    f"first page's {first.tolist()}: render all pages at one size"
+                )
+            parts.append(tower_tokens(visual, pixels, grid).numpy())
+    return np.concatenate(parts)
+
+
 def run_vision_pretrain(
     model_dir: str | Path,
     profile: Profile,
@@ -295,10 +341,8 @@ def run_vision_pretrain(
     )
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = pixels[torch.as_tensor(idx)].to(torch.float32).flatten(0, 1)
-        grids = grid.unsqueeze(0).repeat(len(idx), 1)
-        merged = visual(batch, grid_thw=grids).pooler_output.view(len(idx), tokens, hidden)
-        out = head(merged)  # (readouts, batch, outputs): every readout is scored on every target
+        # (readouts, batch, outputs): every readout is scored on every target
+        out = head(tower_tokens(visual, pixels[torch.as_tensor(idx)], grid))
         return (
             out[..., :binary].flatten(0, 1),
             out[..., binary:].flatten(0, 1),
