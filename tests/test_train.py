@@ -335,6 +335,26 @@ class TestDatasets:
                 shown.split("Clinical note: ")[1].split("\n")[0]
             )
 
+    def test_note_swap_shows_another_training_case_note(self, data):
+        from ecg_r1.training.data import grpo_dataset, load_cases, sft_dataset, sft_targets
+
+        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
+        cases = cases.with_columns(pl.Series("note", [f"note of case {i}" for i in range(cases.height)]))
+        targets = sft_targets(cases, rationale=False)
+
+        def shown(dataset) -> list[str]:
+            return [row["prompt"][1]["content"].split("Clinical note: ")[1].split("\n")[0] for row in dataset]
+
+        swapped = shown(sft_dataset(cases, targets, note_swap=1.0, seed=2))
+        assert all(s in cases["note"].to_list() for s in swapped)  # real notes of this split
+        assert all(s != own for s, own in zip(swapped, cases["note"], strict=True))  # never its own
+        assert len(set(swapped)) > 1
+        assert swapped == shown(grpo_dataset(cases, note_swap=1.0, seed=2))  # seeded, same for GRPO
+        mixed = shown(sft_dataset(cases, targets, note_dropout=0.5, note_swap=0.5, seed=2))
+        assert "none given" in mixed and any(s.startswith("note of") for s in mixed)
+        with pytest.raises(ValueError, match="sum to at most 1"):
+            sft_dataset(cases, targets, note_scramble=0.6, note_swap=0.6)
+
     def test_balance_hospitals_gives_every_hospital_one_to_one_and_keeps_every_case(self):
         from ecg_r1.training.data import balance_hospitals
 

@@ -174,18 +174,20 @@ def scramble_note(note: str | None, rng: random.Random) -> str | None:
 
 
 def _prompts(
-    cases: pl.DataFrame, note_dropout: float = 0.0, note_scramble: float = 0.0, seed: int = 0
+    cases: pl.DataFrame,
+    note_dropout: float = 0.0,
+    note_scramble: float = 0.0,
+    seed: int = 0,
+    note_swap: float = 0.0,
 ) -> list[list[dict]]:
-    if not (
-        0.0 <= note_dropout <= 1.0 and 0.0 <= note_scramble <= 1.0 and note_dropout + note_scramble <= 1.0
-    ):
-        raise ValueError(
-            f"note_dropout ({note_dropout}) and note_scramble ({note_scramble}) must be fractions in "
-            "[0, 1] that sum to at most 1"
-        )
+    fractions = {"note_dropout": note_dropout, "note_scramble": note_scramble, "note_swap": note_swap}
+    if not (all(0.0 <= f <= 1.0 for f in fractions.values()) and sum(fractions.values()) <= 1.0):
+        named = ", ".join(f"{k} ({v})" for k, v in fractions.items())
+        raise ValueError(f"{named} must be fractions in [0, 1] that sum to at most 1")
     rng = random.Random(seed)
+    notes = cases["note"].to_list()
     prompts = []
-    for row in cases.iter_rows(named=True):
+    for i, row in enumerate(cases.iter_rows(named=True)):
         # One draw per case whatever the fractions, so the same seed picks the same cases.
         draw = rng.random()
         note = row["note"]
@@ -193,12 +195,19 @@ def _prompts(
             note = None
         elif draw < note_dropout + note_scramble:
             note = scramble_note(note, rng)
+        elif draw < note_dropout + note_scramble + note_swap and len(notes) > 1:
+            other = rng.randrange(len(notes) - 1)
+            note = notes[other + (other >= i)]  # any case's note but its own
         prompts.append(build_prompt(row["age"], row["sex"], note))
     return prompts
 
 
 def grpo_dataset(
-    cases: pl.DataFrame, note_dropout: float = 0.0, note_scramble: float = 0.0, seed: int = 0
+    cases: pl.DataFrame,
+    note_dropout: float = 0.0,
+    note_scramble: float = 0.0,
+    seed: int = 0,
+    note_swap: float = 0.0,
 ) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
@@ -209,6 +218,8 @@ def grpo_dataset(
         note_scramble: the fraction of (other) cases shown their note scrambled
             (:func:`scramble_note`).
         seed: which cases lose their note.
+        note_swap: the fraction of (other) cases shown another training case's note (see
+            :func:`sft_dataset`).
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``image`` (decoded lazily), ``label`` (bool),
@@ -218,7 +229,7 @@ def grpo_dataset(
 
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap),
             "image": cases["image_path"].to_list(),
             "label": cases["label"].to_list(),
             "twi_leads": cases["twi_leads"].to_list(),
@@ -283,6 +294,7 @@ def sft_dataset(
     note_dropout: float = 0.0,
     note_scramble: float = 0.0,
     seed: int = 0,
+    note_swap: float = 0.0,
 ) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 
@@ -297,6 +309,9 @@ def sft_dataset(
             (:func:`scramble_note`): they teach that a note in unknown words says nothing, so the
             image decides, where an unfamiliar note would otherwise push every answer one way.
         seed: which cases lose their note.
+        note_swap: the fraction of (other) cases shown the note of another training case, drawn
+            at random: a real note that says nothing about this case, so the image decides while
+            the prompt keeps the form it has at evaluation.
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
@@ -308,7 +323,7 @@ def sft_dataset(
         raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap),
             "completion": [[{"role": "assistant", "content": target}] for target in targets],
             "images": [[path] for path in cases["image_path"].to_list()],
             "label": cases["label"].to_list(),
@@ -363,10 +378,11 @@ def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
 
 
 def note_settings(profile: Profile, stage: str) -> dict[str, float]:
-    """``note_dropout`` and ``note_scramble`` of a stage (fractions of the training cases shown
-    without their note, or with it scrambled; :func:`ecg_r1.training.data.sft_dataset`)."""
+    """``note_dropout``, ``note_scramble`` and ``note_swap`` of a stage (fractions of the training
+    cases shown without their note, with it scrambled, or with another case's note;
+    :func:`ecg_r1.training.data.sft_dataset`)."""
     settings = profile.stage_settings(stage)
-    return {key: float(settings[key]) for key in ("note_dropout", "note_scramble")}
+    return {key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_swap")}
 
 
 def training_cases(
