@@ -91,6 +91,11 @@ class TestCompletionText:
         assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}]}]) == "a"
         assert completion_text("plain") == "plain"
 
+    def test_an_image_part_from_a_dataset_row_adds_no_text(self):
+        # A datasets row unifies the parts' fields, so an image part carries "text": None.
+        user = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image", "text": None}]}
+        assert completion_text([user]) == "a"
+
     def test_unknown_shape_is_a_type_error(self):
         with pytest.raises(TypeError):
             completion_text(42)

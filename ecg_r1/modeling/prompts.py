@@ -103,7 +103,7 @@ def completion_text(completion: Any) -> str:
         if isinstance(content, str):
             return content
         if isinstance(content, list):
-            return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+            return "".join(part.get("text") or "" for part in content if isinstance(part, Mapping))
         raise TypeError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     if isinstance(completion, list | tuple):
         return "".join(completion_text(message) for message in completion)
