@@ -112,6 +112,8 @@ class TestLoadProfile:
             load_profile(write_profile(tmp_path, image__layout="medians"))
         page = load_profile(write_profile(tmp_path, image__layout="medians+rhythm")).render_config()
         assert page.layout == "medians+rhythm" and page.width_px == 224
+        with pytest.raises(ProfileError, match="image.position 'last'.*before_question"):
+            load_profile(write_profile(tmp_path, image__position="last"))
 
     def test_generations_must_divide_the_batch(self, tmp_path):
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))
@@ -304,6 +306,17 @@ class TestProcessor:
             text=["<|image_pad|>"], images=[rendered_page(load_profile("tiny")).convert("RGB")]
         )
         assert len(inputs["input_ids"][0]) <= 16  # the cap on image tokens comes from the profile
+
+    def test_prompts_put_the_page_where_the_profile_says(self, tiny_dir, tmp_path):
+        from ecg_r1.modeling.inference import prompt_texts
+
+        example = {"image": rendered_page(load_profile("tiny")), "age": 50, "sex": "M", "note": "chest pain"}
+        first = prompt_texts(load_processor(tiny_dir, load_profile("tiny")), [example])[0]
+        profile = load_profile(write_profile(tmp_path, image__position="before_question"))
+        late = prompt_texts(load_processor(tiny_dir, profile), [example])[0]
+        page = "<|vision_start|><|image_pad|><|vision_end|>"
+        assert first.index(page) < first.index("chest pain")
+        assert late.index("chest pain") < late.index(page) < late.index("Is the T-wave inversion")
 
     def test_pickles(self, tiny):
         _, processor = tiny

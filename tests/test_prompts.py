@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ecg_r1.modeling.prompts import (
+    QUESTION,
     SYSTEM_PROMPT,
     build_multimodal_prompt,
     build_prompt,
@@ -120,6 +121,20 @@ class TestBuildPrompt:
         parts = messages[1]["content"]
         assert [p["type"] for p in parts] == ["image", "text"]
         assert all(isinstance(m["content"], list) for m in messages)
+
+    def test_the_page_can_sit_between_the_clinical_details_and_the_question(self):
+        for messages in (
+            build_prompt(50, "M", "chest pain", "before_question"),
+            build_multimodal_prompt(50, "M", "chest pain", "before_question"),
+        ):
+            parts = messages[1]["content"]
+            assert [p["type"] for p in parts] == ["text", "image", "text"]
+            assert "chest pain" in parts[0]["text"] and "ischemic" not in parts[0]["text"]
+            assert parts[2]["text"] == QUESTION
+        first = build_multimodal_prompt(50, "M", "chest pain")[1]["content"]
+        assert first[1]["text"] == parts[0]["text"] + parts[2]["text"]  # the same words, moved
+        with pytest.raises(ValueError, match="before_question"):
+            build_prompt(50, "M", "chest pain", "last")
 
     def test_sft_messages_end_with_the_target(self):
         target = format_target(True, "x")

@@ -634,6 +634,23 @@ class TestGRPO:
         samples = client.list_artifacts(result.run_id, "samples")
         assert [a.path for a in samples] == ["samples/completions.json"]
 
+    def test_sft_and_grpo_train_with_the_page_before_the_question(
+        self, data, base_model, tmp_path, mlflow_store
+    ):
+        from ecg_r1.training import run_grpo, run_sft
+        from ecg_r1.training.data import grpo_dataset, load_cases
+
+        profile = tiny_test_profile(tmp_path / "p.yaml", image={"position": "before_question"})
+        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
+        user = grpo_dataset(cases, image_position="before_question")[0]["prompt"][1]["content"]
+        assert [part["type"] for part in user] == ["text", "image", "text"]
+        sft = run_sft(
+            profile, base_model, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=1, register=False
+        )
+        # tracked, so the completion samples (which read these prompts back) are logged too
+        grpo = run_grpo(profile, sft.model_dir, **_data_kwargs(data), out_dir=tmp_path / "grpo", max_steps=1)
+        assert grpo.steps == 1 and np.isfinite(grpo.metrics["loss"])
+
     def test_reward_weights_follow_the_profile(self, data, profile, sft_result, tmp_path):
         import json
 

@@ -36,10 +36,15 @@ def _check_examples(examples: Sequence[Mapping[str, Any]]) -> None:
 
 
 def prompt_texts(processor: Any, examples: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The chat-formatted prompt of each example, ending with the assistant's turn."""
+    """The chat-formatted prompt of each example, ending with the assistant's turn.
+
+    The page sits where the profile the processor was loaded with puts it
+    (``processor.image_position``, set by :func:`ecg_r1.modeling.processor.load_processor`).
+    """
+    position = getattr(processor, "image_position", "first")
     return [
         processor.apply_chat_template(
-            build_multimodal_prompt(ex.get("age"), ex.get("sex"), ex.get("note")),
+            build_multimodal_prompt(ex.get("age"), ex.get("sex"), ex.get("note"), position),
             add_generation_prompt=True,
             tokenize=False,
         )

@@ -148,6 +148,9 @@ def load_processor(model_dir_or_id: str | Path, profile: Profile) -> Any:
     """
     processor = _processor_class().from_pretrained(str(model_dir_or_id))
     _bound_image_processor(processor.image_processor, profile)
+    # How the profile lays out prompts travels with the processor to every inference path
+    # (ecg_r1.modeling.inference.prompt_texts), as the pixel bounds do.
+    processor.image_position = profile.image_position
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = PAD_TOKEN
     if not getattr(processor, "chat_template", None):

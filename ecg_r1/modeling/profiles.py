@@ -136,6 +136,8 @@ class Profile:
         image_width, image_height: the rendered page size the model reads (pixels); a height of
             None follows the paper's aspect ratio (224 wide -> 173 high on letter paper).
         image_layout: the page layout (:data:`ecg_r1.imaging.page.LAYOUTS`).
+        image_position: where the page sits in the prompt
+            (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`); the processor carries it to inference.
         image_min_pixels, image_max_pixels: ``Qwen2VLImageProcessor`` bounds; they cap the
             number of image tokens (pixels / 28**2).
         tiny: architecture of the tiny model; None for other profiles.
@@ -164,6 +166,7 @@ class Profile:
     image_width: int = 224
     image_height: int | None = None
     image_layout: str = "3x4+rhythm"
+    image_position: str = "first"
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 224 * 224
     tiny: TinyArchitecture | None = None
@@ -344,7 +347,7 @@ _MODEL_KEYS = {
     "vision",
     "sft_rationale",
 }
-_IMAGE_KEYS = {"width", "height", "layout", "min_pixels", "max_pixels"}
+_IMAGE_KEYS = {"width", "height", "layout", "position", "min_pixels", "max_pixels"}
 
 
 def _section(raw: Mapping[str, Any], key: str, allowed: set[str] | None, path: Path) -> dict[str, Any]:
@@ -423,6 +426,11 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     layout = str(image.get("layout", Profile.image_layout))
     if layout not in LAYOUTS:
         raise ProfileError(f"{path}: image.layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    from ecg_r1.modeling.prompts import IMAGE_POSITIONS
+
+    position = str(image.get("position", Profile.image_position))
+    if position not in IMAGE_POSITIONS:
+        raise ProfileError(f"{path}: image.position {position!r} is not one of {', '.join(IMAGE_POSITIONS)}")
     min_pixels = int(image.get("min_pixels", 56 * 56))
     max_pixels = int(image.get("max_pixels", 224 * 224))
     if min_pixels > max_pixels:
@@ -438,6 +446,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         image_width=int(image.get("width", 224)),
         image_height=None if image.get("height") is None else int(image["height"]),
         image_layout=layout,
+        image_position=position,
         image_min_pixels=min_pixels,
         image_max_pixels=max_pixels,
         tiny=tiny,

@@ -210,28 +210,61 @@ def user_text(age: float | int | None, sex: str | None, note: str | None) -> str
     return f"{describe_patient(age, sex, note)}\n{QUESTION}"
 
 
-def build_prompt(age: float | int | None, sex: str | None, note: str | None) -> list[dict]:
+# Where the page sits in the user message. "first": before the clinical details (Qwen2-VL's and
+# TRL's convention). "before_question": after them, next to the question, so the page's tokens
+# are the last thing the model reads before it answers (README, "Which recipe works", X14-X15).
+IMAGE_POSITIONS: tuple[str, ...] = ("first", "before_question")
+
+
+def user_content(
+    age: float | int | None, sex: str | None, note: str | None, image_position: str = "first"
+) -> list[dict]:
+    """The user message as typed parts, with the image slot at ``image_position``.
+
+    Raises:
+        ValueError: for a position not in :data:`IMAGE_POSITIONS`.
+    """
+    if image_position == "first":
+        return [{"type": "image"}, {"type": "text", "text": user_text(age, sex, note)}]
+    if image_position == "before_question":
+        return [
+            {"type": "text", "text": describe_patient(age, sex, note) + "\n"},
+            {"type": "image"},
+            {"type": "text", "text": QUESTION},
+        ]
+    raise ValueError(f"image position {image_position!r} is not one of {', '.join(IMAGE_POSITIONS)}")
+
+
+def build_prompt(
+    age: float | int | None, sex: str | None, note: str | None, image_position: str = "first"
+) -> list[dict]:
     """Conversational prompt for TRL's GRPOTrainer (and for inference).
 
-    The content is plain strings: GRPOTrainer inserts the image placeholder into the first user
-    message itself when the dataset row has an ``image`` column.
+    With the image first the content is plain strings: GRPOTrainer inserts the image placeholder
+    at the start of the first user message itself when the dataset row has an ``image`` column.
+    Elsewhere the user content is typed parts with the placeholder in place, which TRL fills.
 
     Args:
         age: patient age in years, or None.
         sex: "M" / "F" or None.
         note: clinical text shown to the model.
+        image_position: one of :data:`IMAGE_POSITIONS`.
 
     Returns:
         ``[{"role": "system", ...}, {"role": "user", ...}]``.
     """
-    return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": user_text(age, sex, note)},
-    ]
+    if image_position == "first":
+        return [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user_text(age, sex, note)},
+        ]
+    return build_multimodal_prompt(age, sex, note, image_position)
 
 
-def build_multimodal_prompt(age: float | int | None, sex: str | None, note: str | None) -> list[dict]:
-    """The prompt with structured content and the image slot first in the user message.
+def build_multimodal_prompt(
+    age: float | int | None, sex: str | None, note: str | None, image_position: str = "first"
+) -> list[dict]:
+    """The prompt with structured content and the image slot at ``image_position`` (:func:`user_content`).
 
     This is the form a processor's chat template renders into ``<|vision_start|><|image_pad|>
     <|vision_end|>`` + text; used by SFT (through :func:`build_sft_messages`) and inference.
@@ -241,23 +274,25 @@ def build_multimodal_prompt(age: float | int | None, sex: str | None, note: str 
     """
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text(age, sex, note)}]},
+        {"role": "user", "content": user_content(age, sex, note, image_position)},
     ]
 
 
-def build_sft_messages(age: float | int | None, sex: str | None, note: str | None, target: str) -> list[dict]:
+def build_sft_messages(
+    age: float | int | None, sex: str | None, note: str | None, target: str, image_position: str = "first"
+) -> list[dict]:
     """Messages for TRL's SFTTrainer: structured content on every message (with an ``images``
     column holding the one image), the assistant message being the target completion.
 
     Args:
-        age, sex, note: as in :func:`build_prompt`.
+        age, sex, note, image_position: as in :func:`build_prompt`.
         target: the assistant completion, usually from :func:`format_target`.
 
     Returns:
         ``[system, user (image + text), assistant]`` messages.
     """
     return [
-        *build_multimodal_prompt(age, sex, note),
+        *build_multimodal_prompt(age, sex, note, image_position),
         {"role": "assistant", "content": [{"type": "text", "text": target}]},
     ]
 

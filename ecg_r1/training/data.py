@@ -179,6 +179,7 @@ def _prompts(
     note_scramble: float = 0.0,
     seed: int = 0,
     note_swap: float = 0.0,
+    image_position: str = "first",
 ) -> list[list[dict]]:
     fractions = {"note_dropout": note_dropout, "note_scramble": note_scramble, "note_swap": note_swap}
     if not (all(0.0 <= f <= 1.0 for f in fractions.values()) and sum(fractions.values()) <= 1.0):
@@ -198,7 +199,7 @@ def _prompts(
         elif draw < note_dropout + note_scramble + note_swap and len(notes) > 1:
             other = rng.randrange(len(notes) - 1)
             note = notes[other + (other >= i)]  # any case's note but its own
-        prompts.append(build_prompt(row["age"], row["sex"], note))
+        prompts.append(build_prompt(row["age"], row["sex"], note, image_position))
     return prompts
 
 
@@ -208,6 +209,7 @@ def grpo_dataset(
     note_scramble: float = 0.0,
     seed: int = 0,
     note_swap: float = 0.0,
+    image_position: str = "first",
 ) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
@@ -220,6 +222,8 @@ def grpo_dataset(
         seed: which cases lose their note.
         note_swap: the fraction of (other) cases shown another training case's note (see
             :func:`sft_dataset`).
+        image_position: where the page sits in the prompt
+            (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``image`` (decoded lazily), ``label`` (bool),
@@ -229,7 +233,7 @@ def grpo_dataset(
 
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap, image_position),
             "image": cases["image_path"].to_list(),
             "label": cases["label"].to_list(),
             "twi_leads": cases["twi_leads"].to_list(),
@@ -295,6 +299,7 @@ def sft_dataset(
     note_scramble: float = 0.0,
     seed: int = 0,
     note_swap: float = 0.0,
+    image_position: str = "first",
 ) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 
@@ -312,6 +317,8 @@ def sft_dataset(
         note_swap: the fraction of (other) cases shown the note of another training case, drawn
             at random: a real note that says nothing about this case, so the image decides while
             the prompt keeps the form it has at evaluation.
+        image_position: where the page sits in the prompt
+            (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
@@ -323,7 +330,7 @@ def sft_dataset(
         raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap),
+            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap, image_position),
             "completion": [[{"role": "assistant", "content": target}] for target in targets],
             "images": [[path] for path in cases["image_path"].to_list()],
             "label": cases["label"].to_list(),

@@ -76,7 +76,9 @@ def run_grpo(
     profile = as_profile(profile)
     cases = training_cases(profile, "grpo", cohort_dir, splits_path, images_dir)
     config_seed = int(seed if seed is not None else profile.seed)
-    dataset = grpo_dataset(cases, **note_settings(profile, "grpo"), seed=config_seed)
+    dataset = grpo_dataset(
+        cases, **note_settings(profile, "grpo"), seed=config_seed, image_position=profile.image_position
+    )
     reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)
     reward_funcs = get_reward_funcs(list(reward_map))
     config_kwargs = trainer_config(profile, "grpo", Path(out_dir), max_steps, seed, dict(overrides or {}))

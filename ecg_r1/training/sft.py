@@ -155,7 +155,11 @@ def _sft_like(
     notes: Mapping[str, float] | None = None,
 ) -> StageResult:
     dataset = sft_dataset(
-        cases, targets, **(notes or {}), seed=int(seed if seed is not None else profile.seed)
+        cases,
+        targets,
+        **(notes or {}),
+        seed=int(seed if seed is not None else profile.seed),
+        image_position=profile.image_position,
     )
     config_kwargs = trainer_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
