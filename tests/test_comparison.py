@@ -17,6 +17,7 @@ from test_train import make_cohort, tiny_test_profile
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME
 from ecg_r1.evaluation.cases import EVAL_SPLITS, add_features, evaluation_cases, sample_per_split
 from ecg_r1.evaluation.comparison import run_comparison
+from ecg_r1.evaluation.note_shift import note_shift
 from ecg_r1.evaluation.outputs import read_predictions
 from ecg_r1.evaluation.predictions import predict_cases, stage_folder
 from ecg_r1.evaluation.references import ReferenceBaselines
@@ -169,6 +170,17 @@ class TestRunComparison:
         metrics = result.model_metrics("GRPO")
         assert metrics["test_external/n"] == result.results["GRPO"]["test_external"].n
         assert "hospital/h2/accuracy" in metrics
+
+    def test_each_split_reports_the_note_words_no_training_note_holds(self, setup, result):
+        training = evaluation_cases(setup["cohort"], setup["splits"], setup["images"], "train")["note"]
+        document = json.loads(result.files["metrics"].read_text())
+        for split in EVAL_SPLITS:
+            notes = evaluation_cases(setup["cohort"], setup["splits"], setup["images"], split)["note"]
+            expected = note_shift(training.to_list(), notes.to_list())
+            assert result.note_shift[split] == expected
+            assert document["splits"][split]["notes"] == expected.as_dict()
+            assert expected.notes == notes.drop_nulls().len()
+        assert "## Note words the models never saw" in result.table
 
     def test_without_truth_there_is_no_bayes_row(self, setup, tmp_path):
         baselines = ReferenceBaselines.fit(

@@ -20,7 +20,8 @@ import polars as pl
 
 from ecg_r1.data.features import with_features
 from ecg_r1.data.labels import ISCHEMIC, NON_ISCHEMIC
-from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL
+from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN
+from ecg_r1.evaluation.note_shift import NoteShift, note_shift
 from ecg_r1.evaluation.real_records import REAL_SPLIT, read_real_records
 
 logger = logging.getLogger(__name__)
@@ -135,12 +136,14 @@ class EvaluationCases:
             ceiling and the promotion read).
         real_records: None without real records; else their folder, inputs and the record ids
             left out because they are in the main cohort.
+        note_shift: split -> how many of its notes' words no training note holds.
     """
 
     cases: pl.DataFrame
     by_split: dict[str, pl.DataFrame]
     simulated: pl.DataFrame
     real_records: dict[str, Any] | None
+    note_shift: dict[str, NoteShift]
 
 
 def gather_cases(
@@ -151,7 +154,8 @@ def gather_cases(
     max_cases_per_split: int | None = None,
     real_records: str | Path | None = None,
 ) -> EvaluationCases:
-    """The cases of :data:`EVAL_SPLITS` and, given a real-record folder, its unseen records.
+    """The cases of :data:`EVAL_SPLITS` and, given a real-record folder, its unseen records, with
+    each split's note words measured against the training notes (:mod:`.note_shift`).
 
     Args:
         cohort_dir, splits_path, images_dir: the cohort, split manifest and rendered images.
@@ -190,4 +194,6 @@ def gather_cases(
         if part.height == 0:
             raise ValueError(f"split {split} has no labelled TWI cases in {splits_path}; nothing to evaluate")
     simulated = cases.filter(pl.col("split").is_in(EVAL_SPLITS))
-    return EvaluationCases(cases, by_split, simulated, real_info)
+    training_notes = evaluation_cases(cohort_dir, splits_path, images_dir, TRAIN)["note"].to_list()
+    shift = {split: note_shift(training_notes, part["note"].to_list()) for split, part in by_split.items()}
+    return EvaluationCases(cases, by_split, simulated, real_info, shift)

@@ -6,8 +6,10 @@ with its split manifest and rendered images, and optionally the simulator's trut
 real-record folder. Gives: a :class:`~ecg_r1.evaluation.results.Comparison` and these files under
 ``out_dir``::
 
-    comparison.md                 the table (internal and cross-hospital) and the paired comparisons
-    metrics.json                  every figure: rows x splits, per hospital, paired, files
+    comparison.md                 the table (internal and cross-hospital), the note words no
+                                  training note holds, and the paired comparisons
+    metrics.json                  every figure: rows x splits (with their note shift), per
+                                  hospital, paired, files
     cases.parquet                 the evaluated cases (record_id, split, hospital, label)
     predictions/<row>.parquet     each row's answers (models: also reasoning and raw completion)
     plots/*.png                   confusion matrices, ROC per split, accuracy per hospital,
@@ -163,6 +165,7 @@ def run_comparison(
         predictions=predictions,
         files=files,
         real_records=data.real_records,
+        note_shift=data.note_shift,
     )
     files |= write_plots(comparison, data.by_split, answers.ablated, n_case_figures, seed)
     files["metrics"] = out / METRICS_FILE  # before the document: it lists itself among the files
@@ -189,7 +192,8 @@ def _table(
 ) -> str:
     """``comparison.md``: per split, models then reference rows, then the cited clinicians (whose
     figure is about the paper's hospitals, so it is not repeated under the real records); the
-    real-record note and the paired comparisons."""
+    real-record note, the note words each split holds that no training note does, and the paired
+    comparisons."""
     rows = []
     for split in data.by_split:
         for name, by_split in results.items():
@@ -208,4 +212,4 @@ def _table(
     table = "# Model comparison\n\n" + report.comparison_table(rows)
     if data.real_records is not None:
         table += report.real_records_markdown(data.real_records, data.by_split[REAL_SPLIT])
-    return table + report.paired_markdown(paired)
+    return table + report.note_shift_markdown(data.note_shift) + report.paired_markdown(paired)

@@ -35,6 +35,7 @@ from sklearn.metrics import auc, roc_curve
 from ecg_r1.data.labels import ISCHEMIC
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL
 from ecg_r1.evaluation.evaluate import BinaryMetrics, Estimate, rank_missing_as_wrong
+from ecg_r1.evaluation.note_shift import NoteShift
 from ecg_r1.evaluation.real_records import REAL_SPLIT, REAL_TITLE
 from ecg_r1.evaluation.results import PairedRecord
 
@@ -132,6 +133,26 @@ def paired_markdown(paired: Sequence[PairedRecord]) -> str:
     lines.append(
         "\nDifference: paired bootstrap over cases (the same resampled cases for both rows); "
         "McNemar's mid-p on the discordant cases. Invalid outputs count as wrong for both."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def note_shift_markdown(shift: Mapping[str, NoteShift]) -> str:
+    """How many of each split's note words no training note holds (:mod:`.note_shift`)."""
+    lines = [
+        "\n## Note words the models never saw\n",
+        "| Split | notes | words | unseen words | notes with one | most frequent unseen |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for split, s in shift.items():
+        lines.append(
+            f"| {SPLIT_TITLES.get(split, split)} | {s.notes} | {s.words} | {s.unseen_words:.1%} "
+            f"| {s.notes_with_unseen:.1%} | {', '.join(s.examples) or '—'} |"
+        )
+    lines.append(
+        "\nA word no training note holds is one the models learned nothing about: where many are "
+        "unseen (another language, another hospital's shorthand), the split's accuracy measures the "
+        "language as much as the ECG; its no-note row shows how much the note then costs."
     )
     return "\n".join(lines) + "\n"
 

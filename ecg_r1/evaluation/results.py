@@ -28,6 +28,7 @@ from ecg_r1.evaluation.evaluate import (
     evaluate_predictions,
     evaluate_predictions_by_group,
 )
+from ecg_r1.evaluation.note_shift import NoteShift
 from ecg_r1.evaluation.outputs import slug
 
 
@@ -67,6 +68,7 @@ class Comparison:
         files: name -> path of every written file (table, metrics, cases, predictions, plots).
         real_records: None without real records; else their folder, inputs and the record ids
             left out because they are in the main cohort.
+        note_shift: split -> how many of its notes' words no training note holds.
     """
 
     out_dir: Path
@@ -80,6 +82,7 @@ class Comparison:
     predictions: dict[str, Predictions]
     files: dict[str, Path] = field(default_factory=dict)
     real_records: dict[str, Any] | None = None
+    note_shift: dict[str, NoteShift] = field(default_factory=dict)
 
     @property
     def plots(self) -> dict[str, Path]:
@@ -186,6 +189,11 @@ def metrics_document(comparison: Comparison, by_split: Mapping[str, pl.DataFrame
                 "n": part.height,
                 "n_positive": int((part["label"] == ISCHEMIC).sum()),
                 "hospitals": sorted(part["hospital"].unique().to_list()),
+                **(
+                    {"notes": comparison.note_shift[split].as_dict()}
+                    if split in comparison.note_shift
+                    else {}
+                ),
             }
             for split, part in by_split.items()
         },

@@ -295,6 +295,8 @@ def model_comparison(
             metadata[f"{key}_accuracy"] = m.accuracy.value
             metadata[f"{key}_valid_rate"] = m.valid_rate.value
             metadata[f"{key}_n"] = m.n
+    for split, shift in result.note_shift.items():
+        metadata[f"note_words_unseen_{split}"] = dg.MetadataValue.float(shift.unseen_words)
     for key, path in result.plots.items():
         metadata[f"plot_{key}"] = dg.MetadataValue.md(_inline_png(path))
     return dg.MaterializeResult(metadata=metadata)
