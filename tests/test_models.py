@@ -114,6 +114,9 @@ class TestLoadProfile:
         assert page.layout == "medians+rhythm" and page.width_px == 224
         with pytest.raises(ProfileError, match="image.position 'last'.*before_question"):
             load_profile(write_profile(tmp_path, image__position="last"))
+        with pytest.raises(ProfileError, match="model.unseen_note_words 'drop' is not one of keep, mark"):
+            load_profile(write_profile(tmp_path, model__unseen_note_words="drop"))
+        assert load_profile("tiny").unseen_note_words == "keep"
 
     def test_generations_must_divide_the_batch(self, tmp_path):
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))
@@ -317,6 +320,37 @@ class TestProcessor:
         page = "<|vision_start|><|image_pad|><|vision_end|>"
         assert first.index(page) < first.index("chest pain")
         assert late.index("chest pain") < late.index(page) < late.index("Is the T-wave inversion")
+
+    def test_unseen_note_words_are_marked_with_the_vocabulary_the_folder_carries(self, tiny_dir, tmp_path):
+        import shutil
+
+        from ecg_r1.modeling.inference import prompt_texts
+        from ecg_r1.modeling.processor import NOTE_VOCABULARY_FILE, read_note_vocabulary
+
+        example = {
+            "image": rendered_page(load_profile("tiny")),
+            "age": 50,
+            "sex": "M",
+            "note": "Kein Brustschmerz, chest pain 4,5",
+        }
+        marking = load_profile(write_profile(tmp_path, model__unseen_note_words="mark"))
+        folder = tmp_path / "model"
+        shutil.copytree(tiny_dir, folder)
+        # A folder no training stage wrote has no vocabulary: marking cannot be done, and says so.
+        assert read_note_vocabulary(folder) is None
+        with pytest.raises(ValueError, match="no note_vocabulary.json"):
+            prompt_texts(load_processor(folder, marking), [example])
+        processor = load_processor(folder, marking)
+        processor.note_vocabulary = frozenset({"chest", "pain"})
+        save_model_folder(load_model_and_processor(folder, marking)[0], processor, folder)
+        assert json.loads((folder / NOTE_VOCABULARY_FILE).read_text()) == ["chest", "pain"]
+        marked = prompt_texts(load_processor(folder, marking), [example])[0]
+        assert "Clinical note: ? ?, chest pain 4,5" in marked
+        kept = prompt_texts(load_processor(folder, load_profile("tiny")), [example])[0]
+        assert "Clinical note: Kein Brustschmerz, chest pain 4,5" in kept
+        (folder / NOTE_VOCABULARY_FILE).write_text('{"chest": 1}')
+        with pytest.raises(ValueError, match="JSON list of words"):
+            load_processor(folder, marking)
 
     def test_pickles(self, tiny):
         _, processor = tiny

@@ -15,6 +15,9 @@ from ecg_r1.modeling.prompts import (
     format_leads,
     format_target,
     leads_in_text,
+    mark_unseen_words,
+    note_vocabulary,
+    note_words,
     parse_completion,
     parse_leads,
     rationale_from_findings,
@@ -135,6 +138,16 @@ class TestBuildPrompt:
         assert first[1]["text"] == parts[0]["text"] + parts[2]["text"]  # the same words, moved
         with pytest.raises(ValueError, match="before_question"):
             build_prompt(50, "M", "chest pain", "last")
+
+    def test_note_words_outside_the_vocabulary_are_marked_and_the_rest_kept(self):
+        vocabulary = note_vocabulary(["Chest pain, no diabetes. K+ 4.1 mmol/L", None])
+        assert vocabulary == {"chest", "pain", "no", "diabetes", "mmol"}
+        german = "69-jähriger Patient mit Brustschmerz; kein Diabetes. K+ 4,7 mmol/l."
+        assert mark_unseen_words(german, vocabulary) == "69-? ? ? ?; ? Diabetes. K+ 4,7 mmol/l."
+        assert mark_unseen_words("Chest PAIN", vocabulary) == "Chest PAIN"  # case-blind match
+        assert mark_unseen_words("no pain", frozenset()) == "? ?"  # the training form of an unreadable note
+        assert mark_unseen_words(None, vocabulary) is None and mark_unseen_words("", vocabulary) == ""
+        assert note_words("Troponin 5 ng/L (K+ 4,1)") == ["troponin", "ng"]
 
     def test_sft_messages_end_with_the_target(self):
         target = format_target(True, "x")

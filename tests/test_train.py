@@ -651,6 +651,30 @@ class TestGRPO:
         grpo = run_grpo(profile, sft.model_dir, **_data_kwargs(data), out_dir=tmp_path / "grpo", max_steps=1)
         assert grpo.steps == 1 and np.isfinite(grpo.metrics["loss"])
 
+    def test_marking_unseen_note_words_trains_on_marked_notes_and_carries_the_vocabulary(
+        self, data, base_model, tmp_path
+    ):
+        from ecg_r1.modeling.processor import read_note_vocabulary
+        from ecg_r1.modeling.prompts import note_vocabulary, note_words
+        from ecg_r1.training import run_sft
+        from ecg_r1.training.data import load_cases, sft_dataset, sft_targets
+
+        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
+        targets = sft_targets(cases, rationale=False)
+        marked = sft_dataset(cases, targets, note_scramble=1.0, unseen_note_words="mark")
+        scrambled = sft_dataset(cases, targets, note_scramble=1.0, seed=0)
+        for row_marked, row_scrambled, note in zip(marked, scrambled, cases["note"], strict=True):
+            text_marked = row_marked["prompt"][1]["content"]
+            assert "Clinical note:" in text_marked
+            shown = text_marked.split("Clinical note: ")[1].split("\n")[0]
+            assert note_words(shown) == [] and shown.count("?") == len(note_words(note)) > 0, shown
+            assert row_scrambled["prompt"][1]["content"] != text_marked
+        profile = tiny_test_profile(tmp_path / "p.yaml", model={"unseen_note_words": "mark"})
+        sft = run_sft(
+            profile, base_model, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=1, tracking=False
+        )
+        assert read_note_vocabulary(sft.model_dir) == note_vocabulary(cases["note"].to_list())
+
     def test_reward_weights_follow_the_profile(self, data, profile, sft_result, tmp_path):
         import json
 

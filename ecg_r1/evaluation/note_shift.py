@@ -4,9 +4,9 @@ A model that learned its words from the training hospitals' notes cannot read a 
 others (the default cohort's held-out hospital writes German): its accuracy there says little
 about the ECG and much about the language. The comparison reports, per evaluated split, how many
 of the notes' words never occur in a training note, beside each model's no-note row, so a reader
-sees which part of a cross-hospital drop is language. Words are split by scikit-learn's
-``CountVectorizer`` analyser (as the feature baseline's note vectoriser splits them), keeping words
-of two or more letters: a number no training note holds is a new value, not a foreign word.
+sees which part of a cross-hospital drop is language. Words are those of
+:func:`ecg_r1.modeling.prompts.note_words` (two or more letters, lower-cased: a number no training
+note holds is a new value, not a foreign word), the words ``model.unseen_note_words: mark`` marks.
 """
 
 from __future__ import annotations
@@ -14,14 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from sklearn.feature_extraction.text import CountVectorizer
-
-_WORDS = CountVectorizer(lowercase=True, token_pattern=r"(?u)\b[^\W\d_]{2,}\b").build_analyzer()
-
-
-def note_words(note: str | None) -> list[str]:
-    """The words of a note, lower-cased (none for a missing note)."""
-    return _WORDS(note) if note else []
+from ecg_r1.modeling.prompts import note_vocabulary, note_words
 
 
 @dataclass(frozen=True)
@@ -56,7 +49,7 @@ def note_shift(training_notes: Iterable[str | None], notes: Iterable[str | None]
     Returns:
         A :class:`NoteShift`; its shares are 0.0 when the split has no note words.
     """
-    vocabulary = {word for note in training_notes for word in note_words(note)}
+    vocabulary = note_vocabulary(training_notes)
     counts: dict[str, int] = {}
     n_notes = n_words = n_unseen = n_notes_unseen = 0
     for note in notes:

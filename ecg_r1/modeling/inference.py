@@ -20,7 +20,16 @@ from typing import Any
 import numpy as np
 
 from ecg_r1.modeling.models import vision_token_ids
-from ecg_r1.modeling.prompts import ANSWER_OPEN, NO, THINK_CLOSE, THINK_OPEN, YES, build_multimodal_prompt
+from ecg_r1.modeling.processor import NOTE_VOCABULARY_FILE
+from ecg_r1.modeling.prompts import (
+    ANSWER_OPEN,
+    NO,
+    THINK_CLOSE,
+    THINK_OPEN,
+    YES,
+    build_multimodal_prompt,
+    mark_unseen_words,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +48,30 @@ def prompt_texts(processor: Any, examples: Sequence[Mapping[str, Any]]) -> list[
     """The chat-formatted prompt of each example, ending with the assistant's turn.
 
     The page sits where the profile the processor was loaded with puts it
-    (``processor.image_position``, set by :func:`ecg_r1.modeling.processor.load_processor`).
+    (``processor.image_position``, set by :func:`ecg_r1.modeling.processor.load_processor`); with
+    ``unseen_note_words: mark`` each note word outside the model's training vocabulary
+    (``processor.note_vocabulary``) is shown as ``?``.
+
+    Raises:
+        ValueError: when the profile marks unseen words and the model folder carries no vocabulary.
     """
     position = getattr(processor, "image_position", "first")
+    notes = [ex.get("note") for ex in examples]
+    if getattr(processor, "unseen_note_words", "keep") == "mark":
+        vocabulary = getattr(processor, "note_vocabulary", None)
+        if vocabulary is None:
+            raise ValueError(
+                "the profile shows unseen note words as '?' (model.unseen_note_words: mark), but the model "
+                f"folder has no {NOTE_VOCABULARY_FILE}: use a model an SFT or GRPO stage of this profile trained"
+            )
+        notes = [mark_unseen_words(note, vocabulary) for note in notes]
     return [
         processor.apply_chat_template(
-            build_multimodal_prompt(ex.get("age"), ex.get("sex"), ex.get("note"), position),
+            build_multimodal_prompt(ex.get("age"), ex.get("sex"), note, position),
             add_generation_prompt=True,
             tokenize=False,
         )
-        for ex in examples
+        for ex, note in zip(examples, notes, strict=True)
     ]
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ecg_r1.modeling.processor import load_processor
+from ecg_r1.modeling.processor import load_processor, write_note_vocabulary
 from ecg_r1.modeling.profiles import Profile
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile tests stay fast
@@ -24,6 +24,9 @@ def save_model_folder(
 ) -> Path:
     """Save a model, its processor, and an optional summary (``ecg_r1_model.json``) to a folder.
 
+    A processor carrying its training notes' words (``note_vocabulary``, set by the training
+    stages) leaves them in the folder too (:func:`ecg_r1.modeling.processor.write_note_vocabulary`).
+
     A PEFT model is merged into its base first, so the folder always loads with
     :func:`load_model_and_processor` alone.
 
@@ -36,6 +39,8 @@ def save_model_folder(
         model = model.merge_and_unload()
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if (vocabulary := getattr(processor, "note_vocabulary", None)) is not None:
+        write_note_vocabulary(out, vocabulary)
     if info is not None:
         (out / MODEL_INFO_FILE).write_text(json.dumps(dict(info), indent=2, default=str))
     return out

@@ -12,6 +12,7 @@ explicitly (``processing_class=``).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -149,13 +150,41 @@ def load_processor(model_dir_or_id: str | Path, profile: Profile) -> Any:
     processor = _processor_class().from_pretrained(str(model_dir_or_id))
     _bound_image_processor(processor.image_processor, profile)
     # How the profile lays out prompts travels with the processor to every inference path
-    # (ecg_r1.modeling.inference.prompt_texts), as the pixel bounds do.
+    # (ecg_r1.modeling.inference.prompt_texts), as the pixel bounds do; so do the note words the
+    # model was trained on, which a trained folder carries (save_model_folder writes them).
     processor.image_position = profile.image_position
+    processor.unseen_note_words = profile.unseen_note_words
+    processor.note_vocabulary = read_note_vocabulary(model_dir_or_id)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = PAD_TOKEN
     if not getattr(processor, "chat_template", None):
         processor.chat_template = QWEN2_VL_CHAT_TEMPLATE
     return processor
+
+
+NOTE_VOCABULARY_FILE = "note_vocabulary.json"
+
+
+def read_note_vocabulary(model_dir: str | Path) -> frozenset[str] | None:
+    """The training notes' words a model folder carries (None: a folder without them, or a hub id).
+
+    Raises:
+        ValueError: when the file is not a JSON list of strings.
+    """
+    path = Path(model_dir) / NOTE_VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    words = json.loads(path.read_text())
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"{path} must be a JSON list of words")
+    return frozenset(words)
+
+
+def write_note_vocabulary(model_dir: str | Path, vocabulary: frozenset[str]) -> Path:
+    """Write the training notes' words into a model folder (sorted, one JSON list)."""
+    path = Path(model_dir) / NOTE_VOCABULARY_FILE
+    path.write_text(json.dumps(sorted(vocabulary), ensure_ascii=False))
+    return path
 
 
 def _bound_image_processor(image_processor: Any, profile: Profile) -> None:

@@ -138,6 +138,9 @@ class Profile:
         image_layout: the page layout (:data:`ecg_r1.imaging.page.LAYOUTS`).
         image_position: where the page sits in the prompt
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`); the processor carries it to inference.
+        unseen_note_words: ``keep`` | ``mark`` (:data:`ecg_r1.modeling.prompts.UNSEEN_NOTE_WORDS`):
+            show note words no training note holds as written, or as ``?``; a trained model
+            folder carries its training notes' vocabulary for that.
         image_min_pixels, image_max_pixels: ``Qwen2VLImageProcessor`` bounds; they cap the
             number of image tokens (pixels / 28**2).
         tiny: architecture of the tiny model; None for other profiles.
@@ -167,6 +170,7 @@ class Profile:
     image_height: int | None = None
     image_layout: str = "3x4+rhythm"
     image_position: str = "first"
+    unseen_note_words: str = "keep"
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 224 * 224
     tiny: TinyArchitecture | None = None
@@ -346,6 +350,7 @@ _MODEL_KEYS = {
     "tiny",
     "vision",
     "sft_rationale",
+    "unseen_note_words",
 }
 _IMAGE_KEYS = {"width", "height", "layout", "position", "min_pixels", "max_pixels"}
 
@@ -426,11 +431,16 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     layout = str(image.get("layout", Profile.image_layout))
     if layout not in LAYOUTS:
         raise ProfileError(f"{path}: image.layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    from ecg_r1.modeling.prompts import IMAGE_POSITIONS
+    from ecg_r1.modeling.prompts import IMAGE_POSITIONS, UNSEEN_NOTE_WORDS
 
     position = str(image.get("position", Profile.image_position))
     if position not in IMAGE_POSITIONS:
         raise ProfileError(f"{path}: image.position {position!r} is not one of {', '.join(IMAGE_POSITIONS)}")
+    unseen = str(model.get("unseen_note_words", Profile.unseen_note_words))
+    if unseen not in UNSEEN_NOTE_WORDS:
+        raise ProfileError(
+            f"{path}: model.unseen_note_words {unseen!r} is not one of {', '.join(UNSEEN_NOTE_WORDS)}"
+        )
     min_pixels = int(image.get("min_pixels", 56 * 56))
     max_pixels = int(image.get("max_pixels", 224 * 224))
     if min_pixels > max_pixels:
@@ -447,6 +457,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         image_height=None if image.get("height") is None else int(image["height"]),
         image_layout=layout,
         image_position=position,
+        unseen_note_words=unseen,
         image_min_pixels=min_pixels,
         image_max_pixels=max_pixels,
         tiny=tiny,

@@ -210,6 +210,39 @@ def user_text(age: float | int | None, sex: str | None, note: str | None) -> str
     return f"{describe_patient(age, sex, note)}\n{QUESTION}"
 
 
+# Note words: runs of two or more letters (digits, units' symbols and single letters such as the
+# "K" of "K+" are values and abbreviations, not vocabulary).
+_NOTE_WORD_RE = re.compile(r"[^\W\d_]{2,}")
+
+# What the model sees of the note words it never learned (``model.unseen_note_words``). "keep":
+# the words as written. "mark": each word no training note holds becomes UNSEEN_WORD, so a note in
+# another language reads as what it is to the model, a note of unknown words, and training can
+# show that form exactly (``note_scramble`` then marks every word of the note).
+UNSEEN_NOTE_WORDS: tuple[str, ...] = ("keep", "mark")
+UNSEEN_WORD = "?"
+
+
+def note_words(note: str | None) -> list[str]:
+    """The words of a note, lower-cased, in order (none for a missing note)."""
+    return [word.lower() for word in _NOTE_WORD_RE.findall(note)] if note else []
+
+
+def note_vocabulary(notes: Iterable[str | None]) -> frozenset[str]:
+    """Every word of the given notes (the training notes: what a model can have learned)."""
+    return frozenset(word for note in notes for word in note_words(note))
+
+
+def mark_unseen_words(note: str | None, vocabulary: frozenset[str] | set[str]) -> str | None:
+    """The note with each word outside ``vocabulary`` replaced by :data:`UNSEEN_WORD`.
+
+    Numbers, punctuation, single letters and layout are kept. With an empty vocabulary every word
+    is marked: the training form of a note the model cannot read.
+    """
+    if not note:
+        return note
+    return _NOTE_WORD_RE.sub(lambda m: m.group(0) if m.group(0).lower() in vocabulary else UNSEEN_WORD, note)
+
+
 # Where the page sits in the user message. "first": before the clinical details (Qwen2-VL's and
 # TRL's convention). "before_question": after them, next to the question, so the page's tokens
 # are the last thing the model reads before it answers (README, "Which recipe works", X14-X16).

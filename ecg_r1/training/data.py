@@ -31,7 +31,7 @@ import polars as pl
 
 from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 from ecg_r1.data.store import read_cohort
-from ecg_r1.modeling.prompts import build_prompt, format_target, rationale_from_findings
+from ecg_r1.modeling.prompts import build_prompt, format_target, mark_unseen_words, rationale_from_findings
 
 if TYPE_CHECKING:
     import datasets
@@ -180,6 +180,7 @@ def _prompts(
     seed: int = 0,
     note_swap: float = 0.0,
     image_position: str = "first",
+    unseen_note_words: str = "keep",
 ) -> list[list[dict]]:
     fractions = {"note_dropout": note_dropout, "note_scramble": note_scramble, "note_swap": note_swap}
     if not (all(0.0 <= f <= 1.0 for f in fractions.values()) and sum(fractions.values()) <= 1.0):
@@ -195,7 +196,13 @@ def _prompts(
         if draw < note_dropout:
             note = None
         elif draw < note_dropout + note_scramble:
-            note = scramble_note(note, rng)
+            # A note in unknown words, in the form the model will see one: scrambled letters, or
+            # with unseen words marked, every word marked.
+            note = (
+                mark_unseen_words(note, frozenset())
+                if unseen_note_words == "mark"
+                else scramble_note(note, rng)
+            )
         elif draw < note_dropout + note_scramble + note_swap and len(notes) > 1:
             other = rng.randrange(len(notes) - 1)
             note = notes[other + (other >= i)]  # any case's note but its own
@@ -210,6 +217,7 @@ def grpo_dataset(
     seed: int = 0,
     note_swap: float = 0.0,
     image_position: str = "first",
+    unseen_note_words: str = "keep",
 ) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
@@ -218,12 +226,13 @@ def grpo_dataset(
         note_dropout: the fraction of cases shown without their clinical note ("none given"), so
             the image alone must carry the answer for them (see :func:`sft_dataset`).
         note_scramble: the fraction of (other) cases shown their note scrambled
-            (:func:`scramble_note`).
+            (:func:`scramble_note`), or every word marked (``unseen_note_words`` ``mark``).
         seed: which cases lose their note.
         note_swap: the fraction of (other) cases shown another training case's note (see
             :func:`sft_dataset`).
         image_position: where the page sits in the prompt
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
+        unseen_note_words: ``keep`` | ``mark`` (see :func:`sft_dataset`).
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``image`` (decoded lazily), ``label`` (bool),
@@ -233,7 +242,9 @@ def grpo_dataset(
 
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap, image_position),
+            "prompt": _prompts(
+                cases, note_dropout, note_scramble, seed, note_swap, image_position, unseen_note_words
+            ),
             "image": cases["image_path"].to_list(),
             "label": cases["label"].to_list(),
             "twi_leads": cases["twi_leads"].to_list(),
@@ -300,6 +311,7 @@ def sft_dataset(
     seed: int = 0,
     note_swap: float = 0.0,
     image_position: str = "first",
+    unseen_note_words: str = "keep",
 ) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 
@@ -319,6 +331,10 @@ def sft_dataset(
             the prompt keeps the form it has at evaluation.
         image_position: where the page sits in the prompt
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
+        unseen_note_words: the profile's ``model.unseen_note_words``. With ``mark`` a scrambled
+            case is shown its note with every word marked (``?``), the form inference gives a note
+            in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
+            the training notes themselves have no unseen word.
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
@@ -330,7 +346,9 @@ def sft_dataset(
         raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(cases, note_dropout, note_scramble, seed, note_swap, image_position),
+            "prompt": _prompts(
+                cases, note_dropout, note_scramble, seed, note_swap, image_position, unseen_note_words
+            ),
             "completion": [[{"role": "assistant", "content": target}] for target in targets],
             "images": [[path] for path in cases["image_path"].to_list()],
             "label": cases["label"].to_list(),
@@ -384,12 +402,13 @@ def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def note_settings(profile: Profile, stage: str) -> dict[str, float]:
+def note_settings(profile: Profile, stage: str) -> dict[str, Any]:
     """``note_dropout``, ``note_scramble`` and ``note_swap`` of a stage (fractions of the training
-    cases shown without their note, with it scrambled, or with another case's note;
-    :func:`ecg_r1.training.data.sft_dataset`)."""
+    cases shown without their note, with it scrambled, or with another case's note) and the
+    profile's ``unseen_note_words`` (:func:`ecg_r1.training.data.sft_dataset`)."""
     settings = profile.stage_settings(stage)
-    return {key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_swap")}
+    fractions = {key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_swap")}
+    return fractions | {"unseen_note_words": profile.unseen_note_words}
 
 
 def training_cases(

@@ -8,6 +8,7 @@ from typing import Any
 
 from ecg_r1.modeling.models import vision_token_ids
 from ecg_r1.modeling.profiles import Profile, lora_config
+from ecg_r1.modeling.prompts import note_vocabulary
 from ecg_r1.training.data import (
     data_summary,
     grpo_dataset,
@@ -125,6 +126,7 @@ def run_grpo(
         make_trainer=make,
         params=params,
         register_as=MODEL_NAMES["grpo"] if register and tracking else None,
+        note_vocabulary=note_vocabulary(cases["note"].to_list()),
     )
     options = RunOptions(tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path))
     return run_trainer(job, options)

@@ -318,6 +318,8 @@ class TrainerJob:
         params: parameters logged with the run (``config_digest`` tags the registered version).
         register_as: the registered model name, or None to log the model folder only.
         samples: ``samples(model, processor, step)`` returns sample-completion rows, or None.
+        note_vocabulary: the words of the training cases' notes; the trained model folder carries
+            them (``note_vocabulary.json``), what ``model.unseen_note_words: mark`` reads at inference.
     """
 
     stage: str
@@ -328,6 +330,7 @@ class TrainerJob:
     params: dict[str, Any]
     register_as: str | None = None
     samples: Callable[[Any, Any, int], list[dict[str, Any]]] | None = None
+    note_vocabulary: frozenset[str] | None = None
 
 
 def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
@@ -345,6 +348,8 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
 
             log_split_inputs(options.splits_path, provenance["data_version"])
         model, processor = load_model_and_processor(start_model, profile)
+        if job.note_vocabulary is not None:  # saved with the model (save_model_folder)
+            processor.note_vocabulary = job.note_vocabulary
         if profile.stage_settings(stage)["freeze_vision"]:
             freeze_vision_tower(model)
         trainer = job.make_trainer(model, processor)

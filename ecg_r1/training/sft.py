@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.modeling.profiles import Profile, lora_config
+from ecg_r1.modeling.prompts import note_vocabulary
 from ecg_r1.training.data import (
     case_findings,
     data_summary,
@@ -185,6 +186,7 @@ def _sft_like(
         params=params,
         register_as=register_as,
         samples=samples,
+        note_vocabulary=note_vocabulary(cases["note"].to_list()),
     )
     return run_trainer(job, options)
 
