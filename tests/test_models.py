@@ -116,7 +116,7 @@ class TestLoadProfile:
             load_profile(write_profile(tmp_path, image__position="last"))
         with pytest.raises(ProfileError, match="model.unseen_note_words 'drop' is not one of keep, mark"):
             load_profile(write_profile(tmp_path, model__unseen_note_words="drop"))
-        assert load_profile("tiny").unseen_note_words == "keep"
+        assert load_profile("smol").unseen_note_words == "keep"  # the default where a profile is silent
 
     def test_generations_must_divide_the_batch(self, tmp_path):
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))
@@ -314,14 +314,17 @@ class TestProcessor:
         from ecg_r1.modeling.inference import prompt_texts
 
         example = {"image": rendered_page(load_profile("tiny")), "age": 50, "sex": "M", "note": "chest pain"}
-        first = prompt_texts(load_processor(tiny_dir, load_profile("tiny")), [example])[0]
+        at_first = load_profile(write_profile(tmp_path, image__position="first"))
+        first = prompt_texts(load_processor(tiny_dir, at_first), [example])[0]
         profile = load_profile(write_profile(tmp_path, image__position="before_question"))
         late = prompt_texts(load_processor(tiny_dir, profile), [example])[0]
         page = "<|vision_start|><|image_pad|><|vision_end|>"
         assert first.index(page) < first.index("chest pain")
         assert late.index("chest pain") < late.index(page) < late.index("Is the T-wave inversion")
 
-    def test_unseen_note_words_are_marked_with_the_vocabulary_the_folder_carries(self, tiny_dir, tmp_path):
+    def test_unseen_note_words_are_marked_with_the_vocabulary_the_folder_carries(
+        self, tiny_dir, tmp_path, caplog
+    ):
         import shutil
 
         from ecg_r1.modeling.inference import prompt_texts
@@ -336,17 +339,19 @@ class TestProcessor:
         marking = load_profile(write_profile(tmp_path, model__unseen_note_words="mark"))
         folder = tmp_path / "model"
         shutil.copytree(tiny_dir, folder)
-        # A folder no training stage wrote has no vocabulary: marking cannot be done, and says so.
+        # A folder no training stage wrote has no vocabulary: the notes go as written, with a warning.
         assert read_note_vocabulary(folder) is None
-        with pytest.raises(ValueError, match="no note_vocabulary.json"):
-            prompt_texts(load_processor(folder, marking), [example])
+        with caplog.at_level("WARNING", logger="ecg_r1.modeling.inference"):
+            unmarked = prompt_texts(load_processor(folder, marking), [example])[0]
+        assert "Kein Brustschmerz" in unmarked and "no note_vocabulary.json" in caplog.text
         processor = load_processor(folder, marking)
         processor.note_vocabulary = frozenset({"chest", "pain"})
         save_model_folder(load_model_and_processor(folder, marking)[0], processor, folder)
         assert json.loads((folder / NOTE_VOCABULARY_FILE).read_text()) == ["chest", "pain"]
         marked = prompt_texts(load_processor(folder, marking), [example])[0]
         assert "Clinical note: ? ?, chest pain 4,5" in marked
-        kept = prompt_texts(load_processor(folder, load_profile("tiny")), [example])[0]
+        keeping = load_profile(write_profile(tmp_path, model__unseen_note_words="keep"))
+        kept = prompt_texts(load_processor(folder, keeping), [example])[0]
         assert "Clinical note: Kein Brustschmerz, chest pain 4,5" in kept
         (folder / NOTE_VOCABULARY_FILE).write_text('{"chest": 1}')
         with pytest.raises(ValueError, match="JSON list of words"):

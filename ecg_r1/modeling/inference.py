@@ -50,21 +50,22 @@ def prompt_texts(processor: Any, examples: Sequence[Mapping[str, Any]]) -> list[
     The page sits where the profile the processor was loaded with puts it
     (``processor.image_position``, set by :func:`ecg_r1.modeling.processor.load_processor`); with
     ``unseen_note_words: mark`` each note word outside the model's training vocabulary
-    (``processor.note_vocabulary``) is shown as ``?``.
-
-    Raises:
-        ValueError: when the profile marks unseen words and the model folder carries no vocabulary.
+    (``processor.note_vocabulary``, which SFT and GRPO leave in the folder) is shown as ``?``; a
+    folder without one (a base or vision-only model) gets its notes as written, with a warning.
     """
     position = getattr(processor, "image_position", "first")
     notes = [ex.get("note") for ex in examples]
     if getattr(processor, "unseen_note_words", "keep") == "mark":
         vocabulary = getattr(processor, "note_vocabulary", None)
         if vocabulary is None:
-            raise ValueError(
-                "the profile shows unseen note words as '?' (model.unseen_note_words: mark), but the model "
-                f"folder has no {NOTE_VOCABULARY_FILE}: use a model an SFT or GRPO stage of this profile trained"
+            # A base, vision-only or hub model never learned from notes: nothing to mark against.
+            logger.warning(
+                "model.unseen_note_words is mark but the model folder has no %s (no SFT or GRPO stage "
+                "wrote it): notes are shown as written",
+                NOTE_VOCABULARY_FILE,
             )
-        notes = [mark_unseen_words(note, vocabulary) for note in notes]
+        else:
+            notes = [mark_unseen_words(note, vocabulary) for note in notes]
     return [
         processor.apply_chat_template(
             build_multimodal_prompt(ex.get("age"), ex.get("sex"), note, position),
