@@ -15,7 +15,13 @@ import pytest
 from test_train import make_cohort, tiny_test_profile
 
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME
-from ecg_r1.evaluation.cases import EVAL_SPLITS, add_features, evaluation_cases, sample_per_split
+from ecg_r1.evaluation.cases import (
+    EVAL_SPLITS,
+    add_features,
+    evaluation_cases,
+    gather_cases,
+    sample_per_split,
+)
 from ecg_r1.evaluation.comparison import run_comparison
 from ecg_r1.evaluation.note_shift import note_shift
 from ecg_r1.evaluation.outputs import read_predictions
@@ -181,6 +187,15 @@ class TestRunComparison:
             assert document["splits"][split]["notes"] == expected.as_dict()
             assert expected.notes == notes.drop_nulls().len()
         assert "## Note words the models never saw" in result.table
+
+    def test_without_labelled_training_cases_the_note_shift_is_left_out(self, setup, tmp_path, caplog):
+        splits = pl.read_parquet(setup["splits"])
+        no_train = splits.with_columns(pl.col("split").replace("train", "val"))
+        no_train.write_parquet(tmp_path / "splits.parquet")
+        with caplog.at_level("WARNING", logger="ecg_r1.evaluation.cases"):
+            data = gather_cases(setup["cohort"], tmp_path / "splits.parquet", setup["images"], seed=0)
+        assert data.note_shift == {} and "no note shift reported" in caplog.text
+        assert data.by_split["test_external"].height > 0
 
     def test_without_truth_there_is_no_bayes_row(self, setup, tmp_path):
         baselines = ReferenceBaselines.fit(

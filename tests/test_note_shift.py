@@ -58,3 +58,4 @@ def test_the_markdown_names_each_split_and_its_shares():
     )
     assert "| internal test | 1 | 2 | 0.0% | 0.0% | — |" in text
     assert "| cross-hospital | 1 | 2 | 50.0% | 100.0% | kein |" in text
+    assert note_shift_markdown({}) == ""

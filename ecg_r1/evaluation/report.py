@@ -138,7 +138,10 @@ def paired_markdown(paired: Sequence[PairedRecord]) -> str:
 
 
 def note_shift_markdown(shift: Mapping[str, NoteShift]) -> str:
-    """How many of each split's note words no training note holds (:mod:`.note_shift`)."""
+    """How many of each split's note words no training note holds (:mod:`.note_shift`); "" without
+    any split."""
+    if not shift:
+        return ""
     lines = [
         "\n## Note words the models never saw\n",
         "| Split | notes | words | unseen words | notes with one | most frequent unseen |",
