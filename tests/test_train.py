@@ -295,7 +295,7 @@ class TestDatasets:
             sft_targets(cases, rationale=True, findings=findings.head(1))
 
     def test_note_dropout_hides_a_seeded_fraction_of_notes(self, data):
-        from ecg_r1.training.data import grpo_dataset, load_cases, sft_dataset, sft_targets
+        from ecg_r1.training.data import PromptOptions, grpo_dataset, load_cases, sft_dataset, sft_targets
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
         targets = sft_targets(cases, rationale=False)
@@ -304,20 +304,22 @@ class TestDatasets:
             return ["Clinical note: none given" in row["prompt"][1]["content"] for row in dataset]
 
         assert not any(hidden(sft_dataset(cases, targets)))
-        assert all(hidden(sft_dataset(cases, targets, note_dropout=1.0)))
-        half = hidden(sft_dataset(cases, targets, note_dropout=0.5, seed=3))
+        assert all(hidden(sft_dataset(cases, targets, PromptOptions(note_dropout=1.0))))
+        half = hidden(sft_dataset(cases, targets, PromptOptions(note_dropout=0.5), seed=3))
         assert 0 < sum(half) < len(half)
-        assert half == hidden(sft_dataset(cases, targets, note_dropout=0.5, seed=3))  # seeded
-        assert half == hidden(grpo_dataset(cases, note_dropout=0.5, seed=3))  # same draw for GRPO
+        assert half == hidden(sft_dataset(cases, targets, PromptOptions(note_dropout=0.5), seed=3))  # seeded
+        assert half == hidden(
+            grpo_dataset(cases, PromptOptions(note_dropout=0.5), seed=3)
+        )  # same draw for GRPO
         with pytest.raises(ValueError, match="fraction"):
-            sft_dataset(cases, targets, note_dropout=1.5)
+            PromptOptions(note_dropout=1.5)
         with pytest.raises(ValueError, match="sum to at most 1"):
-            sft_dataset(cases, targets, note_dropout=0.6, note_scramble=0.6)
+            PromptOptions(note_dropout=0.6, note_scramble=0.6)
 
     def test_note_scramble_keeps_numbers_and_letters_but_not_words(self, data):
         import random
 
-        from ecg_r1.training.data import grpo_dataset, load_cases, scramble_note
+        from ecg_r1.training.data import PromptOptions, grpo_dataset, load_cases, scramble_note
 
         note = "Troponin 45 ng/L, chest pain since 2 hours; K+ 4.1 mmol/L."
         scrambled = scramble_note(note, random.Random(1))
@@ -328,7 +330,7 @@ class TestDatasets:
         assert scramble_note(None, random.Random(1)) is None
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
-        rows = grpo_dataset(cases, note_scramble=1.0, seed=0)
+        rows = grpo_dataset(cases, PromptOptions(note_scramble=1.0), seed=0)
         for row, original in zip(rows, cases["note"], strict=True):
             shown = row["prompt"][1]["content"]
             assert original not in shown and sorted(original) == sorted(
@@ -336,7 +338,7 @@ class TestDatasets:
             )
 
     def test_note_swap_shows_another_training_case_note(self, data):
-        from ecg_r1.training.data import grpo_dataset, load_cases, sft_dataset, sft_targets
+        from ecg_r1.training.data import PromptOptions, grpo_dataset, load_cases, sft_dataset, sft_targets
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
         cases = cases.with_columns(pl.Series("note", [f"note of case {i}" for i in range(cases.height)]))
@@ -345,15 +347,36 @@ class TestDatasets:
         def shown(dataset) -> list[str]:
             return [row["prompt"][1]["content"].split("Clinical note: ")[1].split("\n")[0] for row in dataset]
 
-        swapped = shown(sft_dataset(cases, targets, note_swap=1.0, seed=2))
+        swapped = shown(sft_dataset(cases, targets, PromptOptions(note_swap=1.0), seed=2))
         assert all(s in cases["note"].to_list() for s in swapped)  # real notes of this split
         assert all(s != own for s, own in zip(swapped, cases["note"], strict=True))  # never its own
         assert len(set(swapped)) > 1
-        assert swapped == shown(grpo_dataset(cases, note_swap=1.0, seed=2))  # seeded, same for GRPO
-        mixed = shown(sft_dataset(cases, targets, note_dropout=0.5, note_swap=0.5, seed=2))
+        assert swapped == shown(
+            grpo_dataset(cases, PromptOptions(note_swap=1.0), seed=2)
+        )  # seeded, same for GRPO
+        mixed = shown(sft_dataset(cases, targets, PromptOptions(note_dropout=0.5, note_swap=0.5), seed=2))
         assert "none given" in mixed and any(s.startswith("note of") for s in mixed)
         with pytest.raises(ValueError, match="sum to at most 1"):
-            sft_dataset(cases, targets, note_scramble=0.6, note_swap=0.6)
+            PromptOptions(note_scramble=0.6, note_swap=0.6)
+
+    def test_prompt_options_read_the_stage_and_the_profile(self, tmp_path):
+        from ecg_r1.modeling.profiles import load_profile
+        from ecg_r1.training.data import PromptOptions, prompt_options
+
+        profile = load_profile(
+            tiny_test_profile(
+                tmp_path / "p.yaml",
+                stages={"sft": {"note_dropout": 0.2, "note_scramble": 0.1}, "grpo": {"note_swap": 0.3}},
+                image={"position": "before_question"},
+                model={"unseen_note_words": "mark"},
+            )
+        )
+        assert prompt_options(profile, "sft") == PromptOptions(
+            note_dropout=0.2, note_scramble=0.1, image_position="before_question", unseen_note_words="mark"
+        )
+        assert prompt_options(profile, "grpo") == PromptOptions(
+            note_swap=0.3, image_position="before_question", unseen_note_words="mark"
+        )
 
     def test_balance_hospitals_gives_every_hospital_one_to_one_and_keeps_every_case(self):
         from ecg_r1.training.data import balance_hospitals
@@ -638,11 +661,11 @@ class TestGRPO:
         self, data, base_model, tmp_path, mlflow_store
     ):
         from ecg_r1.training import run_grpo, run_sft
-        from ecg_r1.training.data import grpo_dataset, load_cases
+        from ecg_r1.training.data import PromptOptions, grpo_dataset, load_cases
 
         profile = tiny_test_profile(tmp_path / "p.yaml", image={"position": "before_question"})
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
-        user = grpo_dataset(cases, image_position="before_question")[0]["prompt"][1]["content"]
+        user = grpo_dataset(cases, PromptOptions(image_position="before_question"))[0]["prompt"][1]["content"]
         assert [part["type"] for part in user] == ["text", "image", "text"]
         sft = run_sft(
             profile, base_model, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=1, register=False
@@ -657,12 +680,12 @@ class TestGRPO:
         from ecg_r1.modeling.processor import read_note_vocabulary
         from ecg_r1.modeling.prompts import note_vocabulary, note_words
         from ecg_r1.training import run_sft
-        from ecg_r1.training.data import load_cases, sft_dataset, sft_targets
+        from ecg_r1.training.data import PromptOptions, load_cases, sft_dataset, sft_targets
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
         targets = sft_targets(cases, rationale=False)
-        marked = sft_dataset(cases, targets, note_scramble=1.0, unseen_note_words="mark")
-        scrambled = sft_dataset(cases, targets, note_scramble=1.0, seed=0)
+        marked = sft_dataset(cases, targets, PromptOptions(note_scramble=1.0, unseen_note_words="mark"))
+        scrambled = sft_dataset(cases, targets, PromptOptions(note_scramble=1.0), seed=0)
         for row_marked, row_scrambled, note in zip(marked, scrambled, cases["note"], strict=True):
             text_marked = row_marked["prompt"][1]["content"]
             assert "Clinical note:" in text_marked

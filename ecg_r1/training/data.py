@@ -24,6 +24,7 @@ import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,66 +174,84 @@ def scramble_note(note: str | None, rng: random.Random) -> str | None:
     return _WORD_RE.sub(lambda m: "".join(rng.sample(m.group(0), len(m.group(0)))), note)
 
 
-def _prompts(
-    cases: pl.DataFrame,
-    note_dropout: float = 0.0,
-    note_scramble: float = 0.0,
-    seed: int = 0,
-    note_swap: float = 0.0,
-    image_position: str = "first",
-    unseen_note_words: str = "keep",
-) -> list[list[dict]]:
-    fractions = {"note_dropout": note_dropout, "note_scramble": note_scramble, "note_swap": note_swap}
-    if not (all(0.0 <= f <= 1.0 for f in fractions.values()) and sum(fractions.values()) <= 1.0):
-        named = ", ".join(f"{k} ({v})" for k, v in fractions.items())
-        raise ValueError(f"{named} must be fractions in [0, 1] that sum to at most 1")
+@dataclass(frozen=True)
+class PromptOptions:
+    """How a stage shows its training cases: which notes it hides, scrambles or swaps, where the
+    page sits, and how unseen note words look (:func:`prompt_options` reads them from a profile).
+
+    Attributes:
+        note_dropout: the fraction of cases (drawn with the dataset's seed) whose clinical note is
+            replaced by "none given". A model that can answer from the note learns to ignore the
+            image; cases without a note make the image carry the answer, which is what it has left
+            at a hospital whose notes it cannot read.
+        note_scramble: the fraction of (other) cases whose note is scrambled
+            (:func:`scramble_note`): they teach that a note in unknown words says nothing, so the
+            image decides, where an unfamiliar note would otherwise push every answer one way.
+        note_swap: the fraction of (other) cases shown the note of another training case, drawn
+            at random: a real note that says nothing about this case, so the image decides while
+            the prompt keeps the form it has at evaluation.
+        image_position: where the page sits in the prompt
+            (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
+        unseen_note_words: the profile's ``model.unseen_note_words``. With ``mark`` a scrambled
+            case is shown its note with every word marked (``?``), the form inference gives a note
+            in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
+            the training notes themselves have no unseen word.
+    """
+
+    note_dropout: float = 0.0
+    note_scramble: float = 0.0
+    note_swap: float = 0.0
+    image_position: str = "first"
+    unseen_note_words: str = "keep"
+
+    def __post_init__(self) -> None:
+        fractions = {
+            "note_dropout": self.note_dropout,
+            "note_scramble": self.note_scramble,
+            "note_swap": self.note_swap,
+        }
+        if not (all(0.0 <= f <= 1.0 for f in fractions.values()) and sum(fractions.values()) <= 1.0):
+            named = ", ".join(f"{k} ({v})" for k, v in fractions.items())
+            raise ValueError(f"{named} must be fractions in [0, 1] that sum to at most 1")
+
+
+def _prompts(cases: pl.DataFrame, options: PromptOptions, seed: int) -> list[list[dict]]:
     rng = random.Random(seed)
     notes = cases["note"].to_list()
+    hidden, scrambled = options.note_dropout, options.note_dropout + options.note_scramble
+    swapped = scrambled + options.note_swap
     prompts = []
     for i, row in enumerate(cases.iter_rows(named=True)):
         # One draw per case whatever the fractions, so the same seed picks the same cases.
         draw = rng.random()
         note = row["note"]
-        if draw < note_dropout:
+        if draw < hidden:
             note = None
-        elif draw < note_dropout + note_scramble:
+        elif draw < scrambled:
             # A note in unknown words, in the form the model will see one: scrambled letters, or
             # with unseen words marked, every word marked.
             note = (
                 mark_unseen_words(note, frozenset())
-                if unseen_note_words == "mark"
+                if options.unseen_note_words == "mark"
                 else scramble_note(note, rng)
             )
-        elif draw < note_dropout + note_scramble + note_swap and len(notes) > 1:
+        elif draw < swapped and len(notes) > 1:
             other = rng.randrange(len(notes) - 1)
             note = notes[other + (other >= i)]  # any case's note but its own
-        prompts.append(build_prompt(row["age"], row["sex"], note, image_position))
+        prompts.append(build_prompt(row["age"], row["sex"], note, options.image_position))
     return prompts
 
 
 def grpo_dataset(
-    cases: pl.DataFrame,
-    note_dropout: float = 0.0,
-    note_scramble: float = 0.0,
-    seed: int = 0,
-    note_swap: float = 0.0,
-    image_position: str = "first",
-    unseen_note_words: str = "keep",
+    cases: pl.DataFrame, options: PromptOptions = PromptOptions(), seed: int = 0
 ) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
     Args:
         cases: from :func:`load_cases`.
-        note_dropout: the fraction of cases shown without their clinical note ("none given"), so
-            the image alone must carry the answer for them (see :func:`sft_dataset`).
-        note_scramble: the fraction of (other) cases shown their note scrambled
-            (:func:`scramble_note`), or every word marked (``unseen_note_words`` ``mark``).
-        seed: which cases lose their note.
-        note_swap: the fraction of (other) cases shown another training case's note (see
-            :func:`sft_dataset`).
-        image_position: where the page sits in the prompt
-            (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
-        unseen_note_words: ``keep`` | ``mark`` (see :func:`sft_dataset`).
+        options: how the cases are shown (:class:`PromptOptions`).
+        seed: which cases lose, scramble or swap their note (the same cases as
+            :func:`sft_dataset` with the same seed).
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``image`` (decoded lazily), ``label`` (bool),
@@ -242,9 +261,7 @@ def grpo_dataset(
 
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(
-                cases, note_dropout, note_scramble, seed, note_swap, image_position, unseen_note_words
-            ),
+            "prompt": _prompts(cases, options, seed),
             "image": cases["image_path"].to_list(),
             "label": cases["label"].to_list(),
             "twi_leads": cases["twi_leads"].to_list(),
@@ -304,37 +321,15 @@ def case_findings(cases: pl.DataFrame, cohort_dir: str | Path) -> pl.DataFrame:
 
 
 def sft_dataset(
-    cases: pl.DataFrame,
-    targets: Sequence[str],
-    note_dropout: float = 0.0,
-    note_scramble: float = 0.0,
-    seed: int = 0,
-    note_swap: float = 0.0,
-    image_position: str = "first",
-    unseen_note_words: str = "keep",
+    cases: pl.DataFrame, targets: Sequence[str], options: PromptOptions = PromptOptions(), seed: int = 0
 ) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 
     Args:
         cases: from :func:`load_cases`.
         targets: one completion per case (:func:`sft_targets`).
-        note_dropout: the fraction of cases (drawn with ``seed``) whose clinical note is replaced
-            by "none given". A model that can answer from the note learns to ignore the image;
-            cases without a note make the image carry the answer, which is what it has left at a
-            hospital whose notes it cannot read.
-        note_scramble: the fraction of (other) cases whose note is scrambled
-            (:func:`scramble_note`): they teach that a note in unknown words says nothing, so the
-            image decides, where an unfamiliar note would otherwise push every answer one way.
-        seed: which cases lose their note.
-        note_swap: the fraction of (other) cases shown the note of another training case, drawn
-            at random: a real note that says nothing about this case, so the image decides while
-            the prompt keeps the form it has at evaluation.
-        image_position: where the page sits in the prompt
-            (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
-        unseen_note_words: the profile's ``model.unseen_note_words``. With ``mark`` a scrambled
-            case is shown its note with every word marked (``?``), the form inference gives a note
-            in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
-            the training notes themselves have no unseen word.
+        options: how the cases are shown (:class:`PromptOptions`).
+        seed: which cases lose, scramble or swap their note.
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
@@ -346,9 +341,7 @@ def sft_dataset(
         raise ValueError(f"{len(targets)} targets for {cases.height} cases; pass one per case")
     data = datasets.Dataset.from_dict(
         {
-            "prompt": _prompts(
-                cases, note_dropout, note_scramble, seed, note_swap, image_position, unseen_note_words
-            ),
+            "prompt": _prompts(cases, options, seed),
             "completion": [[{"role": "assistant", "content": target}] for target in targets],
             "images": [[path] for path in cases["image_path"].to_list()],
             "label": cases["label"].to_list(),
@@ -402,13 +395,15 @@ def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def note_settings(profile: Profile, stage: str) -> dict[str, Any]:
-    """``note_dropout``, ``note_scramble`` and ``note_swap`` of a stage (fractions of the training
-    cases shown without their note, with it scrambled, or with another case's note) and the
-    profile's ``unseen_note_words`` (:func:`ecg_r1.training.data.sft_dataset`)."""
+def prompt_options(profile: Profile, stage: str) -> PromptOptions:
+    """How a stage shows its training cases: the stage's ``note_dropout``, ``note_scramble`` and
+    ``note_swap`` and the profile's ``image.position`` and ``model.unseen_note_words``."""
     settings = profile.stage_settings(stage)
-    fractions = {key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_swap")}
-    return fractions | {"unseen_note_words": profile.unseen_note_words}
+    return PromptOptions(
+        **{key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_swap")},
+        image_position=profile.image_position,
+        unseen_note_words=profile.unseen_note_words,
+    )
 
 
 def training_cases(

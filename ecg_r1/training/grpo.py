@@ -12,7 +12,7 @@ from ecg_r1.modeling.prompts import note_vocabulary
 from ecg_r1.training.data import (
     data_summary,
     grpo_dataset,
-    note_settings,
+    prompt_options,
     training_cases,
 )
 from ecg_r1.training.runner import (
@@ -77,9 +77,7 @@ def run_grpo(
     profile = as_profile(profile)
     cases = training_cases(profile, "grpo", cohort_dir, splits_path, images_dir)
     config_seed = int(seed if seed is not None else profile.seed)
-    dataset = grpo_dataset(
-        cases, **note_settings(profile, "grpo"), seed=config_seed, image_position=profile.image_position
-    )
+    dataset = grpo_dataset(cases, prompt_options(profile, "grpo"), seed=config_seed)
     reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)
     reward_funcs = get_reward_funcs(list(reward_map))
     config_kwargs = trainer_config(profile, "grpo", Path(out_dir), max_steps, seed, dict(overrides or {}))

@@ -3,18 +3,20 @@ data, the warm-up with its answer word masked or drawn at random."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ecg_r1.modeling.profiles import Profile, lora_config
 from ecg_r1.modeling.prompts import note_vocabulary
 from ecg_r1.training.data import (
+    PromptOptions,
     case_findings,
     data_summary,
     findings_rationale,
     load_cases,
-    note_settings,
+    prompt_options,
     random_answers,
     sft_dataset,
     sft_targets,
@@ -153,15 +155,9 @@ def _sft_like(
     register_as: str | None,
     eval_cases: Any,
     options: RunOptions,
-    notes: Mapping[str, float] | None = None,
+    prompts: PromptOptions,
 ) -> StageResult:
-    dataset = sft_dataset(
-        cases,
-        targets,
-        **(notes or {}),
-        seed=int(seed if seed is not None else profile.seed),
-        image_position=profile.image_position,
-    )
+    dataset = sft_dataset(cases, targets, prompts, seed=int(seed if seed is not None else profile.seed))
     config_kwargs = trainer_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
     config_kwargs.setdefault("completion_only_loss", True)
@@ -270,6 +266,7 @@ def run_format_warmup(
         params={"warmup_answer": answer, "seed": run_seed},
         register_as=None,
         eval_cases=validation_cases(cohort_dir, splits_path, images_dir),
+        prompts=PromptOptions(image_position=profile.image_position),
         options=RunOptions(
             tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path)
         ),
@@ -318,7 +315,7 @@ def run_sft(
     profile = as_profile(profile)
     rationale = profile.sft_rationale if rationale is None else bool(rationale)
     with_findings = rationale and findings_rationale(profile)
-    notes = note_settings(profile, "sft")
+    prompts = prompt_options(profile, "sft")
     cases = training_cases(profile, "sft", cohort_dir, splits_path, images_dir)
     findings = case_findings(cases, cohort_dir) if with_findings else None
     targets = sft_targets(cases, rationale=rationale, findings=findings)
@@ -336,12 +333,12 @@ def run_sft(
         params={
             "sft_rationale": rationale,
             "rationale_findings": with_findings,
-            **notes,
+            **asdict(prompts),
             "seed": seed if seed is not None else profile.seed,
         },
         register_as=MODEL_NAMES["sft"] if register and tracking else None,
         eval_cases=validation_cases(cohort_dir, splits_path, images_dir),
-        notes=notes,
+        prompts=prompts,
         options=RunOptions(
             tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path)
         ),
