@@ -359,40 +359,6 @@ class TestDatasets:
         with pytest.raises(ValueError, match="sum to at most 1"):
             PromptOptions(note_scramble=0.6, note_swap=0.6)
 
-    def test_some_scrambled_notes_keep_a_drawn_share_of_their_words(self, data):
-        import random
-
-        from ecg_r1.modeling.prompts import UNSEEN_WORD, note_words
-        from ecg_r1.training.data import PromptOptions, grpo_dataset, load_cases, scramble_note
-
-        note = "Troponin erhöht, Kalium normal; Troponin 45 ng/l."
-        partly = scramble_note(note, random.Random(4), share=0.5)
-        kept = [w for w in partly.replace(",", " ").replace(";", " ").split() if w in note.split()]
-        assert partly != note and kept and sorted(partly) == sorted(note)
-        assert partly.count("Troponin") in (0, 2)  # a word is kept or scrambled at every occurrence
-
-        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
-
-        def shown(options: PromptOptions) -> list[str]:
-            rows = grpo_dataset(cases, options, seed=5)
-            return [row["prompt"][1]["content"].split("Clinical note: ")[1].split("\n")[0] for row in rows]
-
-        marked = shown(PromptOptions(note_scramble=1.0, unseen_note_words="mark", scramble_words="some"))
-        shares = []
-        for text, original in zip(marked, cases["note"], strict=True):
-            words = note_words(original)
-            assert set(note_words(text)) <= set(words)  # only the note's own words, or the mark
-            shares.append(len(note_words(text)) / len(words))
-            assert text.count(UNSEEN_WORD) + len(note_words(text)) == len(words)
-        assert min(shares) < 0.5 < max(shares)  # the share kept varies from note to note
-        assert marked == shown(
-            PromptOptions(note_scramble=1.0, unseen_note_words="mark", scramble_words="some")
-        )
-        every = shown(PromptOptions(note_scramble=1.0, unseen_note_words="mark"))
-        assert all(note_words(text) == [] for text in every)  # "all": nothing left to read
-        with pytest.raises(ValueError, match="scramble_words"):
-            PromptOptions(scramble_words="half")
-
     def test_prompt_options_read_the_stage_and_the_profile(self, tmp_path):
         from ecg_r1.modeling.profiles import load_profile
         from ecg_r1.training.data import PromptOptions, prompt_options
@@ -400,20 +366,13 @@ class TestDatasets:
         profile = load_profile(
             tiny_test_profile(
                 tmp_path / "p.yaml",
-                stages={
-                    "sft": {"note_dropout": 0.2, "note_scramble": 0.1, "scramble_words": "some"},
-                    "grpo": {"note_swap": 0.3},
-                },
+                stages={"sft": {"note_dropout": 0.2, "note_scramble": 0.1}, "grpo": {"note_swap": 0.3}},
                 image={"position": "before_question"},
                 model={"unseen_note_words": "mark"},
             )
         )
         assert prompt_options(profile, "sft") == PromptOptions(
-            note_dropout=0.2,
-            note_scramble=0.1,
-            scramble_words="some",
-            image_position="before_question",
-            unseen_note_words="mark",
+            note_dropout=0.2, note_scramble=0.1, image_position="before_question", unseen_note_words="mark"
         )
         assert prompt_options(profile, "grpo") == PromptOptions(
             note_swap=0.3, image_position="before_question", unseen_note_words="mark"

@@ -105,7 +105,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "note_dropout": 0.0,  # fractions of the training cases shown without their note ...
         "note_scramble": 0.0,  # ... or with its words' letters shuffled (ecg_r1.training.data)
         "note_swap": 0.0,  # ... or with another training case's note
-        "scramble_words": "all",  # all | some: the words a scrambled note has made unknown
         "balance_hospitals": False,
         "freeze_vision": False,
         "rationale_findings": False,  # with model.sft_rationale: targets state the measured findings
@@ -115,7 +114,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "note_dropout": 0.0,
         "note_scramble": 0.0,
         "note_swap": 0.0,
-        "scramble_words": "all",
         "balance_hospitals": False,
         "freeze_vision": False,
     },
@@ -376,18 +374,12 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     )
     rewards = _section(raw, "rewards", None, path)
     stages = _section(raw, "stages", set(STAGE_DEFAULTS), path)
-    from ecg_r1.modeling.prompts import SCRAMBLE_WORDS
-
     for section, settings in stages.items():
         if not isinstance(settings, dict | None):
             raise ProfileError(f"{path}: stages.{section} must be a mapping, got {type(settings).__name__}")
         if unknown := sorted(set(settings or {}) - set(STAGE_DEFAULTS[section])):
             raise ProfileError(
                 f"{path}: unknown keys {unknown} in stages.{section}; allowed: {sorted(STAGE_DEFAULTS[section])}"
-            )
-        if (words := (settings or {}).get("scramble_words", "all")) not in SCRAMBLE_WORDS:
-            raise ProfileError(
-                f"{path}: stages.{section}.scramble_words {words!r} is not one of {', '.join(SCRAMBLE_WORDS)}"
             )
     source = str(model.get("source", "")).strip()
     if not source:

@@ -220,9 +220,6 @@ _NOTE_WORD_RE = re.compile(r"[^\W\d_]{2,}")
 # show that form exactly (``note_scramble`` then marks every word of the note).
 UNSEEN_NOTE_WORDS: tuple[str, ...] = ("keep", "mark")
 UNSEEN_WORD = "?"
-# How much of a note training makes unknown (stages' ``scramble_words``): every word, or a share
-# drawn per note (ecg_r1.training.data.PromptOptions).
-SCRAMBLE_WORDS: tuple[str, ...] = ("all", "some")
 
 
 def note_words(note: str | None) -> list[str]:

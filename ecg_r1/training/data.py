@@ -32,14 +32,7 @@ import polars as pl
 
 from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 from ecg_r1.data.store import read_cohort
-from ecg_r1.modeling.prompts import (
-    SCRAMBLE_WORDS,
-    build_prompt,
-    format_target,
-    mark_unseen_words,
-    note_words,
-    rationale_from_findings,
-)
+from ecg_r1.modeling.prompts import build_prompt, format_target, mark_unseen_words, rationale_from_findings
 
 if TYPE_CHECKING:
     import datasets
@@ -169,42 +162,16 @@ def _image_column(dataset: datasets.Dataset, column: str, as_list: bool) -> data
 _WORD_RE = re.compile(r"[^\W\d_]+")
 
 
-def scramble_note(note: str | None, rng: random.Random, share: float = 1.0) -> str | None:
-    """The note with the letters of its words shuffled; digits, units' punctuation and layout kept.
+def scramble_note(note: str | None, rng: random.Random) -> str | None:
+    """The note with the letters of every word shuffled; digits, units' punctuation and layout kept.
 
     A note the model cannot read (another hospital's language, abbreviations it never saw) is
     text in words it does not know; a scrambled note is the same for a model trained on this
     cohort's notes, made from the training notes alone (no other hospital's text is used).
-    With ``share`` below 1 each distinct word is scrambled with that probability (every
-    occurrence alike) and the others are kept: a note the model can partly read.
     """
     if not note:
         return note
-    chosen = None if share >= 1.0 else _drawn_words(_WORD_RE.findall(note), rng, share)
-    return _WORD_RE.sub(
-        lambda m: (
-            m.group(0)
-            if chosen is not None and m.group(0) not in chosen
-            else "".join(rng.sample(m.group(0), len(m.group(0))))
-        ),
-        note,
-    )
-
-
-def _drawn_words(words: Iterable[str], rng: random.Random, share: float) -> set[str]:
-    """Each distinct word, in sorted order so a seed gives the same draw, kept with probability ``share``."""
-    return {word for word in sorted(set(words)) if rng.random() < share}
-
-
-def _unreadable_note(note: str | None, rng: random.Random, options: PromptOptions) -> str | None:
-    """A training note made into one in unknown words, in the form the model will see one: letters
-    scrambled, or with unseen words marked, words marked. ``scramble_words`` ``some`` draws the
-    share of words made unknown per note, uniformly in (0, 1]."""
-    share = 1.0 if options.scramble_words == "all" else 1.0 - rng.random()
-    if options.unseen_note_words != "mark":
-        return scramble_note(note, rng, share)
-    words = set(note_words(note))
-    return mark_unseen_words(note, frozenset() if share >= 1.0 else words - _drawn_words(words, rng, share))
+    return _WORD_RE.sub(lambda m: "".join(rng.sample(m.group(0), len(m.group(0)))), note)
 
 
 @dataclass(frozen=True)
@@ -229,11 +196,6 @@ class PromptOptions:
             case is shown its note with every word marked (``?``), the form inference gives a note
             in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
             the training notes themselves have no unseen word.
-        scramble_words: ``all``: a scrambled note has every word made unknown. ``some``: a share
-            of its distinct words drawn uniformly in (0, 1] per note, the rest kept as written. A
-            new hospital's notes mix words the model knows with words it does not (the held-out
-            hospital's German keeps "Troponin", "Diabetes", "normal", not "erhöht"); a model that
-            only saw fully unknown notes reads the known words left as the whole note.
     """
 
     note_dropout: float = 0.0
@@ -241,11 +203,8 @@ class PromptOptions:
     note_swap: float = 0.0
     image_position: str = "first"
     unseen_note_words: str = "keep"
-    scramble_words: str = "all"
 
     def __post_init__(self) -> None:
-        if self.scramble_words not in SCRAMBLE_WORDS:
-            raise ValueError(f"scramble_words must be one of {SCRAMBLE_WORDS}, got {self.scramble_words!r}")
         fractions = {
             "note_dropout": self.note_dropout,
             "note_scramble": self.note_scramble,
@@ -269,7 +228,13 @@ def _prompts(cases: pl.DataFrame, options: PromptOptions, seed: int) -> list[lis
         if draw < hidden:
             note = None
         elif draw < scrambled:
-            note = _unreadable_note(note, rng, options)
+            # A note in unknown words, in the form the model will see one: scrambled letters, or
+            # with unseen words marked, every word marked.
+            note = (
+                mark_unseen_words(note, frozenset())
+                if options.unseen_note_words == "mark"
+                else scramble_note(note, rng)
+            )
         elif draw < swapped and len(notes) > 1:
             other = rng.randrange(len(notes) - 1)
             note = notes[other + (other >= i)]  # any case's note but its own
@@ -431,12 +396,11 @@ def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
 
 
 def prompt_options(profile: Profile, stage: str) -> PromptOptions:
-    """How a stage shows its training cases: the stage's ``note_dropout``, ``note_scramble``,
-    ``note_swap`` and ``scramble_words`` and the profile's ``image.position`` and ``model.unseen_note_words``."""
+    """How a stage shows its training cases: the stage's ``note_dropout``, ``note_scramble`` and
+    ``note_swap`` and the profile's ``image.position`` and ``model.unseen_note_words``."""
     settings = profile.stage_settings(stage)
     return PromptOptions(
         **{key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_swap")},
-        scramble_words=str(settings["scramble_words"]),
         image_position=profile.image_position,
         unseen_note_words=profile.unseen_note_words,
     )
