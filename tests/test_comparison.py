@@ -417,6 +417,79 @@ class TestAblations:
         assert {("SFT", "SFT (no ECG)"), ("SFT", "SFT (no note)")} <= pairs
         assert result.files["predictions_sft_no_ecg"].is_file()
 
+    def test_english_note_rows_answer_the_splits_with_notes_in_another_language(self, setup, tmp_path):
+        splits = pl.read_parquet(setup["splits"])
+        cohort = pl.read_parquet(setup["cohort"] / "cohort.parquet").join(
+            splits.select("record_id", "split"), on="record_id"
+        )
+        # the external split's notes "in another language": their English version differs
+        truth = cohort.select(
+            "record_id",
+            pl.lit(0.5).alias("posterior_ischemic"),
+            pl.when(pl.col("split") == "test_external")
+            .then(pl.lit("in English: ") + pl.col("note"))
+            .otherwise(pl.col("note"))
+            .alias("note_english"),
+        )
+        truth.write_parquet(tmp_path / "truth.parquet")
+        result = run_comparison(
+            {"SFT": setup["model"]},
+            setup["profile"],
+            setup["cohort"],
+            setup["splits"],
+            setup["images"],
+            tmp_path / "out",
+            truth_path=tmp_path / "truth.parquet",
+            n_boot=N_BOOT,
+            max_new_tokens=8,
+            max_cases_per_split=3,
+            n_case_figures=0,
+            ablations=["english_note"],
+        )
+        assert set(result.results["SFT (note in English)"]) == {"test_external"}
+        assert set(result.results["SFT"]) == {"test_internal", "test_external"}
+        assert ("SFT", "SFT (note in English)") in {(p.a, p.b) for p in result.paired}
+        assert "| SFT (note in English) | cross-hospital |" in result.table
+        with pytest.raises(ValueError, match="needs the simulator's truth.parquet"):
+            run_comparison(
+                {"SFT": setup["model"]},
+                setup["profile"],
+                setup["cohort"],
+                setup["splits"],
+                setup["images"],
+                tmp_path / "none",
+                ablations=["english_note"],
+            )
+        with pytest.raises(ValueError, match="no note_english column"):
+            run_comparison(
+                {"SFT": setup["model"]},
+                setup["profile"],
+                setup["cohort"],
+                setup["splits"],
+                setup["images"],
+                tmp_path / "old",
+                truth_path=setup["truth"],
+                ablations=["english_note"],
+            )
+
+    def test_english_note_cases_replace_the_notes_of_whole_splits(self):
+        from ecg_r1.evaluation.predictions import english_note_cases
+
+        cases = pl.DataFrame(
+            {
+                "record_id": ["a", "b", "c", "d"],
+                "split": ["test_internal", "test_internal", "test_external", "test_external"],
+                "note": ["chest pain", None, "Brustschmerz", "Dyspnoe"],
+                "note_english": ["chest pain", None, "chest pain", None],
+            }
+        )
+        shown = english_note_cases(cases)
+        assert shown["record_id"].to_list() == ["c", "d"]  # the split with a note in another language
+        assert shown["note"].to_list() == ["chest pain", "Dyspnoe"]  # no English version: kept
+        assert english_note_cases(cases.filter(pl.col("split") == "test_internal")).height == 0
+        with pytest.raises(ValueError, match="note_english"):
+            english_note_cases(cases.drop("note_english"))
+
     def test_unknown_ablation_is_refused(self, setup, tmp_path):
         with pytest.raises(ValueError, match="unknown ablations"):
             run_comparison(

@@ -115,6 +115,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, seed_mlflow_db) -> dict:
     cohort.select(
         "record_id",
         pl.when(pl.col("label") == "ischemic").then(0.8).otherwise(0.3).alias("posterior_ischemic"),
+        (pl.lit("in English: ") + pl.col("note")).alias("note_english"),
     ).write_parquet(root / "data" / "raw" / "simulated" / "truth.parquet")
     profile_path = tiny_test_profile(root / "profile.yaml", grpo={"max_completion_length": 16})
     profile = load_profile(profile_path)
@@ -208,6 +209,8 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     table = comparison["comparison"].value
     for row in (
         "| GRPO |",
+        "| GRPO (no ECG) |",
+        "| GRPO (note in English) |",
         "| SFT |",
         "Feature baseline",
         "Majority class",

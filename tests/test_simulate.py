@@ -251,6 +251,27 @@ class TestHospitals:
         assert "Age:" in notes["hospital_c"]
         assert "year-old" in notes["hospital_a"]
 
+    def test_truth_holds_each_note_in_english_with_the_same_findings(self, tables):
+        import re
+
+        manifest, truth = tables
+        both = manifest.select("record_id", "hospital", "note").join(
+            truth.select("record_id", "note_english", "troponin"), on="record_id"
+        )
+        english = both.filter(pl.col("hospital") != "hospital_d")
+        assert (english["note"] == english["note_english"]).all()  # already in English: its own note
+        german = both.filter(pl.col("hospital") == "hospital_d")
+        assert german.height > 0 and (german["note"] != german["note_english"]).all()
+        assert not german["note_english"].str.contains("jährig|Patient|Risikofaktoren").any()
+        assert german["note_english"].str.contains("year-old").all()
+        for note, note_english, troponin in german.select("note", "note_english", "troponin").iter_rows():
+            # the same lab value, in the other language's words
+            shown = re.search(r"Troponin T (\d+) ng/l", note)
+            assert (shown is None) == (re.search(r"troponin (\d+) ng/L", note_english) is None)
+            if shown:
+                assert f"troponin {shown.group(1)} ng/L" in note_english
+                assert ("erhöht" in note) == (troponin == "elevated")
+
 
 class TestDeterminism:
     def test_same_seed_same_files_whatever_the_workers(self, tmp_path):

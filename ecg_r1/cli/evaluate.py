@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="INPUT",
         help="also evaluate each model with this input taken away (image: a flat-line page; note: "
-        "no clinical note); repeatable",
+        "no clinical note) or, with --truth, replaced (english_note: a hospital's notes in another "
+        "language written in English, on the splits holding them); repeatable",
     )
     parser.add_argument(
         "--real-records",

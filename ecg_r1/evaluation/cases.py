@@ -27,6 +27,9 @@ from ecg_r1.evaluation.real_records import REAL_SPLIT, read_real_records
 logger = logging.getLogger(__name__)
 
 EVAL_SPLITS: tuple[str, ...] = (TEST_INTERNAL, TEST_EXTERNAL)
+# The simulator truth's column holding each note written in English (ecg_r1.simulate.cohort), for
+# the english_note ablation (ecg_r1.evaluation.predictions.ABLATIONS).
+ENGLISH_NOTE_COLUMN = "note_english"
 
 
 def evaluation_cases(
@@ -212,3 +215,24 @@ def _note_shifts(
         logger.warning("no note shift reported: the training split gives no notes (%s)", exc)
         return {}
     return {split: note_shift(training_notes, part["note"].to_list()) for split, part in by_split.items()}
+
+
+def with_english_notes(cases: pl.DataFrame, truth_path: str | Path | None) -> pl.DataFrame:
+    """The cases with the simulator truth's ``note_english`` (for the english_note ablation).
+
+    Raises:
+        ValueError: without a truth table, or with one that has no English notes.
+    """
+    if truth_path is None:
+        raise ValueError(
+            "the english_note ablation needs the simulator's truth.parquet (--truth); "
+            "a cohort that was not simulated has no English version of its notes"
+        )
+    columns = pl.read_parquet_schema(truth_path)
+    if ENGLISH_NOTE_COLUMN not in columns:
+        raise ValueError(
+            f"{truth_path} has no {ENGLISH_NOTE_COLUMN} column (simulated by an older version); "
+            "simulate the cohort again or drop the english_note ablation"
+        )
+    english = pl.read_parquet(truth_path, columns=["record_id", ENGLISH_NOTE_COLUMN])
+    return cases.join(english, on="record_id", how="left")

@@ -37,7 +37,7 @@ from typing import Any
 
 from ecg_r1.evaluation import report
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME, CLINICIANS_SOURCE, clinicians_metrics
-from ecg_r1.evaluation.cases import EVAL_SPLITS, EvaluationCases, gather_cases
+from ecg_r1.evaluation.cases import EVAL_SPLITS, EvaluationCases, gather_cases, with_english_notes
 from ecg_r1.evaluation.evaluate import DEFAULT_BOOTSTRAP, BinaryMetrics
 from ecg_r1.evaluation.figures import write_plots
 from ecg_r1.evaluation.outputs import (
@@ -48,7 +48,12 @@ from ecg_r1.evaluation.outputs import (
     write_cases,
     write_metrics,
 )
-from ecg_r1.evaluation.predictions import ABLATIONS, predict_models, stage_folder
+from ecg_r1.evaluation.predictions import (
+    ABLATIONS,
+    ENGLISH_NOTE,
+    predict_models,
+    stage_folder,
+)
 from ecg_r1.evaluation.real_records import REAL_SPLIT
 from ecg_r1.evaluation.references import answer_references
 from ecg_r1.evaluation.report import SPLIT_TITLES
@@ -99,8 +104,10 @@ def run_comparison(
             (None: all). For time-boxed runs on a CPU; the table's n says how many were used.
         progress: tqdm progress bars while the models answer.
         ablations: keys of :data:`ecg_r1.evaluation.predictions.ABLATIONS`; each model is also
-            evaluated with that input taken away (row ``"<name> (no ECG)"`` / ``"<name> (no note)"``)
-            and paired with itself.
+            evaluated with that input taken away (row ``"<name> (no ECG)"`` / ``"<name> (no note)"``),
+            or, with ``english_note`` (needs ``truth_path``), with the notes of a hospital writing
+            in another language replaced by the same findings in English, on the splits holding
+            such notes (``"<name> (note in English)"``); each paired with the model itself.
         real_records: a folder :func:`ecg_r1.evaluation.real_records.prepare_real_records` wrote; its cases
             (less any also in the main cohort, see :func:`ecg_r1.evaluation.cases.real_record_cases`)
             become a third split, :data:`~ecg_r1.evaluation.real_records.REAL_SPLIT`, titled "real
@@ -111,8 +118,9 @@ def run_comparison(
         A :class:`ecg_r1.evaluation.results.Comparison` with the written files.
 
     Raises:
-        ValueError: with no model, an unknown row in ``pairs``, a truth table missing cases, or
-            real records that are all in the main cohort.
+        ValueError: with no model, an unknown row in ``pairs``, a truth table missing cases, the
+            english_note ablation without a truth table that has English notes, or real records
+            that are all in the main cohort.
         FileNotFoundError: when ``real_records`` is not a prepared real-record folder.
         ecg_r1.training.data.TrainingDataError: when the data cannot give test cases.
     """
@@ -133,9 +141,8 @@ def run_comparison(
     folders = {name: stage_folder(path) for name, path in models.items()}
     model_dirs = {name: model_dir for name, (model_dir, _) in folders.items()}
     stages = {name: stage for name, (_, stage) in folders.items()}
-    answers = predict_models(
-        model_dirs, profile, data.cases, out, ablations, batch_size, max_new_tokens, progress
-    )
+    shown = with_english_notes(data.cases, truth_path) if ENGLISH_NOTE in ablations else data.cases
+    answers = predict_models(model_dirs, profile, shown, out, ablations, batch_size, max_new_tokens, progress)
     references, reference_files = answer_references(
         data, out, cohort_dir, splits_path, images_dir, truth_path, baselines_dir, seed
     )

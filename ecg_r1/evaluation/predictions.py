@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecg_r1.evaluation.cases import ENGLISH_NOTE_COLUMN
 from ecg_r1.evaluation.evaluate import Predictions
 from ecg_r1.evaluation.outputs import predictions_key, write_predictions
 
@@ -26,7 +27,11 @@ logger = logging.getLogger(__name__)
 # Input ablations: what the model is shown instead -> the row-name suffix. "image": the ECG page
 # with flat traces (grid, labels and calibration pulse kept, no ECG); "note": no clinical note
 # ("none given"). A model whose accuracy does not drop without the ECG is reading the note only.
-ABLATIONS: dict[str, str] = {"image": "no ECG", "note": "no note"}
+# "english_note" (simulated cohorts only): each note of a hospital that writes in another language
+# replaced by the same findings written in English (the simulator truth's ``note_english``),
+# answered on the splits holding such a note: what the held-out hospital's language costs.
+ABLATIONS: dict[str, str] = {"image": "no ECG", "note": "no note", "english_note": "note in English"}
+ENGLISH_NOTE = "english_note"
 RESULT_FILE = "result.json"  # a training stage's StageResult (ecg_r1.training.stages)
 
 
@@ -53,7 +58,8 @@ def predict_cases(
         name: the row name (default: the folder name).
         progress: show a tqdm progress bar.
         ablation: None, or a key of :data:`ABLATIONS`: ``"image"`` shows every case the same page
-            with flat traces instead of its ECG, ``"note"`` shows no clinical note.
+            with flat traces instead of its ECG, ``"note"`` shows no clinical note,
+            ``"english_note"`` the cases of :func:`english_note_cases` with their English notes.
 
     Returns:
         ``(predictions, completions)``: answers (None where the completion broke the output
@@ -71,6 +77,8 @@ def predict_cases(
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     if ablation is not None and ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
+    if ablation == ENGLISH_NOTE:
+        cases = english_note_cases(cases)
     if max_new_tokens is None:
         max_new_tokens = profile.max_completion_length
     model, processor = load_model_and_processor(model_dir, profile)
@@ -116,6 +124,30 @@ def predict_cases(
         reasoning=[p.think if p.valid else text for p, text in zip(parsed, completions, strict=True)],
     )
     return predictions, completions
+
+
+def english_note_cases(cases: pl.DataFrame) -> pl.DataFrame:
+    """The cases of every split that holds a note not in English, each shown its English note.
+
+    Args:
+        cases: with ``split``, ``note`` and :data:`ENGLISH_NOTE_COLUMN` (the simulator truth's
+            note in English; null where unknown, and then the note is kept).
+
+    Returns:
+        Those splits' cases, whole (a split's row covers all its cases), ``note`` replaced; no
+        case when every note is already in English.
+
+    Raises:
+        ValueError: without :data:`ENGLISH_NOTE_COLUMN` (the cohort is not simulated).
+    """
+    if ENGLISH_NOTE_COLUMN not in cases.columns:
+        raise ValueError(
+            "the english_note ablation needs the simulator truth's note_english column (--truth of a "
+            "simulated cohort); drop the ablation for other cohorts"
+        )
+    english = pl.col(ENGLISH_NOTE_COLUMN).fill_null(pl.col("note"))
+    differs = cases.filter(english.ne_missing(pl.col("note")))["split"].unique()
+    return cases.filter(pl.col("split").is_in(differs.implode())).with_columns(english.alias("note"))
 
 
 def stage_folder(path: str | Path) -> tuple[Path, Path | None]:
@@ -170,7 +202,8 @@ def predict_models(
     """Every model's answers on all the cases, in one pass each, and again per ablation.
 
     Row ``"<name>"`` is the model as trained, ``"<name> (no ECG)"`` / ``"<name> (no note)"`` the
-    same model with that input taken away. Each row's answers, split and raw completions are
+    same model with that input taken away, ``"<name> (note in English)"`` on the splits with a
+    note in another language (left out where there is none). Each row's answers, split and raw completions are
     written to ``predictions/<row>.parquet`` under ``out_dir``.
 
     Args:
@@ -187,6 +220,10 @@ def predict_models(
     for name, model_dir in model_dirs.items():
         for ablation in (None, *ablations):
             row = name if ablation is None else f"{name} ({ABLATIONS[ablation]})"
+            shown = english_note_cases(cases) if ablation == ENGLISH_NOTE else cases
+            if shown.height == 0:
+                logger.info("%s left out: every evaluated note is already in English", row)
+                continue
             preds, completions = predict_cases(
                 model_dir,
                 profile,
@@ -201,7 +238,7 @@ def predict_models(
             if ablation is not None:
                 ablated[row] = (name, ablation)
             frame = preds.to_frame().with_columns(
-                split=cases["split"], completion=pl.Series(completions, dtype=pl.String)
+                split=shown["split"], completion=pl.Series(completions, dtype=pl.String)
             )
             files[predictions_key(row)] = write_predictions(out_dir, row, frame)
     return ModelAnswers(predictions, ablated, files)

@@ -133,7 +133,8 @@ def evaluate_rows(
     n_boot: int,
     seed: int,
 ) -> tuple[dict[str, dict[str, BinaryMetrics]], dict[str, dict[str, BinaryMetrics]]]:
-    """Each row's metrics on the splits it answered, and per hospital over the simulated cases.
+    """Each row's metrics on the splits it answered, and per hospital over the simulated cases it
+    answered.
 
     Returns:
         ``(results, per_hospital)``: row -> split -> metrics, and row -> hospital -> metrics.
@@ -148,7 +149,13 @@ def evaluate_rows(
         for name, preds in predictions.items()
     }
     per_hospital = {
-        name: evaluate_predictions_by_group(preds, simulated, "hospital", n_boot=n_boot, seed=seed)
+        name: evaluate_predictions_by_group(
+            preds,
+            simulated.filter(pl.col("record_id").is_in(list(answered[name]))),
+            "hospital",
+            n_boot=n_boot,
+            seed=seed,
+        )
         for name, preds in predictions.items()
     }
     return results, per_hospital

@@ -178,7 +178,7 @@ def write_note(
         The note text.
     """
     pick = _Pick(uniforms)
-    lang = "de" if style == "de" else "en"
+    lang = note_language(style)
     bank = _DE if lang == "de" else _EN
     complaint = stated["complaint"]
     cpl = None if complaint == MISSING else COMPLAINTS[complaint]
@@ -244,21 +244,40 @@ def write_note(
     return " ".join(text)
 
 
+# The training hospitals' language and the style of a note rewritten in it: the counterfactual
+# note of a hospital writing in another language (truth's ``note_english``), so a comparison can
+# show how much of a held-out hospital's drop is its language.
+ENGLISH_STYLE = "en_prose"
+
+
+def note_language(style: str) -> str:
+    """``de`` for the German style, ``en`` for the English ones."""
+    return "de" if style == "de" else "en"
+
+
 def write_notes(
-    rng: np.random.Generator, style: str, age: np.ndarray, male: np.ndarray, stated: dict[str, np.ndarray]
-) -> list[str]:
-    """Notes for a batch (see :func:`write_note`)."""
+    rng: np.random.Generator,
+    styles: tuple[str, ...],
+    age: np.ndarray,
+    male: np.ndarray,
+    stated: dict[str, np.ndarray],
+) -> dict[str, list[str]]:
+    """Notes for a batch (see :func:`write_note`) in each of the given styles: the same stated
+    findings, lab values and phrase draws, so each style's note says the same about the case."""
     n = len(age)
     uniforms = rng.random((n, 24))
     draws = rng.random(n)
-    return [
-        write_note(
-            style,
-            int(age[i]),
-            bool(male[i]),
-            {k: int(v[i]) for k, v in stated.items()},
-            uniforms[i],
-            draws[i],
-        )
-        for i in range(n)
-    ]
+    return {
+        style: [
+            write_note(
+                style,
+                int(age[i]),
+                bool(male[i]),
+                {k: int(v[i]) for k, v in stated.items()},
+                uniforms[i],
+                draws[i],
+            )
+            for i in range(n)
+        ]
+        for style in dict.fromkeys(styles)
+    }

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ecg_r1.data import labels
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate import truth
-from ecg_r1.simulate.clinical import write_notes
+from ecg_r1.simulate.clinical import ENGLISH_STYLE, note_language, write_notes
 from ecg_r1.simulate.device import record
 from ecg_r1.simulate.hospitals import HospitalProfile, hospital_profiles
 from ecg_r1.simulate.mechanisms import ecg_parameters
@@ -112,7 +112,10 @@ def _chunk(args: tuple[Path, HospitalProfile, int, int, int, int]) -> tuple[list
     cases = truth.draw_cases(rng, size, mix, profile.age_shift, profile.missing_rate)
     params = ecg_parameters(rng, cases.ecg, cases.age, cases.male)
     signals, _ = record(rng, params, profile)
-    notes = write_notes(rng, profile.note_style, cases.age, cases.male, cases.stated)
+    written = write_notes(rng, (profile.note_style, ENGLISH_STYLE), cases.age, cases.male, cases.stated)
+    notes = written[profile.note_style]
+    # The same note in the training hospitals' language (its own note where it is in English).
+    english = notes if note_language(profile.note_style) == "en" else written[ENGLISH_STYLE]
     post = truth.posterior_ischemic(cases, mix, profile.age_shift)
     post_ecg = truth.posterior_ischemic(cases, mix, profile.age_shift, use_text=False)
     post_text = truth.posterior_ischemic(cases, mix, profile.age_shift, use_ecg=False)
@@ -161,6 +164,7 @@ def _chunk(args: tuple[Path, HospitalProfile, int, int, int, int]) -> tuple[list
             "qrs_scale": float(params.qrs_scale[i]),
             "t_depth_mv": float(params.t_depth_mv[i]),
             "twi_leads": params.twi_leads[i],
+            "note_english": english[i],
         }
         for f in truth.ECG_FINDINGS + truth.TEXT_FINDINGS:
             value = cases.ecg.get(f.name, cases.text.get(f.name))

@@ -28,10 +28,10 @@ from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResour
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation import registry
-from ecg_r1.evaluation.cases import add_features, evaluation_cases
+from ecg_r1.evaluation.cases import ENGLISH_NOTE_COLUMN, add_features, evaluation_cases
 from ecg_r1.evaluation.comparison import run_comparison
 from ecg_r1.evaluation.outputs import read_metrics, slug
-from ecg_r1.evaluation.predictions import ABLATIONS, RESULT_FILE
+from ecg_r1.evaluation.predictions import ABLATIONS, ENGLISH_NOTE, RESULT_FILE
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule
 from ecg_r1.evaluation.references import ReferenceBaselines
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
@@ -95,7 +95,9 @@ class ComparisonConfig(dg.Config):
     n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
     ablations: list[str] = Field(
         default_factory=lambda: list(ABLATIONS),
-        description="Inputs taken away for extra rows per model: image (a flat-line page), note.",
+        description="Inputs taken away for extra rows per model: image (a flat-line page), note; "
+        "english_note (the notes of a hospital writing in another language in English) where the "
+        "simulator truth is there.",
     )
 
 
@@ -244,6 +246,12 @@ def model_comparison(
     truth_path = truth if truth.is_file() and _truth_covers(truth, layout, splits_path) else None
     if truth_path is None:
         context.log.info("no simulator truth for these cases: the table has no Bayes ceiling row")
+    ablations = config.ablations
+    if ENGLISH_NOTE in ablations and (
+        truth_path is None or ENGLISH_NOTE_COLUMN not in pl.read_parquet_schema(truth_path)
+    ):
+        context.log.info("no note-in-English rows: the cohort's simulator truth has no English notes")
+        ablations = [a for a in ablations if a != ENGLISH_NOTE]
     real_dir = real_records_dir(layout)
     real_records = real_dir if (real_dir / real_records_lib.SUMMARY_FILE).is_file() else None
     result = run_comparison(
@@ -262,7 +270,7 @@ def model_comparison(
         max_new_tokens=config.max_new_tokens or None,
         n_case_figures=config.n_case_figures,
         max_cases_per_split=config.max_cases_per_split or None,
-        ablations=config.ablations,
+        ablations=ablations,
         real_records=real_records,
     )
     provenance = dvc.record()
