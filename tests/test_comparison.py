@@ -81,15 +81,27 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def result(setup, tmp_path_factory) -> Comparison:
+def compare(
+    setup: dict[str, Path], out: Path, models: dict[str, Path] | None = None, **options
+) -> Comparison:
+    """:func:`run_comparison` of the setup's cohort (default: its untrained model as "SFT")."""
     return run_comparison(
-        {"GRPO": setup["stage"], "SFT": setup["model"]},
+        models or {"SFT": setup["model"]},
         setup["profile"],
         setup["cohort"],
         setup["splits"],
         setup["images"],
+        out,
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def result(setup, tmp_path_factory) -> Comparison:
+    return compare(
+        setup,
         tmp_path_factory.mktemp("out"),
+        {"GRPO": setup["stage"], "SFT": setup["model"]},
         truth_path=setup["truth"],
         n_boot=N_BOOT,
         max_new_tokens=8,
@@ -205,12 +217,8 @@ class TestRunComparison:
             )
         )
         baselines.save(tmp_path / "baselines")
-        out = run_comparison(
-            {"SFT": setup["model"]},
-            setup["profile"],
-            setup["cohort"],
-            setup["splits"],
-            setup["images"],
+        out = compare(
+            setup,
             tmp_path / "out",
             baselines_dir=tmp_path / "baselines",
             n_boot=0,
@@ -233,12 +241,8 @@ class TestRunComparison:
         partial = pl.read_parquet(setup["truth"]).head(3)
         partial.write_parquet(tmp_path / "truth.parquet")
         with pytest.raises(ValueError, match="not in the truth table"):
-            run_comparison(
-                {"SFT": setup["model"]},
-                setup["profile"],
-                setup["cohort"],
-                setup["splits"],
-                setup["images"],
+            compare(
+                setup,
                 tmp_path / "out",
                 truth_path=tmp_path / "truth.parquet",
                 n_boot=0,
@@ -398,12 +402,8 @@ class TestAblations:
                 assert len(pages) == cases.height  # every case its own ECG
 
     def test_rows_and_self_pairs_for_every_model(self, setup, tmp_path):
-        result = run_comparison(
-            {"SFT": setup["model"]},
-            setup["profile"],
-            setup["cohort"],
-            setup["splits"],
-            setup["images"],
+        result = compare(
+            setup,
             tmp_path,
             n_boot=N_BOOT,
             max_new_tokens=8,
@@ -432,12 +432,8 @@ class TestAblations:
             .alias("note_english"),
         )
         truth.write_parquet(tmp_path / "truth.parquet")
-        result = run_comparison(
-            {"SFT": setup["model"]},
-            setup["profile"],
-            setup["cohort"],
-            setup["splits"],
-            setup["images"],
+        result = compare(
+            setup,
             tmp_path / "out",
             truth_path=tmp_path / "truth.parquet",
             n_boot=N_BOOT,
@@ -451,26 +447,9 @@ class TestAblations:
         assert ("SFT", "SFT (note in English)") in {(p.a, p.b) for p in result.paired}
         assert "| SFT (note in English) | cross-hospital |" in result.table
         with pytest.raises(ValueError, match="needs the simulator's truth.parquet"):
-            run_comparison(
-                {"SFT": setup["model"]},
-                setup["profile"],
-                setup["cohort"],
-                setup["splits"],
-                setup["images"],
-                tmp_path / "none",
-                ablations=["english_note"],
-            )
+            compare(setup, tmp_path / "none", ablations=["english_note"])
         with pytest.raises(ValueError, match="no note_english column"):
-            run_comparison(
-                {"SFT": setup["model"]},
-                setup["profile"],
-                setup["cohort"],
-                setup["splits"],
-                setup["images"],
-                tmp_path / "old",
-                truth_path=setup["truth"],
-                ablations=["english_note"],
-            )
+            compare(setup, tmp_path / "old", truth_path=setup["truth"], ablations=["english_note"])
 
     def test_english_note_cases_replace_the_notes_of_whole_splits(self):
         from ecg_r1.evaluation.predictions import english_note_cases
@@ -492,12 +471,8 @@ class TestAblations:
 
     def test_unknown_ablation_is_refused(self, setup, tmp_path):
         with pytest.raises(ValueError, match="unknown ablations"):
-            run_comparison(
-                {"SFT": setup["model"]},
-                setup["profile"],
-                setup["cohort"],
-                setup["splits"],
-                setup["images"],
+            compare(
+                setup,
                 tmp_path,
                 ablations=["ecg"],
             )
