@@ -217,6 +217,11 @@ def _note_shifts(
     return {split: note_shift(training_notes, part["note"].to_list()) for split, part in by_split.items()}
 
 
+def has_english_notes(truth_path: str | Path | None) -> bool:
+    """Whether a simulator truth table holds each note in English (older simulations do not)."""
+    return truth_path is not None and ENGLISH_NOTE_COLUMN in pl.read_parquet_schema(truth_path)
+
+
 def with_english_notes(cases: pl.DataFrame, truth_path: str | Path | None) -> pl.DataFrame:
     """The cases with the simulator truth's ``note_english`` (for the english_note ablation).
 
@@ -228,8 +233,7 @@ def with_english_notes(cases: pl.DataFrame, truth_path: str | Path | None) -> pl
             "the english_note ablation needs the simulator's truth.parquet (--truth); "
             "a cohort that was not simulated has no English version of its notes"
         )
-    columns = pl.read_parquet_schema(truth_path)
-    if ENGLISH_NOTE_COLUMN not in columns:
+    if not has_english_notes(truth_path):
         raise ValueError(
             f"{truth_path} has no {ENGLISH_NOTE_COLUMN} column (simulated by an older version); "
             "simulate the cohort again or drop the english_note ablation"

@@ -203,8 +203,8 @@ def predict_models(
 
     Row ``"<name>"`` is the model as trained, ``"<name> (no ECG)"`` / ``"<name> (no note)"`` the
     same model with that input taken away, ``"<name> (note in English)"`` on the splits with a
-    note in another language (left out where there is none). Each row's answers, split and raw completions are
-    written to ``predictions/<row>.parquet`` under ``out_dir``.
+    note in another language (left out where there is none). Each row's answers, split and raw
+    completions are written to ``predictions/<row>.parquet`` under ``out_dir``.
 
     Args:
         model_dirs: row name -> model folder, in table order.

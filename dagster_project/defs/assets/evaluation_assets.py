@@ -28,7 +28,7 @@ from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResour
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation import registry
-from ecg_r1.evaluation.cases import ENGLISH_NOTE_COLUMN, add_features, evaluation_cases
+from ecg_r1.evaluation.cases import add_features, evaluation_cases, has_english_notes
 from ecg_r1.evaluation.comparison import run_comparison
 from ecg_r1.evaluation.outputs import read_metrics, slug
 from ecg_r1.evaluation.predictions import ABLATIONS, ENGLISH_NOTE, RESULT_FILE
@@ -247,9 +247,7 @@ def model_comparison(
     if truth_path is None:
         context.log.info("no simulator truth for these cases: the table has no Bayes ceiling row")
     ablations = config.ablations
-    if ENGLISH_NOTE in ablations and (
-        truth_path is None or ENGLISH_NOTE_COLUMN not in pl.read_parquet_schema(truth_path)
-    ):
+    if ENGLISH_NOTE in ablations and not has_english_notes(truth_path):
         context.log.info("no note-in-English rows: the cohort's simulator truth has no English notes")
         ablations = [a for a in ablations if a != ENGLISH_NOTE]
     real_dir = real_records_dir(layout)
