@@ -112,10 +112,10 @@ def _chunk(args: tuple[Path, HospitalProfile, int, int, int, int]) -> tuple[list
     cases = truth.draw_cases(rng, size, mix, profile.age_shift, profile.missing_rate)
     params = ecg_parameters(rng, cases.ecg, cases.age, cases.male)
     signals, _ = record(rng, params, profile)
-    written = write_notes(rng, (profile.note_style, ENGLISH_STYLE), cases.age, cases.male, cases.stated)
-    notes = written[profile.note_style]
-    # The same note in the training hospitals' language (its own note where it is in English).
-    english = notes if note_language(profile.note_style) == "en" else written[ENGLISH_STYLE]
+    # The same note in the training hospitals' language: its own note where it is in English.
+    english_style = profile.note_style if note_language(profile.note_style) == "en" else ENGLISH_STYLE
+    written = write_notes(rng, (profile.note_style, english_style), cases.age, cases.male, cases.stated)
+    notes, english = written[profile.note_style], written[english_style]
     post = truth.posterior_ischemic(cases, mix, profile.age_shift)
     post_ecg = truth.posterior_ischemic(cases, mix, profile.age_shift, use_text=False)
     post_text = truth.posterior_ischemic(cases, mix, profile.age_shift, use_ecg=False)
