@@ -221,6 +221,8 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     assert comparison["grpo_test_external_valid_rate"].value == 0.0
     for split in ("test_internal", "test_external"):
         assert 0.0 <= comparison[f"note_words_unseen_{split}"].value <= 1.0
+        # make_cohort's two hospitals write the same notes: none unreadable.
+        assert comparison[f"notes_unreadable_{split}"].value == 0.0
     assert "Note words the models never saw" in table
     assert comparison["plot_confusion_matrices"].value.startswith(
         "![confusion_matrices.png](data:image/png;base64,"

@@ -35,6 +35,7 @@ def test_a_note_in_another_language_is_counted_word_by_word():
     assert shift.words == 7 + 2
     assert shift.unseen_words == pytest.approx(5 / 9)
     assert shift.notes_with_unseen == pytest.approx(1 / 2)
+    assert shift.unreadable_notes == pytest.approx(1 / 2)  # 5 of the German note's 7 words are unseen
     assert set(shift.examples) == {"jähriger", "patient", "risikofaktoren", "kein", "kalium"}
 
 
@@ -46,16 +47,17 @@ def test_examples_are_the_most_frequent_unseen_words_first():
 
 def test_a_split_without_note_words_reads_zero():
     shift = note_shift(TRAINING, [None, "", "4.5 / 3"])
-    assert (shift.notes, shift.words, shift.unseen_words, shift.notes_with_unseen) == (0, 0, 0.0, 0.0)
+    assert (shift.notes, shift.words) == (0, 0)
+    assert shift.unseen_words == shift.notes_with_unseen == shift.unreadable_notes == 0.0
 
 
 def test_the_markdown_names_each_split_and_its_shares():
     text = note_shift_markdown(
         {
             "test_internal": note_shift(TRAINING, ["never smoked"]),
-            "test_external": note_shift(TRAINING, ["kein Diabetes"]),
+            "test_external": note_shift(TRAINING, ["kein Diabetes", "kein Diabetes bekannt"]),
         }
     )
-    assert "| internal test | 1 | 2 | 0.0% | 0.0% | — |" in text
-    assert "| cross-hospital | 1 | 2 | 50.0% | 100.0% | kein |" in text
+    assert "| internal test | 1 | 2 | 0.0% | 0.0% | 0.0% | — |" in text
+    assert "| cross-hospital | 2 | 5 | 60.0% | 100.0% | 50.0% | kein, bekannt |" in text
     assert note_shift_markdown({}) == ""

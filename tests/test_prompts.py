@@ -14,6 +14,7 @@ from ecg_r1.modeling.prompts import (
     completion_text,
     format_leads,
     format_target,
+    is_unreadable,
     leads_in_text,
     mark_unseen_words,
     note_vocabulary,
@@ -142,12 +143,25 @@ class TestBuildPrompt:
     def test_note_words_outside_the_vocabulary_are_marked_and_the_rest_kept(self):
         vocabulary = note_vocabulary(["Chest pain, no diabetes. K+ 4.1 mmol/L", None])
         assert vocabulary == {"chest", "pain", "no", "diabetes", "mmol"}
-        german = "69-jähriger Patient mit Brustschmerz; kein Diabetes. K+ 4,7 mmol/l."
-        assert mark_unseen_words(german, vocabulary) == "69-? ? ? ?; ? Diabetes. K+ 4,7 mmol/l."
+        mixed = "Chest pain at rest, no diabetes. K+ 4,7 mmol/l."  # 2 of 7 words unseen
+        assert mark_unseen_words(mixed, vocabulary) == "Chest pain ? ?, no diabetes. K+ 4,7 mmol/l."
         assert mark_unseen_words("Chest PAIN", vocabulary) == "Chest PAIN"  # case-blind match
         assert mark_unseen_words("no pain", frozenset()) == "? ?"  # the training form of an unreadable note
         assert mark_unseen_words(None, vocabulary) is None and mark_unseen_words("", vocabulary) == ""
         assert note_words("Troponin 5 ng/L (K+ 4,1)") == ["troponin", "ng"]
+
+    def test_a_note_with_most_of_its_words_unseen_is_marked_whole(self):
+        vocabulary = note_vocabulary(["Chest pain, no diabetes. K+ 4.1 mmol/L"])
+        german = "69-jähriger Patient mit Brustschmerz; kein Diabetes. K+ 4,7 mmol/l."  # 5 of 7 unseen
+        assert is_unreadable(german, vocabulary)
+        # The words it shares with the training notes are marked too: the scrambled training form.
+        assert mark_unseen_words(german, vocabulary) == "69-? ? ? ?; ? ?. K+ 4,7 ?/l."
+        assert mark_unseen_words(german, vocabulary) == mark_unseen_words(german, frozenset())
+        # Half unseen is still read.
+        assert not is_unreadable("chest kein", vocabulary)
+        assert mark_unseen_words("chest kein", vocabulary) == "chest ?"
+        assert mark_unseen_words("chest kein schmerz", vocabulary) == "? ? ?"
+        assert not is_unreadable(None, vocabulary) and not is_unreadable("4,5 / 3", vocabulary)
 
     def test_sft_messages_end_with_the_target(self):
         target = format_target(True, "x")

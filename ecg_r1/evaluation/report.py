@@ -144,18 +144,20 @@ def note_shift_markdown(shift: Mapping[str, NoteShift]) -> str:
         return ""
     lines = [
         "\n## Note words the models never saw\n",
-        "| Split | notes | words | unseen words | notes with one | most frequent unseen |",
-        "|---|---:|---:|---:|---:|---|",
+        "| Split | notes | words | unseen words | notes with one | unreadable notes | most frequent unseen |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for split, s in shift.items():
         lines.append(
             f"| {SPLIT_TITLES.get(split, split)} | {s.notes} | {s.words} | {s.unseen_words:.1%} "
-            f"| {s.notes_with_unseen:.1%} | {', '.join(s.examples) or '—'} |"
+            f"| {s.notes_with_unseen:.1%} | {s.unreadable_notes:.1%} | {', '.join(s.examples) or '—'} |"
         )
     lines.append(
         "\nA word no training note holds is one the models learned nothing about: where many are "
         "unseen (another language, another hospital's shorthand), the split's accuracy measures the "
-        "language as much as the ECG; its no-note row shows how much the note then costs."
+        "language as much as the ECG; its no-note row shows how much the note then costs. A note with "
+        "most of its words unseen is unreadable: with `model.unseen_note_words: mark` the models see "
+        "it with every word as `?`, as they saw their scrambled training notes."
     )
     return "\n".join(lines) + "\n"
 

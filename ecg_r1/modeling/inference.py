@@ -50,7 +50,8 @@ def prompt_texts(processor: Any, examples: Sequence[Mapping[str, Any]]) -> list[
     The page sits where the profile the processor was loaded with puts it
     (``processor.image_position``, set by :func:`ecg_r1.modeling.processor.load_processor`); with
     ``unseen_note_words: mark`` each note word outside the model's training vocabulary
-    (``processor.note_vocabulary``, which SFT and GRPO leave in the folder) is shown as ``?``; a
+    (``processor.note_vocabulary``, which SFT and GRPO leave in the folder) is shown as ``?``, and
+    every word of a note with most of its words outside it (:func:`mark_unseen_words`); a
     folder without one (a base or vision-only model) gets its notes as written, with a warning.
     """
     position = getattr(processor, "image_position", "first")

@@ -139,8 +139,9 @@ class Profile:
         image_position: where the page sits in the prompt
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`); the processor carries it to inference.
         unseen_note_words: ``keep`` | ``mark`` (:data:`ecg_r1.modeling.prompts.UNSEEN_NOTE_WORDS`):
-            show note words no training note holds as written, or as ``?``; a trained model
-            folder carries its training notes' vocabulary for that.
+            show note words no training note holds as written, or as ``?`` (every word of a
+            note with most of its words unseen); a trained model folder carries its training
+            notes' vocabulary for that.
         image_min_pixels, image_max_pixels: ``Qwen2VLImageProcessor`` bounds; they cap the
             number of image tokens (pixels / 28**2).
         tiny: architecture of the tiny model; None for other profiles.

@@ -220,6 +220,11 @@ _NOTE_WORD_RE = re.compile(r"[^\W\d_]{2,}")
 # show that form exactly (``note_scramble`` then marks every word of the note).
 UNSEEN_NOTE_WORDS: tuple[str, ...] = ("keep", "mark")
 UNSEEN_WORD = "?"
+# A note with more than this share of its words unseen is shown with every word marked, the form
+# of a scrambled training note: the few words a foreign note shares with the training notes
+# ("Diabetes", "PCI", "normal" in a German one) read out of their context turned the tiny models'
+# answers to "No" at the held-out hospital (README, "Which recipe works", the unreadable-note gate).
+UNREADABLE_NOTE_SHARE = 0.5
 
 
 def note_words(note: str | None) -> list[str]:
@@ -232,14 +237,24 @@ def note_vocabulary(notes: Iterable[str | None]) -> frozenset[str]:
     return frozenset(word for note in notes for word in note_words(note))
 
 
+def is_unreadable(note: str | None, vocabulary: frozenset[str] | set[str]) -> bool:
+    """Whether more than :data:`UNREADABLE_NOTE_SHARE` of the note's words are outside ``vocabulary``
+    (a note without words is not)."""
+    words = note_words(note)
+    return sum(word not in vocabulary for word in words) > UNREADABLE_NOTE_SHARE * len(words)
+
+
 def mark_unseen_words(note: str | None, vocabulary: frozenset[str] | set[str]) -> str | None:
-    """The note with each word outside ``vocabulary`` replaced by :data:`UNSEEN_WORD`.
+    """The note with each word outside ``vocabulary`` replaced by :data:`UNSEEN_WORD`, and every
+    word replaced when the note :func:`is_unreadable`.
 
     Numbers, punctuation, single letters and layout are kept. With an empty vocabulary every word
     is marked: the training form of a note the model cannot read.
     """
     if not note:
         return note
+    if is_unreadable(note, vocabulary):
+        vocabulary = frozenset()
     return _NOTE_WORD_RE.sub(lambda m: m.group(0) if m.group(0).lower() in vocabulary else UNSEEN_WORD, note)
 
 

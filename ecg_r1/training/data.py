@@ -194,7 +194,7 @@ class PromptOptions:
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
         unseen_note_words: the profile's ``model.unseen_note_words``. With ``mark`` a scrambled
             case is shown its note with every word marked (``?``), the form inference gives a note
-            in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
+            mostly in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
             the training notes themselves have no unseen word.
     """
 

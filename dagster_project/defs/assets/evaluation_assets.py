@@ -303,6 +303,7 @@ def model_comparison(
             metadata[f"{key}_n"] = m.n
     for split, shift in result.note_shift.items():
         metadata[f"note_words_unseen_{split}"] = dg.MetadataValue.float(shift.unseen_words)
+        metadata[f"notes_unreadable_{split}"] = dg.MetadataValue.float(shift.unreadable_notes)
     for key, path in result.plots.items():
         metadata[f"plot_{key}"] = dg.MetadataValue.md(_inline_png(path))
     return dg.MaterializeResult(metadata=metadata)
