@@ -401,6 +401,10 @@ class TestAblations:
             else:
                 assert len(pages) == cases.height  # every case its own ECG
 
+        # The English notes are other cases, not an input taken away: predict_models passes them.
+        with pytest.raises(ValueError, match="english_note_cases"):
+            predict_cases(setup["model"], setup["profile"], cases, ablation="english_note")
+
     def test_rows_and_self_pairs_for_every_model(self, setup, tmp_path):
         result = compare(
             setup,

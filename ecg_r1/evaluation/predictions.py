@@ -57,9 +57,9 @@ def predict_cases(
         max_new_tokens: completion cap; None: the profile's GRPO ``max_completion_length``.
         name: the row name (default: the folder name).
         progress: show a tqdm progress bar.
-        ablation: None, or a key of :data:`ABLATIONS`: ``"image"`` shows every case the same page
-            with flat traces instead of its ECG, ``"note"`` shows no clinical note,
-            ``"english_note"`` the cases of :func:`english_note_cases` with their English notes.
+        ablation: None, or the input taken away: ``"image"`` shows every case the same page with
+            flat traces instead of its ECG, ``"note"`` shows no clinical note. (The
+            ``"english_note"`` rows are answers on :func:`english_note_cases`, with none taken away.)
 
     Returns:
         ``(predictions, completions)``: answers (None where the completion broke the output
@@ -75,10 +75,11 @@ def predict_cases(
     from ecg_r1.modeling.prompts import parse_completion
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    if ablation is not None and ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
-    if ablation == ENGLISH_NOTE:
-        cases = english_note_cases(cases)
+    if ablation not in (None, "image", "note"):
+        raise ValueError(
+            f"predict_cases takes away the image or the note, not {ablation!r}; for english_note "
+            "pass english_note_cases(cases) with no ablation"
+        )
     if max_new_tokens is None:
         max_new_tokens = profile.max_completion_length
     model, processor = load_model_and_processor(model_dir, profile)
@@ -217,22 +218,23 @@ def predict_models(
     predictions: dict[str, Predictions] = {}
     ablated: dict[str, tuple[str, str]] = {}
     files: dict[str, Path] = {}
+    english_cases = english_note_cases(cases) if ENGLISH_NOTE in ablations else None
     for name, model_dir in model_dirs.items():
         for ablation in (None, *ablations):
             row = name if ablation is None else f"{name} ({ABLATIONS[ablation]})"
-            shown = english_note_cases(cases) if ablation == ENGLISH_NOTE else cases
+            shown = english_cases if ablation == ENGLISH_NOTE else cases
             if shown.height == 0:
                 logger.info("%s left out: every evaluated note is already in English", row)
                 continue
             preds, completions = predict_cases(
                 model_dir,
                 profile,
-                cases,
+                shown,
                 batch_size,
                 max_new_tokens,
                 name=row,
                 progress=progress,
-                ablation=ablation,
+                ablation=None if ablation == ENGLISH_NOTE else ablation,
             )
             predictions[row] = preds
             if ablation is not None:
