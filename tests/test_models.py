@@ -116,7 +116,7 @@ class TestLoadProfile:
             load_profile(write_profile(tmp_path, image__position="last"))
         with pytest.raises(ProfileError, match="model.unseen_note_words 'drop' is not one of keep, mark"):
             load_profile(write_profile(tmp_path, model__unseen_note_words="drop"))
-        assert load_profile("smol").unseen_note_words == "keep"  # the default where a profile is silent
+        assert load_profile("qwen2-vl-2b").unseen_note_words == "keep"  # the default where a profile is silent
 
     def test_generations_must_divide_the_batch(self, tmp_path):
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))

@@ -44,7 +44,7 @@ class TestProfile:
         assert profile.source in pretrained.LANGUAGE_MODELS and profile.builds_here
         assert not profile.is_tiny and profile.tiny is None
         assert profile.vision["embed_dim"] % profile.vision["num_heads"] == 0
-        assert image_tokens(profile) == 192  # 448 x 346 page -> 448 x 336 -> 16 x 12 tokens
+        assert image_tokens(profile) == 48  # 224 x 173 page -> 224 x 168 -> 8 x 6 tokens
 
     def test_trainer_configs_validate_on_cpu(self, tmp_path):
         from trl import GRPOConfig, SFTConfig
@@ -152,7 +152,7 @@ class TestConversion:
         profile = load_profile("smol")
         info = json.loads((smol_dir / MODEL_INFO_FILE).read_text())
         assert info["source"] == "smollm2-135m" and info["language_layers"] == LAYERS
-        assert info["image_tokens"] == 192 and (smol_dir / "model.safetensors").is_file()
+        assert info["image_tokens"] == 48 and (smol_dir / "model.safetensors").is_file()
         text = processor.apply_chat_template(
             build_multimodal_prompt(63, "F", "chest pain, troponin 0.4"), add_generation_prompt=True
         )
@@ -160,7 +160,7 @@ class TestConversion:
         signal = np.random.default_rng(0).normal(0, 0.2, (12, 5000)).astype(np.float32)
         page = render_page(signal, profile.render_config()).convert("RGB")
         inputs = processor(text=[text], images=[page], return_tensors="pt")
-        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 192
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 48
         with torch.no_grad():
             logits = model(**inputs).logits
         assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
