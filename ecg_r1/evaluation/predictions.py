@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # answered on the splits holding such a note: what the held-out hospital's language costs.
 ABLATIONS: dict[str, str] = {"image": "no ECG", "note": "no note", "english_note": "note in English"}
 ENGLISH_NOTE = "english_note"
+INPUTS_TAKEN_AWAY = tuple(key for key in ABLATIONS if key != ENGLISH_NOTE)  # what predict_cases removes
 RESULT_FILE = "result.json"  # a training stage's StageResult (ecg_r1.training.stages)
 
 
@@ -75,9 +76,9 @@ def predict_cases(
     from ecg_r1.modeling.prompts import parse_completion
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    if ablation not in (None, "image", "note"):
+    if ablation is not None and ablation not in INPUTS_TAKEN_AWAY:
         raise ValueError(
-            f"predict_cases takes away the image or the note, not {ablation!r}; for english_note "
+            f"predict_cases takes away one of {', '.join(INPUTS_TAKEN_AWAY)}, not {ablation!r}; for english_note "
             "pass english_note_cases(cases) with no ablation"
         )
     if max_new_tokens is None:
