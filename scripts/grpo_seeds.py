@@ -58,6 +58,8 @@ def main() -> None:
     if (args.sft_from is None) == bool(args.sft_seeds):
         parser.error("--sft-seeds goes with --sft-from, and --sft-from needs --sft-seeds")
     cases = evaluation_cases(*data.values(), list(EVAL_SPLITS))
+    # untracked: nothing is logged or registered in MLflow
+    untracked = {"tracking": False, "resume": False, "progress": True, **data}
     rows = []
     for sft_seed in args.sft_seeds or [None]:
         if sft_seed is None:
@@ -69,11 +71,8 @@ def main() -> None:
                 out_dir=args.out / f"sft_seed{sft_seed}",
                 seed=sft_seed,
                 max_steps=args.sft_max_steps,
-                tracking=False,
                 register=False,
-                resume=False,
-                progress=True,
-                **data,
+                **untracked,
             )
             start_dir, tag = Path(sft.model_dir), f"sft_seed{sft_seed}_"
         start, _ = predict_cases(start_dir, args.profile, cases, batch_size=32, name="start")
@@ -84,10 +83,7 @@ def main() -> None:
                 out_dir=args.out / f"{tag}grpo_seed{seed}",
                 seed=seed,
                 max_steps=args.max_steps,
-                tracking=False,
-                resume=False,
-                progress=True,
-                **data,
+                **untracked,
             )
             grpo, _ = predict_cases(result.model_dir, args.profile, cases, batch_size=32, name=f"seed {seed}")
             for split in EVAL_SPLITS:
