@@ -24,7 +24,6 @@ from ecg_r1.evaluation.evaluate import align, compare_paired
 from ecg_r1.evaluation.predictions import predict_cases
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.training import stages
-from ecg_r1.training.sft import run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +64,7 @@ def main() -> None:
         if sft_seed is None:
             start_dir, tag = args.start, ""
         else:
-            sft = run_sft(
+            sft = stages.run_sft(
                 args.profile,
                 args.sft_from,
                 out_dir=args.out / f"sft_seed{sft_seed}",
