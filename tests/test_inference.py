@@ -32,6 +32,23 @@ def loaded(model_dir, small_profile_path):
     return load_model_and_processor(model_dir, load_profile(small_profile_path))
 
 
+@pytest.fixture(scope="module")
+def single_token_loaded(small_profile_path, tmp_path_factory):
+    """The small model with the tiny profile's vocabulary size: ``Yes`` and ``No`` are one token
+    each (with the small vocabulary they are several)."""
+    import yaml
+
+    raw = yaml.safe_load(small_profile_path.read_text())
+    tiny = yaml.safe_load(load_profile("tiny").path.read_text())
+    raw["model"]["tiny"]["tokenizer"] = tiny["model"]["tiny"]["tokenizer"]
+    folder = tmp_path_factory.mktemp("single_token")
+    (folder / "profile.yaml").write_text(yaml.safe_dump(raw))
+    profile = load_profile(folder / "profile.yaml")
+    return load_model_and_processor(
+        build_base_model(profile, corpus_from_cases(CASES), folder / "base"), profile
+    )
+
+
 def page(seed: int):
     from ecg_r1.imaging.draw import render_page
 
@@ -82,8 +99,13 @@ class TestForcedAnswerPrefix:
 
 
 class TestAnswerProbability:
-    def test_equals_the_answer_words_probability_from_an_unpadded_pass(self, loaded, examples):
-        model, processor = loaded
+    @pytest.mark.parametrize("tokens_per_word", ["several", "one"])
+    def test_equals_the_answer_words_probability_from_an_unpadded_pass(
+        self, request, tokens_per_word, examples
+    ):
+        model, processor = request.getfixturevalue(
+            "loaded" if tokens_per_word == "several" else "single_token_loaded"
+        )
         completions = ["<think>TWI in V2</think><answer>Yes</answer>", "garbled", "<think>a"]
         probabilities = inference.answer_probability(model, processor, examples, completions, batch_size=2)
         assert probabilities.shape == (3,) and ((probabilities > 0) & (probabilities < 1)).all()
@@ -104,6 +126,30 @@ class TestAnswerProbability:
                 scores.append(sum(logprobs[t - 1, ids[t]].item() for t in positions))
             expected = 1 / (1 + np.exp(scores[1] - scores[0]))
             assert probability == pytest.approx(expected, abs=1e-5)
+
+    @pytest.mark.parametrize("fixture,passes", [("single_token_loaded", 1), ("loaded", 2)])
+    def test_one_pass_at_the_answer_position_where_each_word_is_one_token(
+        self, request, fixture, passes, examples, monkeypatch
+    ):
+        model, processor = request.getfixturevalue(fixture)
+        completions = ["<think>TWI in V2</think><answer>Yes</answer>", "garbled", "<think>a"]
+        prefix = inference.prompt_texts(processor, examples[:1])[0] + inference.forced_answer_prefix(
+            completions[0]
+        )
+        assert (inference.answer_token_ids(processor.tokenizer, prefix) is not None) == (passes == 1)
+        rows = []
+        hook = model.register_forward_pre_hook(
+            lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
+        try:
+            scored = inference.answer_probability(model, processor, examples, completions, batch_size=8)
+        finally:
+            hook.remove()
+        assert rows == [passes * len(examples)]  # one forward pass, one or two rows an example
+        # Where each word is one token, reading both at the prefix's end equals scoring both words.
+        monkeypatch.setattr(inference, "answer_token_ids", lambda tokenizer, prefix: None)
+        both = inference.answer_probability(model, processor, examples, completions, batch_size=8)
+        np.testing.assert_allclose(scored, both, atol=1e-5)
 
     def test_follows_a_model_taught_to_answer_yes(self, model_dir, small_profile_path, examples):
         model, processor = load_model_and_processor(model_dir, load_profile(small_profile_path))

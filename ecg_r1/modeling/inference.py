@@ -210,6 +210,10 @@ def answer_probability(
     probability (their reasoning is forced into the contract's shape), so AUROC covers every
     case; the evaluation reports the invalid rate separately.
 
+    Where each answer word is one token after the prefix (:func:`answer_token_ids`), one pass over
+    the prefix reads both from its last position: the same numbers as teacher-forcing the two
+    continuations, for half the forward passes. Other examples score the two continuations.
+
     Args:
         model, processor: as for :func:`generate`.
         examples: mappings with ``image``, ``age``, ``sex``, ``note``.
@@ -233,28 +237,60 @@ def answer_probability(
         )
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions for {len(examples)} examples; pass one per example")
-    prompts = prompt_texts(processor, examples)
+    prefixes = [
+        prompt + forced_answer_prefix(completion)
+        for prompt, completion in zip(prompt_texts(processor, examples), completions, strict=True)
+    ]
+    token_ids = [answer_token_ids(processor.tokenizer, prefix) for prefix in prefixes]
+    one_pass = [i for i, ids in enumerate(token_ids) if ids is not None]
+    two_pass = [i for i, ids in enumerate(token_ids) if ids is None]
     probabilities = np.empty(len(examples), dtype=np.float64)
     was_training = model.training
     model.eval()
     try:
         with _padding_side(processor, "left"), torch.inference_mode():
-            for part in _batches(len(examples), batch_size):
+            for part in _batches(len(one_pass), batch_size):
+                indices = one_pass[part]
+                inputs = _encode(
+                    processor,
+                    [prefixes[i] for i in indices],
+                    [examples[i]["image"] for i in indices],
+                    model.device,
+                )
+                # Left padding: every row's last position predicts the answer word.
+                logprobs = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), dim=-1)
+                for row, index in enumerate(indices):
+                    yes_id, no_id = token_ids[index]
+                    lp_yes, lp_no = float(logprobs[row, yes_id]), float(logprobs[row, no_id])
+                    probabilities[index] = 1.0 / (1.0 + math.exp(lp_no - lp_yes))
+            for part in _batches(len(two_pass), batch_size):
+                indices = two_pass[part]
                 texts, images = [], []
-                for prompt, completion, example in zip(
-                    prompts[part], completions[part], examples[part], strict=True
-                ):
-                    prefix = prompt + forced_answer_prefix(completion)
-                    texts.extend((prefix + YES, prefix + NO))
-                    images.extend((example["image"], example["image"]))
+                for index in indices:
+                    texts.extend((prefixes[index] + YES, prefixes[index] + NO))
+                    images.extend((examples[index]["image"], examples[index]["image"]))
                 inputs = _encode(processor, texts, images, model.device)
                 scores = _continuation_logprobs(model, inputs)
-                for offset, index in enumerate(range(part.start, part.stop)):
+                for offset, index in enumerate(indices):
                     lp_yes, lp_no = scores[2 * offset], scores[2 * offset + 1]
                     probabilities[index] = 1.0 / (1.0 + math.exp(lp_no - lp_yes))
     finally:
         model.train(was_training)
     return probabilities
+
+
+def answer_token_ids(tokenizer: Any, prefix: str) -> tuple[int, int] | None:
+    """The token ids of ``Yes`` and ``No`` when each is exactly one token appended to the tokens
+    of ``prefix`` (the prompt and :func:`forced_answer_prefix`), else None (a word split into
+    several tokens, or merged with the prefix's last token)."""
+    base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    ids = []
+    for word in (YES, NO):
+        tokens = tokenizer(prefix + word, add_special_tokens=False)["input_ids"]
+        if len(tokens) != len(base) + 1 or tokens[: len(base)] != base:
+            return None
+        ids.append(tokens[-1])
+    return ids[0], ids[1]
 
 
 def _continuation_logprobs(model: Any, inputs: dict[str, Any]) -> list[float]:
