@@ -1,11 +1,15 @@
 """How fast the comparison lets a model answer: cases per second of ``predict_cases`` (greedy
-generation + P(Yes)) on the tiny profile's model, by batch size; P(Yes) read in one pass at the
-answer position against teacher-forcing both answer words, side by side; and the cost of the
-bootstrap.
+generation + P(Yes)) by batch size; side by side, the three ways of getting the answers with
+P(Yes): generating and then teacher-forcing both answer words (the way before 2026-12-05),
+generating and then one pass at the answer position, and ``generate_and_score`` (P(Yes) read
+from the generation's own logits where the completion follows the contract); and the cost of
+the bootstrap.
 
-An untrained model never stops early, so every completion runs to the cap: the worst case.
+An untrained model never stops early and never writes the contract, so its completions run to
+the cap and its P(Yes) is teacher-forced: the worst case. ``--model`` measures a trained one.
 
     .venv/bin/python benchmarks/bench_comparison.py [--cases 32] [--max-new-tokens 48]
+    .venv/bin/python benchmarks/bench_comparison.py --profile smol --model FOLDER --max-new-tokens 16
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--profile", default="tiny")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a trained model folder of the profile (its completions follow the contract, so "
+        "generate_and_score reads P(Yes) from the generation); default: an untrained base model",
+    )
     args = parser.parse_args()
 
     import torch
@@ -54,7 +64,7 @@ def main() -> None:
                 {"record_id": str(i), "image_path": str(path), "age": 60.0, "sex": "F", "note": "chest pain"}
             )
         cases = pl.DataFrame(rows)
-        model = build_base_model(profile, corpus_from_cases(rows), root / "model")
+        model = args.model or build_base_model(profile, corpus_from_cases(rows), root / "model")
         print(f"profile {profile.name}, {args.cases} cases, completions of {args.max_new_tokens} tokens")
         for batch in (4, 8, 16):
             start = time.perf_counter()
@@ -62,7 +72,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             print(f"predict_cases batch {batch:2d}: {args.cases / seconds:6.2f} cases/s ({seconds:.1f} s)")
 
-        # P(Yes) of an answer-only completion, each way twice in turn (the faster run of each counts).
+        # Answers and P(Yes), each way twice in turn (the faster run of each counts).
         loaded, processor = load_model_and_processor(model, profile)
         examples = [
             {
@@ -73,29 +83,34 @@ def main() -> None:
             }
             for row in rows
         ]
-        completions = ["<think></think><answer>Yes</answer>"] * len(examples)
-        prefix = inference.prompt_texts(processor, examples[:1])[0] + inference.forced_answer_prefix(
-            completions[0]
-        )
-        single = inference.answer_token_ids(processor.tokenizer, prefix) is not None
-        print(f"answer words one token each: {'yes' if single else 'no (both ways score both words)'}")
+
+        def generate_then_force(one_pass: bool) -> None:
+            completions = inference.generate(loaded, processor, examples, args.max_new_tokens, batch_size=8)
+            with (
+                contextlib.nullcontext()
+                if one_pass
+                else mock.patch.object(inference, "answer_token_ids", return_value=None)
+            ):
+                inference.answer_probability(loaded, processor, examples, completions, batch_size=8)
+
         ways = {
-            "one pass at the answer position": contextlib.nullcontext(),
-            "both answer words teacher-forced": mock.patch.object(
-                inference, "answer_token_ids", return_value=None
+            "generate, then teacher-force both answer words": lambda: generate_then_force(one_pass=False),
+            "generate, then one pass at the answer position": lambda: generate_then_force(one_pass=True),
+            "generate_and_score (P(Yes) from the generation)": lambda: inference.generate_and_score(
+                loaded, processor, examples, args.max_new_tokens, batch_size=8
             ),
         }
         best = dict.fromkeys(ways, float("inf"))
         for _ in range(2):
-            for way, patch in ways.items():
-                with patch:
-                    start = time.perf_counter()
-                    inference.answer_probability(loaded, processor, examples, completions, batch_size=8)
-                    best[way] = min(best[way], time.perf_counter() - start)
+            for way, run in ways.items():
+                start = time.perf_counter()
+                run()
+                best[way] = min(best[way], time.perf_counter() - start)
+        completions, _ = inference.generate_and_score(loaded, processor, examples[:1], args.max_new_tokens)
+        print(f"answers with P(Yes), batch 8 (a completion: {completions[0]!r}):")
+        slowest = max(best.values())
         for way, seconds in best.items():
-            print(f"P(Yes), {way}: {args.cases / seconds:6.2f} cases/s ({seconds:.2f} s)")
-        one, both = best.values()
-        print(f"P(Yes): one pass is {both / one:.2f}x as fast as teacher-forcing both words")
+            print(f"  {way}: {args.cases / seconds:6.2f} cases/s ({seconds:.2f} s, {slowest / seconds:.2f}x)")
 
     y = rng.random(1000) < 0.4
     pred = list(rng.random(1000) < 0.5)

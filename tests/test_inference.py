@@ -33,9 +33,9 @@ def loaded(model_dir, small_profile_path):
 
 
 @pytest.fixture(scope="module")
-def single_token_loaded(small_profile_path, tmp_path_factory):
-    """The small model with the tiny profile's vocabulary size: ``Yes`` and ``No`` are one token
-    each (with the small vocabulary they are several)."""
+def single_token_model(small_profile_path, tmp_path_factory):
+    """The small model with the tiny profile's vocabulary size, where ``Yes`` and ``No`` are one
+    token each (with the small vocabulary they are several): its folder and profile."""
     import yaml
 
     raw = yaml.safe_load(small_profile_path.read_text())
@@ -44,9 +44,12 @@ def single_token_loaded(small_profile_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("single_token")
     (folder / "profile.yaml").write_text(yaml.safe_dump(raw))
     profile = load_profile(folder / "profile.yaml")
-    return load_model_and_processor(
-        build_base_model(profile, corpus_from_cases(CASES), folder / "base"), profile
-    )
+    return build_base_model(profile, corpus_from_cases(CASES), folder / "base"), profile
+
+
+@pytest.fixture
+def single_token_loaded(single_token_model):
+    return load_model_and_processor(*single_token_model)
 
 
 def page(seed: int):
@@ -96,6 +99,19 @@ class TestForcedAnswerPrefix:
     )
     def test_keeps_the_reasoning_and_ends_at_the_answer(self, completion, prefix):
         assert inference.forced_answer_prefix(completion) == prefix
+
+
+def teach(model, inputs, n_last: int, steps: int) -> None:
+    """Train on the last ``n_last`` tokens of every row (Adam, lr 1e-2): a small model learns
+    them in a few steps."""
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -n_last:] = inputs["input_ids"][:, -n_last:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
 
 
 class TestAnswerProbability:
@@ -151,6 +167,47 @@ class TestAnswerProbability:
         both = inference.answer_probability(model, processor, examples, completions, batch_size=8)
         np.testing.assert_allclose(scored, both, atol=1e-5)
 
+    @pytest.mark.parametrize("fixture", ["single_token_loaded", "loaded"])
+    def test_generate_and_score_equals_generating_then_teacher_forcing(self, request, fixture, examples):
+        model, processor = request.getfixturevalue(fixture)
+        completions, p_yes = inference.generate_and_score(
+            model, processor, examples, max_new_tokens=8, batch_size=2
+        )
+        assert completions == inference.generate(model, processor, examples, max_new_tokens=8, batch_size=2)
+        forced = inference.answer_probability(model, processor, examples, completions, batch_size=2)
+        np.testing.assert_allclose(p_yes, forced, atol=1e-5)
+
+    def test_a_completion_in_the_contract_is_scored_from_its_own_generation(
+        self, single_token_loaded, examples, monkeypatch
+    ):
+        model, processor = single_token_loaded
+        target = "<think></think><answer>Yes</answer>"
+        texts = [prompt + target for prompt in inference.prompt_texts(processor, examples)]
+        with inference._padding_side(processor, "left"):
+            inputs = processor(
+                text=texts,
+                images=[ex["image"].convert("RGB") for ex in examples],
+                return_tensors="pt",
+                padding=True,
+            )
+        teach(
+            model, inputs, len(processor.tokenizer(target, add_special_tokens=False)["input_ids"]), steps=40
+        )
+        forced_calls = []
+        teacher_forced = inference.answer_probability
+        monkeypatch.setattr(
+            inference,
+            "answer_probability",
+            lambda model, processor, examples, completions, **kw: (
+                forced_calls.append(len(examples))
+                or teacher_forced(model, processor, examples, completions, **kw)
+            ),
+        )
+        completions, p_yes = inference.generate_and_score(model, processor, examples, max_new_tokens=12)
+        assert all(completion.startswith(target) for completion in completions), completions
+        assert forced_calls == []  # every P(Yes) came from the generation
+        np.testing.assert_allclose(p_yes, teacher_forced(model, processor, examples, completions), atol=1e-5)
+
     def test_follows_a_model_taught_to_answer_yes(self, model_dir, small_profile_path, examples):
         model, processor = load_model_and_processor(model_dir, load_profile(small_profile_path))
         completion = "<think></think><answer>Yes</answer>"
@@ -161,15 +218,7 @@ class TestAnswerProbability:
             + YES
         )
         inputs = processor(text=[text], images=[examples[0]["image"].convert("RGB")], return_tensors="pt")
-        n_word = len(processor.tokenizer(YES, add_special_tokens=False)["input_ids"])
-        labels = torch.full_like(inputs["input_ids"], -100)
-        labels[0, -n_word:] = inputs["input_ids"][0, -n_word:]  # loss on the answer word only
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        model.train()
-        for _ in range(15):
-            optimizer.zero_grad()
-            model(**inputs, labels=labels).loss.backward()
-            optimizer.step()
+        teach(model, inputs, len(processor.tokenizer(YES, add_special_tokens=False)["input_ids"]), steps=15)
         after = inference.answer_probability(model, processor, examples, [completion] * 3)
         assert after[0] > 0.9 > before[0]
 

@@ -70,7 +70,7 @@ def predict_cases(
     """
     from PIL import Image
 
-    from ecg_r1.modeling.inference import answer_probability, generate
+    from ecg_r1.modeling.inference import generate_and_score
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.profiles import Profile, load_profile
     from ecg_r1.modeling.prompts import parse_completion
@@ -110,9 +110,8 @@ def predict_cases(
                 continue
             with Image.open(row["image_path"]) as image:
                 examples.append({**row, "image": image.convert("RGB")})
-        texts = generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        p_yes[start : start + len(batch)] = answer_probability(
-            model, processor, examples, completions=texts, batch_size=batch_size
+        texts, p_yes[start : start + len(batch)] = generate_and_score(
+            model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
         completions.extend(texts)
     parsed = [parse_completion(text) for text in completions]

@@ -129,10 +129,61 @@ def generate(
     Raises:
         ValueError: when an example has no image, or an argument is out of range.
     """
-    import torch
-
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    return _generate(model, processor, examples, max_new_tokens, temperature, batch_size, seed)[0]
+
+
+def generate_and_score(
+    model: Any,
+    processor: Any,
+    examples: Sequence[Mapping[str, Any]],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> tuple[list[str], np.ndarray]:
+    """Greedy completions (:func:`generate`) and P(Yes) (:func:`answer_probability`) of each example.
+
+    Where the greedy completion's tokens up to its answer are the tokens of
+    :func:`forced_answer_prefix` (as the tokenizer writes it after the prompt) and each answer word
+    is one token (:func:`answer_token_ids`), P(Yes) is read from the logits generation computed
+    at that position: the teacher-forced numbers without another pass. The other examples (a
+    broken format, several-token answer words) are teacher-forced.
+
+    Returns:
+        ``(completions, p_yes)``, in the order of ``examples``.
+
+    Raises:
+        ValueError: when an example has no image, or ``batch_size`` is below 1.
+    """
+    completions, read = _generate(
+        model, processor, examples, max_new_tokens, 0.0, batch_size, None, read_answers=True
+    )
+    p_yes = np.array([np.nan if value is None else value for value in read], dtype=np.float64)
+    rest = [i for i, value in enumerate(read) if value is None]
+    if rest:
+        p_yes[rest] = answer_probability(
+            model,
+            processor,
+            [examples[i] for i in rest],
+            [completions[i] for i in rest],
+            batch_size=batch_size,
+        )
+    return completions, p_yes
+
+
+def _generate(
+    model: Any,
+    processor: Any,
+    examples: Sequence[Mapping[str, Any]],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int | None,
+    read_answers: bool = False,
+) -> tuple[list[str], list[float | None]]:
+    """Completions, and with ``read_answers`` (greedy) P(Yes) where the generation's own logits give it."""
+    import torch
+
     _check_examples(examples)
     if seed is not None:
         torch.manual_seed(seed)
@@ -140,6 +191,7 @@ def generate(
     tokenizer = processor.tokenizer
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     outputs: list[str] = []
+    read: list[float | None] = []
     was_training = model.training
     model.eval()
     try:
@@ -155,13 +207,48 @@ def generate(
                     top_k=None,
                     top_p=None,
                     suppress_tokens=vision_token_ids(model.config),
+                    # The raw logits of every step (before the suppression above), to read P(Yes).
+                    return_dict_in_generate=read_answers,
+                    output_logits=read_answers,
                     **sampling,
                 )
-                new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-                outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+                sequences = generated.sequences if read_answers else generated
+                new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+                completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                outputs.extend(completions)
+                if read_answers:
+                    for row, (prompt, completion) in enumerate(zip(texts[part], completions, strict=True)):
+                        read.append(
+                            _answer_probability_from_generation(
+                                tokenizer, prompt, completion, new_tokens[row].tolist(), generated.logits, row
+                            )
+                        )
     finally:
         model.train(was_training)
-    return outputs
+    return outputs, read
+
+
+def _answer_probability_from_generation(
+    tokenizer: Any, prompt: str, completion: str, new_tokens: list[int], logits: Sequence[Any], row: int
+) -> float | None:
+    """P(Yes) from the logits of the generation step at the answer position, when the generated
+    tokens before it are exactly what teacher-forcing would feed (else None)."""
+    import torch
+
+    prefix = prompt + forced_answer_prefix(completion)
+    answer_ids = answer_token_ids(tokenizer, prefix)
+    if answer_ids is None:
+        return None
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    forced = prefix_ids[len(prompt_ids) :]
+    if prefix_ids[: len(prompt_ids)] != prompt_ids or len(forced) >= len(logits):
+        return None
+    if new_tokens[: len(forced)] != forced:
+        return None
+    logprobs = torch.log_softmax(logits[len(forced)][row].float(), dim=-1)
+    lp_yes, lp_no = float(logprobs[answer_ids[0]]), float(logprobs[answer_ids[1]])
+    return 1.0 / (1.0 + math.exp(lp_no - lp_yes))
 
 
 def forced_answer_prefix(completion: str) -> str:
@@ -232,9 +319,9 @@ def answer_probability(
 
     _check_examples(examples)
     if completions is None:
-        completions = generate(
+        return generate_and_score(
             model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
+        )[1]
     if len(completions) != len(examples):
         raise ValueError(f"{len(completions)} completions for {len(examples)} examples; pass one per example")
     prefixes = [
@@ -343,15 +430,14 @@ def predict(
         One mapping per example: ``completion`` (the raw text), ``valid`` (it follows the
         contract), ``reasoning`` (the think block; None when not valid), ``answer`` (``"Yes"``,
         ``"No"``, or None when not valid), ``problem`` (what broke the contract; None when
-        valid) and ``p_yes`` (:func:`answer_probability`, rounded to 4 places).
+        valid) and ``p_yes`` (:func:`generate_and_score`, rounded to 4 places).
 
     Raises:
         ValueError: when an example has no image.
     """
     from ecg_r1.modeling.prompts import parse_completion
 
-    completions = generate(model, processor, examples, max_new_tokens=max_new_tokens)
-    probabilities = answer_probability(model, processor, examples, completions=completions)
+    completions, probabilities = generate_and_score(model, processor, examples, max_new_tokens=max_new_tokens)
     results = []
     for completion, p_yes in zip(completions, probabilities, strict=True):
         parsed = parse_completion(completion)
