@@ -1,8 +1,9 @@
 """What the ``smol`` profile (SmolLM2-135M in Qwen2-VL) costs on this machine, at its page size.
 
 Builds the model folder from the installed wheel (timed), then, with the profile's LoRA settings:
-one training step's forward+backward on a batch of SFT sequences (page + prompt + target), the
-optimiser step, greedy generation of ``--new-tokens`` tokens for one prompt, and sampled
+one training step's forward+backward on a batch of SFT sequences (page + prompt + target; the model's own
+loss, and TRL's fused LM head scoring every position or the labelled ones only, float32 and bfloat16
+autocast), the optimiser step, greedy generation of ``--new-tokens`` tokens for one prompt, and sampled
 generation of GRPO's ``num_generations`` completions; and the peak memory. Each timing is the
 median of ``--repeats`` runs after one untimed run (lazy initialisation). Generation is forced to
 the full length (``min_new_tokens``): a model that stops early costs less.
@@ -49,6 +50,7 @@ def main() -> None:
     import numpy as np
     import torch
     from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
 
     from ecg_r1.imaging.draw import render_page
     from ecg_r1.modeling.models import load_model_and_processor
@@ -56,6 +58,7 @@ def main() -> None:
     from ecg_r1.modeling.processor import image_tokens
     from ecg_r1.modeling.profiles import load_profile, lora_config
     from ecg_r1.modeling.prompts import build_multimodal_prompt, build_sft_messages, format_target
+    from ecg_r1.training.runner import score_labelled_positions_only
 
     torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
@@ -83,15 +86,23 @@ def main() -> None:
     target = format_target(True, "T-wave inversion in V1-V4 (anterior).")
     text = processor.apply_chat_template(build_sft_messages(63, "F", note, target))
     inputs = processor(text=[text] * batch, images=[page] * batch, return_tensors="pt")
+    # SFT's completion-only loss: the prompt's positions carry no label.
+    prompt_only = processor.apply_chat_template(
+        build_multimodal_prompt(63, "F", note), add_generation_prompt=True
+    )
+    prompt_tokens = processor(text=[prompt_only], images=[page], return_tensors="pt")["input_ids"].shape[1]
     inputs["labels"] = inputs["input_ids"].clone()
+    inputs["labels"][:, :prompt_tokens] = -100
     figures.update(
         image_px=f"{page.width}x{page.height}",
         image_tokens=image_tokens(profile),
         sequence_tokens=int(inputs["input_ids"].shape[1]),
         target_tokens=len(processor.tokenizer(target)["input_ids"]),
+        labelled_tokens=int((inputs["labels"][0] != -100).sum()),
         batch=batch,
     )
 
+    add_fused_lm_head(model)  # the LM head TRL's SFT and GRPO losses go through (before PEFT, as TRL does)
     if profile.lora.enabled:
         model = get_peft_model(model, lora_config(profile))
     model.train()
@@ -102,7 +113,35 @@ def main() -> None:
     def forward_backward() -> None:
         model(**inputs).loss.backward()
 
-    figures["forward_backward_s"] = round(timed(forward_backward, args.repeats), 2)
+    def trl_forward_backward() -> None:
+        model(**inputs, fused_lm_head=True).loss.backward()
+
+    def trl_forward_backward_bf16() -> None:
+        # Mixed precision as the trainers run it with bf16=True on a CPU: float32 weights and
+        # optimiser, matrix products in bfloat16 (AVX512-BF16/AMX where the CPU has them).
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**inputs, fused_lm_head=True).loss
+        loss.backward()
+
+    def trl_loss() -> float:
+        with torch.no_grad():
+            return float(model(**inputs, fused_lm_head=True).loss)
+
+    # Side by side: the model's own loss (full logits), TRL's fused head as TRL runs it on a CPU
+    # (every position scored), then as the trainers here run it (labelled positions only), in
+    # float32 and with bfloat16 autocast.
+    figures["forward_backward_model_loss_s"] = round(timed(forward_backward, args.repeats), 2)
+    figures["forward_backward_trl_every_position_s"] = round(timed(trl_forward_backward, args.repeats), 2)
+    loss_every = trl_loss()
+    score_labelled_positions_only()
+    figures["forward_backward_trl_labelled_only_s"] = round(timed(trl_forward_backward, args.repeats), 2)
+    figures["forward_backward_trl_labelled_only_bf16_s"] = round(
+        timed(trl_forward_backward_bf16, args.repeats), 2
+    )
+    figures["loss_trl_every_position"] = round(loss_every, 5)
+    figures["loss_trl_labelled_only"] = round(trl_loss(), 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        figures["loss_trl_labelled_only_bf16"] = round(float(model(**inputs, fused_lm_head=True).loss), 5)
     figures["optimizer_step_s"] = round(timed(optimizer.step, args.repeats), 3)
     optimizer.zero_grad(set_to_none=True)
 

@@ -217,6 +217,12 @@ def profile_params(profile: Profile) -> dict[str, Any]:
     }
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def trainer_config(
     profile: Profile,
     kind: str,
@@ -231,6 +237,9 @@ def trainer_config(
         kwargs["max_steps"] = int(max_steps)
     if seed is not None:
         kwargs["seed"] = int(seed)
+    if (kwargs.get("bf16") or kwargs.get("fp16")) and not _has_accelerator():
+        # transformers refuses half precision on a machine without a GPU unless told it is a CPU run
+        kwargs["use_cpu"] = True
     kwargs.update(
         output_dir=str(out_dir / CHECKPOINTS),
         report_to="none",  # metrics go to our run through MlflowMetricsCallback (see callbacks.py)
@@ -333,8 +342,32 @@ class TrainerJob:
     note_vocabulary: frozenset[str] | None = None
 
 
+def score_labelled_positions_only() -> None:
+    """Make TRL's fused LM head score only the positions that carry a label, on every device.
+
+    TRL 1.16's SFT and GRPO losses go through a fused LM head (``trl.trainer.utils.add_fused_lm_head``)
+    that scores only the labelled positions on CUDA/XPU but every position elsewhere, to keep
+    Neuron's tile shapes fixed between batches. On a CPU that means the 49k-word head over all
+    ~300 positions of a sequence whose loss covers the ~12 tokens of the answer: about a third of
+    an SFT step of the smol profile (README, "Benchmarks"). The values are the same either way
+    (tested); only the unlabelled positions' work goes. Idempotent.
+    """
+    import trl.trainer.utils as trl_utils
+
+    use_triton = trl_utils._use_triton
+    if getattr(use_triton, "scores_labelled_only", False):
+        return
+
+    def compact(device: Any) -> bool:
+        return device.type == "cpu" or use_triton(device)
+
+    compact.scores_labelled_only = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+
+
 def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
     """Run one TRL trainer with checkpoints, resume, MLflow logging and registration."""
+    score_labelled_positions_only()
     stage, profile, start_model, params = job.stage, job.profile, job.start_model, job.params
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
