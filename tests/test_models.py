@@ -116,7 +116,8 @@ class TestLoadProfile:
             load_profile(write_profile(tmp_path, image__position="last"))
         with pytest.raises(ProfileError, match="model.unseen_note_words 'drop' is not one of keep, mark"):
             load_profile(write_profile(tmp_path, model__unseen_note_words="drop"))
-        assert load_profile("qwen2-vl-2b").unseen_note_words == "keep"  # the default where a profile is silent
+        # the default where a profile is silent
+        assert load_profile("qwen2-vl-2b").unseen_note_words == "keep"
 
     def test_generations_must_divide_the_batch(self, tmp_path):
         profile = load_profile(write_profile(tmp_path, grpo__num_generations=3))
@@ -169,6 +170,19 @@ class TestTrainerKwargs:
         assert not grpo.bf16 and not grpo.gradient_checkpointing and not sft.bf16
         assert grpo.per_device_train_batch_size % grpo.num_generations == 0
         assert sft.max_length is None  # a length cap can cut through image tokens
+
+    def test_mixed_precision_trains_float32_weights_in_bfloat16(self, tmp_path):
+        from trl import SFTConfig
+
+        profile = load_profile(write_profile(tmp_path, model__mixed_precision="bfloat16"))
+        assert profile.dtype == "float32" and profile.torch_dtype() == torch.float32
+        kwargs = profile.trainer_kwargs("sft")
+        assert kwargs["bf16"] is True and kwargs["fp16"] is False
+        assert SFTConfig(output_dir=str(tmp_path), use_cpu=True, **kwargs).bf16
+        assert load_profile("smol").trainer_kwargs("grpo")["bf16"] is True  # the CPU long run's setting
+        assert load_profile("tiny").training_precision == "float32"  # tiny: autocast overhead, no gain
+        with pytest.raises(ProfileError, match="mixed_precision must be null or one of"):
+            load_profile(write_profile(tmp_path, model__mixed_precision="float32"))
 
     def test_vllm_switch_reaches_grpo(self, tmp_path):
         kwargs = load_profile(write_profile(tmp_path, "qwen2-vl-2b", model__use_vllm=True)).trainer_kwargs(

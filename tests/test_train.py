@@ -581,6 +581,21 @@ class TestSFT:
         second = run_sft(profile, base_model, **_data_kwargs(data), out_dir=out, max_steps=1, register=False)
         assert first.run_id != second.run_id and second.resumed_from == 0 and second.registered is None
 
+    def test_mixed_precision_on_a_cpu_trains_and_keeps_float32_weights(
+        self, data, base_model, tmp_path, mlflow_store
+    ):
+        from ecg_r1.modeling.profiles import load_profile
+        from ecg_r1.training import run_sft
+        from mlflow import MlflowClient
+
+        profile = load_profile(tiny_test_profile(tmp_path / "p.yaml", model={"mixed_precision": "bfloat16"}))
+        result = run_sft(profile, base_model, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=2)
+        params = MlflowClient().get_run(result.run_id).data.params
+        assert params["trainer.bf16"] == "True"
+        weights = _weights(result.model_dir)
+        assert _changed(_weights(base_model), weights)
+        assert {w.dtype for w in weights.values()} == {np.dtype("float32")}
+
 
 class TestFormatWarmup:
     def test_masked_warmup_trains_without_labels_and_registers_nothing(

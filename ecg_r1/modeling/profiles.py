@@ -130,6 +130,9 @@ class Profile:
         source: ``"tiny"`` or a hub id / local folder of a Qwen2-VL checkpoint.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` for the weights and the trainers' mixed
             precision.
+        mixed_precision: ``bfloat16`` trains float32 weights with bfloat16 matrix products
+            (autocast; the trainers' ``bf16``), as on a CPU with AVX512-BF16 where bfloat16
+            weights are slower; None: the trainers follow :attr:`dtype`.
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``...).
         gradient_checkpointing: trade compute for memory in both trainers.
         use_vllm: let GRPO generate with TRL's vLLM integration; ``vllm_mode`` colocate | server.
@@ -163,6 +166,7 @@ class Profile:
     name: str
     source: str
     dtype: str = "float32"
+    mixed_precision: str | None = None
     attn_implementation: str | None = "sdpa"
     gradient_checkpointing: bool = False
     use_vllm: bool = False
@@ -226,6 +230,12 @@ class Profile:
 
         return RenderConfig(width_px=self.image_width, height_px=self.image_height, layout=self.image_layout)
 
+    @property
+    def training_precision(self) -> str:
+        """The precision of the trainers' matrix products: :attr:`mixed_precision` where set,
+        else the weights' :attr:`dtype`."""
+        return self.mixed_precision or self.dtype
+
     def torch_dtype(self) -> torch.dtype:
         """The torch dtype named by :attr:`dtype`."""
         import torch
@@ -236,7 +246,7 @@ class Profile:
         """Keyword arguments for TRL's ``SFTConfig`` (kind ``"sft"``) or ``GRPOConfig`` (``"grpo"``).
 
         The section's own values come first; the profile-level settings are added on top so each
-        lives in one place: ``bf16``/``fp16`` from :attr:`dtype`, ``activation_checkpointing``
+        lives in one place: ``bf16``/``fp16`` from :attr:`training_precision`, ``activation_checkpointing``
         (transformers 5's name for gradient checkpointing) from :attr:`gradient_checkpointing`,
         ``seed``, and for GRPO ``use_vllm``/``vllm_mode`` and ``reward_weights``. ``output_dir``
         and run-specific settings (``report_to``, ``run_name``...) are the caller's.
@@ -255,8 +265,8 @@ class Profile:
             raise ProfileError(f"trainer kind must be 'sft' or 'grpo', got {kind!r}")
         kwargs: dict[str, Any] = dict(self.sft if kind == "sft" else self.grpo)
         kwargs.update(
-            bf16=self.dtype == "bfloat16",
-            fp16=self.dtype == "float16",
+            bf16=self.training_precision == "bfloat16",
+            fp16=self.training_precision == "float16",
             # transformers 5 renamed gradient_checkpointing (now a deprecated alias, and TRL's
             # configs default it to True): the new name wins and the old one mirrors it.
             activation_checkpointing=self.gradient_checkpointing,
@@ -344,6 +354,7 @@ _TOP_KEYS = {"name", "model", "image", "lora", "sft", "grpo", "rewards", "seed",
 _MODEL_KEYS = {
     "source",
     "dtype",
+    "mixed_precision",
     "attn_implementation",
     "gradient_checkpointing",
     "use_vllm",
@@ -388,6 +399,11 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     dtype = str(model.get("dtype", "float32"))
     if dtype not in _DTYPES:
         raise ProfileError(f"{path}: model.dtype must be one of {_DTYPES}, got {dtype!r}")
+    mixed_precision = model.get("mixed_precision")
+    if mixed_precision is not None and mixed_precision not in _DTYPES[1:]:
+        raise ProfileError(
+            f"{path}: model.mixed_precision must be null or one of {_DTYPES[1:]}, got {mixed_precision!r}"
+        )
     vllm_mode = str(model.get("vllm_mode", "colocate"))
     if vllm_mode not in _VLLM_MODES:
         raise ProfileError(f"{path}: model.vllm_mode must be one of {_VLLM_MODES}, got {vllm_mode!r}")
@@ -450,6 +466,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
         name=str(raw.get("name", path.stem)),
         source=source,
         dtype=dtype,
+        mixed_precision=mixed_precision,
         attn_implementation=model.get("attn_implementation", "sdpa"),
         gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
         use_vllm=bool(model.get("use_vllm", False)),
