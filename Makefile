@@ -43,7 +43,7 @@ run: setup
 	$(DG) launch --job full_pipeline_job
 	$(VENV)/bin/ecg-r1 where
 
-# The same pipeline with the smol profile (pretrained SmolLM2-135M): about two hours on 2 cores.
+# The same pipeline with the smol profile (pretrained SmolLM2-135M): about 1.5 hours on 2 cores.
 reproduce: setup
 	$(DG) launch --job full_pipeline_job --config dagster_project/run_configs/smol.yaml
 	$(VENV)/bin/ecg-r1 where
