@@ -380,9 +380,9 @@ class TestAblations:
 
         def spy(model, processor, examples, **kwargs):
             shown.extend(examples)
-            return ["<think></think><answer>No</answer>"] * len(examples)
+            return ["<think></think><answer>No</answer>"] * len(examples), np.full(len(examples), 0.1)
 
-        monkeypatch.setattr(inference, "generate", spy)
+        monkeypatch.setattr(inference, "generate_and_score", spy)
         cases = evaluation_cases(setup["cohort"], setup["splits"], setup["images"], ["test_external"])
         for ablation in (None, "image", "note"):
             shown.clear()

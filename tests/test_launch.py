@@ -174,7 +174,7 @@ class TestDeepSpeedJson:
         assert filled["train_batch_size"] == plan.global_batch
         assert filled["train_micro_batch_size_per_gpu"] == plan.per_device_train_batch_size
         assert filled["gradient_accumulation_steps"] == plan.gradient_accumulation_steps
-        assert filled["bf16"]["enabled"] is (profile.dtype == "bfloat16")
+        assert filled["bf16"]["enabled"] is (profile.training_precision == "bfloat16")
         assert filled["zero_optimization"]["stage"] == launch.zero_stage
         assert launch.deepspeed["train_batch_size"] == "auto"  # the loaded JSON is left as written
 

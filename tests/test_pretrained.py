@@ -50,9 +50,11 @@ class TestProfile:
         from trl import GRPOConfig, SFTConfig
 
         profile = load_profile("smol")
-        sft = SFTConfig(output_dir=str(tmp_path), **profile.trainer_kwargs("sft"))
-        grpo = GRPOConfig(output_dir=str(tmp_path), **profile.trainer_kwargs("grpo"))
-        assert not sft.bf16 and not grpo.bf16 and sft.max_length is None
+        # float32 weights trained with bfloat16 autocast (model.mixed_precision), which a machine
+        # without a GPU accepts as a CPU run (the trainers here set use_cpu there)
+        sft = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **profile.trainer_kwargs("sft"))
+        grpo = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, **profile.trainer_kwargs("grpo"))
+        assert sft.bf16 and grpo.bf16 and profile.dtype == "float32" and sft.max_length is None
         assert grpo.per_device_train_batch_size % grpo.num_generations == 0
 
     def test_lora_trains_the_new_merger_in_full(self):

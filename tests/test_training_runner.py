@@ -9,12 +9,14 @@ import torch
 def test_cpu_fused_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(monkeypatch):
     import trl.trainer.utils as trl_utils
     from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.kernels.chunked_logprob import _use_triton as trl_use_triton
     from trl.trainer.utils import add_fused_lm_head
 
     from ecg_r1.training.runner import score_labelled_positions_only
 
-    # restored after the test: the patch replaces a module global
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
+    # TRL's own choice for this test (an earlier trainer run in this process may have patched it),
+    # restored afterwards
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_use_triton)
     scored_rows: list[int] = []
     chunked = trl_utils._ChunkedLogProbFunction
 
