@@ -248,7 +248,7 @@ def _answer_probability_from_generation(
         return None
     logprobs = torch.log_softmax(logits[len(forced)][row].float(), dim=-1)
     lp_yes, lp_no = float(logprobs[answer_ids[0]]), float(logprobs[answer_ids[1]])
-    return 1.0 / (1.0 + math.exp(lp_no - lp_yes))
+    return _yes_probability(lp_yes, lp_no)
 
 
 def forced_answer_prefix(completion: str) -> str:
@@ -349,7 +349,7 @@ def answer_probability(
                 for row, index in enumerate(indices):
                     yes_id, no_id = token_ids[index]
                     lp_yes, lp_no = float(logprobs[row, yes_id]), float(logprobs[row, no_id])
-                    probabilities[index] = 1.0 / (1.0 + math.exp(lp_no - lp_yes))
+                    probabilities[index] = _yes_probability(lp_yes, lp_no)
             for part in _batches(len(two_pass), batch_size):
                 indices = two_pass[part]
                 texts, images = [], []
@@ -360,10 +360,15 @@ def answer_probability(
                 scores = _continuation_logprobs(model, inputs)
                 for offset, index in enumerate(indices):
                     lp_yes, lp_no = scores[2 * offset], scores[2 * offset + 1]
-                    probabilities[index] = 1.0 / (1.0 + math.exp(lp_no - lp_yes))
+                    probabilities[index] = _yes_probability(lp_yes, lp_no)
     finally:
         model.train(was_training)
     return probabilities
+
+
+def _yes_probability(lp_yes: float, lp_no: float) -> float:
+    """P(Yes) of the two answers alone, from their log-probabilities at the answer position."""
+    return 1.0 / (1.0 + math.exp(lp_no - lp_yes))
 
 
 def answer_token_ids(tokenizer: Any, prefix: str) -> tuple[int, int] | None:
