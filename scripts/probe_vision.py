@@ -7,6 +7,10 @@ test splits, fits a logistic regression on the training split, chooses its regul
 val, and prints accuracy and AUROC with 95% bootstrap CIs on both test splits. Compare them with
 a trained model's row without the note: a probe far above it means the language model does not
 read what the tower shows. Reads the cohort, splits and images of the default layout (``data/``).
+
+With ``--with-note`` it also fits a reader of the note's word flags (the feature baseline's) and
+combines the two readers' log-odds on val: what the page and the note carry together for a linear
+reader, to set beside a trained model's row with the note.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN, VAL
 from ecg_r1.evaluation.cases import evaluation_cases
 from ecg_r1.evaluation.evaluate import labels_to_truth
-from ecg_r1.evaluation.probe import fit_probe
+from ecg_r1.evaluation.probe import fit_page_and_note_probe, fit_probe
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
@@ -35,6 +39,9 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=None, help="page folder (default DATA/images)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument(
+        "--with-note", action="store_true", help="also a note reader and the page and note readers combined"
+    )
     args = parser.parse_args()
 
     model, processor = load_model_and_processor(args.model, load_profile(args.profile))
@@ -43,25 +50,47 @@ def main() -> None:
     for split in (TRAIN, VAL, TEST_INTERNAL, TEST_EXTERNAL):
         cases = evaluation_cases(args.data / "cohort", args.data / "splits" / "splits.parquet", images, split)
         tokens = page_tokens(model, processor, cases["image_path"].to_list())
-        features[split] = (tokens, labels_to_truth(cases["label"]))
+        features[split] = (tokens, cases["note"].to_list(), labels_to_truth(cases["label"]))
         print(f"{split}: {len(cases)} pages, {tokens.shape[1]} tokens x {tokens.shape[2]}", flush=True)
-    result = fit_probe(
-        features[TRAIN],
-        features[VAL],
-        {s: features[s] for s in (TEST_INTERNAL, TEST_EXTERNAL)},
-        n_boot=args.n_boot,
-    )
-    chosen = ", ".join(f"C {c:g}: {a:.3f}" for c, a in result.selection_accuracy.items())
-    print(f"val accuracy per C ({chosen}); chosen C {result.c:g}")
-    for split, m in result.metrics.items():
-        print(f"{SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
+    tests = (TEST_INTERNAL, TEST_EXTERNAL)
+    if args.with_note:
+        both = fit_page_and_note_probe(
+            features[TRAIN], features[VAL], {s: features[s] for s in tests}, n_boot=args.n_boot
+        )
+        readers = {"page": both.page, "note": both.note}
+        print(f"page and note combined with weights {both.weights[0]:.2f}, {both.weights[1]:.2f} (log-odds)")
+    else:
+        page_only = {s: (features[s][0], features[s][2]) for s in features}
+        result = fit_probe(
+            page_only[TRAIN], page_only[VAL], {s: page_only[s] for s in tests}, n_boot=args.n_boot
+        )
+        readers = {"page": result}
+    for name, result in readers.items():
+        chosen = ", ".join(f"C {c:g}: {a:.3f}" for c, a in result.selection_accuracy.items())
+        print(f"{name}: val accuracy per C ({chosen}); chosen C {result.c:g}")
+        for split, m in result.metrics.items():
+            print(f"{name}, {SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
+    if args.with_note:
+        for split, m in both.metrics.items():
+            print(f"page + note, {SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
     if args.out is not None:
+        page = readers["page"]
         figures = {
             "model": str(args.model),
-            "c": result.c,
-            "val_accuracy": {str(c): a for c, a in result.selection_accuracy.items()},
-            **{split: m.flat() for split, m in result.metrics.items()},
+            "c": page.c,
+            "val_accuracy": {str(c): a for c, a in page.selection_accuracy.items()},
+            **{split: m.flat() for split, m in page.metrics.items()},
         }
+        if args.with_note:
+            figures["note"] = {
+                "c": both.note.c,
+                "val_accuracy": {str(c): a for c, a in both.note.selection_accuracy.items()},
+                **{split: m.flat() for split, m in both.note.metrics.items()},
+            }
+            figures["page_and_note"] = {
+                "weights": list(both.weights),
+                **{split: m.flat() for split, m in both.metrics.items()},
+            }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(figures, indent=2))
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ecg_r1.evaluation.probe import DEFAULT_CS, fit_probe
+from ecg_r1.evaluation.probe import DEFAULT_CS, NOTE_CS, fit_page_and_note_probe, fit_probe
 
 
 def _cases(rng: np.random.Generator, n: int, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -46,3 +46,46 @@ def test_a_training_split_with_one_class_is_refused():
     x = np.zeros((5, 3))
     with pytest.raises(ValueError, match="ischemic and non-ischemic"):
         fit_probe((x, np.ones(5, dtype=bool)), (x, np.ones(5, dtype=bool)), {})
+
+
+def _page_and_note_cases(rng: np.random.Generator, n: int, note_agrees: float = 0.75):
+    """Tokens with a weak page signal and notes whose troponin agrees with the label 75% of the time."""
+    y = rng.random(n) < 0.4
+    x = rng.normal(size=(n, 6, 4))
+    x[:, 2, 1] += np.where(y, 0.8, -0.8)
+    says_yes = np.where(rng.random(n) < note_agrees, y, ~y)
+    filler = ("chest pain", "breathless", "routine check")
+    notes = [
+        f"{filler[i % 3]}. troponin {'raised' if s else 'negative'}." if i % 10 else None
+        for i, s in enumerate(says_yes)
+    ]
+    return x, notes, y
+
+
+def test_page_and_note_readers_combine_and_each_is_scored_alone():
+    rng = np.random.default_rng(2)
+    result = fit_page_and_note_probe(
+        _page_and_note_cases(rng, 600),
+        _page_and_note_cases(rng, 300),
+        {"test_internal": _page_and_note_cases(rng, 600)},
+        n_boot=0,
+    )
+    page = result.page.metrics["test_internal"].accuracy.value
+    note = result.note.metrics["test_internal"].accuracy.value
+    both = result.metrics["test_internal"].accuracy.value
+    assert 0.6 < page < 0.85 and 0.6 < note < 0.8  # each reader gets its part of the label
+    assert both > max(page, note) + 0.03  # together they get more than either
+    assert result.weights[0] > 0 and result.weights[1] > 0
+    assert result.note.c in NOTE_CS and result.page.c in DEFAULT_CS
+
+
+def test_notes_that_say_nothing_leave_the_combination_at_the_page_reader():
+    rng = np.random.default_rng(3)
+    result = fit_page_and_note_probe(
+        _page_and_note_cases(rng, 600, note_agrees=0.5),
+        _page_and_note_cases(rng, 300, note_agrees=0.5),
+        {"test": _page_and_note_cases(rng, 600, note_agrees=0.5)},
+        n_boot=0,
+    )
+    assert 0.4 < result.note.metrics["test"].auroc.value < 0.6
+    assert abs(result.metrics["test"].accuracy.value - result.page.metrics["test"].accuracy.value) < 0.03

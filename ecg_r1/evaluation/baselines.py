@@ -85,6 +85,16 @@ TERRITORY_COLUMNS: tuple[str, ...] = tuple(
 )
 
 
+def note_vectorizer() -> CountVectorizer:
+    """The note's word and word-pair presence flags the feature baseline reads (unfitted).
+
+    The :data:`NOTE_VOCABULARY` most frequent words and pairs of the training notes seen in at
+    least :data:`NOTE_MIN_DF` of them; also the note reader of
+    :func:`ecg_r1.evaluation.probe.fit_page_and_note_probe`.
+    """
+    return CountVectorizer(binary=True, ngram_range=(1, 2), min_df=NOTE_MIN_DF, max_features=NOTE_VOCABULARY)
+
+
 def _labelled(frame: pl.DataFrame) -> pl.DataFrame:
     if "label" not in frame.columns:
         raise ValueError("the training table needs a 'label' column")
@@ -197,9 +207,7 @@ class FeatureBaseline:
             blocks.append(
                 (
                     "note",
-                    CountVectorizer(
-                        binary=True, ngram_range=(1, 2), min_df=NOTE_MIN_DF, max_features=NOTE_VOCABULARY
-                    ),
+                    note_vectorizer(),
                     "note",
                 )
             )
