@@ -22,13 +22,22 @@ from pathlib import Path
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN, VAL
 from ecg_r1.evaluation.cases import evaluation_cases
 from ecg_r1.evaluation.evaluate import labels_to_truth
-from ecg_r1.evaluation.probe import fit_page_and_note_probe, fit_probe
+from ecg_r1.evaluation.probe import ProbeResult, fit_page_and_note_probe, fit_probe
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.training.vision import page_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _reader_figures(result: ProbeResult) -> dict:
+    """One reader's chosen C, val accuracy per C and test figures, for the JSON file."""
+    return {
+        "c": result.c,
+        "val_accuracy": {str(c): a for c, a in result.selection_accuracy.items()},
+        **{split: m.flat() for split, m in result.metrics.items()},
+    }
 
 
 def main() -> None:
@@ -74,19 +83,9 @@ def main() -> None:
         for split, m in both.metrics.items():
             print(f"page + note, {SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
     if args.out is not None:
-        page = readers["page"]
-        figures = {
-            "model": str(args.model),
-            "c": page.c,
-            "val_accuracy": {str(c): a for c, a in page.selection_accuracy.items()},
-            **{split: m.flat() for split, m in page.metrics.items()},
-        }
+        figures = {"model": str(args.model), **_reader_figures(readers["page"])}
         if args.with_note:
-            figures["note"] = {
-                "c": both.note.c,
-                "val_accuracy": {str(c): a for c, a in both.note.selection_accuracy.items()},
-                **{split: m.flat() for split, m in both.note.metrics.items()},
-            }
+            figures["note"] = _reader_figures(both.note)
             figures["page_and_note"] = {
                 "weights": list(both.weights),
                 **{split: m.flat() for split, m in both.metrics.items()},

@@ -138,6 +138,7 @@ def fit_page_and_note_probe(
         ValueError: when the training split lacks one of the classes, a ``cs`` is empty, or the
             training notes hold no word in enough notes to be a flag.
     """
+    from scipy.special import expit
     from sklearn.linear_model import LogisticRegression
 
     from ecg_r1.evaluation.baselines import note_vectorizer
@@ -145,27 +146,29 @@ def fit_page_and_note_probe(
     def texts(notes: Sequence[str | None]) -> list[str]:
         return [note or "" for note in notes]
 
-    y_train, y_select = _labels(train[2]), _labels(select[2])
-    page, page_c, page_scores = _fit_best(_flat(train[0]), y_train, _flat(select[0]), y_select, cs)
     flags = note_vectorizer().fit(texts(train[1]))
+    # Each split's page and note features, built once: the selection split serves both the choice
+    # of C and the combination, every test split all three readers.
+    splits = {"train": train, "select": select, **{f"test {name}": split for name, split in tests.items()}}
+    pages = {key: _flat(split[0]) for key, split in splits.items()}
+    notes = {key: flags.transform(texts(split[1])) for key, split in splits.items()}
+    labels = {key: _labels(split[2]) for key, split in splits.items()}
+    page, page_c, page_scores = _fit_best(
+        pages["train"], labels["train"], pages["select"], labels["select"], cs
+    )
     note, note_c, note_scores = _fit_best(
-        flags.transform(texts(train[1])), y_train, flags.transform(texts(select[1])), y_select, note_cs
+        notes["train"], labels["train"], notes["select"], labels["select"], note_cs
     )
 
-    def log_odds(split: tuple[np.ndarray, Sequence[str | None], np.ndarray]) -> np.ndarray:
-        return np.column_stack(
-            [
-                page.decision_function(_flat(split[0])),
-                note.decision_function(flags.transform(texts(split[1]))),
-            ]
-        )
+    def log_odds(key: str) -> np.ndarray:
+        return np.column_stack([page.decision_function(pages[key]), note.decision_function(notes[key])])
 
-    combined = LogisticRegression().fit(log_odds(select), y_select)
+    combined = LogisticRegression().fit(log_odds("select"), labels["select"])
     page_metrics, note_metrics, metrics = {}, {}, {}
-    for name, split in tests.items():
-        y, z = _labels(split[2]), log_odds(split)
-        page_metrics[name] = _score(y, 1.0 / (1.0 + np.exp(-z[:, 0])), n_boot, seed)
-        note_metrics[name] = _score(y, 1.0 / (1.0 + np.exp(-z[:, 1])), n_boot, seed)
+    for name in tests:
+        y, z = labels[f"test {name}"], log_odds(f"test {name}")
+        page_metrics[name] = _score(y, expit(z[:, 0]), n_boot, seed)
+        note_metrics[name] = _score(y, expit(z[:, 1]), n_boot, seed)
         metrics[name] = _score(y, combined.predict_proba(z)[:, 1], n_boot, seed)
     return PageAndNoteResult(
         page=ProbeResult(c=page_c, selection_accuracy=page_scores, metrics=page_metrics),
