@@ -5,7 +5,7 @@ A logistic regression on those tokens, fitted on the training split with the reg
 chosen on the validation split, says what a reader of the tokens can get from the image alone.
 Beside a trained model's row without the note, it separates the two ways an image pathway
 fails: a tower whose tokens do not carry the answer, or a language model that does not read
-them (README, "Which recipe works for the tiny profile").
+them (docs/tiny_recipe.md).
 
 :func:`fit_page_and_note_probe` adds the note: a logistic regression on the note's word flags
 (the feature baseline's :func:`ecg_r1.evaluation.baselines.note_vectorizer`) and the two readers'

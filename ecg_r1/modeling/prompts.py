@@ -223,7 +223,7 @@ UNSEEN_WORD = "?"
 # A note with more than this share of its words unseen is shown with every word marked, the form
 # of a scrambled training note: the few words a foreign note shares with the training notes
 # ("Diabetes", "PCI", "normal" in a German one) read out of their context turned the tiny models'
-# answers to "No" at the held-out hospital (README, "Which recipe works", the unreadable-note gate).
+# answers to "No" at the held-out hospital (docs/tiny_recipe.md, the unreadable-note gate).
 UNREADABLE_NOTE_SHARE = 0.5
 
 
@@ -260,7 +260,7 @@ def mark_unseen_words(note: str | None, vocabulary: frozenset[str] | set[str]) -
 
 # Where the page sits in the user message. "first": before the clinical details (Qwen2-VL's and
 # TRL's convention). "before_question": after them, next to the question, so the page's tokens
-# are the last thing the model reads before it answers (README, "Which recipe works", X14-X16).
+# are the last thing the model reads before it answers (docs/tiny_recipe.md, X14-X16).
 IMAGE_POSITIONS: tuple[str, ...] = ("first", "before_question")
 
 
