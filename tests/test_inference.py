@@ -13,57 +13,19 @@ import pytest
 import torch
 
 from ecg_r1.modeling import inference
-from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.modeling.prompts import YES
 
-CASES = [{"age": 50 + i, "sex": "F", "note": f"Troponin {i}.", "twi_leads": "V2,V3"} for i in range(20)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(small_profile_path, tmp_path_factory) -> Path:
-    profile = load_profile(small_profile_path)
-    return build_base_model(profile, corpus_from_cases(CASES), tmp_path_factory.mktemp("model") / "base")
-
 
 @pytest.fixture
-def loaded(model_dir, small_profile_path):
-    return load_model_and_processor(model_dir, load_profile(small_profile_path))
-
-
-@pytest.fixture(scope="module")
-def single_token_model(small_profile_path, tmp_path_factory):
-    """The small model with the tiny profile's vocabulary size, where ``Yes`` and ``No`` are one
-    token each (with the small vocabulary they are several): its folder and profile."""
-    import yaml
-
-    raw = yaml.safe_load(small_profile_path.read_text())
-    tiny = yaml.safe_load(load_profile("tiny").path.read_text())
-    raw["model"]["tiny"]["tokenizer"] = tiny["model"]["tiny"]["tokenizer"]
-    folder = tmp_path_factory.mktemp("single_token")
-    (folder / "profile.yaml").write_text(yaml.safe_dump(raw))
-    profile = load_profile(folder / "profile.yaml")
-    return build_base_model(profile, corpus_from_cases(CASES), folder / "base"), profile
+def loaded(small_model_dir, small_profile_path):
+    return load_model_and_processor(small_model_dir, load_profile(small_profile_path))
 
 
 @pytest.fixture
 def single_token_loaded(single_token_model):
     return load_model_and_processor(*single_token_model)
-
-
-def page(seed: int):
-    from ecg_r1.imaging.draw import render_page
-
-    signal = np.random.default_rng(seed).normal(0, 0.3, (12, 5000)).astype(np.float32)
-    return render_page(signal, load_profile("tiny").render_config())
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return [
-        {"image": page(i), "age": 40 + 9 * i, "sex": "MF"[i % 2], "note": "chest pain " * i} for i in range(3)
-    ]
 
 
 class TestGenerate:
@@ -208,8 +170,8 @@ class TestAnswerProbability:
         assert forced_calls == []  # every P(Yes) came from the generation
         np.testing.assert_allclose(p_yes, teacher_forced(model, processor, examples, completions), atol=1e-5)
 
-    def test_follows_a_model_taught_to_answer_yes(self, model_dir, small_profile_path, examples):
-        model, processor = load_model_and_processor(model_dir, load_profile(small_profile_path))
+    def test_follows_a_model_taught_to_answer_yes(self, small_model_dir, small_profile_path, examples):
+        model, processor = load_model_and_processor(small_model_dir, load_profile(small_profile_path))
         completion = "<think></think><answer>Yes</answer>"
         before = inference.answer_probability(model, processor, examples, [completion] * 3)
         text = (
@@ -257,7 +219,7 @@ def write_record(folder: Path) -> Path:
 
 class TestPredictCli:
     def test_prints_reasoning_answer_and_probability_from_a_folder(
-        self, model_dir, small_profile_path, tmp_path, capsys
+        self, small_model_dir, small_profile_path, tmp_path, capsys
     ):
         from ecg_r1.cli import main
 
@@ -267,7 +229,7 @@ class TestPredictCli:
                 "predict",
                 str(record),
                 "--model",
-                str(model_dir),
+                str(small_model_dir),
                 "--profile",
                 str(small_profile_path),
                 "--note",
@@ -288,13 +250,13 @@ class TestPredictCli:
         )  # an untrained model breaks the format, and says so
         assert (tmp_path / "page.png").stat().st_size > 0
 
-    def test_reads_a_registered_version(self, registry, model_dir, small_profile_path, capsys):
+    def test_reads_a_registered_version(self, registry, small_model_dir, small_profile_path, capsys):
         from ecg_r1.cli import main
         from ecg_r1.tracking import model_registry
         from ecg_r1.tracking import runs as tracking
 
         with tracking.start_or_resume_run("tiny", "grpo") as run:
-            version = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-grpo")
+            version = model_registry.register_model_version(run.info.run_id, small_model_dir, "ecg-r1-grpo")
         record = write_record(registry / "records")
         args = [
             "predict",

@@ -597,6 +597,60 @@ class TestSFT:
         assert {w.dtype for w in weights.values()} == {np.dtype("float32")}
 
 
+def _readout_profile(path: Path, vocab_size: int, **model: object):
+    """The test profile with the answer read-out re-fit on, and a tokenizer of ``vocab_size``."""
+    from ecg_r1.modeling.profiles import load_profile
+
+    raw = yaml.safe_load(tiny_test_profile(path).read_text())
+    raw["model"]["tiny"]["tokenizer"]["vocab_size"] = vocab_size
+    raw["model"].update(model)
+    raw["stages"]["sft"]["refit_answer_readout"] = True
+    path.write_text(yaml.safe_dump(raw))
+    return load_profile(path)
+
+
+class TestAnswerReadoutRefit:
+    def test_sft_saves_the_refit_rows_and_logs_the_val_accuracy_they_give(self, data, tmp_path, mlflow_store):
+        from ecg_r1.modeling.models import load_model_and_processor
+        from ecg_r1.training import run_sft
+        from ecg_r1.training.data import case_examples, load_cases
+        from ecg_r1.training.readout import answer_direction, answer_token_pair, completion_states
+        from ecg_r1.training.stages import build_start_model
+        from mlflow import MlflowClient
+
+        # the tiny profile's vocabulary size: Yes and No are one token each
+        profile = _readout_profile(tmp_path / "p.yaml", vocab_size=1024)
+        start = build_start_model(profile, data["cohort"], data["splits"], data["images"], tmp_path / "base")
+        result = run_sft(profile, start, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=2)
+        logged = MlflowClient().get_run(result.run_id).data.metrics
+        assert {"readout_c", "readout_val_accuracy_before", "readout_val_accuracy_after"} <= set(logged)
+        assert logged["readout_val_changed_positions"] == 0
+        assert result.metrics["readout_val_accuracy_after"] == logged["readout_val_accuracy_after"]
+        model, processor = load_model_and_processor(result.model_dir, profile)
+        val = load_cases(data["cohort"], data["splits"], data["images"], "val")
+        labels = val["label"].to_numpy()
+        states = completion_states(model, processor, case_examples(val), labels).answer
+        saved = states @ answer_direction(model, answer_token_pair(processor.tokenizer)) > 0
+        assert (saved == val["label"].to_numpy()).mean() == pytest.approx(
+            logged["readout_val_accuracy_after"]
+        )
+
+    def test_what_the_refit_cannot_read_is_refused_before_training(self, data, tmp_path):
+        from ecg_r1.training import run_sft
+        from ecg_r1.training.stages import build_start_model
+
+        profile = _readout_profile(tmp_path / "several.yaml", vocab_size=270)  # Yes and No: several tokens
+        start = build_start_model(profile, data["cohort"], data["splits"], data["images"], tmp_path / "base")
+        with pytest.raises(ValueError, match="one token each"):
+            run_sft(profile, start, **_data_kwargs(data), out_dir=tmp_path / "a", max_steps=1, tracking=False)
+        assert not (tmp_path / "a" / "model").exists()
+        rationale = _readout_profile(tmp_path / "rationale.yaml", vocab_size=270, sft_rationale=True)
+        with pytest.raises(ValueError, match="answer-only"):
+            run_sft(
+                rationale, start, **_data_kwargs(data), out_dir=tmp_path / "b", max_steps=1, tracking=False
+            )
+
+
 class TestFormatWarmup:
     def test_masked_warmup_trains_without_labels_and_registers_nothing(
         self, data, profile, base_model, tmp_path, mlflow_store

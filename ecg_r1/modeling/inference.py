@@ -103,6 +103,27 @@ def _encode(processor: Any, texts: list[str], images: list[Any], device: Any) ->
     return {key: value.to(device) for key, value in encoded.items()}
 
 
+def encoded_batches(
+    model: Any, processor: Any, texts: list[str], examples: Sequence[Mapping[str, Any]], batch_size: int
+) -> Iterator[tuple[slice, dict[str, Any]]]:
+    """``(rows, model inputs)`` for each batch of ``texts`` with their examples' pages, left-padded
+    (every row ends where the model reads or writes next), with the model in eval mode and
+    gradients off for as long as the batches are consumed; the model's mode is restored after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _padding_side(processor, "left"), torch.inference_mode():
+            for part in _batches(len(texts), batch_size):
+                yield (
+                    part,
+                    _encode(processor, texts[part], [ex["image"] for ex in examples[part]], model.device),
+                )
+    finally:
+        model.train(was_training)
+
+
 def generate(
     model: Any,
     processor: Any,
@@ -192,39 +213,32 @@ def _generate(
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     outputs: list[str] = []
     read: list[float | None] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with _padding_side(processor, "left"), torch.inference_mode():
-            for part in _batches(len(examples), batch_size):
-                inputs = _encode(processor, texts[part], [ex["image"] for ex in examples[part]], model.device)
-                generated = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    # A checkpoint's generation_config may carry sampling defaults (top_k, top_p);
-                    # greedy decoding must not inherit them.
-                    top_k=None,
-                    top_p=None,
-                    suppress_tokens=vision_token_ids(model.config),
-                    # The raw logits of every step (before the suppression above), to read P(Yes).
-                    return_dict_in_generate=read_answers,
-                    output_logits=read_answers,
-                    **sampling,
+    for part, inputs in encoded_batches(model, processor, texts, examples, batch_size):
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            # A checkpoint's generation_config may carry sampling defaults (top_k, top_p);
+            # greedy decoding must not inherit them.
+            top_k=None,
+            top_p=None,
+            suppress_tokens=vision_token_ids(model.config),
+            # The raw logits of every step (before the suppression above), to read P(Yes).
+            return_dict_in_generate=read_answers,
+            output_logits=read_answers,
+            **sampling,
+        )
+        sequences = generated.sequences if read_answers else generated
+        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+        completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        outputs.extend(completions)
+        if read_answers:
+            for row, (prompt, completion) in enumerate(zip(texts[part], completions, strict=True)):
+                read.append(
+                    _answer_probability_from_generation(
+                        tokenizer, prompt, completion, new_tokens[row].tolist(), generated.logits, row
+                    )
                 )
-                sequences = generated.sequences if read_answers else generated
-                new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-                completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                outputs.extend(completions)
-                if read_answers:
-                    for row, (prompt, completion) in enumerate(zip(texts[part], completions, strict=True)):
-                        read.append(
-                            _answer_probability_from_generation(
-                                tokenizer, prompt, completion, new_tokens[row].tolist(), generated.logits, row
-                            )
-                        )
-    finally:
-        model.train(was_training)
     return outputs, read
 
 

@@ -108,6 +108,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "balance_hospitals": False,
         "freeze_vision": False,
         "rationale_findings": False,  # with model.sft_rationale: targets state the measured findings
+        # After training, the Yes/No output rows re-fit by a logistic regression on the answer
+        # position's hidden state (ecg_r1.training.readout; answer-only targets only).
+        "refit_answer_readout": False,
     },
     "grpo": {
         "start": "warmup",  # base | vision | warmup | sft: the model GRPO starts from

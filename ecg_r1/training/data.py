@@ -406,6 +406,18 @@ def prompt_options(profile: Profile, stage: str) -> PromptOptions:
     )
 
 
+def case_examples(cases: pl.DataFrame) -> list[dict[str, Any]]:
+    """The cases as inference examples (:mod:`ecg_r1.modeling.inference`): each page opened as an
+    RGB image, with the case's age, sex and note as written."""
+    from PIL import Image
+
+    examples = []
+    for row in cases.select("image_path", "age", "sex", "note").iter_rows(named=True):
+        with Image.open(row["image_path"]) as image:
+            examples.append({**row, "image": image.convert("RGB")})
+    return examples
+
+
 def training_cases(
     profile: Profile, stage: str, cohort_dir: str | Path, splits_path: str | Path, images_dir: str | Path
 ) -> pl.DataFrame:

@@ -329,6 +329,9 @@ class TrainerJob:
         samples: ``samples(model, processor, step)`` returns sample-completion rows, or None.
         note_vocabulary: the words of the training cases' notes; the trained model folder carries
             them (``note_vocabulary.json``), what ``model.unseen_note_words: mark`` reads at inference.
+        finish: ``finish(model, processor)`` runs after training on the trained model (LoRA merged)
+            and before it is saved; it may change the weights (the SFT answer read-out re-fit) and
+            returns metrics logged with the run; or None.
     """
 
     stage: str
@@ -340,6 +343,7 @@ class TrainerJob:
     register_as: str | None = None
     samples: Callable[[Any, Any, int], list[dict[str, Any]]] | None = None
     note_vocabulary: frozenset[str] | None = None
+    finish: Callable[[Any, Any], dict[str, float]] | None = None
 
 
 def score_labelled_positions_only() -> None:
@@ -399,6 +403,12 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
         batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
         if stage == "grpo":  # a GRPO step consumes batch / num_generations distinct prompts
             batch = batch // max(1, trainer.args.num_generations)
+        trained = trainer.model
+        finished: dict[str, float] = {}
+        if job.finish is not None:
+            if hasattr(trained, "merge_and_unload"):  # a peft model: the re-fit reads the merged weights
+                trained = trained.merge_and_unload()
+            finished = job.finish(trained, processor)
         model_dir = out_dir / MODEL
         info = {
             "stage": stage,
@@ -408,7 +418,7 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             "mlflow_run_id": run_id,
             **provenance,
         }
-        save_model_folder(trainer.model, processor, model_dir, info=info)
+        save_model_folder(trained, processor, model_dir, info=info)
         history = list(trainer.state.log_history)
         metrics = _final_metrics(history)
         summary = {
@@ -417,13 +427,14 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             "samples_per_second": run_steps * batch / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": peak_rss_mb(),
             "train_loss_mean": float(output.training_loss),
+            **finished,
         }
         log_run_metrics(run_id, summary, steps)
         rows = []
         for callback in attached:
             rows.extend(getattr(callback, "rows", []))
         if job.samples is not None and run_id is not None:
-            rows.extend(job.samples(trainer.model, processor, steps))
+            rows.extend(job.samples(trained, processor, steps))
         if run_id is not None and rows:
             from ecg_r1.tracking.runs import log_completions_table
 
