@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from ecg_r1.modeling.inference import forced_answer_prefix
+from ecg_r1.modeling.inference import answer_token_ids, encoded_batches, forced_answer_prefix, prompt_texts
 from ecg_r1.modeling.prompts import format_target
+from ecg_r1.training.data import case_examples
 
-# Inverse L2 strengths tried on the 576 (smol) or 192 (tiny) hidden dimensions; fitted on the
-# answer position alone, val chose 1 for the smol SFT model (0.713, against 0.571-0.704 for 1e-4 to 0.3).
+# Inverse L2 strengths tried on the 576 (smol) or 192 (tiny) hidden dimensions; val chose 1 for the
+# smol long run's SFT model, 0.03 to 10 for three tiny SFT seeds.
 READOUT_CS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
@@ -73,8 +74,6 @@ def answer_token_pair(tokenizer: Any) -> tuple[int, int]:
     Raises:
         ValueError: when either word is not one token there (the re-fit sets one row per word).
     """
-    from ecg_r1.modeling.inference import answer_token_ids
-
     ids = answer_token_ids(tokenizer, forced_answer_prefix(""))
     if ids is None:
         raise ValueError("the tokenizer does not spell Yes and No as one token each after <answer>")
@@ -108,8 +107,6 @@ def completion_states(
 
     The answer position's state does not depend on X (it comes before it); the positions after it do.
     """
-    from ecg_r1.modeling.inference import encoded_batches, prompt_texts
-
     if len(answers) != len(examples):
         raise ValueError(f"{len(answers)} answers for {len(examples)} examples; pass one per example")
     tokenizer = processor.tokenizer
@@ -256,8 +253,6 @@ def refit_answer_readout(
     a boolean label), shown as inference shows them: notes as written, unseen words marked the way
     the processor's profile says. The model is changed in place when a ``C`` is eligible.
     """
-    from ecg_r1.training.data import case_examples
-
     ids = answer_token_pair(processor.tokenizer)
 
     def states(cases: Any) -> tuple[CompletionStates, np.ndarray]:
