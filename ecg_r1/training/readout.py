@@ -36,6 +36,7 @@ from ecg_r1.training.data import case_examples
 # Inverse L2 strengths tried on the 576 (smol) or 192 (tiny) hidden dimensions; val chose 1 for the
 # smol long run's SFT model, 0.03 to 10 for three tiny SFT seeds.
 READOUT_CS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+PAGES_AT_A_TIME = 256
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,16 @@ def refit_answer_readout(
     ids = answer_token_pair(processor.tokenizer)
 
     def states(cases: Any) -> tuple[CompletionStates, np.ndarray]:
-        labels = cases["label"].to_numpy()
-        return completion_states(model, processor, case_examples(cases), labels, batch_size), labels
+        # a few hundred pages open at a time, so a cohort of any size never sits in memory
+        parts = [
+            completion_states(model, processor, case_examples(chunk), chunk["label"].to_numpy(), batch_size)
+            for chunk in cases.iter_slices(PAGES_AT_A_TIME)
+        ]
+        joined = CompletionStates(
+            answer=np.concatenate([part.answer for part in parts]),
+            others=np.concatenate([part.others for part in parts]),
+        )
+        return joined, cases["label"].to_numpy()
 
     head = model.get_output_embeddings().weight.detach().float().cpu().numpy()
     fit = fit_answer_readout(states(train_cases), states(select_cases), head, ids)
