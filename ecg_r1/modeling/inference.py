@@ -346,37 +346,22 @@ def answer_probability(
     one_pass = [i for i, ids in enumerate(token_ids) if ids is not None]
     two_pass = [i for i, ids in enumerate(token_ids) if ids is None]
     probabilities = np.empty(len(examples), dtype=np.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        with _padding_side(processor, "left"), torch.inference_mode():
-            for part in _batches(len(one_pass), batch_size):
-                indices = one_pass[part]
-                inputs = _encode(
-                    processor,
-                    [prefixes[i] for i in indices],
-                    [examples[i]["image"] for i in indices],
-                    model.device,
-                )
-                # Left padding: every row's last position predicts the answer word.
-                logprobs = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), dim=-1)
-                for row, index in enumerate(indices):
-                    yes_id, no_id = token_ids[index]
-                    lp_yes, lp_no = float(logprobs[row, yes_id]), float(logprobs[row, no_id])
-                    probabilities[index] = _yes_probability(lp_yes, lp_no)
-            for part in _batches(len(two_pass), batch_size):
-                indices = two_pass[part]
-                texts, images = [], []
-                for index in indices:
-                    texts.extend((prefixes[index] + YES, prefixes[index] + NO))
-                    images.extend((examples[index]["image"], examples[index]["image"]))
-                inputs = _encode(processor, texts, images, model.device)
-                scores = _continuation_logprobs(model, inputs)
-                for offset, index in enumerate(indices):
-                    lp_yes, lp_no = scores[2 * offset], scores[2 * offset + 1]
-                    probabilities[index] = _yes_probability(lp_yes, lp_no)
-    finally:
-        model.train(was_training)
+    one_pass_texts = [prefixes[i] for i in one_pass]
+    for part, inputs in encoded_batches(
+        model, processor, one_pass_texts, [examples[i] for i in one_pass], batch_size
+    ):
+        # Left padding: every row's last position predicts the answer word.
+        logprobs = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), dim=-1)
+        for row, index in enumerate(one_pass[part]):
+            yes_id, no_id = token_ids[index]
+            probabilities[index] = _yes_probability(float(logprobs[row, yes_id]), float(logprobs[row, no_id]))
+    # Each remaining example as a (Yes, No) pair of rows; batches of 2 x batch_size keep pairs together.
+    pair_texts = [text for i in two_pass for text in (prefixes[i] + YES, prefixes[i] + NO)]
+    pair_examples = [examples[i] for i in two_pass for _ in range(2)]
+    for part, inputs in encoded_batches(model, processor, pair_texts, pair_examples, 2 * batch_size):
+        scores = _continuation_logprobs(model, inputs)
+        for offset, index in enumerate(two_pass[part.start // 2 : part.stop // 2]):
+            probabilities[index] = _yes_probability(scores[2 * offset], scores[2 * offset + 1])
     return probabilities
 
 

@@ -127,14 +127,12 @@ def completion_states(
         end = hidden.shape[1] - 1  # left padding: every row ends at the same place
         for row, index in enumerate(range(len(examples))[part]):
             prompt_length = length(prompts[index])
-            completion = length(texts[index]) - prompt_length
             # position t predicts token t + 1: the completion's tokens are predicted from the
             # last prompt token up to the one before the end of the turn's
-            first = end - completion
-            at_answer = first + length(prompts[index] + to_answer) - prompt_length
-            states = hidden[row, first:end].float().cpu().numpy()
-            answer_states.append(states[at_answer - first])
-            other_states.extend(np.delete(states, at_answer - first, axis=0))
+            states = hidden[row, end - (length(texts[index]) - prompt_length) : end].float().cpu().numpy()
+            at_answer = length(prompts[index] + to_answer) - prompt_length
+            answer_states.append(states[at_answer])
+            other_states.extend(np.delete(states, at_answer, axis=0))
     return CompletionStates(
         answer=np.asarray(answer_states, np.float64), others=np.asarray(other_states, np.float64)
     )
@@ -144,7 +142,7 @@ def _answer_logits(
     states: np.ndarray, head: np.ndarray, ids: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per state: the mean of the Yes and No logits, and the best logit of every other token."""
-    logits = states.astype(np.float32) @ head.T.astype(np.float32)
+    logits = states.astype(np.float32) @ head.T
     mean = logits[:, list(ids)].mean(axis=1)
     logits[:, list(ids)] = -np.inf
     return mean.astype(np.float64), logits.max(axis=1).astype(np.float64)
@@ -168,7 +166,7 @@ def fit_answer_readout(
 
     Args:
         train, select: ``(completion states, is_ischemic)``.
-        head: the output layer's weights ``(vocabulary, hidden)``.
+        head: the output layer's weights ``(vocabulary, hidden)``, float32 (no copy is made).
         ids: the token ids of Yes and No.
         cs: inverse regularisation strengths; ties go to the stronger regularisation.
 
@@ -187,8 +185,8 @@ def fit_answer_readout(
     x = np.vstack([states.answer, states.others, states.others])
     y = np.concatenate([y_train, np.ones(anchors, bool), np.zeros(anchors, bool)])
     weight = np.concatenate([np.ones(len(y_train)), np.full(2 * anchors, 0.5)])
-    head = np.asarray(head, np.float64)
-    current = head[ids[0]] - head[ids[1]]
+    head = np.asarray(head, np.float32)  # the vocabulary's logits in the model's own precision
+    current = head[ids[0]].astype(np.float64) - head[ids[1]]
     answer_mean, answer_best_other = _answer_logits(chosen.answer, head, ids)
     others_mean, others_best = _answer_logits(chosen.others, head, ids)
     directions, scores, changed = {}, {}, {}
