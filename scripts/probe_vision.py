@@ -11,6 +11,11 @@ read what the tower shows. Reads the cohort, splits and images of the default la
 With ``--with-note`` it also fits a reader of the note's word flags (the feature baseline's) and
 combines the two readers' log-odds on val: what the page and the note carry together for a linear
 reader, to set beside a trained model's row with the note.
+
+``--measurements`` prints how well the tokens show each measured finding (ridge R² per family on
+val and both test splits: which finding the tower does not show); ``--boosted`` fits the feature
+baseline's booster on the tokens' principal components with the age, sex and note a prompt holds,
+and without the note (whether a non-linear reader of the prompt reaches the feature baseline).
 """
 
 from __future__ import annotations
@@ -19,10 +24,20 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
+from ecg_r1.data.features import FEATURE_COLUMNS
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN, VAL
-from ecg_r1.evaluation.cases import evaluation_cases
+from ecg_r1.evaluation.baselines import clinical_numbers
+from ecg_r1.evaluation.cases import add_features, evaluation_cases
 from ecg_r1.evaluation.evaluate import labels_to_truth
-from ecg_r1.evaluation.probe import ProbeResult, fit_page_and_note_probe, fit_probe
+from ecg_r1.evaluation.probe import (
+    ProbeResult,
+    fit_boosted_probe,
+    fit_measurement_probe,
+    fit_page_and_note_probe,
+    fit_probe,
+)
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
@@ -51,15 +66,28 @@ def main() -> None:
     parser.add_argument(
         "--with-note", action="store_true", help="also a note reader and the page and note readers combined"
     )
+    parser.add_argument(
+        "--measurements", action="store_true", help="also R² of each measured finding read off the tokens"
+    )
+    parser.add_argument(
+        "--boosted",
+        action="store_true",
+        help="also gradient boosting on the tokens' components, age, sex, note",
+    )
     args = parser.parse_args()
 
     model, processor = load_model_and_processor(args.model, load_profile(args.profile))
     images = args.images or args.data / "images"
-    features = {}
+    features, measured, clinical = {}, {}, {}
+    measurements = [name for name in FEATURE_COLUMNS if name != "n_beats"]
     for split in (TRAIN, VAL, TEST_INTERNAL, TEST_EXTERNAL):
         cases = evaluation_cases(args.data / "cohort", args.data / "splits" / "splits.parquet", images, split)
         tokens = page_tokens(model, processor, cases["image_path"].to_list())
         features[split] = (tokens, cases["note"].to_list(), labels_to_truth(cases["label"]))
+        if args.measurements:
+            measured[split] = add_features(cases, args.data / "cohort").select(measurements).to_numpy()
+        if args.boosted:
+            clinical[split] = cases.select(clinical_numbers(cases)).to_numpy().astype(np.float64)
         print(f"{split}: {len(cases)} pages, {tokens.shape[1]} tokens x {tokens.shape[2]}", flush=True)
     tests = (TEST_INTERNAL, TEST_EXTERNAL)
     if args.with_note:
@@ -82,8 +110,28 @@ def main() -> None:
     if args.with_note:
         for split, m in both.metrics.items():
             print(f"page + note, {SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
+    figures = {"model": str(args.model), **_reader_figures(readers["page"])}
+    if args.measurements:
+        shown = fit_measurement_probe(
+            (features[TRAIN][0], measured[TRAIN]),
+            {s: (features[s][0], measured[s]) for s in (VAL, *tests)},
+            measurements,
+        )
+        for split in (VAL, *tests):
+            families = ", ".join(f"{name} {r2:.2f}" for name, r2 in shown.by_family(split).items())
+            print(f"measurements read off the tokens, R² on {SPLIT_TITLES.get(split, split)}: {families}")
+        figures["measurement_r2"] = shown.r2
+    if args.boosted:
+        inputs = {s: (features[s][0], clinical[s], features[s][1], features[s][2]) for s in features}
+        for with_note in (True, False):
+            boosted = fit_boosted_probe(
+                inputs[TRAIN], {s: inputs[s] for s in tests}, with_note=with_note, n_boot=args.n_boot
+            )
+            name = "boosted page + age, sex" + (" + note" if with_note else "")
+            for split, m in boosted.items():
+                print(f"{name}, {SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
+            figures[name] = {split: m.flat() for split, m in boosted.items()}
     if args.out is not None:
-        figures = {"model": str(args.model), **_reader_figures(readers["page"])}
         if args.with_note:
             figures["note"] = _reader_figures(both.note)
             figures["page_and_note"] = {

@@ -95,6 +95,30 @@ def note_vectorizer() -> CountVectorizer:
     return CountVectorizer(binary=True, ngram_range=(1, 2), min_df=NOTE_MIN_DF, max_features=NOTE_VOCABULARY)
 
 
+def boosted_classifier(
+    seed: int = 0, max_iter: int = 300, learning_rate: float = 0.05
+) -> HistGradientBoostingClassifier:
+    """The feature baseline's gradient-boosting classifier (unfitted); the boosted probe reuses it."""
+    return HistGradientBoostingClassifier(
+        max_iter=max_iter,
+        learning_rate=learning_rate,
+        max_leaf_nodes=15,
+        l2_regularization=1.0,
+        random_state=seed,
+    )
+
+
+def clinical_numbers(cases: pl.DataFrame) -> list[pl.Expr]:
+    """The :data:`CLINICAL_NUMERIC` columns of ``cases``: age, and sex as 1 (M) / 0 (F); null if absent."""
+    age = pl.col("age").cast(pl.Float64) if "age" in cases.columns else pl.lit(None, pl.Float64)
+    sex = (
+        pl.when(pl.col("sex") == "M").then(1.0).when(pl.col("sex") == "F").then(0.0).otherwise(None)
+        if "sex" in cases.columns
+        else pl.lit(None, pl.Float64)
+    )
+    return [age.alias(CLINICAL_NUMERIC[0]), sex.alias(CLINICAL_NUMERIC[1])]
+
+
 def _labelled(frame: pl.DataFrame) -> pl.DataFrame:
     if "label" not in frame.columns:
         raise ValueError("the training table needs a 'label' column")
@@ -179,12 +203,6 @@ class FeatureBaseline:
                 "ecg_r1.data.features.with_features(cohort, signals)"
             )
         cols = [pl.col(c).cast(pl.Float64) for c in MEASURED_COLUMNS]
-        age = pl.col("age").cast(pl.Float64) if "age" in cases.columns else pl.lit(None, pl.Float64)
-        sex = (
-            pl.when(pl.col("sex") == "M").then(1.0).when(pl.col("sex") == "F").then(0.0).otherwise(None)
-            if "sex" in cases.columns
-            else pl.lit(None, pl.Float64)
-        )
         note = pl.col("note").fill_null("") if "note" in cases.columns else pl.lit("")
         territory = []
         for name, leads in TERRITORIES.items():
@@ -195,9 +213,7 @@ class FeatureBaseline:
                 )
             )
             territory.append(pl.min_horizontal(amps).alias(f"min_t_{name}"))
-        out = cases.select(
-            *cols, *territory, age.alias("age"), sex.alias("sex_male"), note.cast(pl.String).alias("note")
-        )
+        out = cases.select(*cols, *territory, *clinical_numbers(cases), note.cast(pl.String).alias("note"))
         return out.to_pandas()
 
     def _build(self, with_note: bool) -> Pipeline:
@@ -214,16 +230,7 @@ class FeatureBaseline:
         return Pipeline(
             [
                 ("columns", ColumnTransformer(blocks, sparse_threshold=0.0)),
-                (
-                    "boost",
-                    HistGradientBoostingClassifier(
-                        max_iter=self.max_iter,
-                        learning_rate=self.learning_rate,
-                        max_leaf_nodes=15,
-                        l2_regularization=1.0,
-                        random_state=self.seed,
-                    ),
-                ),
+                ("boost", boosted_classifier(self.seed, self.max_iter, self.learning_rate)),
             ]
         )
 

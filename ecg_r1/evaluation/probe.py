@@ -11,6 +11,17 @@ them (docs/tiny_recipe.md).
 (the feature baseline's :func:`ecg_r1.evaluation.baselines.note_vectorizer`) and the two readers'
 log-odds combined by a logistic regression fitted on the validation split. Beside a trained
 model's row with the note, it says what the prompt's two parts carry together for a linear reader.
+
+Two more say what a linear reader of the label cannot:
+
+* :func:`fit_measurement_probe`: ridge regressions from the tokens to each measurement of
+  :func:`ecg_r1.data.features.measure_features` (the feature baseline's inputs, and the vision
+  pre-training's regression targets), scored by R² on held-out pages. It names the finding a tower
+  does not show: on the tiny `make run` tower T amplitude reads at R² 0.86 and T symmetry, the
+  feature baseline's main in-hospital sign, at 0.10 (docs/tiny_recipe.md).
+* :func:`fit_boosted_probe`: the feature baseline's gradient boosting with the page's principal
+  components in place of the measured features, beside the age, sex and note word flags a model's
+  prompt also holds: whether a non-linear reader of the same prompt reaches the feature baseline.
 """
 
 from __future__ import annotations
@@ -176,3 +187,139 @@ def fit_page_and_note_probe(
         weights=(float(combined.coef_[0][0]), float(combined.coef_[0][1])),
         metrics=metrics,
     )
+
+
+# Ridge strengths tried for the measurement probe, chosen per measurement by leave-one-out on the
+# training pages (scikit-learn's RidgeCV). The tokens go in as they are: a tower leaves the tokens
+# of blank paper nearly constant, and standardising them made their noise the largest inputs
+# (measured on a 448 px tower: R² -20 on val). The towers here chose 0.01-1e4.
+MEASUREMENT_ALPHAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+# Principal components of the page tokens the boosted probe reads: the tiny tower's 9,216 token
+# values against about a thousand training pages; 64 components keep what a booster can split on.
+PAGE_COMPONENTS: int = 64
+
+
+@dataclass(frozen=True)
+class MeasurementProbe:
+    """How well a linear reader of the tokens recovers each measurement, per test split.
+
+    Attributes:
+        alphas: measurement -> ridge strength chosen on the training pages.
+        r2: split -> measurement -> R² on that split's pages where the measurement exists.
+    """
+
+    alphas: dict[str, float]
+    r2: dict[str, dict[str, float]]
+
+    def by_family(self, split: str) -> dict[str, float]:
+        """Mean R² per measurement family: per-lead columns (``t_sym_V2``...) as one, others alone."""
+        from ecg_r1.data.canonical import LEADS
+
+        families: dict[str, list[float]] = {}
+        for name, value in self.r2[split].items():
+            stem, _, lead = name.rpartition("_")
+            families.setdefault(stem if lead in LEADS else name, []).append(value)
+        return {family: float(np.mean(values)) for family, values in families.items()}
+
+
+def fit_measurement_probe(
+    train: tuple[np.ndarray, np.ndarray],
+    tests: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    names: Sequence[str],
+    alphas: Sequence[float] = MEASUREMENT_ALPHAS,
+) -> MeasurementProbe:
+    """Ridge regressions from the tokens to each measurement, scored by R² on every test split.
+
+    Args:
+        train: ``(tokens, measurements)``; tokens ``(cases, ...)`` are flattened per case,
+            measurements ``(cases, len(names))`` with NaN where a record could not be measured.
+        tests: split name -> the same pair; never used for fitting or choosing.
+        names: the measurements' names, one per column.
+        alphas: ridge strengths; each measurement gets the best by leave-one-out on ``train``.
+
+    Raises:
+        ValueError: when the columns do not match ``names``, or a measurement has fewer than
+            three values in ``train``.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+
+    x_train, y_train = _flat(train[0]), np.asarray(train[1], dtype=np.float64)
+    if y_train.ndim != 2 or y_train.shape[1] != len(names):
+        raise ValueError(f"measurements have shape {y_train.shape}; expected (cases, {len(names)})")
+    measured = np.isfinite(y_train)
+    # Measurements missing on the same training pages share one fit (a multi-output ridge).
+    groups: dict[bytes, list[int]] = {}
+    for column in range(len(names)):
+        if measured[:, column].sum() < 3:
+            raise ValueError(f"{names[column]} has fewer than three measured training pages")
+        groups.setdefault(measured[:, column].tobytes(), []).append(column)
+    fits, chosen = [], {}
+    for columns in groups.values():
+        rows = measured[:, columns[0]]
+        model = RidgeCV(alphas=tuple(alphas), alpha_per_target=True)
+        model.fit(x_train[rows], y_train[rows][:, columns])
+        fits.append((model, columns))
+        chosen.update(zip((names[c] for c in columns), np.atleast_1d(model.alpha_).tolist(), strict=True))
+    r2: dict[str, dict[str, float]] = {}
+    for split, (tokens, values) in tests.items():
+        x, y = _flat(tokens), np.asarray(values, dtype=np.float64)
+        scores = {}
+        for model, columns in fits:
+            predicted = model.predict(x).reshape(len(x), len(columns))  # RidgeCV drops a 1-column axis
+            for k, column in enumerate(columns):
+                rows = np.isfinite(y[:, column])
+                scores[names[column]] = (
+                    float(r2_score(y[rows, column], predicted[rows, k])) if rows.sum() > 1 else float("nan")
+                )
+        r2[split] = {name: scores[name] for name in names}
+    return MeasurementProbe(alphas=chosen, r2=r2)
+
+
+def fit_boosted_probe(
+    train: tuple[np.ndarray, np.ndarray, Sequence[str | None], np.ndarray],
+    tests: Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str | None], np.ndarray]],
+    with_note: bool = True,
+    components: int = PAGE_COMPONENTS,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, BinaryMetrics]:
+    """The feature baseline's booster on the page's principal components, clinical numbers and note.
+
+    Args:
+        train: ``(page tokens, clinical numbers (cases, k), notes, is_ischemic)``; the clinical
+            numbers are what the prompt states besides the note (age, sex as 1 = male), NaN where
+            missing; a missing note is empty text.
+        tests: split name -> the same quadruple; never used for fitting.
+        with_note: add the note's word flags (:func:`ecg_r1.evaluation.baselines.note_vectorizer`).
+        components: principal components of the tokens kept (at most the training pages' count
+            and the tokens' size).
+        n_boot, seed: bootstrap of the test metrics' CIs; ``seed`` also seeds the booster.
+
+    Returns:
+        split -> accuracy, AUROC and the rest with bootstrap CIs.
+
+    Raises:
+        ValueError: when the training split lacks one of the classes.
+    """
+    from sklearn.decomposition import PCA
+
+    from ecg_r1.evaluation.baselines import boosted_classifier, note_vectorizer
+
+    pages, y = _flat(train[0]), _labels(train[3])
+    if len(set(y.tolist())) < 2:
+        raise ValueError("the training split needs ischemic and non-ischemic cases to fit a probe")
+    pca = PCA(n_components=min(components, *pages.shape), random_state=seed).fit(pages)
+    flags = note_vectorizer().fit([note or "" for note in train[2]]) if with_note else None
+
+    def inputs(split: tuple[np.ndarray, np.ndarray, Sequence[str | None], np.ndarray]) -> np.ndarray:
+        parts = [pca.transform(_flat(split[0])), np.asarray(split[1], dtype=np.float64)]
+        if flags is not None:
+            parts.append(flags.transform([note or "" for note in split[2]]).toarray())
+        return np.hstack(parts)
+
+    booster = boosted_classifier(seed).fit(inputs(train), y)
+    return {
+        name: _score(_labels(split[3]), booster.predict_proba(inputs(split))[:, 1], n_boot, seed)
+        for name, split in tests.items()
+    }
