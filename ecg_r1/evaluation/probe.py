@@ -1,4 +1,4 @@
-"""Linear probes: how much of the label a model's inputs carry for a reader that uses them well.
+"""Probes: how much of the label, and of each measurement, a model's inputs carry for a good reader.
 
 The language model receives the vision tower's merged tokens (:func:`ecg_r1.training.vision.page_tokens`).
 A logistic regression on those tokens, fitted on the training split with the regularisation
@@ -17,8 +17,8 @@ Two more say what a linear reader of the label cannot:
 * :func:`fit_measurement_probe`: ridge regressions from the tokens to each measurement of
   :func:`ecg_r1.data.features.measure_features` (the feature baseline's inputs, and the vision
   pre-training's regression targets), scored by R² on held-out pages. It names the finding a tower
-  does not show: on the tiny `make run` tower T amplitude reads at R² 0.86 and T symmetry, the
-  feature baseline's main in-hospital sign, at 0.10 (docs/tiny_recipe.md).
+  does not show: on the tiny `make run` tower T amplitude reads at R² 0.87 on val and T symmetry,
+  the feature baseline's main in-hospital sign, at 0.21 (docs/tiny_recipe.md).
 * :func:`fit_boosted_probe`: the feature baseline's gradient boosting with the page's principal
   components in place of the measured features, beside the age, sex and note word flags a model's
   prompt also holds: whether a non-linear reader of the same prompt reaches the feature baseline.
@@ -81,12 +81,16 @@ def _labels(y: Any) -> np.ndarray:
     return np.asarray(y, dtype=bool)
 
 
+def _require_both_classes(y_train: np.ndarray) -> None:
+    if len(set(y_train.tolist())) < 2:
+        raise ValueError("the training split needs ischemic and non-ischemic cases to fit a probe")
+
+
 def _fit_best(x_train: Any, y_train: np.ndarray, x_select: Any, y_select: np.ndarray, cs: Sequence[float]):
     """The logistic regression with the ``C`` of ``cs`` best on the selection split, and every score."""
     from sklearn.linear_model import LogisticRegression
 
-    if len(set(y_train.tolist())) < 2:
-        raise ValueError("the training split needs ischemic and non-ischemic cases to fit a probe")
+    _require_both_classes(y_train)
     if not cs:
         raise ValueError("no regularisation strength to try")
     fitted, scores = {}, {}
@@ -307,8 +311,7 @@ def fit_boosted_probe(
     from ecg_r1.evaluation.baselines import boosted_classifier, note_vectorizer
 
     pages, y = _flat(train[0]), _labels(train[3])
-    if len(set(y.tolist())) < 2:
-        raise ValueError("the training split needs ischemic and non-ischemic cases to fit a probe")
+    _require_both_classes(y)
     pca = PCA(n_components=min(components, *pages.shape), random_state=seed).fit(pages)
     flags = note_vectorizer().fit([note or "" for note in train[2]]) if with_note else None
 
