@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ecg_r1.data.features import FEATURE_COLUMNS
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN, VAL
 from ecg_r1.evaluation.baselines import clinical_numbers
 from ecg_r1.evaluation.cases import add_features, evaluation_cases
@@ -41,7 +40,7 @@ from ecg_r1.evaluation.probe import (
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
-from ecg_r1.training.vision import page_tokens
+from ecg_r1.training.vision import REGRESSION_TARGETS, page_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,13 +78,12 @@ def main() -> None:
     model, processor = load_model_and_processor(args.model, load_profile(args.profile))
     images = args.images or args.data / "images"
     features, measured, clinical = {}, {}, {}
-    measurements = [name for name in FEATURE_COLUMNS if name != "n_beats"]
     for split in (TRAIN, VAL, TEST_INTERNAL, TEST_EXTERNAL):
         cases = evaluation_cases(args.data / "cohort", args.data / "splits" / "splits.parquet", images, split)
         tokens = page_tokens(model, processor, cases["image_path"].to_list())
         features[split] = (tokens, cases["note"].to_list(), labels_to_truth(cases["label"]))
         if args.measurements:
-            measured[split] = add_features(cases, args.data / "cohort").select(measurements).to_numpy()
+            measured[split] = add_features(cases, args.data / "cohort").select(REGRESSION_TARGETS).to_numpy()
         if args.boosted:
             clinical[split] = cases.select(clinical_numbers(cases)).to_numpy().astype(np.float64)
         print(f"{split}: {len(cases)} pages, {tokens.shape[1]} tokens x {tokens.shape[2]}", flush=True)
@@ -115,7 +113,7 @@ def main() -> None:
         shown = fit_measurement_probe(
             (features[TRAIN][0], measured[TRAIN]),
             {s: (features[s][0], measured[s]) for s in (VAL, *tests)},
-            measurements,
+            REGRESSION_TARGETS,  # the measurements the vision pre-training teaches the tower
         )
         for split in (VAL, *tests):
             families = ", ".join(f"{name} {r2:.2f}" for name, r2 in shown.by_family(split).items())
@@ -130,7 +128,8 @@ def main() -> None:
             name = "boosted page + age, sex" + (" + note" if with_note else "")
             for split, m in boosted.items():
                 print(f"{name}, {SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
-            figures[name] = {split: m.flat() for split, m in boosted.items()}
+            key = "boosted_with_note" if with_note else "boosted_without_note"
+            figures[key] = {split: m.flat() for split, m in boosted.items()}
     if args.out is not None:
         if args.with_note:
             figures["note"] = _reader_figures(both.note)

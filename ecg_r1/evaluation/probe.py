@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ecg_r1.data.canonical import LEADS
 from ecg_r1.evaluation.evaluate import BinaryMetrics, evaluate_binary
 
 # Inverse L2 strengths tried; the tokens number thousands per page against about a thousand
@@ -217,8 +218,6 @@ class MeasurementProbe:
 
     def by_family(self, split: str) -> dict[str, float]:
         """Mean R² per measurement family: per-lead columns (``t_sym_V2``...) as one, others alone."""
-        from ecg_r1.data.canonical import LEADS
-
         families: dict[str, list[float]] = {}
         for name, value in self.r2[split].items():
             stem, _, lead = name.rpartition("_")
