@@ -16,6 +16,9 @@ reader, to set beside a trained model's row with the note.
 val and both test splits: which finding the tower does not show); ``--boosted`` fits the feature
 baseline's booster on the tokens' principal components with the age, sex and note a prompt holds,
 and without the note (whether a non-linear reader of the prompt reaches the feature baseline).
+On a simulated cohort, ``--drawn-findings TRUTH`` (the simulator's ``truth.parquet``) scores how
+well the tokens show each yes/no ECG finding the simulator drew (T symmetry, ST depression, high
+voltage, long QT, Q and U waves): AUROC of a linear and a boosted reader of the page alone.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN, VAL
 from ecg_r1.evaluation.baselines import clinical_numbers
@@ -40,6 +44,7 @@ from ecg_r1.evaluation.probe import (
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
+from ecg_r1.simulate.truth import ECG_FINDINGS
 from ecg_r1.training.vision import REGRESSION_TARGETS, page_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +78,20 @@ def main() -> None:
         action="store_true",
         help="also gradient boosting on the tokens' components, age, sex, note",
     )
+    parser.add_argument(
+        "--drawn-findings",
+        type=Path,
+        default=None,
+        metavar="TRUTH",
+        help="simulated cohort: AUROC of each yes/no ECG finding the simulator drew (its truth.parquet)",
+    )
     args = parser.parse_args()
 
     model, processor = load_model_and_processor(args.model, load_profile(args.profile))
     images = args.images or args.data / "images"
-    features, measured, clinical = {}, {}, {}
+    features, measured, clinical, drawn = {}, {}, {}, {}
+    yes_no = [f.name for f in ECG_FINDINGS if f.categories == ("no", "yes")]
+    truth = pl.read_parquet(args.drawn_findings).select("record_id", *yes_no) if args.drawn_findings else None
     for split in (TRAIN, VAL, TEST_INTERNAL, TEST_EXTERNAL):
         cases = evaluation_cases(args.data / "cohort", args.data / "splits" / "splits.parquet", images, split)
         tokens = page_tokens(model, processor, cases["image_path"].to_list())
@@ -86,6 +100,8 @@ def main() -> None:
             measured[split] = add_features(cases, args.data / "cohort").select(REGRESSION_TARGETS).to_numpy()
         if args.boosted:
             clinical[split] = cases.select(clinical_numbers(cases)).to_numpy().astype(np.float64)
+        if truth is not None:
+            drawn[split] = cases.select("record_id").join(truth, on="record_id", how="left")
         print(f"{split}: {len(cases)} pages, {tokens.shape[1]} tokens x {tokens.shape[2]}", flush=True)
     tests = (TEST_INTERNAL, TEST_EXTERNAL)
     if args.with_note:
@@ -130,6 +146,31 @@ def main() -> None:
                 print(f"{name}, {SPLIT_TITLES[split]}: n {m.n}, accuracy {m.accuracy}, AUROC {m.auroc}")
             key = "boosted_with_note" if with_note else "boosted_without_note"
             figures[key] = {split: m.flat() for split, m in boosted.items()}
+    if truth is not None:
+        figures["drawn_findings"] = {}
+        for name in yes_no:
+            found = {s: (drawn[s][name] == "yes").fill_null(False).to_numpy() for s in drawn}
+            page_only = {
+                s: (features[s][0], np.zeros((len(found[s]), 0)), features[s][1], found[s]) for s in drawn
+            }
+            linear = fit_probe(
+                (features[TRAIN][0], found[TRAIN]),
+                (features[VAL][0], found[VAL]),
+                {s: (features[s][0], found[s]) for s in tests},
+                n_boot=args.n_boot,
+            ).metrics
+            boosted = fit_boosted_probe(
+                page_only[TRAIN], {s: page_only[s] for s in tests}, with_note=False, n_boot=args.n_boot
+            )
+            shown = "; ".join(
+                f"{SPLIT_TITLES[s]} AUROC linear {linear[s].auroc.value:.3f}, boosted {boosted[s].auroc.value:.3f}"
+                for s in tests
+            )
+            print(f"drawn finding {name}: {shown}")
+            figures["drawn_findings"][name] = {
+                "linear": {s: m.flat() for s, m in linear.items()},
+                "boosted": {s: m.flat() for s, m in boosted.items()},
+            }
     if args.out is not None:
         if args.with_note:
             figures["note"] = _reader_figures(both.note)
