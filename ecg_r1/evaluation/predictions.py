@@ -68,12 +68,11 @@ def predict_cases(
         the think block of a valid completion or the raw text of an invalid one; and the raw
         completions in case order.
     """
-    from PIL import Image
-
     from ecg_r1.modeling.inference import generate_and_score
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.profiles import Profile, load_profile
     from ecg_r1.modeling.prompts import parse_completion
+    from ecg_r1.training.data import case_examples
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     if ablation is not None and ablation not in INPUTS_TAKEN_AWAY:
@@ -86,7 +85,6 @@ def predict_cases(
     model, processor = load_model_and_processor(model_dir, profile)
     completions: list[str] = []
     p_yes = np.empty(cases.height, dtype=np.float64)
-    rows = cases.select("image_path", "age", "sex", "note").to_dicts()
     blank_page = None
     if ablation == "image":
         from ecg_r1.data.canonical import LEADS, N_SAMPLES
@@ -94,23 +92,21 @@ def predict_cases(
 
         blank_page = render_page(np.zeros((len(LEADS), N_SAMPLES), np.float32), profile.render_config())
         blank_page = blank_page.convert("RGB")
-    if ablation == "note":
-        rows = [{**row, "note": None} for row in rows]
-    starts = range(0, len(rows), batch_size)
+    starts = range(0, cases.height, batch_size)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc=f"predict {name or Path(model_dir).name}", unit="batch")
     for start in starts:
-        batch = rows[start : start + batch_size]
-        examples = []
-        for row in batch:
-            if blank_page is not None:
-                examples.append({**row, "image": blank_page})
-                continue
-            with Image.open(row["image_path"]) as image:
-                examples.append({**row, "image": image.convert("RGB")})
-        texts, p_yes[start : start + len(batch)] = generate_and_score(
+        batch = cases.slice(start, batch_size)
+        if blank_page is not None:  # every page the same blank one: none is opened
+            rows = batch.select("image_path", "age", "sex", "note").to_dicts()
+            examples = [{**row, "image": blank_page} for row in rows]
+        else:
+            examples = case_examples(batch)
+        if ablation == "note":
+            examples = [{**example, "note": None} for example in examples]
+        texts, p_yes[start : start + len(examples)] = generate_and_score(
             model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
         completions.extend(texts)

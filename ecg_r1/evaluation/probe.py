@@ -82,6 +82,11 @@ def _labels(y: Any) -> np.ndarray:
     return np.asarray(y, dtype=bool)
 
 
+def _texts(notes: Sequence[str | None]) -> list[str]:
+    """The notes as the word-flag reader takes them: a missing note is empty text."""
+    return [note or "" for note in notes]
+
+
 def _require_both_classes(y_train: np.ndarray) -> None:
     if len(set(y_train.tolist())) < 2:
         raise ValueError("the training split needs ischemic and non-ischemic cases to fit a probe")
@@ -159,15 +164,12 @@ def fit_page_and_note_probe(
 
     from ecg_r1.evaluation.baselines import note_vectorizer
 
-    def texts(notes: Sequence[str | None]) -> list[str]:
-        return [note or "" for note in notes]
-
-    flags = note_vectorizer().fit(texts(train[1]))
+    flags = note_vectorizer().fit(_texts(train[1]))
     # Each split's page and note features, built once: the selection split serves both the choice
     # of C and the combination, every test split all three readers.
     splits = {"train": train, "select": select, **{f"test {name}": split for name, split in tests.items()}}
     pages = {key: _flat(split[0]) for key, split in splits.items()}
-    notes = {key: flags.transform(texts(split[1])) for key, split in splits.items()}
+    notes = {key: flags.transform(_texts(split[1])) for key, split in splits.items()}
     labels = {key: _labels(split[2]) for key, split in splits.items()}
     page, page_c, page_scores = _fit_best(
         pages["train"], labels["train"], pages["select"], labels["select"], cs
@@ -312,12 +314,12 @@ def fit_boosted_probe(
     pages, y = _flat(train[0]), _labels(train[3])
     _require_both_classes(y)
     pca = PCA(n_components=min(components, *pages.shape), random_state=seed).fit(pages)
-    flags = note_vectorizer().fit([note or "" for note in train[2]]) if with_note else None
+    flags = note_vectorizer().fit(_texts(train[2])) if with_note else None
 
     def inputs(split: tuple[np.ndarray, np.ndarray, Sequence[str | None], np.ndarray]) -> np.ndarray:
         parts = [pca.transform(_flat(split[0])), np.asarray(split[1], dtype=np.float64)]
         if flags is not None:
-            parts.append(flags.transform([note or "" for note in split[2]]).toarray())
+            parts.append(flags.transform(_texts(split[2])).toarray())
         return np.hstack(parts)
 
     booster = boosted_classifier(seed).fit(inputs(train), y)
