@@ -28,10 +28,14 @@ import numpy as np
 
 from ecg_r1.data.readers.confined_read import read_bytes
 from ecg_r1.data.readers.records import RecordError
-from ecg_r1.data.readers.wfdb_header import FORMAT_BITS, MAX_RECORD_VALUES, Header, check_values
+from ecg_r1.data.readers.wfdb_header import (
+    FORMAT_BITS,
+    INVALID_SAMPLE,
+    MAX_RECORD_VALUES,
+    Header,
+    check_values,
+)
 
-# The sample value WFDB reserves for "no data" in 16-bit formats; read as NaN.
-WFDB_INVALID_16 = -32768
 # Formats read with numpy: dtype of one sample.
 _NUMPY_FORMATS = {16: "<i2", 61: ">i2", 80: "u1"}
 
@@ -283,10 +287,26 @@ def _to_physical(digital: np.ndarray, header: Header, out: np.ndarray | None = N
     if offsets is not None:
         physical -= offsets
     physical *= factors
-    # min() is one cheap pass; the mask is built only for the rare record with gaps.
-    if digital.dtype.kind == "i" and digital.dtype.itemsize == 2 and digital.min() == WFDB_INVALID_16:
-        physical[(digital == WFDB_INVALID_16).T] = np.nan
+    invalid = _invalid_values(tuple([spec.fmt for spec in header.signals]))
+    # Each format's marker is the lowest value it holds, so min() (one cheap pass) finds every
+    # record that may have a gap; the mask is built only for those.
+    if invalid is not None and digital.size and digital.min() <= invalid[0]:
+        physical[(digital == invalid[1]).T] = np.nan
     return physical.T
+
+
+@functools.lru_cache(maxsize=256)
+def _invalid_values(formats: tuple[int, ...]) -> tuple[int, np.ndarray] | None:
+    """The highest missing-sample marker of a record's signals and each signal's marker (a row
+    to compare frames with), from their storage formats (:data:`INVALID_SAMPLE`); None when no
+    format has one. A signal whose format has none (format 8) gets a value no sample takes."""
+    markers = [INVALID_SAMPLE[fmt] for fmt in formats]
+    if all(marker is None for marker in markers):
+        return None
+    never = np.iinfo(np.int64).min
+    row = np.array([never if marker is None else marker for marker in markers], dtype=np.int64)
+    row.flags.writeable = False  # shared between records through the cache
+    return max(marker for marker in markers if marker is not None), row
 
 
 @functools.lru_cache(maxsize=1024)

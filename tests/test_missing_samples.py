@@ -1,0 +1,172 @@
+"""Missing samples and records spread over several signal files: each storage format's
+missing-sample marker reads as NaN on every read path, as ``wfdb.rdrecord`` reads it, and such a
+record is quarantined as ``nan_samples``, never loaded with the marker as a voltage; the signal
+files a header names are part of its record, not orphans."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import wfdb
+from test_bad_input import FS, ecg
+
+from ecg_r1.data.canonical import LEADS
+from ecg_r1.data.ingest import ingest
+from ecg_r1.data.readers.wfdb_header import INVALID_SAMPLE, parse_header
+from ecg_r1.data.readers.wfdb_signal import read_signal
+from ecg_r1.data.readers.wfdb_write import write_record
+from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
+
+# The formats wfdb.wrsamp writes; FLAC (508/516/524) needs soundfile. Twelve leads are more than
+# one FLAC file holds (8 channels), so wfdb writes those records as NAME_1.dat + NAME_2.dat.
+_FLAC = pytest.mark.skipif(importlib.util.find_spec("soundfile") is None, reason="soundfile not installed")
+WRITTEN_FORMATS = [
+    "80", "212", "16", "24", "32",
+    pytest.param("508", marks=_FLAC), pytest.param("516", marks=_FLAC), pytest.param("524", marks=_FLAC),
+]  # fmt: skip
+# Gaps: a few samples in two leads, inside the 10 s ingest keeps.
+GAPS = ((slice(1000, 1010), 2), (slice(4000, 4003), 7))
+
+
+def _with_gaps(seed: int) -> np.ndarray:
+    signal = ecg(seed)
+    for rows, lead in GAPS:
+        signal[rows, lead] = np.nan
+    return signal
+
+
+def _wrsamp(folder: Path, name: str, signal: np.ndarray, fmt: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(
+        name, fs=FS, units=["mV"] * 12, sig_name=list(LEADS), p_signal=signal, fmt=[fmt] * 12,
+        write_dir=str(folder),
+    )  # fmt: skip
+    return folder / f"{name}.hea"
+
+
+def _assert_reads_as_wfdb(header: Path) -> None:
+    """Every sample matches wfdb.rdrecord of the same files: NaN where it has NaN, else within one
+    ADC unit (plus a microvolt: float32 rounds 24- and 32-bit samples, at the gains wfdb picks
+    for them, by more than one unit, yet far below any ECG's resolution)."""
+    parsed = parse_header(header)
+    ours = read_signal(parsed).signal
+    reference = wfdb.rdrecord(str(header.with_suffix(""))).p_signal
+    assert ours.shape == reference.shape
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(reference))
+    assert np.isnan(reference).any()
+    one_unit = np.array([spec.mv_per_unit for spec in parsed.signals])
+    present = ~np.isnan(reference)
+    tolerance = np.broadcast_to(one_unit * 1.001 + 1e-6, ours.shape)
+    assert (np.abs(ours - reference)[present] <= tolerance[present]).all()
+
+
+def test_marker_table_is_wfdb_s() -> None:
+    from wfdb.io._signal import INVALID_SAMPLE_VALUE
+
+    assert {int(k): v for k, v in INVALID_SAMPLE_VALUE.items()} == INVALID_SAMPLE
+
+
+@pytest.mark.parametrize("fmt", WRITTEN_FORMATS)
+def test_gaps_in_each_written_format_read_as_wfdb(tmp_path: Path, fmt: str) -> None:
+    _assert_reads_as_wfdb(_wrsamp(tmp_path, f"r{fmt}", _with_gaps(1), fmt))
+
+
+@pytest.mark.parametrize(("fmt", "dtype", "offset"), [(61, ">i2", 0), (160, "<u2", 1 << 15)])
+def test_gaps_in_hand_written_16_bit_formats_read_as_wfdb(
+    tmp_path: Path, fmt: int, dtype: str, offset: int
+) -> None:
+    # Formats wfdb reads but does not write: the format-16 samples stored big-endian (61) or as
+    # offset binary (160).
+    header = write_record(tmp_path / f"r{fmt}", _with_gaps(1), FS, LEADS)
+    data = header.with_suffix(".dat")
+    digital = np.fromfile(data, dtype="<i2").astype(np.int64)
+    (digital + offset).astype(dtype).tofile(data)
+    header.write_text(header.read_text().replace(".dat 16 ", f".dat {fmt} "))
+    _assert_reads_as_wfdb(header)
+
+
+def test_skewed_signal_tail_reads_as_wfdb(tmp_path: Path) -> None:
+    # A skew of 40 samples on V1: its last 40 samples lie beyond the file, which wfdb fills with
+    # the marker; here they must be NaN too (10 s read, so the tail is inside the page).
+    header = write_record(tmp_path / "skewed", ecg(2), FS, LEADS)
+    lines = header.read_text().splitlines()
+    lines[7] = lines[7].replace(".dat 16 ", ".dat 16:40 ")
+    header.write_text("\n".join(lines) + "\n")
+    ours = read_signal(parse_header(header)).signal
+    _assert_reads_as_wfdb(header)
+    assert np.isnan(ours[-40:, 6]).all() and not np.isnan(ours[:-40]).any()
+
+
+def _multi_file(folder: Path, name: str, signal: np.ndarray) -> Path:
+    """A record whose first six leads are in NAME_a.dat (format 16), the rest in NAME_b.dat (212)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = wfdb.Record(
+        record_name=name, n_sig=12, fs=FS, sig_len=len(signal), units=["mV"] * 12, sig_name=list(LEADS),
+        file_name=[f"{name}_a.dat"] * 6 + [f"{name}_b.dat"] * 6, fmt=["16"] * 6 + ["212"] * 6,
+        adc_gain=[1000.0] * 6 + [200.0] * 6, baseline=[0] * 12, p_signal=signal,
+    )  # fmt: skip
+    record.set_d_features(do_adc=True)
+    record.set_defaults()
+    record.wrsamp(write_dir=str(folder))
+    return folder / f"{name}.hea"
+
+
+def test_gaps_in_a_record_spread_over_two_files_read_as_wfdb(tmp_path: Path) -> None:
+    _assert_reads_as_wfdb(_multi_file(tmp_path, "mf", _with_gaps(3)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, list[str]]:
+    root = tmp_path_factory.mktemp("gaps")
+    folder = root / "export"
+    write_record(folder / "E1", ecg(1), FS, LEADS)
+    _multi_file(folder, "E2", ecg(2))  # no gap: read whole and loaded
+    gapped = ["E3"]
+    _multi_file(folder, "E3", _with_gaps(3))
+    for index, fmt in enumerate(("80", "212", "16", "24", "32", "508", "516", "524"), start=4):
+        if fmt.startswith("5") and importlib.util.find_spec("soundfile") is None:
+            continue
+        _wrsamp(folder, f"E{index}", _with_gaps(index), fmt)
+        gapped.append(f"E{index}")
+    summary = ingest([folder], root / "out", workers=1)
+    return root / "out", summary, gapped
+
+
+class TestCohort:
+    """Ingest of a folder of such records: each counted once, the gaps quarantined as
+    ``nan_samples`` (also formats 24 and 32, not ``implausible_amplitude``), the rest loaded."""
+
+    def test_each_record_is_counted_once(self, run) -> None:
+        out, summary, gapped = run
+        assert summary.records_in == 2 + len(gapped)
+        assert "missing_header" not in summary.quarantined
+
+    def test_gaps_are_quarantined_as_missing_samples(self, run) -> None:
+        out, summary, gapped = run
+        quarantine = read_quarantine(out)
+        assert sorted(quarantine["record_id"].to_list()) == sorted(f"export/{name}" for name in gapped)
+        assert set(quarantine["reason"]) == {"nan_samples"}
+        assert summary.quarantined == {"nan_samples": len(gapped)}
+
+    def test_loaded_signals_hold_no_marker(self, run, tmp_path: Path) -> None:
+        out, summary, _ = run
+        cohort = read_cohort(out)
+        assert sorted(cohort["record_id"]) == ["export/E1", "export/E2"]
+        signals = open_signals(out)
+        assert np.isfinite(signals).all()
+        for row in cohort.iter_rows(named=True):
+            reference = ecg(int(row["record_id"][-1]))
+            np.testing.assert_allclose(signals[row["row"]], reference.T, atol=0.006)
+
+
+def test_record_missing_one_of_its_files_is_refused_as_such(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    write_record(folder / "E1", ecg(1), FS, LEADS)
+    _multi_file(folder, "E2", ecg(2))
+    (folder / "E2_b.dat").unlink()
+    summary = ingest([folder], tmp_path / "out", workers=1)
+    assert summary.records_in == 2 and summary.quarantined == {"missing_signal_file": 1}
+    assert "E2_b.dat" in read_quarantine(tmp_path / "out")["message"][0]
