@@ -5,7 +5,6 @@ files a header names are part of its record, not orphans."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,9 @@ from ecg_r1.data.readers.wfdb_signal import read_signal
 from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.store import open_signals, read_cohort, read_quarantine
 
-# The formats wfdb.wrsamp writes; FLAC (508/516/524) needs soundfile. Twelve leads are more than
-# one FLAC file holds (8 channels), so wfdb writes those records as NAME_1.dat + NAME_2.dat.
-_FLAC = pytest.mark.skipif(importlib.util.find_spec("soundfile") is None, reason="soundfile not installed")
-WRITTEN_FORMATS = [
-    "80", "212", "16", "24", "32",
-    pytest.param("508", marks=_FLAC), pytest.param("516", marks=_FLAC), pytest.param("524", marks=_FLAC),
-]  # fmt: skip
+# Every format wfdb.wrsamp writes (FLAC through soundfile, which wfdb requires). Twelve leads are
+# more than one FLAC file holds (8 channels), so wfdb writes those records as NAME_1.dat + NAME_2.dat.
+WRITTEN_FORMATS = ["80", "212", "16", "24", "32", "508", "516", "524"]
 # Gaps: a few samples in two leads, inside the 10 s ingest keeps.
 GAPS = ((slice(1000, 1010), 2), (slice(4000, 4003), 7))
 
@@ -126,9 +121,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, list[st
     _multi_file(folder, "E2", ecg(2))  # no gap: read whole and loaded
     gapped = ["E3"]
     _multi_file(folder, "E3", _with_gaps(3))
-    for index, fmt in enumerate(("80", "212", "16", "24", "32", "508", "516", "524"), start=4):
-        if fmt.startswith("5") and importlib.util.find_spec("soundfile") is None:
-            continue
+    for index, fmt in enumerate(WRITTEN_FORMATS, start=4):
         _wrsamp(folder, f"E{index}", _with_gaps(index), fmt)
         gapped.append(f"E{index}")
     summary = ingest([folder], root / "out", workers=1)
@@ -170,3 +163,13 @@ def test_record_missing_one_of_its_files_is_refused_as_such(tmp_path: Path) -> N
     summary = ingest([folder], tmp_path / "out", workers=1)
     assert summary.records_in == 2 and summary.quarantined == {"missing_signal_file": 1}
     assert "E2_b.dat" in read_quarantine(tmp_path / "out")["message"][0]
+
+
+def test_gap_after_the_first_10_s_is_cropped_away(tmp_path: Path) -> None:
+    # Only the first 10 s are kept: a gap beyond them leaves with the rest and the record loads.
+    folder = tmp_path / "export"
+    signal = ecg(1, n=6000)
+    signal[5500:5510, 4] = np.nan
+    write_record(folder / "E1", signal, FS, LEADS)
+    summary = ingest([folder], tmp_path / "out", workers=1)
+    assert summary.loaded == 1 and np.isfinite(open_signals(tmp_path / "out")).all()

@@ -9,8 +9,14 @@ Speed: a plain ``wfdb.rdrecord`` loop reads about 210 records per CPU-second her
 overhead. The common formats are read directly with numpy instead: WFDB format 16 / 61 / 80
 ``.dat`` files and MATLAB v4 ``.mat`` files (PhysioNet/CinC; v5 files go through scipy, their
 compressed elements expanded within the record size limit first). Anything else (format 212,
-FLAC, skewed or multi-frequency signals) falls back to ``wfdb.rdrecord``, which stays the
-reference the tests and ``benchmarks/bench_ingest.py`` compare against.
+FLAC, skewed or multi-frequency signals, records spread over several signal files) falls back
+to ``wfdb.rdrecord``, which stays the reference the tests and ``benchmarks/bench_ingest.py``
+compare against.
+
+Missing samples: whichever reader decoded the samples, :func:`_to_physical` turns each signal's
+storage-format marker (:data:`~ecg_r1.data.readers.wfdb_header.INVALID_SAMPLE`, also what wfdb
+fills a skewed signal's tail with) into NaN, so a record with gaps is refused as
+``nan_samples`` by the signal checks instead of loading the marker as a voltage.
 """
 
 from __future__ import annotations
