@@ -95,6 +95,32 @@ def test_skewed_signal_tail_reads_as_wfdb(tmp_path: Path) -> None:
     assert np.isnan(ours[-40:, 6]).all() and not np.isnan(ours[:-40]).any()
 
 
+def test_gap_in_a_signal_of_two_samples_a_frame_is_missing_in_its_frames(tmp_path: Path) -> None:
+    # Lead I at 1 kHz (2 samples a 500 Hz frame), the others at 500 Hz. A frame is one sample of
+    # the record; a frame holding a missing sample is missing, else the mean of its samples, as
+    # wfdb reads the expanded (per-sample) signal. (wfdb's own smoothing averages a marker with a
+    # real sample into a plausible value: frame 1000 below.)
+    signal = ecg(1)
+    expanded = [np.repeat(signal[:, 0], 2)] + [signal[:, k].copy() for k in range(1, 12)]
+    expanded[0][2001:2004] = np.nan  # frame 1000 half, frame 1001 whole
+    expanded[5][3000:3002] = np.nan
+    record = wfdb.Record(
+        record_name="mfq", n_sig=12, fs=FS, sig_len=len(signal), units=["mV"] * 12, sig_name=list(LEADS),
+        file_name=["mfq.dat"] * 12, fmt=["16"] * 12, samps_per_frame=[2] + [1] * 11,
+        adc_gain=[1000.0] * 12, baseline=[0] * 12, e_p_signal=expanded,
+    )  # fmt: skip
+    record.set_d_features(do_adc=True, expanded=True)
+    record.set_defaults()
+    record.wrsamp(expanded=True, write_dir=str(tmp_path))
+    ours = read_signal(parse_header(tmp_path / "mfq.hea")).signal
+    reference = wfdb.rdrecord(str(tmp_path / "mfq"), smooth_frames=False).e_p_signal
+    frames = [channel.reshape(len(signal), -1) for channel in reference]
+    expected = np.stack([channel.mean(axis=1) for channel in frames], axis=1)  # NaN where any is
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected))
+    assert list(np.flatnonzero(np.isnan(ours[:, 0]))) == [1000, 1001]
+    np.testing.assert_allclose(ours, expected, atol=1e-3 + 1e-6)
+
+
 def _multi_file(folder: Path, name: str, signal: np.ndarray) -> Path:
     """A record whose first six leads are in NAME_a.dat (format 16), the rest in NAME_b.dat (212)."""
     folder.mkdir(parents=True, exist_ok=True)

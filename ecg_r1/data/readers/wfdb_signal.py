@@ -263,15 +263,29 @@ def _expand_mat5(data: bytes, signal_path: str) -> bytes:
 def _digital_from_wfdb(header: Header) -> np.ndarray:
     import wfdb
 
+    several = any(spec.samples_per_frame > 1 for spec in header.signals)
     try:
-        record = wfdb.rdrecord(os.path.splitext(header.path)[0], physical=False)
+        record = wfdb.rdrecord(os.path.splitext(header.path)[0], physical=False, smooth_frames=not several)
+        digital = _smoothed(record, header) if several else record.d_signal
     except Exception as exc:  # wfdb raises many types; the message is what helps
         raise RecordError(
             "bad_signal_file",
             f"wfdb could not read {header.path} ({type(exc).__name__}: {exc}); check the header and signal file",
         ) from exc
-    digital = record.d_signal
     _check_length(digital.shape[0], header, header.path)
+    return digital
+
+
+def _smoothed(record: object, header: Header) -> np.ndarray:
+    """A multi-frequency record's digital signal at one sample a frame (wfdb's own averaging of
+    each frame's samples), with a frame that holds a missing sample kept missing: averaged, the
+    marker would become a plausible value."""
+    digital = record.smooth_frames("digital").astype(np.int64)  # type: ignore[attr-defined]
+    for column, (spec, expanded) in enumerate(zip(header.signals, record.e_d_signal, strict=True)):  # type: ignore[attr-defined]
+        marker = INVALID_SAMPLE[spec.fmt]
+        if spec.samples_per_frame > 1 and marker is not None:
+            gaps = (expanded.reshape(-1, spec.samples_per_frame) == marker).any(axis=1)
+            digital[gaps, column] = marker
     return digital
 
 
