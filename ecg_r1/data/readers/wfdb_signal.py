@@ -29,6 +29,7 @@ import statistics
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -276,12 +277,12 @@ def _digital_from_wfdb(header: Header) -> np.ndarray:
     return digital
 
 
-def _smoothed(record: object, header: Header) -> np.ndarray:
+def _smoothed(record: Any, header: Header) -> np.ndarray:
     """A multi-frequency record's digital signal at one sample a frame (wfdb's own averaging of
     each frame's samples), with a frame that holds a missing sample kept missing: averaged, the
     marker would become a plausible value."""
-    digital = record.smooth_frames("digital").astype(np.int64)  # type: ignore[attr-defined]
-    for column, (spec, expanded) in enumerate(zip(header.signals, record.e_d_signal, strict=True)):  # type: ignore[attr-defined]
+    digital = record.smooth_frames("digital").astype(np.int64)  # record: a wfdb.Record
+    for column, (spec, expanded) in enumerate(zip(header.signals, record.e_d_signal, strict=True)):
         marker = INVALID_SAMPLE[spec.fmt]
         if spec.samples_per_frame > 1 and marker is not None:
             gaps = (expanded.reshape(-1, spec.samples_per_frame) == marker).any(axis=1)
