@@ -13,7 +13,7 @@ from test_bad_input import FS, ecg
 from ecg_r1.cli import main as cli_main
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.data.readers.wfdb_write import write_record
-from ecg_r1.yaml_config import ConfigFileError, load_yaml_mapping
+from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
 
 # What a file holds -> a word the one-line message must carry.
 BAD_FILES = {

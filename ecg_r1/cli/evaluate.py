@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.cli.predict import add_mlflow_root
-from ecg_r1.folders import check_out_folder
+from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from ecg_r1.folders import check_out_folder
+from ecg_r1.data.folders import check_out_folder
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ecg_r1.folders import check_out_folder
+from ecg_r1.data.folders import check_out_folder
 from ecg_r1.simulate import DEFAULT_N, simulate_cohort
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecg_r1.data.folders import check_out_folder, staged_folder
 from ecg_r1.data.labels import LABELS, LabelRules, load_rules
 from ecg_r1.data.readers import discover
 from ecg_r1.data.readers.records import UNRECOGNISED_CODES, Quarantine, RecordRef
@@ -53,7 +54,6 @@ from ecg_r1.data.store import (
     SUMMARY_FILE,
     SlotFile,
 )
-from ecg_r1.folders import check_out_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def ingest(
     """Ingest records from PTB-XL, CinC, LUDB folders and manifest CSVs into a cohort folder.
 
     The cohort is written into a folder beside ``out_dir`` and renamed into place only when
-    complete (:func:`ecg_r1.folders.staged_folder`; the cohort folder follows the umask), under a
+    complete (:func:`ecg_r1.data.folders.staged_folder`; the cohort folder follows the umask), under a
     lock: an interrupted ingest (Ctrl-C, SIGTERM, a crash) leaves the old cohort as it was, and a
     second ingest into the same folder is refused while one runs.
 

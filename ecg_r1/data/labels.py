@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ecg_r1.data.canonical import LEADS, normalize_lead_name
-from ecg_r1.yaml_config import load_yaml_mapping
+from ecg_r1.data.yaml_config import load_yaml_mapping
 
 logger = logging.getLogger(__name__)
 

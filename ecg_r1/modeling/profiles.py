@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ecg_r1.yaml_config import ConfigFileError, load_yaml_mapping
+from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile tests stay fast
     import peft

@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
 from ecg_r1.modeling.profiles import Profile, config_path, shipped_names
-from ecg_r1.yaml_config import ConfigFileError, load_yaml_mapping
 
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "configs" / "launch"
 # Relative paths in a launch config (the DeepSpeed JSON) are relative to the directory
