@@ -74,13 +74,40 @@ def test_gaps_in_hand_written_16_bit_formats_read_as_wfdb(
     tmp_path: Path, fmt: int, dtype: str, offset: int
 ) -> None:
     # Formats wfdb reads but does not write: the format-16 samples stored big-endian (61) or as
-    # offset binary (160).
+    # offset binary (160). (Format 8, first differences, has no marker.)
     header = write_record(tmp_path / f"r{fmt}", _with_gaps(1), FS, LEADS)
     data = header.with_suffix(".dat")
     digital = np.fromfile(data, dtype="<i2").astype(np.int64)
     (digital + offset).astype(dtype).tofile(data)
     header.write_text(header.read_text().replace(".dat 16 ", f".dat {fmt} "))
     _assert_reads_as_wfdb(header)
+
+
+def _pack_10_bit(samples: np.ndarray, fmt: int) -> bytes:
+    """10-bit samples (a multiple of 3) in WFDB format 310 or 311: three samples in 4 bytes."""
+    unsigned = samples.astype(np.int64).reshape(-1, 3) & 0x3FF
+    s0, s1, s2 = unsigned.T
+    if fmt == 311:  # one little-endian 32-bit word: bits 0-9, 10-19, 20-29
+        return (s0 | (s1 << 10) | (s2 << 20)).astype("<u4").tobytes()
+    # 310: two little-endian 16-bit words, a sample in bits 1-10 of each, the third split over
+    # both words' bits 11-15 (low half in the first).
+    words = np.stack([(s0 << 1) | ((s2 & 0x1F) << 11), (s1 << 1) | ((s2 >> 5) << 11)], axis=1)
+    return words.astype("<u2").tobytes()
+
+
+@pytest.mark.parametrize("fmt", [310, 311])
+def test_gaps_in_hand_written_10_bit_formats_read_as_wfdb(tmp_path: Path, fmt: int) -> None:
+    gain = 100  # the ECG's +-1.3 mV in +-130 of the 10 bits' +-511
+    signal = _with_gaps(1)
+    digital = np.round(np.nan_to_num(signal) * gain).astype(np.int64)
+    digital[np.isnan(signal)] = INVALID_SAMPLE[fmt]
+    header = write_record(tmp_path / f"r{fmt}", signal, FS, LEADS)
+    header.with_suffix(".dat").write_bytes(_pack_10_bit(digital.ravel(), fmt))
+    header.write_text(header.read_text().replace(".dat 16 1000/mV 16 ", f".dat {fmt} {gain}/mV 10 "))
+    _assert_reads_as_wfdb(header)
+    # The packing is right (wfdb and this reader decode the samples that were meant).
+    meant = np.where(np.isnan(signal), np.nan, digital / gain)
+    np.testing.assert_allclose(read_signal(parse_header(header)).signal, meant, rtol=1e-6)
 
 
 def test_skewed_signal_tail_reads_as_wfdb(tmp_path: Path) -> None:
