@@ -378,14 +378,23 @@ class TestDuplicateSignals:
         assert summary.records_in == summary.loaded + 3 == 5
 
 
+def _pack_212(samples: np.ndarray) -> bytes:
+    """12-bit samples (even count) in WFDB format 212: two samples in three bytes."""
+    unsigned = samples.astype(np.int64) & 0xFFF
+    first, second = unsigned[0::2], unsigned[1::2]
+    packed = np.stack([first & 0xFF, (first >> 8) | ((second >> 8) << 4), second & 0xFF], axis=1)
+    return packed.astype(np.uint8).tobytes()
+
+
 class TestImplausibleSignals:
     RNG = np.random.default_rng(0)
 
     @pytest.mark.parametrize(
         ("fmt", "gain", "data"),
         [
-            (212, 200, RNG.bytes(5000 * 12 * 3 // 2)),
-            # Without -32768, WFDB's invalid value (refused as missing samples before this check).
+            # Without each format's missing-sample marker (-2048, -32768): refused as missing
+            # samples before this check.
+            (212, 200, _pack_212(RNG.integers(-2047, 2048, 5000 * 12))),
             (16, 4000, RNG.integers(-32767, 32768, 5000 * 12).astype("<i2").tobytes()),
         ],
         ids=["format-212", "format-16"],  # gains that put the noise in a plausible mV range
@@ -656,6 +665,17 @@ class TestAtomicOutputs:
         self._unchanged(out, files)
         assert ingest([tmp_path / "exprot"], out, workers=1, force=True).loaded == 0
 
+    @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o002, 0o775), (0o077, 0o700)])
+    def test_cohort_folder_follows_the_umask(self, cohort, umask: int, mode: int) -> None:
+        folder, out, _ = cohort
+        previous = os.umask(umask)
+        try:
+            ingest([folder], out, workers=1)
+        finally:
+            os.umask(previous)
+        assert out.stat().st_mode & 0o777 == mode
+        assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {mode & 0o666}
+
     def test_folder_that_is_no_cohort_is_not_replaced(self, cohort, tmp_path: Path) -> None:
         from ecg_r1.data.ingest import IngestRefused
 
@@ -690,3 +710,43 @@ class TestCleanCliErrors:
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"ecg-r1 {argv[0]}: error:") and "\n" not in err
+
+    @pytest.mark.parametrize(
+        "command",
+        [
+            "ingest {e} --out {out} --no-progress",
+            "ingest {e} --out {out}/cohort --no-progress",
+            "simulate --n 4 --out {out}",
+            "render {e} --out {out}",
+            "train sft --cohort {e} --splits {e} --images {e} --out {out}",
+            "evaluate --model {e} --cohort {e} --splits {e} --images {e} --out {out}",
+        ],
+        ids=["ingest", "ingest-inside-a-file", "simulate", "render", "train", "evaluate"],
+    )
+    def test_out_folder_that_is_a_file_is_refused_untouched(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+    ) -> None:
+        notes = tmp_path / "notes.txt"
+        notes.write_text("years of work")
+        export = tmp_path / "export"
+        write_record(export / "E1", ecg(1), FS, LEADS)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        argv = [arg.format(e=export, out=notes) for arg in command.split()]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ecg-r1 {argv[0]}: error:") and "\n" not in err and "notes.txt" in err
+        assert notes.read_text() == "years of work"
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no lock, no partial folder
+
+    def test_every_command_writing_an_out_folder_is_checked_above(self) -> None:
+        import argparse
+
+        from ecg_r1.cli import build_parser
+
+        subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        with_out = {
+            name
+            for name, parser in subparsers.choices.items()
+            if any("--out" in action.option_strings for action in parser._actions)
+        }
+        assert with_out == {"ingest", "simulate", "render", "train", "evaluate"}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.cli.predict import add_mlflow_root
+from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def _row_name(spec: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)  # before the heavy imports: a refusal is instant
     from ecg_r1.cli.predict import resolve_model_dir
     from ecg_r1.evaluation.comparison import run_comparison
     from ecg_r1.evaluation.real_records import REAL_SPLIT, prepare_real_records

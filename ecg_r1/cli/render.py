@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from ecg_r1.data.folders import check_out_folder
+
 logger = logging.getLogger(__name__)
 
 # Spelled out so that `--help` does not import the renderer; a test checks they match it.
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SystemExit("ecg-r1 render: --workers must be at least 1")
+    check_out_folder(args.out)
     config = build_config(args)
     path: Path = args.path
     if path.is_dir():

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ecg_r1.data.folders import check_out_folder
 from ecg_r1.simulate import DEFAULT_N, simulate_cohort
 
 
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)
     summary = simulate_cohort(
         args.out, n=args.n, hospitals=args.hospitals, seed=args.seed, workers=args.workers, progress=True
     )

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, Profile
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_out_folder(args.out)  # before the heavy imports: a refusal is instant
     import torch
 
     from ecg_r1.modeling.profiles import load_profile

@@ -30,9 +30,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -43,6 +40,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecg_r1.data.folders import check_out_folder, staged_folder
 from ecg_r1.data.labels import LABELS, LabelRules, load_rules
 from ecg_r1.data.readers import discover
 from ecg_r1.data.readers.records import UNRECOGNISED_CODES, Quarantine, RecordRef
@@ -107,9 +105,10 @@ def ingest(
 ) -> IngestSummary:
     """Ingest records from PTB-XL, CinC, LUDB folders and manifest CSVs into a cohort folder.
 
-    The cohort is written into a temporary folder beside ``out_dir`` and renamed into place only
-    when complete, under a lock: an interrupted ingest (Ctrl-C, SIGTERM, a crash) leaves the old
-    cohort as it was, and a second ingest into the same folder is refused while one runs.
+    The cohort is written into a folder beside ``out_dir`` and renamed into place only when
+    complete (:func:`ecg_r1.data.folders.staged_folder`; the cohort folder follows the umask), under a
+    lock: an interrupted ingest (Ctrl-C, SIGTERM, a crash) leaves the old cohort as it was, and a
+    second ingest into the same folder is refused while one runs.
 
     Args:
         paths: inputs; each a folder (layout detected) or a manifest CSV.
@@ -128,13 +127,14 @@ def ingest(
         IngestRefused: another ingest is writing ``out_dir``; ``out_dir`` is a non-empty folder
             that is no cohort (it would be replaced); or nothing loaded and a cohort exists there
             (a mistyped input path must not wipe it) without ``force``.
+        OutFolderError: ``out_dir`` is an existing file or lies inside one (nothing is touched).
         ValueError: ``record_timeout_s`` is not a positive number.
     """
     if not record_timeout_s > 0 or not np.isfinite(record_timeout_s):
         raise ValueError(
             f"the per-record time limit must be a positive number of seconds, got {record_timeout_s}"
         )
-    out_dir = Path(out_dir)
+    out_dir = check_out_folder(out_dir)  # before anything is made beside it (the lock, the folders)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     existing = out_dir.is_dir() and any(out_dir.iterdir())
     if existing and not (out_dir / SUMMARY_FILE).is_file():
@@ -142,20 +142,15 @@ def ingest(
             f"{out_dir} exists, is not empty and holds no cohort (no {SUMMARY_FILE}); it would be replaced "
             "as a whole: give a new or an empty folder as --out"
         )
-    with _exclusive(out_dir):
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-        try:
-            summary = _ingest_into(
-                paths, work, out_dir, rules or load_rules(), workers, progress, record_timeout_s
+    with _exclusive(out_dir), staged_folder(out_dir) as work:
+        summary = _ingest_into(
+            paths, work, out_dir, rules or load_rules(), workers, progress, record_timeout_s
+        )
+        if summary.loaded == 0 and existing and not force:
+            raise IngestRefused(
+                f"no record was loaded from {[str(p) for p in paths]}; the cohort in {out_dir} is kept "
+                "(check the input paths, or pass --force to replace it with an empty one)"
             )
-            if summary.loaded == 0 and existing and not force:
-                raise IngestRefused(
-                    f"no record was loaded from {[str(p) for p in paths]}; the cohort in {out_dir} is kept "
-                    "(check the input paths, or pass --force to replace it with an empty one)"
-                )
-            _replace(work, out_dir)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)  # gone already when the rename succeeded
     return summary
 
 
@@ -170,18 +165,6 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
                 f"another ingest is writing {out_dir}; wait for it to finish or choose another --out"
             ) from exc
         yield  # the lock goes with the file's closing, also when the process dies
-
-
-def _replace(work: Path, out_dir: Path) -> None:
-    """Put the finished cohort in place: two renames, so ``out_dir`` is the old cohort or the new
-    one at every moment (at worst a crash between them leaves the old one as ``.<name>.old-*``)."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-        os.replace(work, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, out_dir)
 
 
 def _ingest_into(

@@ -172,8 +172,8 @@ def signal_issue(
     if nan_samples:
         return (
             "nan_samples",
-            f"{nan_samples} samples are missing or not finite (NaN, infinite, or the WFDB invalid value "
-            "-32768); "
+            f"{nan_samples} samples are missing or not finite (NaN, infinite, or the value WFDB's storage "
+            "format marks a missing sample with, e.g. -32768 in format 16, -2048 in 212, -128 in 80); "
             "re-export the record without gaps or leave it out",
         )
     if max_ptp_mv > MAX_PTP_MV or max_ptp_mv < MIN_RECORD_PTP_MV:

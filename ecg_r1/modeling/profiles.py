@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile tests stay fast
     import peft
@@ -345,11 +345,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
             f"no profile {str(name_or_path)!r}: {path} does not exist; shipped profiles: {available_profiles()}"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ProfileError(f"{path} must hold a mapping at the top level")
+        raw = load_yaml_mapping(path)
+    except ConfigFileError as exc:
+        raise ProfileError(str(exc)) from exc
     return _profile_from_dict(raw, path)
 
 

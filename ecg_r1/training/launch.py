@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
 from ecg_r1.modeling.profiles import Profile, config_path, shipped_names
 
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "configs" / "launch"
@@ -151,12 +152,21 @@ def load_launch_config(name_or_path: str | Path) -> LaunchConfig:
             f"no launch config {str(name_or_path)!r}: {path} does not exist; shipped: {available_launch_configs()}"
         )
     try:
+        # Read through the one YAML loader first: a file it refuses (a tag, a parse error, a list)
+        # fails in one line here instead of a traceback from accelerate's own read of it.
+        load_yaml_mapping(path)
+    except ConfigFileError as exc:
+        raise LaunchError(str(exc)) from exc
+    try:
         cluster = ClusterConfig.from_yaml_file(str(path))
     except (ValueError, TypeError) as error:  # unknown keys, a missing distributed_type...
         raise LaunchError(f"{path}: accelerate refuses it: {error}") from error
     distributed = str(getattr(cluster.distributed_type, "value", cluster.distributed_type))
-    if cluster.num_processes is None or cluster.num_processes < 1:
-        raise LaunchError(f"{path}: num_processes must be at least 1, got {cluster.num_processes}")
+    processes = cluster.num_processes
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise LaunchError(f"{path}: num_processes must be a whole number of at least 1, got {processes!r}")
+    if not isinstance(cluster.deepspeed_config or {}, dict):
+        raise LaunchError(f"{path}: deepspeed_config must be a mapping of settings")
     ds_fields = dict(cluster.deepspeed_config or {})
     if distributed != "DEEPSPEED":
         if ds_fields:
@@ -184,7 +194,8 @@ def load_launch_config(name_or_path: str | Path) -> LaunchConfig:
         deepspeed = json.loads(ds_path.read_text())
     except json.JSONDecodeError as error:
         raise LaunchError(f"{ds_path} is not valid JSON: {error}") from error
-    stage = (deepspeed.get("zero_optimization") or {}).get("stage")
+    zero = deepspeed.get("zero_optimization") if isinstance(deepspeed, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
         raise LaunchError(f"{ds_path}: zero_optimization.stage must be 0-3, got {stage!r}")
     zero3_init = bool(ds_fields.get("zero3_init_flag", False))

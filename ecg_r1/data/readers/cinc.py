@@ -25,9 +25,10 @@ from ecg_r1.data.readers.records import (
     NOT_A_REGULAR_FILE,
     UNRECOGNISED_CODES,
     Quarantine,
+    RecordError,
     RecordRef,
 )
-from ecg_r1.data.readers.wfdb_header import Header, parse_comments
+from ecg_r1.data.readers.wfdb_header import Header, parse_comments, parse_header
 
 # Record-name prefix -> source database (Challenge 2021 sources; longest prefix first).
 CINC_SOURCES: tuple[tuple[str, str], ...] = (
@@ -63,7 +64,8 @@ def discover(root: Path) -> tuple[list[RecordRef], list[Quarantine]]:
     """Find the CinC records under ``root`` (recursively).
 
     Returns:
-        (records, quarantined inputs: signal files without a header, folders named ``*.hea``).
+        (records, quarantined inputs: signal files that no header names and that have no header
+        of their name beside them, folders named ``*.hea``).
     """
     refs = []
     # os.walk and string paths: rglob and Path sorting cost more than reading a record's header.
@@ -95,7 +97,9 @@ def discover(root: Path) -> tuple[list[RecordRef], list[Quarantine]]:
             )
         )
     stems = {header[:-4] for header in headers}
-    orphans = [Path(p) for p in sorted(signals) if p[:-4] not in stems]
+    candidates = [p for p in sorted(signals) if p[:-4] not in stems]
+    named = _named_signal_files(headers, {os.path.dirname(p) for p in candidates}, real_root)
+    orphans = [Path(p) for p in candidates if os.path.normpath(p) not in named]
     quarantined = [
         Quarantine(
             source_path=path,
@@ -118,6 +122,28 @@ def discover(root: Path) -> tuple[list[RecordRef], list[Quarantine]]:
         for path in orphans
     ]
     return refs, quarantined
+
+
+def _named_signal_files(headers: list[str], folders: set[str], root: str) -> set[str]:
+    """The signal files (normalised paths) that the headers in ``folders`` (or above them) name.
+
+    A record may spread its signals over several files (``NAME_1.dat`` and ``NAME_2.dat`` of a
+    FLAC record of more than 8 channels, or any names a header gives): they belong to its
+    record, not to a missing header. Only the folders holding a signal file with no header of
+    its own are read, so the usual folder costs nothing here; a header that cannot be read names
+    nothing (it is refused as a record of its own when it is read).
+    """
+    named: set[str] = set()
+    for header in headers:
+        folder = os.path.dirname(header)
+        if not any(other == folder or other.startswith(folder + os.sep) for other in folders):
+            continue  # no unclaimed signal file in its folder or below it
+        try:
+            parsed = parse_header(header, root)
+        except (RecordError, OSError):
+            continue
+        named.update(os.path.normpath(os.path.join(folder, spec.file_name)) for spec in parsed.signals)
+    return named
 
 
 def describe(header: Header, rules: LabelRules) -> dict[str, Any]:

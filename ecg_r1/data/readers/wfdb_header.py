@@ -57,6 +57,16 @@ FORMAT_BITS: dict[int, int | None] = {
     8: 8, 16: 16, 24: 24, 32: 32, 61: 16, 80: 8, 160: 16, 212: 12, 310: 10, 311: 10,
     508: None, 516: None, 524: None,
 }  # fmt: skip
+# The digital value each storage format reserves for a missing sample (WFDB's table, as in the
+# ``wfdb`` package's ``INVALID_SAMPLE_VALUE``; a test keeps the two equal): the lowest value the
+# format can hold. Format 8 (first differences) has none. Readers turn it into NaN, so a record
+# with gaps is refused as ``nan_samples`` instead of loading the marker as a voltage (-1.28 mV in
+# format 80 at gain 100, -10.24 mV in 212 at 200, -32.77 mV in 16, 160 and 516 at 1000).
+INVALID_SAMPLE: dict[int, int | None] = {
+    8: None, 16: -(1 << 15), 24: -(1 << 23), 32: -(1 << 31), 61: -(1 << 15), 80: -(1 << 7),
+    160: -(1 << 15), 212: -(1 << 11), 310: -(1 << 9), 311: -(1 << 9),
+    508: -(1 << 7), 516: -(1 << 15), 524: -(1 << 23),
+}  # fmt: skip
 
 
 class SignalSpec(NamedTuple):

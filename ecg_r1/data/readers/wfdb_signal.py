@@ -9,8 +9,14 @@ Speed: a plain ``wfdb.rdrecord`` loop reads about 210 records per CPU-second her
 overhead. The common formats are read directly with numpy instead: WFDB format 16 / 61 / 80
 ``.dat`` files and MATLAB v4 ``.mat`` files (PhysioNet/CinC; v5 files go through scipy, their
 compressed elements expanded within the record size limit first). Anything else (format 212,
-FLAC, skewed or multi-frequency signals) falls back to ``wfdb.rdrecord``, which stays the
-reference the tests and ``benchmarks/bench_ingest.py`` compare against.
+FLAC, skewed or multi-frequency signals, records spread over several signal files) falls back
+to ``wfdb.rdrecord``, which stays the reference the tests and ``benchmarks/bench_ingest.py``
+compare against.
+
+Missing samples: whichever reader decoded the samples, :func:`_to_physical` turns each signal's
+storage-format marker (:data:`~ecg_r1.data.readers.wfdb_header.INVALID_SAMPLE`, also what wfdb
+fills a skewed signal's tail with) into NaN, so a record with gaps is refused as
+``nan_samples`` by the signal checks instead of loading the marker as a voltage.
 """
 
 from __future__ import annotations
@@ -23,15 +29,20 @@ import statistics
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ecg_r1.data.readers.confined_read import read_bytes
 from ecg_r1.data.readers.records import RecordError
-from ecg_r1.data.readers.wfdb_header import FORMAT_BITS, MAX_RECORD_VALUES, Header, check_values
+from ecg_r1.data.readers.wfdb_header import (
+    FORMAT_BITS,
+    INVALID_SAMPLE,
+    MAX_RECORD_VALUES,
+    Header,
+    check_values,
+)
 
-# The sample value WFDB reserves for "no data" in 16-bit formats; read as NaN.
-WFDB_INVALID_16 = -32768
 # Formats read with numpy: dtype of one sample.
 _NUMPY_FORMATS = {16: "<i2", 61: ">i2", 80: "u1"}
 
@@ -253,15 +264,29 @@ def _expand_mat5(data: bytes, signal_path: str) -> bytes:
 def _digital_from_wfdb(header: Header) -> np.ndarray:
     import wfdb
 
+    several = any(spec.samples_per_frame > 1 for spec in header.signals)
     try:
-        record = wfdb.rdrecord(os.path.splitext(header.path)[0], physical=False)
+        record = wfdb.rdrecord(os.path.splitext(header.path)[0], physical=False, smooth_frames=not several)
+        digital = _smoothed(record, header) if several else record.d_signal
     except Exception as exc:  # wfdb raises many types; the message is what helps
         raise RecordError(
             "bad_signal_file",
             f"wfdb could not read {header.path} ({type(exc).__name__}: {exc}); check the header and signal file",
         ) from exc
-    digital = record.d_signal
     _check_length(digital.shape[0], header, header.path)
+    return digital
+
+
+def _smoothed(record: Any, header: Header) -> np.ndarray:
+    """A multi-frequency record's digital signal at one sample a frame (wfdb's own averaging of
+    each frame's samples), with a frame that holds a missing sample kept missing: averaged, the
+    marker would become a plausible value."""
+    digital = record.smooth_frames("digital").astype(np.int64)  # record: a wfdb.Record
+    for column, (spec, expanded) in enumerate(zip(header.signals, record.e_d_signal, strict=True)):
+        marker = INVALID_SAMPLE[spec.fmt]
+        if spec.samples_per_frame > 1 and marker is not None:
+            gaps = (expanded.reshape(-1, spec.samples_per_frame) == marker).any(axis=1)
+            digital[gaps, column] = marker
     return digital
 
 
@@ -283,10 +308,26 @@ def _to_physical(digital: np.ndarray, header: Header, out: np.ndarray | None = N
     if offsets is not None:
         physical -= offsets
     physical *= factors
-    # min() is one cheap pass; the mask is built only for the rare record with gaps.
-    if digital.dtype.kind == "i" and digital.dtype.itemsize == 2 and digital.min() == WFDB_INVALID_16:
-        physical[(digital == WFDB_INVALID_16).T] = np.nan
+    invalid = _invalid_values(tuple([spec.fmt for spec in header.signals]))
+    # Each format's marker is the lowest value it holds, so min() (one cheap pass) finds every
+    # record that may have a gap; the mask is built only for those.
+    if invalid is not None and digital.size and digital.min() <= invalid[0]:
+        physical[(digital == invalid[1]).T] = np.nan
     return physical.T
+
+
+@functools.lru_cache(maxsize=256)
+def _invalid_values(formats: tuple[int, ...]) -> tuple[int, np.ndarray] | None:
+    """The highest missing-sample marker of a record's signals and each signal's marker (a row
+    to compare frames with), from their storage formats (:data:`INVALID_SAMPLE`); None when no
+    format has one. A signal whose format has none (format 8) gets a value no sample takes."""
+    markers = [INVALID_SAMPLE[fmt] for fmt in formats]
+    if all(marker is None for marker in markers):
+        return None
+    never = np.iinfo(np.int64).min
+    row = np.array([never if marker is None else marker for marker in markers], dtype=np.int64)
+    row.flags.writeable = False  # shared between records through the cache
+    return max(marker for marker in markers if marker is not None), row
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ecg_r1.data.readers.wfdb_signal import WFDB_INVALID_16
+from ecg_r1.data.readers.wfdb_header import INVALID_SAMPLE
+
+# Format 16's missing-sample marker, what a NaN is written as.
+_INVALID_16 = INVALID_SAMPLE[16]
 
 
 def write_record(
@@ -41,8 +44,8 @@ def write_record(
     record_path = Path(record_path)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     digital = np.round(np.nan_to_num(signal, nan=0.0) * gain)
-    digital = np.clip(digital, WFDB_INVALID_16 + 1, 32767).astype("<i2")
-    digital[np.isnan(signal)] = WFDB_INVALID_16
+    digital = np.clip(digital, _INVALID_16 + 1, 32767).astype("<i2")
+    digital[np.isnan(signal)] = _INVALID_16
     digital.tofile(record_path.with_suffix(".dat"))
     name = record_path.name
     lines = [f"{name} {signal.shape[1]} {fs:g} {signal.shape[0]}"]
