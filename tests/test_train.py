@@ -337,28 +337,6 @@ class TestDatasets:
                 shown.split("Clinical note: ")[1].split("\n")[0]
             )
 
-    def test_note_swap_shows_another_training_case_note(self, data):
-        from ecg_r1.training.data import PromptOptions, grpo_dataset, load_cases, sft_dataset, sft_targets
-
-        cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
-        cases = cases.with_columns(pl.Series("note", [f"note of case {i}" for i in range(cases.height)]))
-        targets = sft_targets(cases, rationale=False)
-
-        def shown(dataset) -> list[str]:
-            return [row["prompt"][1]["content"].split("Clinical note: ")[1].split("\n")[0] for row in dataset]
-
-        swapped = shown(sft_dataset(cases, targets, PromptOptions(note_swap=1.0), seed=2))
-        assert all(s in cases["note"].to_list() for s in swapped)  # real notes of this split
-        assert all(s != own for s, own in zip(swapped, cases["note"], strict=True))  # never its own
-        assert len(set(swapped)) > 1
-        assert swapped == shown(
-            grpo_dataset(cases, PromptOptions(note_swap=1.0), seed=2)
-        )  # seeded, same for GRPO
-        mixed = shown(sft_dataset(cases, targets, PromptOptions(note_dropout=0.5, note_swap=0.5), seed=2))
-        assert "none given" in mixed and any(s.startswith("note of") for s in mixed)
-        with pytest.raises(ValueError, match="sum to at most 1"):
-            PromptOptions(note_scramble=0.6, note_swap=0.6)
-
     def test_prompt_options_read_the_stage_and_the_profile(self, tmp_path):
         from ecg_r1.modeling.profiles import load_profile
         from ecg_r1.training.data import PromptOptions, prompt_options
@@ -366,7 +344,7 @@ class TestDatasets:
         profile = load_profile(
             tiny_test_profile(
                 tmp_path / "p.yaml",
-                stages={"sft": {"note_dropout": 0.2, "note_scramble": 0.1}, "grpo": {"note_swap": 0.3}},
+                stages={"sft": {"note_dropout": 0.2, "note_scramble": 0.1}, "grpo": {"note_dropout": 0.3}},
                 image={"position": "before_question"},
                 model={"unseen_note_words": "mark"},
             )
@@ -375,30 +353,8 @@ class TestDatasets:
             note_dropout=0.2, note_scramble=0.1, image_position="before_question", unseen_note_words="mark"
         )
         assert prompt_options(profile, "grpo") == PromptOptions(
-            note_swap=0.3, image_position="before_question", unseen_note_words="mark"
+            note_dropout=0.3, image_position="before_question", unseen_note_words="mark"
         )
-
-    def test_balance_hospitals_gives_every_hospital_one_to_one_and_keeps_every_case(self):
-        from ecg_r1.training.data import balance_hospitals
-
-        cases = pl.DataFrame(
-            {
-                "record_id": [f"r{i}" for i in range(10)],
-                "hospital": ["a"] * 4 + ["b"] * 5 + ["c"],
-                "label": [True, False, False, False, True, True, True, True, False, True],
-            }
-        )
-        balanced = balance_hospitals(cases, seed=1)
-        assert balanced.head(cases.height).equals(cases)  # the originals first, unchanged
-        counts = balanced.group_by("hospital", "label").len().sort("hospital", "label")
-        assert counts.filter(pl.col("hospital") == "a")["len"].to_list() == [3, 3]
-        assert counts.filter(pl.col("hospital") == "b")["len"].to_list() == [4, 4]
-        assert counts.filter(pl.col("hospital") == "c")["len"].to_list() == [1]  # one class: kept as is
-        extra = balanced.tail(balanced.height - cases.height)
-        # re-drawn cases are the smaller class's own cases
-        assert set(extra.filter(pl.col("hospital") == "a")["record_id"]) == {"r0"}
-        assert set(extra.filter(pl.col("hospital") == "b")["record_id"]) == {"r8"}
-        assert balanced.equals(balance_hospitals(cases, seed=1))  # seeded
 
 
 class TestAnswerMasking:
@@ -595,61 +551,6 @@ class TestSFT:
         weights = _weights(result.model_dir)
         assert _changed(_weights(base_model), weights)
         assert {w.dtype for w in weights.values()} == {np.dtype("float32")}
-
-
-def _readout_profile(path: Path, vocab_size: int, **model: object):
-    """The test profile with the answer read-out re-fit on, and a tokenizer of ``vocab_size``."""
-    from ecg_r1.modeling.profiles import load_profile
-
-    raw = yaml.safe_load(tiny_test_profile(path).read_text())
-    raw["model"]["tiny"]["tokenizer"]["vocab_size"] = vocab_size
-    raw["model"].update(model)
-    raw["stages"]["sft"]["refit_answer_readout"] = True
-    path.write_text(yaml.safe_dump(raw))
-    return load_profile(path)
-
-
-class TestAnswerReadoutRefit:
-    def test_sft_saves_the_refit_rows_and_logs_the_val_accuracy_they_give(
-        self, data, tmp_path, mlflow_store, monkeypatch
-    ):
-        from ecg_r1.modeling.models import load_model_and_processor
-        from ecg_r1.training import readout, run_sft
-        from ecg_r1.training.data import case_examples, load_cases
-        from ecg_r1.training.readout import answer_direction, answer_token_pair, completion_states
-        from ecg_r1.training.stages import build_start_model
-        from mlflow import MlflowClient
-
-        # the tiny profile's vocabulary size: Yes and No are one token each
-        profile = _readout_profile(tmp_path / "p.yaml", vocab_size=1024)
-        monkeypatch.setattr(readout, "PAGES_AT_A_TIME", 3)  # the states gathered a few pages at a time
-        start = build_start_model(profile, data["cohort"], data["splits"], data["images"], tmp_path / "base")
-        result = run_sft(profile, start, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=2)
-        logged = MlflowClient().get_run(result.run_id).data.metrics
-        assert {"readout_c", "readout_val_accuracy_before", "readout_val_accuracy_after"} <= set(logged)
-        assert logged["readout_val_changed_positions"] == 0
-        assert result.metrics["readout_val_accuracy_after"] == logged["readout_val_accuracy_after"]
-        model, processor = load_model_and_processor(result.model_dir, profile)
-        val = load_cases(data["cohort"], data["splits"], data["images"], "val")
-        labels = val["label"].to_numpy()
-        states = completion_states(model, processor, case_examples(val), labels).answer
-        saved = states @ answer_direction(model, answer_token_pair(processor.tokenizer)) > 0
-        assert (saved == labels).mean() == pytest.approx(logged["readout_val_accuracy_after"])
-
-    def test_what_the_refit_cannot_read_is_refused_before_training(self, data, tmp_path):
-        from ecg_r1.training import run_sft
-        from ecg_r1.training.stages import build_start_model
-
-        profile = _readout_profile(tmp_path / "several.yaml", vocab_size=270)  # Yes and No: several tokens
-        start = build_start_model(profile, data["cohort"], data["splits"], data["images"], tmp_path / "base")
-        with pytest.raises(ValueError, match="one token each"):
-            run_sft(profile, start, **_data_kwargs(data), out_dir=tmp_path / "a", max_steps=1, tracking=False)
-        assert not (tmp_path / "a" / "model").exists()
-        rationale = _readout_profile(tmp_path / "rationale.yaml", vocab_size=270, sft_rationale=True)
-        with pytest.raises(ValueError, match="answer-only"):
-            run_sft(
-                rationale, start, **_data_kwargs(data), out_dir=tmp_path / "b", max_steps=1, tracking=False
-            )
 
 
 class TestFormatWarmup:

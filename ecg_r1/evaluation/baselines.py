@@ -89,8 +89,8 @@ def note_vectorizer() -> CountVectorizer:
     """The note's word and word-pair presence flags the feature baseline reads (unfitted).
 
     The :data:`NOTE_VOCABULARY` most frequent words and pairs of the training notes seen in at
-    least :data:`NOTE_MIN_DF` of them; also the note reader of
-    :func:`ecg_r1.evaluation.probe.fit_page_and_note_probe`.
+    least :data:`NOTE_MIN_DF` of them; also the note reader of the research probe
+    (``research/probe.py``).
     """
     return CountVectorizer(binary=True, ngram_range=(1, 2), min_df=NOTE_MIN_DF, max_features=NOTE_VOCABULARY)
 
@@ -98,7 +98,8 @@ def note_vectorizer() -> CountVectorizer:
 def boosted_classifier(
     seed: int = 0, max_iter: int = 300, learning_rate: float = 0.05
 ) -> HistGradientBoostingClassifier:
-    """The feature baseline's gradient-boosting classifier (unfitted); the boosted probe reuses it."""
+    """The feature baseline's gradient-boosting classifier (unfitted); the research probe's boosted
+    reader reuses it."""
     return HistGradientBoostingClassifier(
         max_iter=max_iter,
         learning_rate=learning_rate,

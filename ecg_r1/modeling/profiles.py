@@ -104,20 +104,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {
         "note_dropout": 0.0,  # fractions of the training cases shown without their note ...
         "note_scramble": 0.0,  # ... or with its words' letters shuffled (ecg_r1.training.data)
-        "note_swap": 0.0,  # ... or with another training case's note
-        "balance_hospitals": False,
         "freeze_vision": False,
         "rationale_findings": False,  # with model.sft_rationale: targets state the measured findings
-        # After training, the Yes/No output rows re-fit by a logistic regression on the answer
-        # position's hidden state (ecg_r1.training.readout; answer-only targets only).
-        "refit_answer_readout": False,
     },
     "grpo": {
         "start": "warmup",  # base | vision | warmup | sft: the model GRPO starts from
         "note_dropout": 0.0,
         "note_scramble": 0.0,
-        "note_swap": 0.0,
-        "balance_hospitals": False,
         "freeze_vision": False,
     },
 }

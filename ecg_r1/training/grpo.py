@@ -9,12 +9,7 @@ from typing import Any
 from ecg_r1.modeling.models import vision_token_ids
 from ecg_r1.modeling.profiles import Profile, lora_config
 from ecg_r1.modeling.prompts import note_vocabulary
-from ecg_r1.training.data import (
-    data_summary,
-    grpo_dataset,
-    prompt_options,
-    training_cases,
-)
+from ecg_r1.training.data import data_summary, grpo_dataset, load_cases, prompt_options
 from ecg_r1.training.runner import (
     REPO_ROOT,
     RunOptions,
@@ -75,7 +70,7 @@ def run_grpo(
     from ecg_r1.training.rewards import get_reward_funcs
 
     profile = as_profile(profile)
-    cases = training_cases(profile, "grpo", cohort_dir, splits_path, images_dir)
+    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
     config_seed = int(seed if seed is not None else profile.seed)
     dataset = grpo_dataset(cases, prompt_options(profile, "grpo"), seed=config_seed)
     reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)

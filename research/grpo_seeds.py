@@ -3,8 +3,8 @@ start model with several seeds, or the whole SFT-then-GRPO recipe over several S
 model is judged against its own start on the same held-out cases (paired bootstrap CI and McNemar),
 with the mean and spread across seeds.
 
-    python scripts/grpo_seeds.py --start data/models/sft_model/model --seeds 1 2 3 --out data/grpo_seeds
-    python scripts/grpo_seeds.py --sft-from data/models/vision_pretrained_model/model \
+    python -m research.grpo_seeds --start data/models/sft_model/model --seeds 1 2 3 --out data/grpo_seeds
+    python -m research.grpo_seeds --sft-from data/models/vision_pretrained_model/model \
         --sft-seeds 42 7 11 --seeds 42 --out data/recipe_seeds
 
 Reads the cohort, splits and images of the default layout (``data/``); trains without MLflow
