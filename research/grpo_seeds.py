@@ -19,6 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
+from ecg_r1.constants import N_BOOT
 from ecg_r1.evaluation.cases import EVAL_SPLITS, evaluation_cases
 from ecg_r1.evaluation.evaluate import align, compare_paired
 from ecg_r1.evaluation.predictions import predict_cases
@@ -46,7 +47,7 @@ def main() -> None:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="GRPO steps (default: the profile's)")
     parser.add_argument("--sft-max-steps", type=int, default=None, help="SFT steps (default: the profile's)")
-    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--n-boot", type=int, default=N_BOOT)
     args = parser.parse_args()
 
     data = {

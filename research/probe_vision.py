@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ecg_r1.constants import N_BOOT
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN, VAL
 from ecg_r1.evaluation.baselines import clinical_numbers
 from ecg_r1.evaluation.cases import add_features, evaluation_cases
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="data folder (default data/)")
     parser.add_argument("--images", type=Path, default=None, help="page folder (default DATA/images)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
-    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--n-boot", type=int, default=N_BOOT)
     parser.add_argument(
         "--with-note", action="store_true", help="also a note reader and the page and note readers combined"
     )

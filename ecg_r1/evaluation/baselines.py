@@ -65,6 +65,9 @@ CLINICIANS_SOURCE: str = (
 CLINICIANS_NAME = "Clinicians (cited, not measured)"
 
 NOTE_VOCABULARY: int = 300
+# The feature baseline's gradient boosting: rounds and learning rate (also the Dagster config's defaults).
+BOOST_MAX_ITER: int = 300
+BOOST_LEARNING_RATE: float = 0.05
 # Cohort columns the feature baseline is fitted from besides the measured features.
 TRAINING_FIELDS: tuple[str, ...] = ("age", "sex", "note", "label")
 # Parquet metadata key holding a saved baseline's parameters.
@@ -96,7 +99,7 @@ def note_vectorizer() -> CountVectorizer:
 
 
 def boosted_classifier(
-    seed: int = 0, max_iter: int = 300, learning_rate: float = 0.05
+    seed: int = 0, max_iter: int = BOOST_MAX_ITER, learning_rate: float = BOOST_LEARNING_RATE
 ) -> HistGradientBoostingClassifier:
     """The feature baseline's gradient-boosting classifier (unfitted); the research probe's boosted
     reader reuses it."""
@@ -182,8 +185,8 @@ class FeatureBaseline:
     def __init__(
         self,
         seed: int = 0,
-        max_iter: int = 300,
-        learning_rate: float = 0.05,
+        max_iter: int = BOOST_MAX_ITER,
+        learning_rate: float = BOOST_LEARNING_RATE,
         use_note: bool = True,
         n_threads: int | None = 1,
     ) -> None:

@@ -35,10 +35,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
 from ecg_r1.evaluation import report
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME, CLINICIANS_SOURCE, clinicians_metrics
 from ecg_r1.evaluation.cases import EVAL_SPLITS, EvaluationCases, gather_cases, with_english_notes
-from ecg_r1.evaluation.evaluate import DEFAULT_BOOTSTRAP, BinaryMetrics
+from ecg_r1.evaluation.evaluate import BinaryMetrics
 from ecg_r1.evaluation.figures import write_plots
 from ecg_r1.evaluation.outputs import (
     METRICS_FILE,
@@ -72,8 +73,8 @@ def run_comparison(
     *,
     baselines_dir: str | Path | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
-    n_boot: int = DEFAULT_BOOTSTRAP,
-    batch_size: int = 8,
+    n_boot: int = N_BOOT,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     max_new_tokens: int | None = None,
     n_case_figures: int = 4,
     max_cases_per_split: int | None = None,

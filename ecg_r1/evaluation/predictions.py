@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecg_r1.constants import PREDICTION_BATCH_SIZE
 from ecg_r1.evaluation.cases import ENGLISH_NOTE_COLUMN
 from ecg_r1.evaluation.evaluate import Predictions
 from ecg_r1.evaluation.outputs import predictions_key, write_predictions
@@ -40,7 +41,7 @@ def predict_cases(
     model_dir: str | Path,
     profile: Any,
     cases: pl.DataFrame,
-    batch_size: int = 8,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     max_new_tokens: int | None = None,
     name: str | None = None,
     progress: bool = False,
@@ -192,7 +193,7 @@ def predict_models(
     cases: pl.DataFrame,
     out_dir: str | Path,
     ablations: Sequence[str] = (),
-    batch_size: int = 8,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     max_new_tokens: int | None = None,
     progress: bool = False,
 ) -> ModelAnswers:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.constants import REPO_ROOT
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import Profile, load_profile
 
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 RESULT_FILE = "result.json"

@@ -25,9 +25,11 @@ from dagster_project.defs.assets.data_assets import markdown_table
 from dagster_project.defs.assets.image_assets import _inline_png
 from dagster_project.defs.executors import DEFAULT_QUEUE, GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
+from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation import registry
+from ecg_r1.evaluation.baselines import BOOST_LEARNING_RATE, BOOST_MAX_ITER
 from ecg_r1.evaluation.cases import add_features, evaluation_cases, has_english_notes
 from ecg_r1.evaluation.comparison import run_comparison
 from ecg_r1.evaluation.outputs import read_metrics, slug
@@ -51,8 +53,8 @@ class BaselineConfig(dg.Config):
     """The feature baseline's hyperparameters."""
 
     seed: int = Field(default=0, description="Random state of the gradient boosting.")
-    max_iter: int = Field(default=300, description="Boosting rounds.")
-    learning_rate: float = Field(default=0.05, description="Boosting learning rate.")
+    max_iter: int = Field(default=BOOST_MAX_ITER, description="Boosting rounds.")
+    learning_rate: float = Field(default=BOOST_LEARNING_RATE, description="Boosting learning rate.")
     use_note: bool = Field(default=True, description="Use the note's word flags.")
 
 
@@ -83,10 +85,8 @@ class ComparisonConfig(dg.Config):
         description="Paired comparisons [A, B] on the same cases.",
     )
     profile: str = Field(default=DEFAULT_PROFILE, description="Model profile of the compared models.")
-    n_boot: int = Field(default=2000, description="Bootstrap resamples per interval.")
-    batch_size: int = Field(
-        default=16, description="Examples per forward pass (16 ran 1.7x faster than 8 on CPU)."
-    )
+    n_boot: int = Field(default=N_BOOT, description="Bootstrap resamples per interval.")
+    batch_size: int = Field(default=PREDICTION_BATCH_SIZE, description="Examples per forward pass.")
     max_cases_per_split: int = Field(
         default=0, description="Evaluate a seeded sample of at most this many cases per split; 0: all."
     )
@@ -111,7 +111,7 @@ class PromotionConfig(dg.Config):
     test: str = Field(default="mcnemar", description="mcnemar | paired_bootstrap.")
     alpha: float = Field(default=0.05, description="Significance level of the two-sided paired test.")
     margin: float = Field(default=0.0, description="Non-inferiority margin (paired_bootstrap only).")
-    n_boot: int = Field(default=2000, description="Paired bootstrap resamples.")
+    n_boot: int = Field(default=N_BOOT, description="Paired bootstrap resamples.")
     seed: int = Field(default=0, description="Resampling seed.")
 
 
