@@ -153,6 +153,18 @@ class TestTrainerKwargs:
         assert config.reward_weights == [1.0, 1.0, 0.0]
         assert not config.use_vllm
 
+    def test_sft_has_no_length_cap_unless_the_profile_sets_one(self, tmp_path):
+        from trl import SFTConfig
+
+        assert "max_length" not in load_profile("tiny").sft  # the default, not a profile key
+        assert (
+            SFTConfig(output_dir=str(tmp_path), **load_profile("tiny").trainer_kwargs("sft")).max_length
+            is None
+        )
+        capped = load_profile(write_profile(tmp_path, sft__max_length=2048))
+        assert capped.trainer_kwargs("sft")["max_length"] == 2048
+        assert "max_length" not in capped.trainer_kwargs("grpo")
+
     def test_gpu_sft_config(self, tmp_path):
         from trl import SFTConfig
 

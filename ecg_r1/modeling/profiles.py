@@ -242,10 +242,12 @@ class Profile:
         """Keyword arguments for TRL's ``SFTConfig`` (kind ``"sft"``) or ``GRPOConfig`` (``"grpo"``).
 
         The section's own values come first; the profile-level settings are added on top so each
-        lives in one place: ``bf16``/``fp16`` from :attr:`training_precision`, ``activation_checkpointing``
-        (transformers 5's name for gradient checkpointing) from :attr:`gradient_checkpointing`,
-        ``seed``, and for GRPO ``use_vllm``/``vllm_mode`` and ``reward_weights``. ``output_dir``
-        and run-specific settings (``report_to``, ``run_name``...) are the caller's.
+        lives in one place: ``bf16``/``fp16`` from :attr:`training_precision`,
+        ``activation_checkpointing`` (transformers 5's name for gradient checkpointing) from
+        :attr:`gradient_checkpointing`, ``seed``, and for GRPO ``use_vllm``/``vllm_mode`` and
+        ``reward_weights``. SFT's ``max_length`` is None unless the section sets it (SFTConfig's
+        1024 could cut through image tokens). ``output_dir`` and run-specific settings
+        (``report_to``, ``run_name``...) are the caller's.
 
         Args:
             kind: ``"sft"`` or ``"grpo"``.
@@ -260,6 +262,9 @@ class Profile:
         if kind not in ("sft", "grpo"):
             raise ProfileError(f"trainer kind must be 'sft' or 'grpo', got {kind!r}")
         kwargs: dict[str, Any] = dict(self.sft if kind == "sft" else self.grpo)
+        if kind == "sft":
+            # No length cap unless the profile sets one: a cap can cut through image tokens.
+            kwargs.setdefault("max_length", None)
         kwargs.update(
             bf16=self.training_precision == "bfloat16",
             fp16=self.training_precision == "float16",

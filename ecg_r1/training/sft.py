@@ -154,7 +154,6 @@ def _sft_like(
     config_kwargs = trainer_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
     config_kwargs.setdefault("completion_only_loss", True)
-    config_kwargs["max_length"] = None  # a cap can cut through image tokens
     params = {
         **params,
         "stage": stage,
