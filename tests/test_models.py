@@ -78,6 +78,13 @@ class TestLoadProfile:
             profile = load_profile(name)
             assert profile.name == name and profile.path.is_file()
 
+    def test_stage_defaults_are_what_the_shipped_profiles_use(self):
+        """A setting every measured profile sets the same way is the default, not a repeated key."""
+        for name in available_profiles():
+            raw = yaml.safe_load(load_profile(name).path.read_text())
+            assert "finding_targets" not in (raw.get("stages") or {}).get("vision_pretrain", {}), name
+            assert load_profile(name).stage_settings("vision")["finding_targets"] is False
+
     def test_tiny_is_built_here_and_gpu_profiles_come_from_the_hub(self):
         assert load_profile("tiny").is_tiny and load_profile("tiny").dtype == "float32"
         for name, hub_id in (

@@ -454,7 +454,7 @@ class TestVisionPretrain:
         from ecg_r1.training.vision import measured_targets
 
         features = measure_features(np.asarray(open_signals(data["cohort"])[:6]))
-        targets = measured_targets(features)
+        targets = measured_targets(features, finding_targets=True)
         cohort = pl.read_parquet(data["cohort"] / "cohort.parquet").head(6)
         from ecg_r1.modeling.prompts import FINDING_FLAGS
 

@@ -92,7 +92,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "learning_rate": 1.0e-3,
         "batch_size": 32,
         "head": "positional",  # positional | pooled | positional+pooled (ecg_r1.training.vision)
-        "finding_targets": True,  # the categorical findings as extra targets
+        # The categorical findings as extra targets: off, they cost TWI-lead F1 at 300 steps
+        # (docs/tiny_recipe.md).
+        "finding_targets": False,
     },
     "format_warmup": {
         "steps": 100,

@@ -76,7 +76,7 @@ class VisionTargets:
     names: tuple[str, ...] = REGRESSION_TARGETS
 
 
-def measured_targets(features: pl.DataFrame, finding_targets: bool = True) -> VisionTargets:
+def measured_targets(features: pl.DataFrame, finding_targets: bool) -> VisionTargets:
     """Turn :func:`ecg_r1.data.features.measure_features` output into training targets.
 
     Args:
