@@ -1,6 +1,8 @@
 """Training stages on the tiny profile: datasets, vision pre-training, format warm-up, SFT, GRPO,
 MLflow runs and registered versions. Everything runs on a handful of small generated cases in
-``tmp_path`` with a shrunken copy of the tiny profile, so each test takes seconds."""
+``tmp_path`` with a shrunken copy of the tiny profile. The tests that build or train a model are
+marked slow (the base model alone takes about 20 s on a busy 2-core machine); the dataset, case
+and CLI tests run in ``make test-fast``."""
 
 from __future__ import annotations
 
@@ -14,9 +16,6 @@ import yaml
 
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
 from ecg_r1.data.store import COHORT_FILE, COHORT_SCHEMA, SignalWriter
-
-# training stages on a tiny model (~15 s in all)
-pytestmark = pytest.mark.slow
 
 ANTERIOR = ("V1", "V2", "V3", "V4")
 LATERAL = ("I", "aVL", "V5", "V6")
@@ -357,6 +356,7 @@ class TestDatasets:
         )
 
 
+@pytest.mark.slow  # every test here builds or trains a model
 class TestAnswerMasking:
     def test_only_the_answer_word_leaves_the_loss(self, base_model, profile):
         import torch
@@ -388,6 +388,7 @@ class TestAnswerMasking:
 
 
 class TestVisionPretrain:
+    @pytest.mark.slow
     def test_trains_the_vision_tower_on_signal_measurements_and_leaves_the_language_model(
         self, data, profile, base_model, tmp_path, mlflow_store
     ):
@@ -403,6 +404,7 @@ class TestVisionPretrain:
         assert _metric_steps(result.run_id, "twi_loss") == [3]
         assert np.isfinite(result.metrics["loss"])
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("head", ["pooled", "positional+pooled"])
     def test_every_readout_head_trains_the_tower(self, data, base_model, tmp_path, head):
         from ecg_r1.training.stages import run_vision_stage
@@ -420,6 +422,7 @@ class TestVisionPretrain:
         assert _changed(_weights(base_model), _weights(result.model_dir), "visual.merger")
         assert np.isfinite(result.metrics["loss"]) and 0 <= result.metrics["eval_twi_f1"] <= 1
 
+    @pytest.mark.slow
     def test_page_tokens_are_the_image_embeddings_the_language_model_receives(
         self, data, profile, base_model
     ):
@@ -482,6 +485,7 @@ def sft_result(data, profile, base_model, tmp_path_factory: pytest.TempPathFacto
     )
 
 
+@pytest.mark.slow  # every test here builds or trains a model
 class TestSFT:
     def test_a_few_steps_change_the_weights_and_save_a_loadable_model(self, sft_result, base_model, profile):
         from ecg_r1.modeling.models import load_model_and_processor
@@ -553,6 +557,7 @@ class TestSFT:
         assert {w.dtype for w in weights.values()} == {np.dtype("float32")}
 
 
+@pytest.mark.slow  # every test here builds or trains a model
 class TestFormatWarmup:
     def test_masked_warmup_trains_without_labels_and_registers_nothing(
         self, data, profile, base_model, tmp_path, mlflow_store
@@ -589,6 +594,7 @@ def length_reward(completions: list, **kwargs) -> list[float]:
     return [len(completion_text(c)) / 100 for c in completions]
 
 
+@pytest.mark.slow  # every test here builds or trains a model
 class TestGRPO:
     def test_a_few_steps_change_the_weights_and_log_each_reward(
         self, data, profile, sft_result, tmp_path, mlflow_store, monkeypatch
