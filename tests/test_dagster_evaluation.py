@@ -20,9 +20,9 @@ from test_train import make_cohort, tiny_test_profile
 from dagster_project.defs.assets import evaluation_assets as ev
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases
+from ecg_r1.modeling.contract import format_target, parse_completion
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import load_profile
-from ecg_r1.modeling.prompts import format_target, parse_completion
 from ecg_r1.tracking import model_registry
 from ecg_r1.tracking import runs as tracking
 

@@ -16,17 +16,17 @@ import torch
 import yaml
 
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases, train_tokenizer
+from ecg_r1.modeling.contract import format_target
 from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor, save_model_folder
 from ecg_r1.modeling.processor import SPECIAL_TOKENS, image_tokens, load_processor
 from ecg_r1.modeling.profiles import (
-    STAGE_DEFAULTS,
-    STAGE_SECTIONS,
     ProfileError,
     available_profiles,
     load_profile,
     lora_config,
 )
-from ecg_r1.modeling.prompts import build_multimodal_prompt, format_target
+from ecg_r1.modeling.prompts import build_multimodal_prompt
+from ecg_r1.modeling.stage_settings import STAGE_DEFAULTS, STAGE_SECTIONS
 
 CASES = [
     {

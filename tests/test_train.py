@@ -258,7 +258,7 @@ class TestDatasets:
         assert row["twi_leads"] == cases["twi_leads"][0]
 
     def test_sft_targets_follow_the_contract_and_the_rationale_never_states_the_label(self, data):
-        from ecg_r1.modeling.prompts import parse_completion
+        from ecg_r1.modeling.contract import parse_completion
         from ecg_r1.training.data import load_cases, sft_targets
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
@@ -273,7 +273,7 @@ class TestDatasets:
         assert bare.valid and bare.think == ""
 
     def test_findings_rationale_states_what_was_measured_before_the_answer(self, data):
-        from ecg_r1.modeling.prompts import parse_completion
+        from ecg_r1.modeling.contract import parse_completion
         from ecg_r1.training.data import case_findings, load_cases, sft_targets
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
@@ -361,8 +361,8 @@ class TestAnswerMasking:
     def test_only_the_answer_word_leaves_the_loss(self, base_model, profile):
         import torch
 
+        from ecg_r1.modeling.contract import format_target
         from ecg_r1.modeling.processor import load_processor
-        from ecg_r1.modeling.prompts import format_target
         from ecg_r1.training.sft import AnswerMaskingCollator
 
         processor = load_processor(base_model, profile)
@@ -459,7 +459,7 @@ class TestVisionPretrain:
         features = measure_features(np.asarray(open_signals(data["cohort"])[:6]))
         targets = measured_targets(features, finding_targets=True)
         cohort = pl.read_parquet(data["cohort"] / "cohort.parquet").head(6)
-        from ecg_r1.modeling.prompts import FINDING_FLAGS
+        from ecg_r1.modeling.findings import FINDING_FLAGS
 
         assert targets.twi.shape == (6, len(LEADS) + len(FINDING_FLAGS))
         for row, measured, truth, label in zip(
@@ -589,7 +589,7 @@ class TestFormatWarmup:
 def length_reward(completions: list, **kwargs) -> list[float]:
     """A reward with spread for any model (a random model never writes the format, so format and
     accuracy are all 0 and GRPO's advantages vanish)."""
-    from ecg_r1.modeling.prompts import completion_text
+    from ecg_r1.modeling.contract import completion_text
 
     return [len(completion_text(c)) / 100 for c in completions]
 
@@ -654,8 +654,8 @@ class TestGRPO:
     def test_marking_unseen_note_words_trains_on_marked_notes_and_carries_the_vocabulary(
         self, data, base_model, tmp_path
     ):
+        from ecg_r1.modeling.notes import note_vocabulary, note_words
         from ecg_r1.modeling.processor import read_note_vocabulary
-        from ecg_r1.modeling.prompts import note_vocabulary, note_words
         from ecg_r1.training import run_sft
         from ecg_r1.training.data import PromptOptions, load_cases, sft_dataset, sft_targets
 

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if answer["valid"]:
         print(f"reasoning: {answer['reasoning'] or '(empty)'}")
         from ecg_r1.data.labels import ISCHEMIC, NON_ISCHEMIC
-        from ecg_r1.modeling.prompts import YES
+        from ecg_r1.modeling.contract import YES
 
         verdict = ISCHEMIC if answer["answer"] == YES else NON_ISCHEMIC
         print(f"answer:    {answer['answer']} ({verdict} T-wave inversion)")

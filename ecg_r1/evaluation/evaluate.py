@@ -137,7 +137,7 @@ def as_predictions(y_pred: Sequence[bool | None] | np.ndarray | pl.Series) -> tu
         else:
             raise ValueError(
                 f"prediction {i} is {v!r}; predictions must be True/False, or None for an invalid output "
-                "(parse the completion with ecg_r1.modeling.prompts.parse_completion first)"
+                "(parse the completion with ecg_r1.modeling.contract.parse_completion first)"
             )
     return pred, valid
 

@@ -69,10 +69,10 @@ def predict_cases(
         the think block of a valid completion or the raw text of an invalid one; and the raw
         completions in case order.
     """
+    from ecg_r1.modeling.contract import parse_completion
     from ecg_r1.modeling.inference import generate_and_score
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.profiles import Profile, load_profile
-    from ecg_r1.modeling.prompts import parse_completion
     from ecg_r1.training.data import case_examples
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)

@@ -32,7 +32,10 @@ import polars as pl
 
 from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 from ecg_r1.data.store import read_cohort
-from ecg_r1.modeling.prompts import build_prompt, format_target, mark_unseen_words, rationale_from_findings
+from ecg_r1.modeling.contract import format_target
+from ecg_r1.modeling.findings import rationale_from_findings
+from ecg_r1.modeling.notes import mark_unseen_words
+from ecg_r1.modeling.prompts import build_prompt
 
 if TYPE_CHECKING:
     import datasets
@@ -191,7 +194,7 @@ class PromptOptions:
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
         unseen_note_words: the profile's ``model.unseen_note_words``. With ``mark`` a scrambled
             case is shown its note with every word marked (``?``), the form inference gives a note
-            mostly in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
+            mostly in words no training note holds (:func:`ecg_r1.modeling.notes.mark_unseen_words`);
             the training notes themselves have no unseen word.
     """
 
@@ -273,7 +276,7 @@ def sft_targets(
     Args:
         cases: from :func:`load_cases`.
         rationale: put a reasoning built from the case's known or measured findings
-            (:func:`ecg_r1.modeling.prompts.rationale_from_findings`: leads with TWI and their territory;
+            (:func:`ecg_r1.modeling.findings.rationale_from_findings`: leads with TWI and their territory;
             never the label) in the think block; else leave it empty.
         answers: the answer to write per case; default the case's label.
         findings: measured ECG features, one row per case in the same order
@@ -282,7 +285,7 @@ def sft_targets(
             the page before it answers.
 
     Returns:
-        One target string per case, each accepted by :func:`ecg_r1.modeling.prompts.parse_completion`.
+        One target string per case, each accepted by :func:`ecg_r1.modeling.contract.parse_completion`.
 
     Raises:
         TrainingDataError: when a case has no answer (unlabelled and none given).

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.modeling.models import vision_token_ids
+from ecg_r1.modeling.notes import note_vocabulary
 from ecg_r1.modeling.profiles import Profile, lora_config
-from ecg_r1.modeling.prompts import note_vocabulary
 from ecg_r1.training.data import data_summary, grpo_dataset, load_cases, prompt_options
 from ecg_r1.training.runner import (
     REPO_ROOT,

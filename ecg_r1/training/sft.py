@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.modeling.notes import note_vocabulary
 from ecg_r1.modeling.profiles import Profile, lora_config
-from ecg_r1.modeling.prompts import note_vocabulary
 from ecg_r1.training.data import (
     PromptOptions,
     case_examples,
@@ -46,8 +46,8 @@ def sample_generations(cases: Any, max_new_tokens: int, n: int) -> Any:
     chosen = cases.head(n)
 
     def sample(model: Any, processor: Any, step: int) -> list[dict[str, Any]]:
+        from ecg_r1.modeling.contract import parse_completion
         from ecg_r1.modeling.inference import generate
-        from ecg_r1.modeling.prompts import parse_completion
 
         examples = case_examples(chosen)
         texts = generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=len(examples))
@@ -81,7 +81,7 @@ class AnswerMaskingCollator:
     """
 
     def __init__(self, collator: Any, tokenizer: Any) -> None:
-        from ecg_r1.modeling.prompts import ANSWER_CLOSE, NO, YES
+        from ecg_r1.modeling.contract import ANSWER_CLOSE, NO, YES
 
         self.collator = collator
         self.close = tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
@@ -94,7 +94,7 @@ class AnswerMaskingCollator:
             if not self._mask_row(ids[row].tolist(), labels[row]):
                 raise ValueError(
                     "format warm-up: no Yes/No answer before </answer> in a training row; the targets must "
-                    "follow the output contract (ecg_r1.modeling.prompts.format_target)"
+                    "follow the output contract (ecg_r1.modeling.contract.format_target)"
                 )
         return batch
 
