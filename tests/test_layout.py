@@ -137,3 +137,15 @@ def test_the_circle_check_sees_imports_inside_functions() -> None:
     assert "ecg_r1.modeling.pretrained" in graph["ecg_r1.modeling.build"]  # imported in a function
     graph["ecg_r1.modeling.pretrained"].add("ecg_r1.modeling.build")
     assert import_circles(graph)
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """The Dagster modules share helpers through public names only."""
+    private = []
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "dagster_project").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dagster_project"):
+                private += [
+                    f"{path.name}: {alias.name}" for alias in node.names if alias.name.startswith("_")
+                ]
+    assert private == []
