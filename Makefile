@@ -65,12 +65,12 @@ bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup
-	$(VENV)/bin/ruff check ecg_r1 dagster_project tests benchmarks scripts
-	$(VENV)/bin/ruff format --check ecg_r1 dagster_project tests benchmarks scripts
+	$(VENV)/bin/ruff check ecg_r1 dagster_project tests benchmarks scripts research
+	$(VENV)/bin/ruff format --check ecg_r1 dagster_project tests benchmarks scripts research
 
 format: setup
-	$(VENV)/bin/ruff check --fix ecg_r1 dagster_project tests benchmarks scripts
-	$(VENV)/bin/ruff format ecg_r1 dagster_project tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix ecg_r1 dagster_project tests benchmarks scripts research
+	$(VENV)/bin/ruff format ecg_r1 dagster_project tests benchmarks scripts research
 
 # The shared-services stack on this machine (scripts/stack.sh; data under .stack/): PostgreSQL,
 # Redis, an MLflow server and one Celery worker per queue (default, gpu), all on 127.0.0.1.

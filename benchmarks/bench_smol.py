@@ -53,11 +53,12 @@ def main() -> None:
     from trl.trainer.utils import add_fused_lm_head
 
     from ecg_r1.imaging.draw import render_page
+    from ecg_r1.modeling.contract import format_target
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.pretrained import build_pretrained_language_model
     from ecg_r1.modeling.processor import image_tokens
     from ecg_r1.modeling.profiles import load_profile, lora_config
-    from ecg_r1.modeling.prompts import build_multimodal_prompt, build_sft_messages, format_target
+    from ecg_r1.modeling.prompts import build_multimodal_prompt, build_sft_messages
     from ecg_r1.training.runner import score_labelled_positions_only
 
     torch.set_num_threads(args.threads)

@@ -104,11 +104,19 @@ class TestFeatureBaseline:
         back = FeatureBaseline.load(model.save(tmp_path / "fb.parquet"))
         np.testing.assert_array_equal(back.predict(test).p_yes, model.predict(test).p_yes)
 
-    def test_short_notes_fall_back_to_no_note_flags(self) -> None:
+    def test_short_notes_fall_back_to_no_note_flags(self, caplog) -> None:
         train = learnable_cases(60, 4, signal_from_note=False).with_columns(
             pl.lit(None, pl.String).alias("note")
         )
-        model = FeatureBaseline(max_iter=20).fit(train)
+        with caplog.at_level("WARNING", logger="ecg_r1.evaluation.baselines"):
+            model = FeatureBaseline(max_iter=20).fit(train)
+        assert "training without note flags" in caplog.text
+        # the fitted pipeline reads the numbers only: no note block ...
+        blocks = [name for name, _, _ in model.pipeline.named_steps["columns"].transformers]
+        assert blocks == ["numeric"]
+        # ... and answers as the baseline built without the note does
+        without = FeatureBaseline(max_iter=20, use_note=False).fit(train)
+        np.testing.assert_array_equal(model.predict(train).p_yes, without.predict(train).p_yes)
         assert len(model.predict(train).y_pred) == 60
 
     def test_missing_feature_columns_explained(self) -> None:

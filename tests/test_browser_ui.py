@@ -26,8 +26,6 @@ from browser import (
     wait_for_http,
 )
 
-pytestmark = pytest.mark.slow
-
 # The data assets every build of the code location has (the data layer); later stages add more.
 DATA_ASSETS = ("simulated_raw", "raw_cohort", "validated_cohort", "cohort_splits")
 # The cheapest asset without upstream: the simulator, at a size that runs in a second. DVC
@@ -189,6 +187,7 @@ def wait_for_run(url: str, run_id: str, server, timeout_s: float = RUN_TIMEOUT_S
     pytest.fail(f"run {run_id} did not finish within {timeout_s:.0f} s (last: {run}):\n{server.log_tail()}")
 
 
+@pytest.mark.slow
 def test_dagster_ui_shows_the_asset_graph_and_materializes_from_the_launchpad(dagster_ui, driver):
     url, project_home, server = dagster_ui
 
@@ -308,6 +307,7 @@ def register_versions(url: str) -> dict[str, str]:
     return run_ids
 
 
+@pytest.mark.slow
 def test_mlflow_ui_lists_the_registered_models(mlflow_ui, driver):
     register_versions(mlflow_ui)
     driver.get(f"{mlflow_ui}/#/models")

@@ -480,3 +480,32 @@ class TestAblations:
                 tmp_path,
                 ablations=["ecg"],
             )
+
+
+class TestWhatTheCohortAllows:
+    def test_the_truth_counts_only_when_it_knows_every_split_record(self, tmp_path, caplog):
+        from ecg_r1.evaluation.comparison import covering_truth
+
+        splits = tmp_path / "splits.parquet"
+        pl.DataFrame({"record_id": ["a", "b"]}).write_parquet(splits)
+        truth = tmp_path / "truth.parquet"
+        assert covering_truth(truth, splits) is None  # none written
+        pl.DataFrame({"record_id": ["a", "b", "c"]}).write_parquet(truth)
+        assert covering_truth(truth, splits) == truth
+        pl.DataFrame({"record_id": ["a"]}).write_parquet(truth)  # the truth of another cohort
+        with caplog.at_level("INFO", logger="ecg_r1.evaluation.comparison"):
+            assert covering_truth(truth, splits) is None
+        assert "no Bayes ceiling row" in caplog.text
+
+    def test_note_in_english_rows_need_english_notes_in_the_truth(self, tmp_path):
+        from ecg_r1.evaluation.cases import ENGLISH_NOTE_COLUMN
+        from ecg_r1.evaluation.comparison import possible_ablations
+
+        wanted = ["image", "note", "english_note"]
+        assert possible_ablations(wanted, None) == ["image", "note"]
+        plain = tmp_path / "plain.parquet"
+        pl.DataFrame({"record_id": ["a"]}).write_parquet(plain)
+        assert possible_ablations(wanted, plain) == ["image", "note"]
+        english = tmp_path / "english.parquet"
+        pl.DataFrame({"record_id": ["a"], ENGLISH_NOTE_COLUMN: ["chest pain"]}).write_parquet(english)
+        assert possible_ablations(wanted, english) == wanted

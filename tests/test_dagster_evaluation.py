@@ -20,14 +20,11 @@ from test_train import make_cohort, tiny_test_profile
 from dagster_project.defs.assets import evaluation_assets as ev
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases
+from ecg_r1.modeling.contract import format_target, parse_completion
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import load_profile
-from ecg_r1.modeling.prompts import format_target, parse_completion
 from ecg_r1.tracking import model_registry
 from ecg_r1.tracking import runs as tracking
-
-# every test here materializes trained models and the comparison (~25 s in all)
-pytestmark = pytest.mark.slow
 
 ASSETS = [
     ev.reference_baselines,
@@ -167,6 +164,7 @@ def metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
     return events[-1].materialization.metadata
 
 
+@pytest.mark.slow
 def test_the_always_yes_model_answers_yes(home):
     from ecg_r1.evaluation.cases import evaluation_cases
     from ecg_r1.evaluation.predictions import predict_cases
@@ -182,6 +180,7 @@ def test_the_always_yes_model_answers_yes(home):
     assert all(parse_completion(c).answer is True for c in completions), completions
 
 
+@pytest.mark.slow
 def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     root = home["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow/mlflow.db")
@@ -262,6 +261,7 @@ def test_evaluation_assets_and_promotion_both_ways(home, monkeypatch):
     assert tags["promotion.decision"] == "refused"
 
 
+@pytest.mark.slow
 def test_real_record_cohort_feeds_the_comparison(home, monkeypatch):
     """Nothing configured: no folder, no section. Records named in the environment: a section."""
     from test_real_records import REAL_ROWS, write_real_export
@@ -303,6 +303,7 @@ def test_real_record_cohort_feeds_the_comparison(home, monkeypatch):
     assert f"| Majority class | {REAL_TITLE} | 6 |" in comparison["comparison"].value
 
 
+@pytest.mark.slow
 def test_where_prints_table_registry_and_uis(home, capsys):
     from ecg_r1.cli import main
 

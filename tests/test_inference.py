@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from ecg_r1.modeling import inference
+from ecg_r1.modeling.contract import YES
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
-from ecg_r1.modeling.prompts import YES
 
 
 @pytest.fixture

@@ -16,17 +16,17 @@ import torch
 import yaml
 
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases, train_tokenizer
+from ecg_r1.modeling.contract import format_target
 from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor, save_model_folder
 from ecg_r1.modeling.processor import SPECIAL_TOKENS, image_tokens, load_processor
 from ecg_r1.modeling.profiles import (
-    STAGE_DEFAULTS,
-    STAGE_SECTIONS,
     ProfileError,
     available_profiles,
     load_profile,
     lora_config,
 )
-from ecg_r1.modeling.prompts import build_multimodal_prompt, format_target
+from ecg_r1.modeling.prompts import build_multimodal_prompt
+from ecg_r1.modeling.stage_settings import STAGE_DEFAULTS, STAGE_SECTIONS
 
 CASES = [
     {
@@ -77,6 +77,13 @@ class TestLoadProfile:
         for name in available_profiles():
             profile = load_profile(name)
             assert profile.name == name and profile.path.is_file()
+
+    def test_stage_defaults_are_what_the_shipped_profiles_use(self):
+        """A setting every measured profile sets the same way is the default, not a repeated key."""
+        for name in available_profiles():
+            raw = yaml.safe_load(load_profile(name).path.read_text())
+            assert "finding_targets" not in (raw.get("stages") or {}).get("vision_pretrain", {}), name
+            assert load_profile(name).stage_settings("vision")["finding_targets"] is False
 
     def test_tiny_is_built_here_and_gpu_profiles_come_from_the_hub(self):
         assert load_profile("tiny").is_tiny and load_profile("tiny").dtype == "float32"
@@ -152,6 +159,18 @@ class TestTrainerKwargs:
         assert config.max_completion_length == 512 and config.learning_rate == 1e-6
         assert config.reward_weights == [1.0, 1.0, 0.0]
         assert not config.use_vllm
+
+    def test_sft_has_no_length_cap_unless_the_profile_sets_one(self, tmp_path):
+        from trl import SFTConfig
+
+        assert "max_length" not in load_profile("tiny").sft  # the default, not a profile key
+        assert (
+            SFTConfig(output_dir=str(tmp_path), **load_profile("tiny").trainer_kwargs("sft")).max_length
+            is None
+        )
+        capped = load_profile(write_profile(tmp_path, sft__max_length=2048))
+        assert capped.trainer_kwargs("sft")["max_length"] == 2048
+        assert "max_length" not in capped.trainer_kwargs("grpo")
 
     def test_gpu_sft_config(self, tmp_path):
         from trl import SFTConfig

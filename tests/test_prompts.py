@@ -5,24 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_r1.modeling.prompts import (
-    QUESTION,
-    SYSTEM_PROMPT,
-    build_multimodal_prompt,
-    build_prompt,
-    build_sft_messages,
-    completion_text,
-    format_leads,
-    format_target,
-    is_unreadable,
-    leads_in_text,
-    mark_unseen_words,
-    note_vocabulary,
-    note_words,
-    parse_completion,
-    parse_leads,
-    rationale_from_findings,
-)
+from ecg_r1.modeling.contract import SYSTEM_PROMPT, completion_text, format_target, parse_completion
+from ecg_r1.modeling.findings import format_leads, leads_in_text, parse_leads, rationale_from_findings
+from ecg_r1.modeling.notes import is_unreadable, mark_unseen_words, note_vocabulary, note_words
+from ecg_r1.modeling.prompts import QUESTION, build_multimodal_prompt, build_prompt, build_sft_messages
 
 
 class TestParseCompletion:

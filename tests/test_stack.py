@@ -28,8 +28,6 @@ import pytest
 import yaml
 from test_train import tiny_test_profile
 
-pytestmark = [pytest.mark.slow, pytest.mark.stack]
-
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "scripts" / "stack.sh"
 SAVE_STEPS = 5
@@ -146,6 +144,8 @@ def kill_step_process_at_checkpoint(stack_dir: Path, checkpoints: Path, job: sub
     return pool_process.pid
 
 
+@pytest.mark.slow
+@pytest.mark.stack
 def test_jobs_survive_a_killed_worker_process_on_postgres_redis_and_the_mlflow_server(stack, tmp_path):
     import psycopg2
 

@@ -61,7 +61,7 @@ class TestDvcExecutable:
     def test_missing_dvc_says_run_make_setup(self, monkeypatch, tmp_path):
         monkeypatch.delenv("ECG_R1_DVC", raising=False)
         monkeypatch.setenv("PATH", str(tmp_path))
-        monkeypatch.setattr("ecg_r1.tracking.versioning._REPO_ROOT", tmp_path)
+        monkeypatch.setattr("ecg_r1.tracking.versioning.REPO_ROOT", tmp_path)
         with pytest.raises(DvcError, match="make setup"):
             dvc_executable(tmp_path)
 

@@ -14,12 +14,11 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from ecg_r1.constants import REPO_ROOT
 from ecg_r1.tracking import versioning
 
 HOME_ENV_VAR = "ECG_R1_HOME"
 MLFLOW_URI_ENV_VAR = "ECG_R1_MLFLOW_URI"
-# dagster_project/defs/resources.py -> the repository root
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_home() -> Path:

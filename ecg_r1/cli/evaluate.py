@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.cli.predict import add_mlflow_root
+from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
@@ -51,8 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--profile", default=None, help="model profile (default: the one recorded in the model, else tiny)"
     )
-    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    parser.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples per interval")
+    parser.add_argument(
+        "--batch-size", type=int, default=PREDICTION_BATCH_SIZE, help="examples per forward pass"
+    )
     parser.add_argument(
         "--max-cases-per-split",
         type=int,

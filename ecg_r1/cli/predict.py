@@ -51,13 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_mlflow_root(parser: argparse.ArgumentParser) -> None:
     """The ``--mlflow-root`` option of the commands that load registered models."""
-    from ecg_r1.tracking.runs import PROJECT_ROOT
+    from ecg_r1.constants import REPO_ROOT
 
     parser.add_argument(
         "--mlflow-root",
         type=Path,
-        default=PROJECT_ROOT,
-        help=f"repository root holding mlflow/ (the registry); default: this project's, {PROJECT_ROOT}",
+        default=REPO_ROOT,
+        help=f"repository root holding mlflow/ (the registry); default: this project's, {REPO_ROOT}",
     )
 
 
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if answer["valid"]:
         print(f"reasoning: {answer['reasoning'] or '(empty)'}")
         from ecg_r1.data.labels import ISCHEMIC, NON_ISCHEMIC
-        from ecg_r1.modeling.prompts import YES
+        from ecg_r1.modeling.contract import YES
 
         verdict = ISCHEMIC if answer["answer"] == YES else NON_ISCHEMIC
         print(f"answer:    {answer['answer']} ({verdict} T-wave inversion)")

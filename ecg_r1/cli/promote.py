@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ecg_r1.cli.predict import add_mlflow_root
+from ecg_r1.constants import N_BOOT
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
 
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test", default="mcnemar", choices=("mcnemar", "paired_bootstrap"))
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test")
     parser.add_argument("--margin", type=float, default=0.0, help="non-inferiority margin (paired_bootstrap)")
-    parser.add_argument("--n-boot", type=int, default=2000, help="paired bootstrap resamples")
+    parser.add_argument("--n-boot", type=int, default=N_BOOT, help="paired bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="resampling seed")
     add_mlflow_root(parser)
     parser.set_defaults(func=run)

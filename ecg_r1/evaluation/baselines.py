@@ -65,6 +65,9 @@ CLINICIANS_SOURCE: str = (
 CLINICIANS_NAME = "Clinicians (cited, not measured)"
 
 NOTE_VOCABULARY: int = 300
+# The feature baseline's gradient boosting: rounds and learning rate (also the Dagster config's defaults).
+BOOST_MAX_ITER: int = 300
+BOOST_LEARNING_RATE: float = 0.05
 # Cohort columns the feature baseline is fitted from besides the measured features.
 TRAINING_FIELDS: tuple[str, ...] = ("age", "sex", "note", "label")
 # Parquet metadata key holding a saved baseline's parameters.
@@ -89,16 +92,17 @@ def note_vectorizer() -> CountVectorizer:
     """The note's word and word-pair presence flags the feature baseline reads (unfitted).
 
     The :data:`NOTE_VOCABULARY` most frequent words and pairs of the training notes seen in at
-    least :data:`NOTE_MIN_DF` of them; also the note reader of
-    :func:`ecg_r1.evaluation.probe.fit_page_and_note_probe`.
+    least :data:`NOTE_MIN_DF` of them; also the note reader of the research probe
+    (``research/probe.py``).
     """
     return CountVectorizer(binary=True, ngram_range=(1, 2), min_df=NOTE_MIN_DF, max_features=NOTE_VOCABULARY)
 
 
 def boosted_classifier(
-    seed: int = 0, max_iter: int = 300, learning_rate: float = 0.05
+    seed: int = 0, max_iter: int = BOOST_MAX_ITER, learning_rate: float = BOOST_LEARNING_RATE
 ) -> HistGradientBoostingClassifier:
-    """The feature baseline's gradient-boosting classifier (unfitted); the boosted probe reuses it."""
+    """The feature baseline's gradient-boosting classifier (unfitted); the research probe's boosted
+    reader reuses it."""
     return HistGradientBoostingClassifier(
         max_iter=max_iter,
         learning_rate=learning_rate,
@@ -181,8 +185,8 @@ class FeatureBaseline:
     def __init__(
         self,
         seed: int = 0,
-        max_iter: int = 300,
-        learning_rate: float = 0.05,
+        max_iter: int = BOOST_MAX_ITER,
+        learning_rate: float = BOOST_LEARNING_RATE,
         use_note: bool = True,
         n_threads: int | None = 1,
     ) -> None:

@@ -31,14 +31,24 @@ It reads as the pipeline it runs, one step per module of :mod:`ecg_r1.evaluation
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
+from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
 from ecg_r1.evaluation import report
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME, CLINICIANS_SOURCE, clinicians_metrics
-from ecg_r1.evaluation.cases import EVAL_SPLITS, EvaluationCases, gather_cases, with_english_notes
-from ecg_r1.evaluation.evaluate import DEFAULT_BOOTSTRAP, BinaryMetrics
+from ecg_r1.evaluation.cases import (
+    EVAL_SPLITS,
+    EvaluationCases,
+    gather_cases,
+    has_english_notes,
+    with_english_notes,
+)
+from ecg_r1.evaluation.evaluate import BinaryMetrics
 from ecg_r1.evaluation.figures import write_plots
 from ecg_r1.evaluation.outputs import (
     METRICS_FILE,
@@ -59,6 +69,31 @@ from ecg_r1.evaluation.references import answer_references
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.evaluation.results import Comparison, PairedRecord, evaluate_rows, metrics_document, pair_rows
 
+logger = logging.getLogger(__name__)
+
+
+def covering_truth(truth_path: str | Path, splits_path: str | Path) -> Path | None:
+    """The simulator's truth table when it exists and knows every record of the split manifest,
+    else None: after real data is ingested the truth describes another cohort, and the comparison
+    has no Bayes ceiling row (logged)."""
+    truth = Path(truth_path)
+    if truth.is_file():
+        known = set(pl.read_parquet(truth, columns=["record_id"])["record_id"].to_list())
+        wanted = pl.read_parquet(splits_path, columns=["record_id"])["record_id"].to_list()
+        if all(record in known for record in wanted):
+            return truth
+    logger.info("no simulator truth for these cases: the table has no Bayes ceiling row")
+    return None
+
+
+def possible_ablations(ablations: Sequence[str], truth_path: str | Path | None) -> list[str]:
+    """``ablations`` less ``english_note`` where the truth table (if any) has no English notes
+    (logged): the rows a comparison of this cohort can have."""
+    if ENGLISH_NOTE in ablations and not has_english_notes(truth_path):
+        logger.info("no note-in-English rows: the cohort's simulator truth has no English notes")
+        return [a for a in ablations if a != ENGLISH_NOTE]
+    return list(ablations)
+
 
 def run_comparison(
     models: Mapping[str, str | Path],
@@ -72,8 +107,8 @@ def run_comparison(
     *,
     baselines_dir: str | Path | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
-    n_boot: int = DEFAULT_BOOTSTRAP,
-    batch_size: int = 8,
+    n_boot: int = N_BOOT,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     max_new_tokens: int | None = None,
     n_case_figures: int = 4,
     max_cases_per_split: int | None = None,

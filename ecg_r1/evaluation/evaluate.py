@@ -32,6 +32,7 @@ import polars as pl
 from scipy.stats import binom, binomtest, rankdata
 from sklearn.metrics import roc_auc_score
 
+from ecg_r1.constants import N_BOOT
 from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ METRICS: tuple[str, ...] = (
     "auroc",
     "valid_rate",
 )
-DEFAULT_BOOTSTRAP = 2000
 DEFAULT_SEED = 0
 
 
@@ -137,7 +137,7 @@ def as_predictions(y_pred: Sequence[bool | None] | np.ndarray | pl.Series) -> tu
         else:
             raise ValueError(
                 f"prediction {i} is {v!r}; predictions must be True/False, or None for an invalid output "
-                "(parse the completion with ecg_r1.modeling.prompts.parse_completion first)"
+                "(parse the completion with ecg_r1.modeling.contract.parse_completion first)"
             )
     return pred, valid
 
@@ -212,7 +212,7 @@ def evaluate_binary(
     y_true: Sequence[bool] | np.ndarray | pl.Series,
     y_pred: Sequence[bool | None] | np.ndarray | pl.Series,
     p_yes: Sequence[float] | np.ndarray | None = None,
-    n_boot: int = DEFAULT_BOOTSTRAP,
+    n_boot: int = N_BOOT,
     seed: int = DEFAULT_SEED,
     alpha: float = 0.05,
 ) -> BinaryMetrics:
@@ -291,7 +291,7 @@ def evaluate_by_group(
     y_pred: Sequence[bool | None] | np.ndarray | pl.Series,
     groups: Sequence[str] | np.ndarray | pl.Series,
     p_yes: Sequence[float] | np.ndarray | None = None,
-    n_boot: int = DEFAULT_BOOTSTRAP,
+    n_boot: int = N_BOOT,
     seed: int = DEFAULT_SEED,
 ) -> dict[str, BinaryMetrics]:
     """:func:`evaluate_binary` per group (hospital), groups in sorted order.
@@ -325,7 +325,7 @@ def compare_paired(
     y_true: Sequence[bool] | np.ndarray | pl.Series,
     pred_a: Sequence[bool | None] | np.ndarray | pl.Series,
     pred_b: Sequence[bool | None] | np.ndarray | pl.Series,
-    n_boot: int = DEFAULT_BOOTSTRAP,
+    n_boot: int = N_BOOT,
     seed: int = DEFAULT_SEED,
     alpha: float = 0.05,
 ) -> PairedComparison:
@@ -505,7 +505,7 @@ def align(
 
 
 def evaluate_predictions(
-    predictions: Predictions, cases: pl.DataFrame, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED
+    predictions: Predictions, cases: pl.DataFrame, n_boot: int = N_BOOT, seed: int = DEFAULT_SEED
 ) -> BinaryMetrics:
     """:func:`evaluate_binary` of a model's predictions on the cases of a split (``record_id``, ``label``)."""
     y, pred, p = align(predictions, cases)
@@ -516,7 +516,7 @@ def evaluate_predictions_by_group(
     predictions: Predictions,
     cases: pl.DataFrame,
     group: str = "hospital",
-    n_boot: int = DEFAULT_BOOTSTRAP,
+    n_boot: int = N_BOOT,
     seed: int = DEFAULT_SEED,
 ) -> dict[str, BinaryMetrics]:
     """:func:`evaluate_by_group` of a model's predictions, grouped by a column of ``cases``."""

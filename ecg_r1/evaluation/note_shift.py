@@ -5,10 +5,10 @@ others (the default cohort's held-out hospital writes German): its accuracy ther
 about the ECG and much about the language. The comparison reports, per evaluated split, how many
 of the notes' words never occur in a training note, beside each model's no-note row, so a reader
 sees which part of a cross-hospital drop is language. Words are those of
-:func:`ecg_r1.modeling.prompts.note_words` (two or more letters, lower-cased: a number no training
+:func:`ecg_r1.modeling.notes.note_words` (two or more letters, lower-cased: a number no training
 note holds is a new value, not a foreign word), the words ``model.unseen_note_words: mark`` marks;
 and how many notes that setting shows with every word marked, as unreadable
-(:func:`ecg_r1.modeling.prompts.is_unreadable`).
+(:func:`ecg_r1.modeling.notes.is_unreadable`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from ecg_r1.modeling.prompts import is_unreadable, note_vocabulary, note_words
+from ecg_r1.modeling.notes import is_unreadable, note_vocabulary, note_words
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ecg_r1.constants import PREDICTION_BATCH_SIZE
 from ecg_r1.evaluation.cases import ENGLISH_NOTE_COLUMN
 from ecg_r1.evaluation.evaluate import Predictions
 from ecg_r1.evaluation.outputs import predictions_key, write_predictions
@@ -40,7 +41,7 @@ def predict_cases(
     model_dir: str | Path,
     profile: Any,
     cases: pl.DataFrame,
-    batch_size: int = 8,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     max_new_tokens: int | None = None,
     name: str | None = None,
     progress: bool = False,
@@ -68,10 +69,10 @@ def predict_cases(
         the think block of a valid completion or the raw text of an invalid one; and the raw
         completions in case order.
     """
+    from ecg_r1.modeling.contract import parse_completion
     from ecg_r1.modeling.inference import generate_and_score
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.profiles import Profile, load_profile
-    from ecg_r1.modeling.prompts import parse_completion
     from ecg_r1.training.data import case_examples
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -192,7 +193,7 @@ def predict_models(
     cases: pl.DataFrame,
     out_dir: str | Path,
     ablations: Sequence[str] = (),
-    batch_size: int = 8,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     max_new_tokens: int | None = None,
     progress: bool = False,
 ) -> ModelAnswers:

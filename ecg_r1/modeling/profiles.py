@@ -10,8 +10,7 @@ sections, written with TRL's own field names), the reward weights and the stage 
 same code path serves every profile; only the file differs. :mod:`ecg_r1.modeling.build`
 builds the model a profile names, :mod:`ecg_r1.modeling.models` loads it.
 
-(About 470 lines: the schema, its defaults and the checks at load time are one contract; a third of
-the lines are the documentation of the fields.)
+The stage settings and their defaults are :mod:`ecg_r1.modeling.stage_settings`.
 """
 
 from __future__ import annotations
@@ -22,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
+from ecg_r1.modeling.sources import LANGUAGE_MODELS, TINY_SOURCE
+from ecg_r1.modeling.stage_settings import STAGE_DEFAULTS, STAGE_SECTIONS
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile tests stay fast
     import peft
     import torch
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "profiles"
-TINY_SOURCE = "tiny"
 DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) uses unless told
 # The completion cap where a profile's grpo section sets none (TRL's GRPOConfig default).
 DEFAULT_MAX_COMPLETION_LENGTH = 256
@@ -81,48 +81,6 @@ class TinyArchitecture:
     tokenizer: Mapping[str, Any]
 
 
-# Training stage -> its section under a profile's ``stages``.
-STAGE_SECTIONS = {"vision": "vision_pretrain", "warmup": "format_warmup", "sft": "sft", "grpo": "grpo"}
-
-# Every setting the training stages read from a profile's ``stages`` section, with the value used
-# when the profile leaves it out: the one place these defaults live. An unknown key is an error.
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vision_pretrain": {
-        "steps": 300,
-        "learning_rate": 1.0e-3,
-        "batch_size": 32,
-        "head": "positional",  # positional | pooled | positional+pooled (ecg_r1.training.vision)
-        "finding_targets": True,  # the categorical findings as extra targets
-    },
-    "format_warmup": {
-        "steps": 100,
-        "learning_rate": None,  # None: the sft section's learning_rate
-        "batch_size": None,  # None: the sft section's per_device_train_batch_size
-        "answer": "masked",  # masked | random (ecg_r1.training.sft)
-        "freeze_vision": False,
-    },
-    "sft": {
-        "note_dropout": 0.0,  # fractions of the training cases shown without their note ...
-        "note_scramble": 0.0,  # ... or with its words' letters shuffled (ecg_r1.training.data)
-        "note_swap": 0.0,  # ... or with another training case's note
-        "balance_hospitals": False,
-        "freeze_vision": False,
-        "rationale_findings": False,  # with model.sft_rationale: targets state the measured findings
-        # After training, the Yes/No output rows re-fit by a logistic regression on the answer
-        # position's hidden state (ecg_r1.training.readout; answer-only targets only).
-        "refit_answer_readout": False,
-    },
-    "grpo": {
-        "start": "warmup",  # base | vision | warmup | sft: the model GRPO starts from
-        "note_dropout": 0.0,
-        "note_scramble": 0.0,
-        "note_swap": 0.0,
-        "balance_hospitals": False,
-        "freeze_vision": False,
-    },
-}
-
-
 @dataclass(frozen=True)
 class Profile:
     """One model profile, loaded from YAML by :func:`load_profile`.
@@ -144,7 +102,7 @@ class Profile:
         image_layout: the page layout (:data:`ecg_r1.imaging.page.LAYOUTS`).
         image_position: where the page sits in the prompt
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`); the processor carries it to inference.
-        unseen_note_words: ``keep`` | ``mark`` (:data:`ecg_r1.modeling.prompts.UNSEEN_NOTE_WORDS`):
+        unseen_note_words: ``keep`` | ``mark`` (:data:`ecg_r1.modeling.notes.UNSEEN_NOTE_WORDS`):
             show note words no training note holds as written, or as ``?`` (every word of a
             note with most of its words unseen); a trained model folder carries its training
             notes' vocabulary for that.
@@ -152,7 +110,7 @@ class Profile:
             number of image tokens (pixels / 28**2).
         tiny: architecture of the tiny model; None for other profiles.
         vision: vision tower sizes (``Qwen2VLVisionConfig`` fields) for a pretrained-language
-            source (:data:`ecg_r1.modeling.pretrained.LANGUAGE_MODELS`), whose text sizes come from the
+            source (:data:`ecg_r1.modeling.sources.LANGUAGE_MODELS`), whose text sizes come from the
             pretrained weights; None otherwise.
         lora: LoRA settings.
         sft, grpo: trainer hyperparameters with TRL's ``SFTConfig`` / ``GRPOConfig`` field names.
@@ -249,10 +207,12 @@ class Profile:
         """Keyword arguments for TRL's ``SFTConfig`` (kind ``"sft"``) or ``GRPOConfig`` (``"grpo"``).
 
         The section's own values come first; the profile-level settings are added on top so each
-        lives in one place: ``bf16``/``fp16`` from :attr:`training_precision`, ``activation_checkpointing``
-        (transformers 5's name for gradient checkpointing) from :attr:`gradient_checkpointing`,
-        ``seed``, and for GRPO ``use_vllm``/``vllm_mode`` and ``reward_weights``. ``output_dir``
-        and run-specific settings (``report_to``, ``run_name``...) are the caller's.
+        lives in one place: ``bf16``/``fp16`` from :attr:`training_precision`,
+        ``activation_checkpointing`` (transformers 5's name for gradient checkpointing) from
+        :attr:`gradient_checkpointing`, ``seed``, and for GRPO ``use_vllm``/``vllm_mode`` and
+        ``reward_weights``. SFT's ``max_length`` is None unless the section sets it (SFTConfig's
+        1024 could cut through image tokens). ``output_dir`` and run-specific settings
+        (``report_to``, ``run_name``...) are the caller's.
 
         Args:
             kind: ``"sft"`` or ``"grpo"``.
@@ -267,6 +227,9 @@ class Profile:
         if kind not in ("sft", "grpo"):
             raise ProfileError(f"trainer kind must be 'sft' or 'grpo', got {kind!r}")
         kwargs: dict[str, Any] = dict(self.sft if kind == "sft" else self.grpo)
+        if kind == "sft":
+            # No length cap unless the profile sets one: a cap can cut through image tokens.
+            kwargs.setdefault("max_length", None)
         kwargs.update(
             bf16=self.training_precision == "bfloat16",
             fp16=self.training_precision == "float16",
@@ -419,8 +382,6 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
             tokenizer=dict(sizes.get("tokenizer") or {}),
         )
     vision = model.get("vision")
-    from ecg_r1.modeling.pretrained import LANGUAGE_MODELS  # a light module; its heavy imports are lazy
-
     if source in LANGUAGE_MODELS:
         if not isinstance(vision, dict) or not {"embed_dim", "depth", "num_heads"} <= set(vision):
             raise ProfileError(
@@ -449,7 +410,8 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     layout = str(image.get("layout", Profile.image_layout))
     if layout not in LAYOUTS:
         raise ProfileError(f"{path}: image.layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    from ecg_r1.modeling.prompts import IMAGE_POSITIONS, UNSEEN_NOTE_WORDS
+    from ecg_r1.modeling.notes import UNSEEN_NOTE_WORDS
+    from ecg_r1.modeling.prompts import IMAGE_POSITIONS
 
     position = str(image.get("position", Profile.image_position))
     if position not in IMAGE_POSITIONS:

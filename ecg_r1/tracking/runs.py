@@ -28,7 +28,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # The project's own store lives in the repository holding this package (``<root>/mlflow``).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MLFLOW_DIR = "mlflow"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import yaml
 
+from ecg_r1.constants import REPO_ROOT
+
 logger = logging.getLogger(__name__)
 
 DVC_ENV_VAR = "ECG_R1_DVC"
 DEFAULT_REMOTE_NAME = "local"
 DEFAULT_REMOTE_DIR = ".dvc-storage"
 DATA_DIR = "data"
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class DvcError(RuntimeError):
@@ -60,7 +60,7 @@ def dvc_executable(repo_root: str | Path | None = None) -> str:
             raise DvcError(f"{DVC_ENV_VAR}={configured} does not name a file; point it at a dvc executable")
         return configured
     roots = [Path(repo_root)] if repo_root is not None else []
-    roots.append(_REPO_ROOT)
+    roots.append(REPO_ROOT)
     for root in roots:
         candidate = root / ".venv-dvc" / "bin" / "dvc"
         if candidate.is_file():

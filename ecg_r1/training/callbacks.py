@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ecg_r1.modeling.prompts import completion_text, parse_completion
+from ecg_r1.modeling.contract import completion_text, parse_completion
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,10 @@ import polars as pl
 
 from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 from ecg_r1.data.store import read_cohort
-from ecg_r1.modeling.prompts import build_prompt, format_target, mark_unseen_words, rationale_from_findings
+from ecg_r1.modeling.contract import format_target
+from ecg_r1.modeling.findings import rationale_from_findings
+from ecg_r1.modeling.notes import mark_unseen_words
+from ecg_r1.modeling.prompts import build_prompt
 
 if TYPE_CHECKING:
     import datasets
@@ -176,8 +179,8 @@ def scramble_note(note: str | None, rng: random.Random) -> str | None:
 
 @dataclass(frozen=True)
 class PromptOptions:
-    """How a stage shows its training cases: which notes it hides, scrambles or swaps, where the
-    page sits, and how unseen note words look (:func:`prompt_options` reads them from a profile).
+    """How a stage shows its training cases: which notes it hides or scrambles, where the page
+    sits, and how unseen note words look (:func:`prompt_options` reads them from a profile).
 
     Attributes:
         note_dropout: the fraction of cases (drawn with the dataset's seed) whose clinical note is
@@ -187,20 +190,16 @@ class PromptOptions:
         note_scramble: the fraction of (other) cases whose note is scrambled
             (:func:`scramble_note`): they teach that a note in unknown words says nothing, so the
             image decides, where an unfamiliar note would otherwise push every answer one way.
-        note_swap: the fraction of (other) cases shown the note of another training case, drawn
-            at random: a real note that says nothing about this case, so the image decides while
-            the prompt keeps the form it has at evaluation.
         image_position: where the page sits in the prompt
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`).
         unseen_note_words: the profile's ``model.unseen_note_words``. With ``mark`` a scrambled
             case is shown its note with every word marked (``?``), the form inference gives a note
-            mostly in words no training note holds (:func:`ecg_r1.modeling.prompts.mark_unseen_words`);
+            mostly in words no training note holds (:func:`ecg_r1.modeling.notes.mark_unseen_words`);
             the training notes themselves have no unseen word.
     """
 
     note_dropout: float = 0.0
     note_scramble: float = 0.0
-    note_swap: float = 0.0
     image_position: str = "first"
     unseen_note_words: str = "keep"
 
@@ -208,7 +207,6 @@ class PromptOptions:
         fractions = {
             "note_dropout": self.note_dropout,
             "note_scramble": self.note_scramble,
-            "note_swap": self.note_swap,
         }
         if not (all(0.0 <= f <= 1.0 for f in fractions.values()) and sum(fractions.values()) <= 1.0):
             named = ", ".join(f"{k} ({v})" for k, v in fractions.items())
@@ -217,11 +215,9 @@ class PromptOptions:
 
 def _prompts(cases: pl.DataFrame, options: PromptOptions, seed: int) -> list[list[dict]]:
     rng = random.Random(seed)
-    notes = cases["note"].to_list()
     hidden, scrambled = options.note_dropout, options.note_dropout + options.note_scramble
-    swapped = scrambled + options.note_swap
     prompts = []
-    for i, row in enumerate(cases.iter_rows(named=True)):
+    for row in cases.iter_rows(named=True):
         # One draw per case whatever the fractions, so the same seed picks the same cases.
         draw = rng.random()
         note = row["note"]
@@ -235,9 +231,6 @@ def _prompts(cases: pl.DataFrame, options: PromptOptions, seed: int) -> list[lis
                 if options.unseen_note_words == "mark"
                 else scramble_note(note, rng)
             )
-        elif draw < swapped and len(notes) > 1:
-            other = rng.randrange(len(notes) - 1)
-            note = notes[other + (other >= i)]  # any case's note but its own
         prompts.append(build_prompt(row["age"], row["sex"], note, options.image_position))
     return prompts
 
@@ -250,7 +243,7 @@ def grpo_dataset(
     Args:
         cases: from :func:`load_cases`.
         options: how the cases are shown (:class:`PromptOptions`).
-        seed: which cases lose, scramble or swap their note (the same cases as
+        seed: which cases lose or scramble their note (the same cases as
             :func:`sft_dataset` with the same seed).
 
     Returns:
@@ -283,7 +276,7 @@ def sft_targets(
     Args:
         cases: from :func:`load_cases`.
         rationale: put a reasoning built from the case's known or measured findings
-            (:func:`ecg_r1.modeling.prompts.rationale_from_findings`: leads with TWI and their territory;
+            (:func:`ecg_r1.modeling.findings.rationale_from_findings`: leads with TWI and their territory;
             never the label) in the think block; else leave it empty.
         answers: the answer to write per case; default the case's label.
         findings: measured ECG features, one row per case in the same order
@@ -292,7 +285,7 @@ def sft_targets(
             the page before it answers.
 
     Returns:
-        One target string per case, each accepted by :func:`ecg_r1.modeling.prompts.parse_completion`.
+        One target string per case, each accepted by :func:`ecg_r1.modeling.contract.parse_completion`.
 
     Raises:
         TrainingDataError: when a case has no answer (unlabelled and none given).
@@ -329,7 +322,7 @@ def sft_dataset(
         cases: from :func:`load_cases`.
         targets: one completion per case (:func:`sft_targets`).
         options: how the cases are shown (:class:`PromptOptions`).
-        seed: which cases lose, scramble or swap their note.
+        seed: which cases lose or scramble their note.
 
     Returns:
         A ``datasets.Dataset`` with ``prompt``, ``completion`` (one assistant message),
@@ -351,34 +344,6 @@ def sft_dataset(
     return _image_column(data, "images", as_list=True)
 
 
-def balance_hospitals(cases: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
-    """The cases with each hospital's smaller class re-drawn (with replacement) up to its larger
-    one, so every training hospital shows as many ischemic as non-ischemic cases.
-
-    Each hospital's prevalence differs (0.32 to 0.56 in the default cohort) and everything that
-    names the hospital (the note's style and language, the device's filter and mains hum) then
-    predicts the answer: a model learns "this kind of page or note means No" and carries it to a
-    new hospital whose notes and device it has never seen. With the same 1:1 mix everywhere, the
-    hospital says nothing about the label and only the findings do.
-
-    Args:
-        cases: labelled cases from :func:`load_cases`.
-        seed: which cases are drawn again.
-
-    Returns:
-        The original cases followed by the re-drawn ones (a hospital with one class only is kept
-        as it is: there is nothing to balance it with).
-    """
-    extra = []
-    for index, (_, group) in enumerate(cases.group_by("hospital", maintain_order=True)):
-        yes, no = group.filter(pl.col("label")), group.filter(~pl.col("label"))
-        if yes.height == 0 or no.height == 0 or yes.height == no.height:
-            continue
-        smaller, larger = (yes, no) if yes.height < no.height else (no, yes)
-        extra.append(smaller.sample(larger.height - smaller.height, with_replacement=True, seed=seed + index))
-    return pl.concat([cases, *extra]) if extra else cases
-
-
 def random_answers(n: int, seed: int) -> list[bool]:
     """Answers drawn at random (fair coin), for the label-free format warm-up."""
     rng = random.Random(seed)
@@ -396,11 +361,11 @@ def data_summary(cases: pl.DataFrame) -> dict[str, Any]:
 
 
 def prompt_options(profile: Profile, stage: str) -> PromptOptions:
-    """How a stage shows its training cases: the stage's ``note_dropout``, ``note_scramble`` and
-    ``note_swap`` and the profile's ``image.position`` and ``model.unseen_note_words``."""
+    """How a stage shows its training cases: the stage's ``note_dropout`` and ``note_scramble``
+    and the profile's ``image.position`` and ``model.unseen_note_words``."""
     settings = profile.stage_settings(stage)
     return PromptOptions(
-        **{key: float(settings[key]) for key in ("note_dropout", "note_scramble", "note_swap")},
+        **{key: float(settings[key]) for key in ("note_dropout", "note_scramble")},
         image_position=profile.image_position,
         unseen_note_words=profile.unseen_note_words,
     )
@@ -416,18 +381,6 @@ def case_examples(cases: pl.DataFrame) -> list[dict[str, Any]]:
         with Image.open(row["image_path"]) as image:
             examples.append({**row, "image": image.convert("RGB")})
     return examples
-
-
-def training_cases(
-    profile: Profile, stage: str, cohort_dir: str | Path, splits_path: str | Path, images_dir: str | Path
-) -> pl.DataFrame:
-    """The labelled training cases a label-driven stage (SFT, GRPO) trains on: the train split,
-    with each hospital balanced to 1:1 when the stage's ``balance_hospitals`` is set
-    (:func:`ecg_r1.training.data.balance_hospitals`)."""
-    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
-    if profile.stage_settings(stage)["balance_hospitals"]:
-        cases = balance_hospitals(cases, seed=profile.seed)
-    return cases
 
 
 def findings_rationale(profile: Profile) -> bool:

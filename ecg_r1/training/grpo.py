@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ecg_r1.modeling.models import vision_token_ids
+from ecg_r1.modeling.notes import note_vocabulary
 from ecg_r1.modeling.profiles import Profile, lora_config
-from ecg_r1.modeling.prompts import note_vocabulary
-from ecg_r1.training.data import (
-    data_summary,
-    grpo_dataset,
-    prompt_options,
-    training_cases,
-)
+from ecg_r1.training.data import data_summary, grpo_dataset, load_cases, prompt_options
 from ecg_r1.training.runner import (
     REPO_ROOT,
     RunOptions,
@@ -75,13 +71,14 @@ def run_grpo(
     from ecg_r1.training.rewards import get_reward_funcs
 
     profile = as_profile(profile)
-    cases = training_cases(profile, "grpo", cohort_dir, splits_path, images_dir)
+    if rewards is not None:  # the weights reach GRPOConfig from the profile (Profile.trainer_kwargs)
+        profile = replace(profile, rewards=dict(rewards))
+    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
     config_seed = int(seed if seed is not None else profile.seed)
     dataset = grpo_dataset(cases, prompt_options(profile, "grpo"), seed=config_seed)
-    reward_map = dict(rewards) if rewards is not None else dict(profile.rewards)
+    reward_map = dict(profile.rewards)
     reward_funcs = get_reward_funcs(list(reward_map))
     config_kwargs = trainer_config(profile, "grpo", Path(out_dir), max_steps, seed, dict(overrides or {}))
-    config_kwargs["reward_weights"] = [float(w) for w in reward_map.values()]
     config_kwargs["log_completions"] = False  # our CompletionSamplesCallback keeps samples
     params = {
         "stage": "grpo",

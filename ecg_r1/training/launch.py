@@ -34,13 +34,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.constants import REPO_ROOT
 from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
 from ecg_r1.modeling.profiles import Profile, config_path, shipped_names
 
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "configs" / "launch"
-# Relative paths in a launch config (the DeepSpeed JSON) are relative to the directory
-# `accelerate launch` runs in: the repository root, whose ecg_r1/ is this package.
-PACKAGE_PARENT = LAUNCH_DIR.parents[2]
 
 # accelerate (DeepSpeedPlugin._deepspeed_config_checks) refuses these accelerate-config fields
 # beside a deepspeed_config_file: the JSON owns them.
@@ -124,7 +122,9 @@ def _resolve(path_text: str, config_path: Path) -> Path:
     path = Path(path_text)
     if path.is_absolute():
         return path
-    for base in (Path.cwd(), PACKAGE_PARENT, config_path.parent):
+    # Relative paths in a launch config (the DeepSpeed JSON) are relative to the directory
+    # `accelerate launch` runs in: the repository root, whose ecg_r1/ is this package.
+    for base in (Path.cwd(), REPO_ROOT, config_path.parent):
         if (base / path).is_file():
             return base / path
     return path

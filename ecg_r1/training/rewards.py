@@ -4,7 +4,7 @@ Every function takes ``completions`` (TRL 1.16 passes ``[{"role": "assistant", "
 lists for conversational prompts; plain strings are accepted too) plus dataset columns as keyword
 arguments, and returns one float per completion, or None where the reward does not apply (TRL then
 leaves that reward out for that sample). All of them read completions through
-:func:`ecg_r1.modeling.prompts.parse_completion`, the parser the evaluation uses, so "valid" means the same
+:func:`ecg_r1.modeling.contract.parse_completion`, the parser the evaluation uses, so "valid" means the same
 thing in training and in evaluation.
 
 TRL logs each reward as ``rewards/<function __name__>/mean`` and ``.../std``; the names are chosen
@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ecg_r1.data.labels import ISCHEMIC, LABEL_WORDS, NON_ISCHEMIC
-from ecg_r1.modeling.prompts import completion_text, leads_in_text, parse_completion, parse_leads
+from ecg_r1.modeling.contract import completion_text, parse_completion
+from ecg_r1.modeling.findings import leads_in_text, parse_leads
 
 _ANSWER = {ISCHEMIC: True, NON_ISCHEMIC: False}
 
@@ -64,7 +65,7 @@ def _broadcast(values: Any, n: int, name: str) -> Sequence[Any]:
 def format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """1.0 when a completion follows the output contract exactly, else 0.0.
 
-    The contract (see :mod:`ecg_r1.modeling.prompts`): one ``<think>`` block, then one ``<answer>`` block
+    The contract (see :mod:`ecg_r1.modeling.contract`): one ``<think>`` block, then one ``<answer>`` block
     holding exactly ``Yes`` or ``No``, nothing after it. "Yes or No", an empty answer, two
     answers, text after the answer, nested tags and truncated completions all score 0.
 
@@ -131,7 +132,7 @@ class GroundingReward:
     """Rewards reasoning that names the leads where TWI is measured in the signal.
 
     The think block's lead names (``V1-V3`` ranges expanded, see
-    :func:`ecg_r1.modeling.prompts.leads_in_text`) are compared with the case's ``twi_leads`` column. An
+    :func:`ecg_r1.modeling.findings.leads_in_text`) are compared with the case's ``twi_leads`` column. An
     invalid completion scores 0; a case without known TWI leads gets None (skipped).
 
     Built by :func:`get_grounding_reward`; a class rather than a closure so it pickles.

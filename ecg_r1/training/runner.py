@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.constants import REPO_ROOT
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import Profile, load_profile
 
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 RESULT_FILE = "result.json"
@@ -329,9 +329,6 @@ class TrainerJob:
         samples: ``samples(model, processor, step)`` returns sample-completion rows, or None.
         note_vocabulary: the words of the training cases' notes; the trained model folder carries
             them (``note_vocabulary.json``), what ``model.unseen_note_words: mark`` reads at inference.
-        finish: ``finish(model, processor)`` runs after training on the trained model (LoRA merged)
-            and before it is saved; it may change the weights (the SFT answer read-out re-fit) and
-            returns metrics logged with the run; or None.
     """
 
     stage: str
@@ -343,7 +340,6 @@ class TrainerJob:
     register_as: str | None = None
     samples: Callable[[Any, Any, int], list[dict[str, Any]]] | None = None
     note_vocabulary: frozenset[str] | None = None
-    finish: Callable[[Any, Any], dict[str, float]] | None = None
 
 
 def score_labelled_positions_only() -> None:
@@ -404,11 +400,6 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
         if stage == "grpo":  # a GRPO step consumes batch / num_generations distinct prompts
             batch = batch // max(1, trainer.args.num_generations)
         trained = trainer.model
-        finished: dict[str, float] = {}
-        if job.finish is not None:
-            if hasattr(trained, "merge_and_unload"):  # a peft model: the re-fit reads the merged weights
-                trained = trained.merge_and_unload()
-            finished = job.finish(trained, processor)
         model_dir = out_dir / MODEL
         info = {
             "stage": stage,
@@ -427,7 +418,6 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             "samples_per_second": run_steps * batch / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": peak_rss_mb(),
             "train_loss_mean": float(output.training_loss),
-            **finished,
         }
         log_run_metrics(run_id, summary, steps)
         rows = []

@@ -3,14 +3,13 @@ data, the warm-up with its answer word masked or drawn at random."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ecg_r1.modeling.notes import note_vocabulary
 from ecg_r1.modeling.profiles import Profile, lora_config
-from ecg_r1.modeling.prompts import note_vocabulary
 from ecg_r1.training.data import (
     PromptOptions,
     case_examples,
@@ -22,7 +21,6 @@ from ecg_r1.training.data import (
     random_answers,
     sft_dataset,
     sft_targets,
-    training_cases,
     validation_cases,
 )
 from ecg_r1.training.runner import (
@@ -36,8 +34,6 @@ from ecg_r1.training.runner import (
     trainer_config,
 )
 
-logger = logging.getLogger(__name__)
-
 # How the warm-up writes the answer word: kept out of the loss, or a fair coin trained on.
 WARMUP_ANSWER_MODES = ("masked", "random")
 
@@ -50,8 +46,8 @@ def sample_generations(cases: Any, max_new_tokens: int, n: int) -> Any:
     chosen = cases.head(n)
 
     def sample(model: Any, processor: Any, step: int) -> list[dict[str, Any]]:
+        from ecg_r1.modeling.contract import parse_completion
         from ecg_r1.modeling.inference import generate
-        from ecg_r1.modeling.prompts import parse_completion
 
         examples = case_examples(chosen)
         texts = generate(model, processor, examples, max_new_tokens=max_new_tokens, batch_size=len(examples))
@@ -85,7 +81,7 @@ class AnswerMaskingCollator:
     """
 
     def __init__(self, collator: Any, tokenizer: Any) -> None:
-        from ecg_r1.modeling.prompts import ANSWER_CLOSE, NO, YES
+        from ecg_r1.modeling.contract import ANSWER_CLOSE, NO, YES
 
         self.collator = collator
         self.close = tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
@@ -98,7 +94,7 @@ class AnswerMaskingCollator:
             if not self._mask_row(ids[row].tolist(), labels[row]):
                 raise ValueError(
                     "format warm-up: no Yes/No answer before </answer> in a training row; the targets must "
-                    "follow the output contract (ecg_r1.modeling.prompts.format_target)"
+                    "follow the output contract (ecg_r1.modeling.contract.format_target)"
                 )
         return batch
 
@@ -153,13 +149,11 @@ def _sft_like(
     eval_cases: Any,
     options: RunOptions,
     prompts: PromptOptions,
-    finish: Callable[[Any, Any], dict[str, float]] | None = None,
 ) -> StageResult:
     dataset = sft_dataset(cases, targets, prompts, seed=int(seed if seed is not None else profile.seed))
     config_kwargs = trainer_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
     config_kwargs.setdefault("completion_only_loss", True)
-    config_kwargs["max_length"] = None  # a cap can cut through image tokens
     params = {
         **params,
         "stage": stage,
@@ -181,7 +175,6 @@ def _sft_like(
         register_as=register_as,
         samples=samples,
         note_vocabulary=note_vocabulary(cases["note"].to_list()),
-        finish=finish,
     )
     return run_trainer(job, options)
 
@@ -272,47 +265,6 @@ def run_format_warmup(
     )
 
 
-def _answer_readout_refit(
-    profile: Profile, start_model: Path, train_cases: Any, val_cases: Any, rationale: bool
-) -> Callable[[Any, Any], dict[str, float]]:
-    """The SFT stage's ``finish``: the answer read-out re-fit (:mod:`ecg_r1.training.readout`),
-    with what it needs checked before any training step."""
-    from ecg_r1.modeling.processor import load_processor
-    from ecg_r1.training.readout import answer_token_pair
-
-    if rationale:
-        raise ValueError(
-            "stages.sft.refit_answer_readout needs answer-only SFT targets (model.sft_rationale: false): "
-            "it reads the answer position after an empty think block"
-        )
-    if val_cases is None or val_cases.height == 0:
-        raise ValueError(
-            "stages.sft.refit_answer_readout chooses its regularisation on the val split; the cohort has none"
-        )
-    answer_token_pair(load_processor(start_model, profile).tokenizer)
-
-    def finish(model: Any, processor: Any) -> dict[str, float]:
-        from ecg_r1.training.readout import readout_metrics, refit_answer_readout
-
-        fit = refit_answer_readout(model, processor, train_cases, val_cases)
-        if fit.applied:
-            logger.info(
-                "answer read-out re-fit: C %g, val accuracy %.3f -> %.3f",
-                fit.c,
-                fit.before_accuracy,
-                fit.after_accuracy,
-            )
-        else:
-            logger.warning(
-                "answer read-out re-fit not applied: every C would change the greedy token at some val "
-                "completion position (%s); the SFT rows stay",
-                fit.changed_positions,
-            )
-        return readout_metrics(fit)
-
-    return finish
-
-
 def run_sft(
     profile: Profile | str | Path,
     start_model: str | Path,
@@ -356,13 +308,10 @@ def run_sft(
     rationale = profile.sft_rationale if rationale is None else bool(rationale)
     with_findings = rationale and findings_rationale(profile)
     prompts = prompt_options(profile, "sft")
-    cases = training_cases(profile, "sft", cohort_dir, splits_path, images_dir)
+    cases = load_cases(cohort_dir, splits_path, images_dir, "train")
     findings = case_findings(cases, cohort_dir) if with_findings else None
     targets = sft_targets(cases, rationale=rationale, findings=findings)
     eval_cases = validation_cases(cohort_dir, splits_path, images_dir)
-    finish = None
-    if profile.stage_settings("sft")["refit_answer_readout"]:
-        finish = _answer_readout_refit(profile, Path(start_model), cases, eval_cases, rationale)
     return _sft_like(
         stage="sft",
         profile=profile,
@@ -383,7 +332,6 @@ def run_sft(
         register_as=MODEL_NAMES["sft"] if register and tracking else None,
         eval_cases=eval_cases,
         prompts=prompts,
-        finish=finish,
         options=RunOptions(
             tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path)
         ),

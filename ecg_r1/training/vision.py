@@ -36,7 +36,7 @@ import polars as pl
 
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.data.store import open_signals
-from ecg_r1.modeling.prompts import FINDING_FLAGS, finding_flags
+from ecg_r1.modeling.findings import FINDING_FLAGS, finding_flags
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ class VisionTargets:
 
     Attributes:
         twi: ``(n, 12 + f)`` float: 1 where the lead shows TWI, then the categorical findings of
-            :data:`ecg_r1.modeling.prompts.FINDING_FLAGS` (the ones the findings rationale states); NaN
+            :data:`ecg_r1.modeling.findings.FINDING_FLAGS` (the ones the findings rationale states); NaN
             where unmeasurable.
         regression: ``(n, k)`` standardised measurements, NaN where unmeasurable.
         mean, std: the standardisation (from the cases it was built on).
@@ -76,13 +76,13 @@ class VisionTargets:
     names: tuple[str, ...] = REGRESSION_TARGETS
 
 
-def measured_targets(features: pl.DataFrame, finding_targets: bool = True) -> VisionTargets:
+def measured_targets(features: pl.DataFrame, finding_targets: bool) -> VisionTargets:
     """Turn :func:`ecg_r1.data.features.measure_features` output into training targets.
 
     Args:
         features: one row per case with the per-lead ``t_amp_*``, ``st_*``, ``qrs_amp_*``
             columns, ``qrs_ms``, ``hr_bpm`` and ``twi_leads``.
-        finding_targets: add the categorical findings (:data:`ecg_r1.modeling.prompts.FINDING_FLAGS`) to
+        finding_targets: add the categorical findings (:data:`ecg_r1.modeling.findings.FINDING_FLAGS`) to
             the binary targets. On the tiny tower (300 steps) they cost TWI-lead F1 (0.80 against
             0.91 without them), and the SFT model on top read the image less, so the tiny profile
             leaves them off (``stages.vision_pretrain.finding_targets``).

@@ -26,6 +26,7 @@ import polars as pl
 from pydantic import Field
 
 from dagster_project.defs.executors import DEFAULT_QUEUE
+from dagster_project.defs.metadata import counts_by, dict_table, markdown_table
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1.data import split as split_lib
 from ecg_r1.data import validate as validate_lib
@@ -102,31 +103,6 @@ class SplitConfig(dg.Config):
     labelled_only: bool = Field(default=True, description="Drop records labelled unknown.")
 
 
-def markdown_table(table: pl.DataFrame) -> str:
-    """A polars table as a markdown table for the Dagster UI."""
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in table.iter_rows()]
-    return "\n".join(lines)
-
-
-def counts_by(table: pl.DataFrame, rows: str, columns: str) -> str:
-    """Markdown cross-tab of record counts (``rows`` x ``columns``) with totals."""
-    if table.height == 0:
-        return "(no records)"
-    values = sorted(table.get_column(columns).fill_null("null").unique().to_list())
-    counts = (
-        table.with_columns(pl.col(rows).fill_null("null"), pl.col(columns).fill_null("null"))
-        .group_by(rows)
-        .agg([(pl.col(columns) == v).sum().alias(v) for v in values] + [pl.len().alias("total")])
-        .sort(rows)
-    )
-    return markdown_table(counts)
-
-
-def _dict_table(values: dict, key: str, value: str) -> str:
-    return markdown_table(pl.DataFrame({key: list(values), value: [values[k] for k in values]}))
-
-
 @dg.asset(group_name=GROUP, kinds={"python", "parquet"}, op_tags=DEFAULT_QUEUE)
 def simulated_raw(
     context: dg.AssetExecutionContext, config: SimulationConfig, layout: DataLayout, dvc: DvcResource
@@ -152,7 +128,7 @@ def simulated_raw(
             "bayes_auroc": summary.bayes_auroc,
             "naive_rule_accuracy": summary.naive_rule_accuracy,
             "cases_per_hospital": dg.MetadataValue.md(
-                _dict_table(summary.cases_per_hospital, "hospital", "cases")
+                dict_table(summary.cases_per_hospital, "hospital", "cases")
             ),
             "cases_per_hospital_and_mechanism": dg.MetadataValue.md(markdown_table(mechanisms)),
             **dvc.record(),
@@ -186,7 +162,7 @@ def raw_cohort(
             "loaded": summary.loaded,
             "quarantined": sum(summary.quarantined.values()),
             "quarantined_by_reason": dg.MetadataValue.md(
-                _dict_table(summary.quarantined, "reason", "records") if summary.quarantined else "(none)"
+                dict_table(summary.quarantined, "reason", "records") if summary.quarantined else "(none)"
             ),
             "twi_cases": summary.twi_cases,
             "records_per_s": summary.records_per_s,
@@ -220,7 +196,7 @@ def validated_cohort(
             "passed": result.n_passed,
             "quarantined": result.n_quarantined,
             "quarantined_by_reason": dg.MetadataValue.md(
-                _dict_table(by_reason, "reason", "records") if by_reason else "(none)"
+                dict_table(by_reason, "reason", "records") if by_reason else "(none)"
             ),
             "validation": dg.MetadataValue.md(result.to_markdown()),
             **dvc.record(),

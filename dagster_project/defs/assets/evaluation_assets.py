@@ -21,17 +21,18 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from dagster_project.defs.assets.data_assets import markdown_table
-from dagster_project.defs.assets.image_assets import _inline_png
 from dagster_project.defs.executors import DEFAULT_QUEUE, GPU_QUEUE, TRANSIENT_RETRY
+from dagster_project.defs.metadata import inline_png, markdown_table
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
+from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation import registry
-from ecg_r1.evaluation.cases import add_features, evaluation_cases, has_english_notes
-from ecg_r1.evaluation.comparison import run_comparison
+from ecg_r1.evaluation.baselines import BOOST_LEARNING_RATE, BOOST_MAX_ITER
+from ecg_r1.evaluation.cases import add_features, evaluation_cases
+from ecg_r1.evaluation.comparison import covering_truth, possible_ablations, run_comparison
 from ecg_r1.evaluation.outputs import read_metrics, slug
-from ecg_r1.evaluation.predictions import ABLATIONS, ENGLISH_NOTE, RESULT_FILE
+from ecg_r1.evaluation.predictions import ABLATIONS, RESULT_FILE
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule
 from ecg_r1.evaluation.references import ReferenceBaselines
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
@@ -51,8 +52,8 @@ class BaselineConfig(dg.Config):
     """The feature baseline's hyperparameters."""
 
     seed: int = Field(default=0, description="Random state of the gradient boosting.")
-    max_iter: int = Field(default=300, description="Boosting rounds.")
-    learning_rate: float = Field(default=0.05, description="Boosting learning rate.")
+    max_iter: int = Field(default=BOOST_MAX_ITER, description="Boosting rounds.")
+    learning_rate: float = Field(default=BOOST_LEARNING_RATE, description="Boosting learning rate.")
     use_note: bool = Field(default=True, description="Use the note's word flags.")
 
 
@@ -83,10 +84,8 @@ class ComparisonConfig(dg.Config):
         description="Paired comparisons [A, B] on the same cases.",
     )
     profile: str = Field(default=DEFAULT_PROFILE, description="Model profile of the compared models.")
-    n_boot: int = Field(default=2000, description="Bootstrap resamples per interval.")
-    batch_size: int = Field(
-        default=16, description="Examples per forward pass (16 ran 1.7x faster than 8 on CPU)."
-    )
+    n_boot: int = Field(default=N_BOOT, description="Bootstrap resamples per interval.")
+    batch_size: int = Field(default=PREDICTION_BATCH_SIZE, description="Examples per forward pass.")
     max_cases_per_split: int = Field(
         default=0, description="Evaluate a seeded sample of at most this many cases per split; 0: all."
     )
@@ -111,7 +110,7 @@ class PromotionConfig(dg.Config):
     test: str = Field(default="mcnemar", description="mcnemar | paired_bootstrap.")
     alpha: float = Field(default=0.05, description="Significance level of the two-sided paired test.")
     margin: float = Field(default=0.0, description="Non-inferiority margin (paired_bootstrap only).")
-    n_boot: int = Field(default=2000, description="Paired bootstrap resamples.")
+    n_boot: int = Field(default=N_BOOT, description="Paired bootstrap resamples.")
     seed: int = Field(default=0, description="Resampling seed.")
 
 
@@ -241,15 +240,8 @@ def model_comparison(
             )
         folders[name] = folder
     out = evaluation_dir(layout)
-    truth = layout.simulated / "truth.parquet"
     splits_path = layout.splits / SPLITS_FILE
-    truth_path = truth if truth.is_file() and _truth_covers(truth, layout, splits_path) else None
-    if truth_path is None:
-        context.log.info("no simulator truth for these cases: the table has no Bayes ceiling row")
-    ablations = config.ablations
-    if ENGLISH_NOTE in ablations and not has_english_notes(truth_path):
-        context.log.info("no note-in-English rows: the cohort's simulator truth has no English notes")
-        ablations = [a for a in ablations if a != ENGLISH_NOTE]
+    truth_path = covering_truth(layout.simulated / "truth.parquet", splits_path)
     real_dir = real_records_dir(layout)
     real_records = real_dir if (real_dir / real_records_lib.SUMMARY_FILE).is_file() else None
     result = run_comparison(
@@ -268,7 +260,7 @@ def model_comparison(
         max_new_tokens=config.max_new_tokens or None,
         n_case_figures=config.n_case_figures,
         max_cases_per_split=config.max_cases_per_split or None,
-        ablations=ablations,
+        ablations=possible_ablations(config.ablations, truth_path),
         real_records=real_records,
     )
     provenance = dvc.record()
@@ -305,15 +297,8 @@ def model_comparison(
         metadata[f"note_words_unseen_{split}"] = dg.MetadataValue.float(shift.unseen_words)
         metadata[f"notes_unreadable_{split}"] = dg.MetadataValue.float(shift.unreadable_notes)
     for key, path in result.plots.items():
-        metadata[f"plot_{key}"] = dg.MetadataValue.md(_inline_png(path))
+        metadata[f"plot_{key}"] = dg.MetadataValue.md(inline_png(path))
     return dg.MaterializeResult(metadata=metadata)
-
-
-def _truth_covers(truth: Path, layout: DataLayout, splits_path: Path) -> bool:
-    """The simulator's truth knows every split record (it does not after ingesting real data)."""
-    known = set(pl.read_parquet(truth, columns=["record_id"])["record_id"].to_list())
-    wanted = pl.read_parquet(splits_path, columns=["record_id"])["record_id"].to_list()
-    return all(rid in known for rid in wanted)
 
 
 @dg.asset_check(

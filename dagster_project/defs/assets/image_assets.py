@@ -1,13 +1,12 @@
 """Rendered ECG pages: every record of the split manifest as the printout the model reads."""
 
-import base64
-
 import dagster as dg
 import polars as pl
 from pydantic import Field
 
 from dagster_project.defs.assets.data_assets import cohort_splits
 from dagster_project.defs.executors import DEFAULT_QUEUE
+from dagster_project.defs.metadata import inline_png
 from dagster_project.defs.resources import DataLayout, DvcResource
 from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.imaging.render import render_cohort
@@ -36,11 +35,6 @@ def image_config(config: ImageConfig):
     return type(page)(width_px=width, height_px=height, layout=page.layout, color=config.color)
 
 
-def _inline_png(path) -> str:
-    # Local file paths do not load in a browser, so the previews travel inside the markdown.
-    return f"![{path.name}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
-
-
 @dg.asset(group_name=GROUP, deps=[cohort_splits], kinds={"python", "png"}, op_tags=DEFAULT_QUEUE)
 def ecg_images(
     context: dg.AssetExecutionContext, config: ImageConfig, layout: DataLayout, dvc: DvcResource
@@ -64,7 +58,7 @@ def ecg_images(
             "cached": summary.cached,
             "images_per_s": round(summary.images_per_s, 1),
             "seconds": round(summary.seconds, 2),
-            "examples": dg.MetadataValue.md("\n\n".join(_inline_png(p) for p in summary.examples[:PREVIEWS])),
+            "examples": dg.MetadataValue.md("\n\n".join(inline_png(p) for p in summary.examples[:PREVIEWS])),
             "example_paths": ", ".join(str(p) for p in summary.examples[:PREVIEWS]),
             **{f"page_{k}": v for k, v in page.describe().items()},
             **dvc.record(),

@@ -83,7 +83,6 @@ def _metadata(result: runner.StageResult, mlflow: MlflowResource, extra: dict) -
                 "completions/mean_length",
                 "format_valid",
                 "frac_reward_zero_std",
-                "readout_",  # the SFT answer read-out re-fit: chosen C, val accuracy before and after
             )
         )
         or key.endswith("accuracy")

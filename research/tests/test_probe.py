@@ -1,9 +1,9 @@
-"""The linear probe of a vision tower's tokens (ecg_r1.evaluation.probe)."""
+"""The linear probe of a vision tower's tokens (research.probe)."""
 
 import numpy as np
 import pytest
 
-from ecg_r1.evaluation.probe import (
+from research.probe import (
     DEFAULT_CS,
     MEASUREMENT_ALPHAS,
     NOTE_CS,

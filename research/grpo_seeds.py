@@ -3,8 +3,8 @@ start model with several seeds, or the whole SFT-then-GRPO recipe over several S
 model is judged against its own start on the same held-out cases (paired bootstrap CI and McNemar),
 with the mean and spread across seeds.
 
-    python scripts/grpo_seeds.py --start data/models/sft_model/model --seeds 1 2 3 --out data/grpo_seeds
-    python scripts/grpo_seeds.py --sft-from data/models/vision_pretrained_model/model \
+    python -m research.grpo_seeds --start data/models/sft_model/model --seeds 1 2 3 --out data/grpo_seeds
+    python -m research.grpo_seeds --sft-from data/models/vision_pretrained_model/model \
         --sft-seeds 42 7 11 --seeds 42 --out data/recipe_seeds
 
 Reads the cohort, splits and images of the default layout (``data/``); trains without MLflow
@@ -19,6 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
+from ecg_r1.constants import N_BOOT
 from ecg_r1.evaluation.cases import EVAL_SPLITS, evaluation_cases
 from ecg_r1.evaluation.evaluate import align, compare_paired
 from ecg_r1.evaluation.predictions import predict_cases
@@ -46,7 +47,7 @@ def main() -> None:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="GRPO steps (default: the profile's)")
     parser.add_argument("--sft-max-steps", type=int, default=None, help="SFT steps (default: the profile's)")
-    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--n-boot", type=int, default=N_BOOT)
     args = parser.parse_args()
 
     data = {

@@ -1,6 +1,6 @@
 """How much of the label do a model's image tokens carry? A linear probe of its vision tower.
 
-    python scripts/probe_vision.py --model data/models/vision_model/model --out data/probe.json
+    python -m research.probe_vision --model data/models/vision_model/model --out data/probe.json
 
 Computes the tokens the language model receives for every labelled page of the train, val and
 test splits, fits a logistic regression on the training split, chooses its regularisation on
@@ -30,22 +30,23 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ecg_r1.constants import N_BOOT
 from ecg_r1.data.split import TEST_EXTERNAL, TEST_INTERNAL, TRAIN, VAL
 from ecg_r1.evaluation.baselines import clinical_numbers
 from ecg_r1.evaluation.cases import add_features, evaluation_cases
 from ecg_r1.evaluation.evaluate import labels_to_truth
-from ecg_r1.evaluation.probe import (
+from ecg_r1.evaluation.report import SPLIT_TITLES
+from ecg_r1.modeling.models import load_model_and_processor
+from ecg_r1.modeling.profiles import load_profile
+from ecg_r1.simulate.truth import ECG_FINDINGS
+from ecg_r1.training.vision import REGRESSION_TARGETS, page_tokens
+from research.probe import (
     ProbeResult,
     fit_boosted_probe,
     fit_measurement_probe,
     fit_page_and_note_probe,
     fit_probe,
 )
-from ecg_r1.evaluation.report import SPLIT_TITLES
-from ecg_r1.modeling.models import load_model_and_processor
-from ecg_r1.modeling.profiles import load_profile
-from ecg_r1.simulate.truth import ECG_FINDINGS
-from ecg_r1.training.vision import REGRESSION_TARGETS, page_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="data folder (default data/)")
     parser.add_argument("--images", type=Path, default=None, help="page folder (default DATA/images)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
-    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--n-boot", type=int, default=N_BOOT)
     parser.add_argument(
         "--with-note", action="store_true", help="also a note reader and the page and note readers combined"
     )

@@ -1,0 +1,79 @@
+"""Shared defaults have one source (ecg_r1.constants, or the library module that owns them): the
+library's signatures, the CLI options and the Dagster configs all read the same value."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+from ecg_r1 import constants
+
+
+def _default(function: Callable, name: str) -> object:
+    return inspect.signature(function).parameters[name].default
+
+
+def _cli_defaults(*argv: str) -> dict[str, object]:
+    from ecg_r1.cli import build_parser
+
+    return vars(build_parser().parse_args(list(argv)))
+
+
+def test_bootstrap_resamples_and_prediction_batch_have_one_value_everywhere() -> None:
+    from dagster_project.defs.assets.evaluation_assets import ComparisonConfig, PromotionConfig
+    from ecg_r1.evaluation import comparison, evaluate, predictions
+    from ecg_r1.evaluation.promotion import PromotionRule
+
+    evaluate_cli = _cli_defaults(
+        "evaluate", "--model", "m", "--cohort", "c", "--splits", "s", "--images", "i", "--out", "o"
+    )
+    promote_cli = _cli_defaults("promote", "--evaluation", "e")
+    n_boots = {
+        "evaluate_binary": _default(evaluate.evaluate_binary, "n_boot"),
+        "compare_paired": _default(evaluate.compare_paired, "n_boot"),
+        "run_comparison": _default(comparison.run_comparison, "n_boot"),
+        "PromotionRule": PromotionRule().n_boot,
+        "ecg-r1 evaluate": evaluate_cli["n_boot"],
+        "ecg-r1 promote": promote_cli["n_boot"],
+        "ComparisonConfig": ComparisonConfig.model_fields["n_boot"].default,
+        "PromotionConfig": PromotionConfig.model_fields["n_boot"].default,
+    }
+    assert n_boots == dict.fromkeys(n_boots, constants.N_BOOT)
+    batches = {
+        "predict_cases": _default(predictions.predict_cases, "batch_size"),
+        "predict_models": _default(predictions.predict_models, "batch_size"),
+        "run_comparison": _default(comparison.run_comparison, "batch_size"),
+        "ecg-r1 evaluate": evaluate_cli["batch_size"],
+        "ComparisonConfig": ComparisonConfig.model_fields["batch_size"].default,
+    }
+    assert batches == dict.fromkeys(batches, constants.PREDICTION_BATCH_SIZE)
+
+
+def test_the_feature_baseline_booster_settings_have_one_source() -> None:
+    from dagster_project.defs.assets.evaluation_assets import BaselineConfig
+    from ecg_r1.evaluation import baselines
+
+    for name, value in (
+        ("max_iter", baselines.BOOST_MAX_ITER),
+        ("learning_rate", baselines.BOOST_LEARNING_RATE),
+    ):
+        assert _default(baselines.boosted_classifier, name) == value
+        assert _default(baselines.FeatureBaseline, name) == value
+        assert BaselineConfig.model_fields[name].default == value
+
+
+def test_the_repository_root_has_one_definition() -> None:
+    from dagster_project.defs import resources
+    from ecg_r1.cli.predict import add_mlflow_root
+    from ecg_r1.tracking import versioning
+    from ecg_r1.training import launch, runner
+
+    root = Path(__file__).resolve().parents[1]
+    assert root == constants.REPO_ROOT
+    assert resources.REPO_ROOT is versioning.REPO_ROOT is runner.REPO_ROOT is launch.REPO_ROOT
+    assert resources.REPO_ROOT is constants.REPO_ROOT
+    parser = argparse.ArgumentParser()
+    add_mlflow_root(parser)
+    assert parser.parse_args([]).mlflow_root == root
