@@ -1,5 +1,5 @@
-"""The registered model as an MLflow pyfunc: its predict in-process, its link to the run, and
-``mlflow models serve`` answering over HTTP on 127.0.0.1.
+"""The registered model as an MLflow pyfunc: its predict in-process (each request limit
+checked row by row), its link to the run; tests/test_serving_http.py serves it over HTTP.
 
 The model is a small untrained tiny-profile model: its completions break the answer format, so a
 well-formed response has answer and reasoning null, a problem named, and P(Yes) in [0, 1].
@@ -7,17 +7,12 @@ well-formed response has answer and reasoning null, a problem named, and P(Yes) 
 
 from __future__ import annotations
 
-import contextlib
+import base64
+import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +20,6 @@ import pandas as pd
 import pytest
 import yaml
 
-import ecg_r1
 from ecg_r1.modeling import inference
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.profiles import load_profile
@@ -33,7 +27,7 @@ from ecg_r1.tracking import serving
 
 mlflow = pytest.importorskip("mlflow")
 
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 12  # at most the tiny profile's cap (16)
 CASES = [{"age": 50 + i, "sex": "F", "note": f"Troponin {i}.", "twi_leads": "V2,V3"} for i in range(20)]
 
 
@@ -85,7 +79,7 @@ class TestPredict:
             assert_well_formed(row)
         example = {"image": page(0), "age": 63.0, "sex": "F", "note": "Chest pain."}
         [direct] = inference.predict(served.model, served.processor, [example], max_new_tokens=MAX_NEW_TOKENS)
-        assert frame.iloc[0].to_dict() == direct  # the function behind ecg-r1 predict
+        assert frame.iloc[0].to_dict() == {"id": None, **direct}  # the function behind ecg-r1 predict
 
     def test_optional_fields_may_be_missing(self, served):
         frame = pd.DataFrame([{"image": serving.encode_image(page(3))}])
@@ -93,24 +87,75 @@ class TestPredict:
         assert 0.0 <= row["p_yes"] <= 1.0
 
     @pytest.mark.parametrize(
-        "change,message",
+        "change,problem",
         [
-            ({"image": "not base64!"}, "not a base64-encoded image"),
-            ({"image": "aGVsbG8="}, "not a base64-encoded image"),
-            ({"sex": "X"}, "'sex' must be one of"),
-            ({"age": "old"}, "'age' must be a number"),
+            ({"image": "not base64!"}, "image: not base64"),
+            ({"image": "aGVsbG8="}, "image: not a PNG or JPEG"),
+            ({"sex": "X"}, "sex: must be one of"),
+            ({"age": "old"}, "age: must be a number"),
+            ({"age": float("inf")}, "age: must be within 0-130"),
+            ({"age": -5.0}, "age: must be within 0-130"),
+            ({"age": 400}, "age: must be within 0-130"),
+            ({"note": "x" * (serving.MAX_NOTE_CHARS + 1)}, "note: more than 2,000 characters"),
+            ({"id": "x" * (serving.MAX_ID_CHARS + 1)}, "id: must be text"),
         ],
     )
-    def test_a_malformed_row_is_refused_with_its_field(self, served, change, message):
-        frame = request_frame(1)
+    def test_a_malformed_row_is_answered_with_its_field(self, served, change, problem):
+        """The bad row is refused, its neighbour answered as if alone."""
+        frame = request_frame(2)
         for key, value in change.items():
-            frame[key] = [value]
-        with pytest.raises(ValueError, match=message):
-            served.predict(None, frame)
+            frame[key] = [value, frame[key][1] if key in frame else None]
+        refused, answered = served.predict(None, frame, {"max_new_tokens": MAX_NEW_TOKENS}).to_dict(
+            orient="records"
+        )
+        assert refused["valid"] is False and refused["problem"].startswith(problem)
+        assert refused["completion"] is None and refused["p_yes"] is None
+        [alone] = served.predict(None, frame.iloc[1:], {"max_new_tokens": MAX_NEW_TOKENS}).to_dict(
+            orient="records"
+        )
+        assert answered == alone
 
-    def test_a_request_without_image_is_refused(self, served):
-        with pytest.raises(ValueError, match="needs an 'image' column"):
-            served.predict(None, pd.DataFrame([{"note": "x"}]))
+    def test_a_request_without_image_is_answered_as_refused(self, served):
+        [row] = served.predict(None, pd.DataFrame([{"note": "x"}])).to_dict(orient="records")
+        assert row["valid"] is False and row["problem"] == "image: missing"
+
+    def test_only_png_and_jpeg_are_opened(self, monkeypatch):
+        """An EPS page (which PIL renders with Ghostscript) is refused by its first bytes: PIL is
+        never asked to open it."""
+        from PIL import Image
+
+        eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+        assert Image.open(io.BytesIO(eps)).format == "EPS"  # what the old decode opened
+        opened = []
+        monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1))
+        with pytest.raises(serving.RowProblem, match="image: not a PNG or JPEG"):
+            serving.decode_image(base64.b64encode(eps).decode())
+        assert opened == []
+
+    def test_the_pixel_count_is_checked_before_decoding(self, monkeypatch):
+        from PIL import Image, ImageFile
+
+        big = serving.encode_image(Image.new("L", (5001, 5000)), format="JPEG")
+        decoded = []
+        monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1))
+        with pytest.raises(serving.RowProblem, match="5001 x 5000 px, more than 25,000,000"):
+            serving.decode_image(big)
+        assert decoded == []
+
+    def test_whole_request_limits(self, served):
+        """Too many rows, too much text in all, or a completion cap above the profile's: every
+        row refused, the model not run."""
+        many = pd.concat([request_frame(1)] * (serving.MAX_ROWS + 1), ignore_index=True)
+        huge = pd.DataFrame([{"image": "A" * (serving.MAX_REQUEST_CHARS // 7)}] * 8)
+        for frame, params, problem in [
+            (many, None, "request: 17 rows, at most 16"),
+            (huge, None, "request: more than 64 MiB"),
+            (request_frame(1), {"max_new_tokens": served.max_new_tokens + 1}, "max_new_tokens: must be"),
+            (request_frame(1), {"max_new_tokens": 2.5}, "max_new_tokens: must be"),
+        ]:
+            rows = served.predict(None, frame, params).to_dict(orient="records")
+            assert len(rows) == len(frame)
+            assert all(not row["valid"] and row["problem"].startswith(problem) for row in rows)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +233,7 @@ class TestRegisteredPyfunc:
         model = mlflow.pyfunc.load_model(f"models:/ecg-r1-custom/{version}")
         assert model.unwrap_python_model().max_new_tokens == 7
         [param] = model.metadata.get_params_schema().params
-        assert (param.name, param.default) == ("max_new_tokens", 7)
+        assert (param.name, param.default) == ("max_new_tokens", 7.0)
 
     def test_loads_from_code_and_answers_in_process(self, champion):
         model = mlflow.pyfunc.load_model("models:/ecg-r1-grpo@champion")
@@ -203,96 +248,6 @@ class TestRegisteredPyfunc:
         folder = model_registry.load_registered("models:/ecg-r1-grpo@champion")
         assert (folder / "config.json").read_text() == (taught_model / "config.json").read_text()
         assert model_registry.load_registered("models:/ecg-r1-grpo@champion") == folder  # cached
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_over_http(store, champion, tmp_path):
-    """``mlflow models serve -m models:/ecg-r1-grpo@champion`` on 127.0.0.1 answers a request."""
-    _, uri = store
-    port = _free_port()
-    from ecg_r1.cli.serve import server_environment
-
-    env = {
-        **os.environ,
-        **server_environment(uri),  # the store, and uvicorn on PATH (mlflow starts it from there)
-        # the served code imports this checkout's ecg_r1
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(ecg_r1.__file__).parents[1]), os.environ.get("PYTHONPATH")])
-        ),
-    }
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/ecg-r1-grpo@champion"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:  # a file, not a pipe nobody reads that could fill and stall the server
-        server = subprocess.Popen(
-            command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
-        )
-    pgid = server.pid
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the server exited ({server.returncode}): {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, f"no answer to /ping in 90 s: {log.read_text()[-2000:]}"
-            time.sleep(0.5)
-        body = {
-            "dataframe_records": request_frame(1).to_dict(orient="records"),
-            "params": {"max_new_tokens": MAX_NEW_TOKENS},
-        }
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            answer = json.loads(reply.read())
-        [row] = answer["predictions"]
-        assert_well_formed(row)
-        bad = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"dataframe_records": [{"image": "x", "sex": "F"}]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(bad, timeout=30)
-        assert refused.value.code in (400, 500) and "base64" in refused.value.read().decode()
-    finally:  # the whole group: `mlflow models serve` runs uvicorn in a child process
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            server.wait(timeout=5)
-        deadline = time.monotonic() + 10
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        alive = _group_alive(pgid)
-        if alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-    assert not alive, "a server process outlived SIGTERM"
 
 
 class TestServeCommand:
@@ -321,3 +276,22 @@ class TestServeCommand:
         number = model_registry.register_model_version(run.info.run_id, tmp_path / "fake", "ecg-r1-elsewhere")
         with pytest.raises(SystemExit, match="outside this store's artifacts"):
             main(["serve", "--model", f"models:/ecg-r1-elsewhere/{number}", "--mlflow-root", str(root)])
+
+    def test_a_host_beyond_loopback_is_warned_about(self, store, champion, monkeypatch, capsys):
+        from ecg_r1.cli import main
+
+        root, _ = store
+        started = []
+        monkeypatch.setattr(os, "execvpe", lambda *args: started.append(args))
+        main(
+            [
+                "serve",
+                "--model",
+                "models:/ecg-r1-grpo@champion",
+                "--host",
+                "0.0.0.0",
+                "--mlflow-root",
+                str(root),
+            ]
+        )
+        assert started and "proxy with a body limit" in capsys.readouterr().err

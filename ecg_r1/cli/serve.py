@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ecg_r1.cli.predict import add_mlflow_root
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -17,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve a registered model over HTTP (mlflow models serve) on 127.0.0.1",
         description="Check that a registered version lies in the project's own MLflow store, then run "
         "`mlflow models serve` on it in this environment (--env-manager local). POST /invocations "
-        "takes {'dataframe_records': [{'image': <base64 PNG>, 'note', 'age', 'sex'}]} and answers "
-        "reasoning, answer and P(Yes) per row (README, section Serving).",
+        "takes {'dataframe_records': [{'image': <base64 PNG or JPEG>, 'note', 'age', 'sex', 'id'}]} "
+        "and answers reasoning, answer and P(Yes) per row; a row beyond a limit is answered "
+        "valid: false with the field named (docs/serving.md).",
     )
     parser.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -62,5 +65,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     print(f"serving {args.model} on http://{args.host}:{args.port}/invocations", flush=True)
+    if args.host not in LOOPBACK:
+        # The model bounds what it decodes and runs, not what the server reads (docs/serving.md).
+        print(
+            f"warning: {args.host} is reachable from other machines, and MLflow's scoring server reads "
+            "any request body whole: put a proxy with a body limit in front of it",
+            file=sys.stderr,
+            flush=True,
+        )
     os.execvpe(command[0], command, env)  # the server replaces this process: signals reach it
     return 0

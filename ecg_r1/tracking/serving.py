@@ -7,9 +7,13 @@ trained with travel as the pyfunc's artifacts ``model`` and ``profile``), so::
     PATH=$PWD/.venv/bin:$PATH MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow/mlflow.db \\
         mlflow models serve -m models:/ecg-r1-grpo@champion --env-manager local -h 127.0.0.1 -p 5001
 
-answers ``POST /invocations`` with one row per case: the page as a base64 PNG (``image``), the
-clinical ``note``, ``age`` and ``sex``; it returns the reasoning, the answer and P(Yes), computed by
-:func:`ecg_r1.modeling.inference.predict`, the function behind ``ecg-r1 predict``.
+answers ``POST /invocations`` with one row per case: the page as a base64 PNG or JPEG (``image``),
+the clinical ``note``, ``age``, ``sex`` and the client's ``id``; it returns the reasoning, the answer
+and P(Yes), computed by :func:`ecg_r1.modeling.inference.predict`, the function behind
+``ecg-r1 predict``. A row or request beyond a limit (``MAX_*`` below; docs/serving.md) is answered
+``valid: false`` with a ``problem`` naming the field, before anything is decoded that the limit
+bounds; nothing raised reaches MLflow's scoring server, which would answer with a stack trace or
+with the request's data.
 
 (``ecg-r1 serve`` runs the same once it has checked the version lies in the project's store.)
 The pyfunc is also the version's files for :func:`ecg_r1.tracking.model_registry.load_registered`,
@@ -24,6 +28,8 @@ import io
 import json
 import logging
 import math
+import struct
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +39,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 
 import mlflow
 
@@ -45,96 +52,208 @@ MODEL_ARTIFACT = "model"
 # The pyfunc's artifact holding the profile YAML the model was trained with (loading and the
 # default completion cap follow it, whatever the shipped profile of that name says later).
 PROFILE_ARTIFACT = "profile"
-INPUT_COLUMNS = ("image", "note", "age", "sex")
-OUTPUT_COLUMNS = ("reasoning", "answer", "p_yes", "valid", "problem", "completion")
+INPUT_COLUMNS = ("id", "image", "note", "age", "sex")
+OUTPUT_COLUMNS = ("id", "reasoning", "answer", "p_yes", "valid", "problem", "completion")
 SEXES = ("M", "F")
 # The served model runs in the environment it is served from (--env-manager local), where
 # ecg_r1 is installed; these record the versions it was logged with.
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "pillow", "numpy", "pandas")
 
+# Limits of one request (docs/serving.md lists them). A rendered clinical page is 2200 x 1700 px
+# (3.7 MP) and a 300 dpi scan of a letter page 8.4 MP; 25 MP leaves room for both and keeps a
+# decoded page under 75 MB (RGB) before the processor shrinks it to the profile's size.
+MAX_IMAGE_PIXELS = 25_000_000
+MAX_IMAGE_BYTES = 10 * 2**20  # one page's PNG or JPEG file (base64 text is 4/3 of it)
+MAX_NOTE_CHARS = 2_000  # an 8 MB note made the processor ask for 430 GB
+MAX_ID_CHARS = 100
+MAX_ROWS = 16  # one request is decoded and answered at a time: 16 pages bound its memory
+MAX_REQUEST_CHARS = 64 * 2**20  # the text of every image, note and id in one request
+MAX_AGE = 130.0
+# The image formats opened, by their magic bytes: nothing else reaches PIL (an EPS page would be
+# rendered by Ghostscript, a PostScript interpreter, when that is installed).
+IMAGE_MAGIC = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
+_IMAGE_TEXT_CHARS = 4 * -(-MAX_IMAGE_BYTES // 3)
+
 
 def signature(max_new_tokens: int) -> ModelSignature:
     """The request and response schema of the served model.
 
+    Every input column is optional and ``age`` of any type, and ``max_new_tokens`` a double:
+    what MLflow's own schema check refuses it refuses for the whole request, with a message that
+    starts with the request's data; the served model checks each row itself and answers a bad
+    one with ``valid: false`` (:func:`read_row`).
+
     Args:
-        max_new_tokens: the default completion cap (a request may override it with the
-            ``max_new_tokens`` parameter).
+        max_new_tokens: the default completion cap, also the most a request may ask for.
     """
     inputs = Schema(
         [
-            ColSpec("string", "image"),
+            ColSpec("string", "id", required=False),
+            ColSpec("string", "image", required=False),
             ColSpec("string", "note", required=False),
-            ColSpec("double", "age", required=False),
+            ColSpec(AnyType(), "age", required=False),
             ColSpec("string", "sex", required=False),
         ]
     )
     outputs = Schema(
         [
+            ColSpec("string", "id", required=False),
             ColSpec("string", "reasoning", required=False),
             ColSpec("string", "answer", required=False),
-            ColSpec("double", "p_yes"),
+            ColSpec("double", "p_yes", required=False),
             ColSpec("boolean", "valid"),
             ColSpec("string", "problem", required=False),
-            ColSpec("string", "completion"),
+            ColSpec("string", "completion", required=False),
         ]
     )
-    params = ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens))])
+    params = ParamSchema([ParamSpec("max_new_tokens", "double", float(max_new_tokens))])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
-def encode_image(image: Any) -> str:
-    """A PIL image as the base64 PNG text a request carries."""
+class RowProblem(ValueError):
+    """A request's row (or the whole request) that cannot be answered; the message starts with
+    the field (``image: ...``) and never repeats the request's data."""
+
+
+def encode_image(image: Any, format: str = "PNG") -> str:
+    """A PIL image as the base64 PNG (or JPEG) text a request carries."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    (image.convert("RGB") if format == "JPEG" else image).save(buffer, format=format)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(text: str, row: int = 0) -> Any:
-    """The PIL image (RGB) of a request's base64 PNG (or any format PIL reads).
+def decode_image(text: Any) -> Any:
+    """The PIL image (RGB) of a request's base64 PNG or JPEG.
+
+    Only PNG and JPEG are opened, told by their magic bytes; the pixel count is read from the
+    header and checked (:data:`MAX_IMAGE_PIXELS`) before the pixels are decoded.
 
     Raises:
-        ValueError: when the text is not base64 or not an image.
+        RowProblem: when the text is not base64 of a PNG or JPEG within the limits.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not isinstance(text, str) or not text:
-        raise ValueError(f"row {row}: 'image' must be a base64-encoded PNG, got {type(text).__name__}")
+        raise RowProblem("image: must be a base64-encoded PNG or JPEG")
+    if len(text) > _IMAGE_TEXT_CHARS:
+        raise RowProblem(f"image: more than {MAX_IMAGE_BYTES // 2**20} MiB")
     try:
         data = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(data))
+    except binascii.Error:
+        raise RowProblem("image: not base64") from None
+    formats = [name for name, magic in IMAGE_MAGIC.items() if data.startswith(magic)]
+    if not formats:
+        raise RowProblem("image: not a PNG or JPEG")
+    try:
+        image = Image.open(io.BytesIO(data), formats=formats)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise RowProblem(
+                f"image: {image.width} x {image.height} px, more than {MAX_IMAGE_PIXELS:,} pixels"
+            )
         image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"row {row}: 'image' is not a base64-encoded image ({exc})") from exc
-    return image.convert("RGB")
+        return image.convert("RGB")
+    except RowProblem:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own check, at twice its MAX_IMAGE_PIXELS, fires inside open before the size is seen.
+        raise RowProblem(f"image: more than {MAX_IMAGE_PIXELS:,} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+        # What PIL's PNG and JPEG readers raise for a truncated or corrupt file.
+        raise RowProblem(f"image: not a readable {formats[0]}") from None
 
 
-def examples_from_frame(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """The inference examples (:mod:`ecg_r1.modeling.inference`) of a request's rows.
+def read_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The inference example (:mod:`ecg_r1.modeling.inference`) of one request row.
 
     Raises:
-        ValueError: when a row has no image, an unreadable one, a sex other than M/F or an age that
-            is not a number.
+        RowProblem: naming the first field that is missing, of the wrong type or out of bounds.
     """
-    if "image" not in frame.columns:
-        raise ValueError(f"the request needs an 'image' column; got columns {list(frame.columns)}")
-    examples = []
-    for row, record in enumerate(frame.to_dict(orient="records")):
-        age, sex, note = (_missing_as_none(record.get(key)) for key in ("age", "sex", "note"))
-        if sex is not None and sex not in SEXES:
-            raise ValueError(f"row {row}: 'sex' must be one of {SEXES} or absent, got {sex!r}")
-        if age is not None:
-            try:
-                age = float(age)
-            except (TypeError, ValueError):
-                raise ValueError(f"row {row}: 'age' must be a number of years, got {age!r}") from None
-        examples.append({"image": decode_image(record["image"], row), "age": age, "sex": sex, "note": note})
-    return examples
+    age, sex, note = (_missing_as_none(record.get(key)) for key in ("age", "sex", "note"))
+    if note is not None:
+        if not isinstance(note, str):
+            raise RowProblem("note: must be text")
+        if len(note) > MAX_NOTE_CHARS:
+            raise RowProblem(f"note: more than {MAX_NOTE_CHARS:,} characters")
+    if age is not None:
+        if isinstance(age, bool) or not isinstance(age, int | float):
+            raise RowProblem("age: must be a number of years")
+        if not 0 <= age <= MAX_AGE:  # also refuses inf (NaN reads as missing)
+            raise RowProblem(f"age: must be within 0-{MAX_AGE:g} years")
+        age = float(age)
+    if sex is not None and sex not in SEXES:
+        raise RowProblem(f"sex: must be one of {', '.join(SEXES)} or absent")
+    image = _missing_as_none(record.get("image"))
+    if image is None:
+        raise RowProblem("image: missing")
+    return {"image": decode_image(image), "age": age, "sex": sex, "note": note}
+
+
+def check_request(frame: pd.DataFrame) -> None:
+    """Check the limits of a whole request: its rows, and its text in all.
+
+    Raises:
+        RowProblem: naming the limit (every row of the request is answered with it).
+    """
+    if len(frame) > MAX_ROWS:
+        raise RowProblem(f"request: {len(frame)} rows, at most {MAX_ROWS} a request")
+    text = sum(
+        len(value)
+        for column in ("id", "image", "note")
+        if column in frame.columns
+        for value in frame[column]
+        if isinstance(value, str)
+    )
+    if text > MAX_REQUEST_CHARS:
+        raise RowProblem(f"request: more than {MAX_REQUEST_CHARS // 2**20} MiB of images, notes and ids")
+
+
+def completion_cap(params: Mapping[str, Any] | None, cap: int) -> int:
+    """The request's ``max_new_tokens``: a whole number from 1 to ``cap`` (the profile's), default
+    ``cap``.
+
+    Raises:
+        RowProblem: for any other value.
+    """
+    value = (params or {}).get("max_new_tokens", cap)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value != int(value)
+        or not 1 <= value <= cap
+    ):
+        raise RowProblem(f"max_new_tokens: must be a whole number from 1 to {cap} (this model's cap)")
+    return int(value)
 
 
 def _missing_as_none(value: Any) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return value
+
+
+def _row_id(value: Any) -> str | None:
+    """A row's ``id`` (the client's, answered back with the row), None when absent.
+
+    Raises:
+        RowProblem: when it is not text of at most :data:`MAX_ID_CHARS` characters.
+    """
+    value = _missing_as_none(value)
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_ID_CHARS):
+        raise RowProblem(f"id: must be text of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+def _refused(row_id: Any, problem: str) -> dict[str, Any]:
+    return {
+        "id": row_id,
+        "reasoning": None,
+        "answer": None,
+        "p_yes": None,
+        "valid": False,
+        "problem": problem,
+        "completion": None,
+    }
 
 
 class ECGR1Model(PythonModel):
@@ -144,6 +263,10 @@ class ECGR1Model(PythonModel):
         self.model: Any = None
         self.processor: Any = None
         self.max_new_tokens = 128
+        # The scoring server runs each request's predict in a thread of its own: one at a time,
+        # since generation switches the shared tokenizer's padding side, and so that one
+        # request's decoded pages (MAX_ROWS x MAX_IMAGE_PIXELS) bound the server's image memory.
+        self._lock = threading.Lock()
 
     def load_context(self, context: Any) -> None:
         """Load the model folder the pyfunc carries, with the profile it carries (else the one the
@@ -167,23 +290,51 @@ class ECGR1Model(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """Answer each row of ``model_input`` (columns ``image``, ``note``, ``age``, ``sex``).
+        """Answer each row of ``model_input`` (columns :data:`INPUT_COLUMNS`, all optional but
+        ``image``).
+
+        A row that breaks a limit is answered with ``valid`` false and a ``problem`` naming its
+        field, and the other rows as usual; a request that breaks one (too many rows, too much
+        text, a bad ``max_new_tokens``) has every row answered so. Nothing is raised for the
+        request's data: MLflow's scoring server would put the request's data, or a stack trace,
+        in the HTTP answer.
 
         Returns:
-            One row per case, columns :data:`OUTPUT_COLUMNS`.
+            One row per case, in order, columns :data:`OUTPUT_COLUMNS`.
         """
         from ecg_r1.modeling import inference
 
         if self.model is None:
             raise RuntimeError("the model is not loaded: MLflow calls load_context before predict")
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        answers = inference.predict(
-            self.model, self.processor, examples_from_frame(frame), max_new_tokens=max_new_tokens
-        )
-        return pd.DataFrame(answers, columns=list(OUTPUT_COLUMNS))
+        records = frame.to_dict(orient="records")
+        answers: list[dict[str, Any] | None] = [None] * len(records)
+        examples, rows = [], []
+        with self._lock:
+            max_new_tokens, problem = self.max_new_tokens, None
+            try:
+                check_request(frame)
+                max_new_tokens = completion_cap(params, self.max_new_tokens)
+            except RowProblem as exc:
+                problem = str(exc)
+            for row, record in enumerate(records):
+                row_id = None
+                try:
+                    row_id = _row_id(record.get("id"))
+                    if problem is not None:
+                        raise RowProblem(problem)
+                    examples.append(read_row(record))
+                    rows.append((row, row_id))
+                except RowProblem as exc:
+                    answers[row] = _refused(row_id, str(exc))
+            if examples:
+                predicted = inference.predict(
+                    self.model, self.processor, examples, max_new_tokens=max_new_tokens
+                )
+                for (row, row_id), answer in zip(rows, predicted, strict=True):
+                    answers[row] = {"id": row_id, **answer}
+        # object columns: a refused row's p_yes and completion stay null in the JSON, not NaN
+        return pd.DataFrame(answers, columns=list(OUTPUT_COLUMNS), dtype=object)
 
 
 def folder_profile(folder: str | Path) -> Any:

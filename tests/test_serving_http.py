@@ -1,0 +1,204 @@
+"""The served model over HTTP: ``ecg-r1 serve`` (``mlflow models serve``) on 127.0.0.1 with a
+small registered model, and every request limit, checked from the client's side.
+
+One server serves the module (it starts in 10-20 s); each test posts a few requests. A bad row
+must come back as ``valid: false`` with its field named, beside its batch's good rows; no answer
+may carry a stack trace or the request's data.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import sys
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+from browser import free_port, running_server, server_env, wait_for_http
+
+import ecg_r1
+from ecg_r1.tracking import serving
+
+mlflow = pytest.importorskip("mlflow")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_serving import load_test, page_texts  # noqa: E402
+
+MAX_NEW_TOKENS = 8
+# A note's text a served row repeats nowhere: it must not come back in any answer.
+SECRET = "Chest pain since 0300 (note-7f3a)"
+
+
+def png_header(width: int, height: int) -> str:
+    """A PNG claiming ``width`` x ``height`` pixels in a few dozen bytes (its pixel data is one
+    row): what a decompression bomb looks like before it is decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return base64.b64encode(data + chunk(b"IEND", b"")).decode()
+
+
+@pytest.fixture(scope="module")
+def server_url(store, small_model_dir, tmp_path_factory) -> str:
+    """``ecg-r1 serve --model models:/ecg-r1-grpo@champion`` on a free port of 127.0.0.1."""
+    from ecg_r1.tracking import model_registry
+    from ecg_r1.tracking import runs as tracking
+
+    root, _ = store
+    with tracking.start_or_resume_run("tiny", "grpo") as run:
+        version = model_registry.register_model_version(run.info.run_id, small_model_dir, "ecg-r1-grpo")
+    model_registry.set_alias("ecg-r1-grpo", "champion", version)
+    port = free_port()
+    command = [sys.executable, "-m", "ecg_r1.cli", "serve", "--model", "models:/ecg-r1-grpo@champion"]
+    command += ["--port", str(port), "--mlflow-root", str(root)]
+    # the served code imports this checkout's ecg_r1
+    env = server_env(PYTHONPATH=str(Path(ecg_r1.__file__).parents[1]))
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(command, log, env) as server:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/ping", server, timeout_s=180)  # a busy machine is slow to start it
+        yield url
+        assert server.proc.poll() is None, f"the server died: {server.log_tail()}"
+
+
+def post(url: str, body: dict | bytes, timeout: float = 60) -> tuple[int, str]:
+    """POST a request to ``/invocations``: its status and body text."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}/invocations", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def answer(url: str, rows: list[dict], **params) -> list[dict]:
+    """The answers to ``rows``: status 200, strict JSON (no NaN), one answer per row, none of
+    them repeating a row's note."""
+    status, text = post(
+        url, {"dataframe_records": rows, "params": {"max_new_tokens": MAX_NEW_TOKENS, **params}}
+    )
+    assert status == 200, text[:2000]
+    assert SECRET not in text and "Traceback" not in text
+    predictions = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the answer"))[
+        "predictions"
+    ]
+    assert len(predictions) == len(rows)
+    for prediction in predictions:
+        assert set(prediction) == set(serving.OUTPUT_COLUMNS)
+    return predictions
+
+
+def good(i: int = 0, **change) -> dict:
+    return {
+        "id": f"case-{i}",
+        "image": page_texts(6)[i],
+        "note": SECRET,
+        "age": 60.0 + i,
+        "sex": "F",
+        **change,
+    }
+
+
+def assert_answered(prediction: dict) -> None:
+    """A row the model answered (an untrained model breaks the format: its problem says so)."""
+    assert isinstance(prediction["completion"], str) and 0.0 <= prediction["p_yes"] <= 1.0
+
+
+def assert_refused(prediction: dict, field: str) -> None:
+    """A row refused before the model saw it, for ``field``."""
+    assert prediction["valid"] is False and prediction["completion"] is None and prediction["p_yes"] is None
+    assert prediction["problem"].startswith(f"{field}:"), prediction["problem"]
+
+
+@pytest.mark.slow
+class TestLimitsOverHTTP:
+    def test_a_bad_row_is_answered_beside_good_ones(self, server_url):
+        """Every kind of bad row in one batch, between good rows: each good row is answered as it
+        is alone, each bad one names its field, and ids come back with their rows."""
+        eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n").decode()
+        bad = [
+            ({"image": "not base64!"}, "image"),
+            ({"image": eps}, "image"),  # PostScript never reaches PIL (nor Ghostscript)
+            ({"image": base64.b64encode(b"GIF89a" + b"\0" * 32).decode()}, "image"),
+            ({"image": png_header(40_000, 40_000)}, "image"),  # past PIL's own bomb error
+            ({"image": png_header(12_000, 12_000)}, "image"),  # past PIL's bomb warning
+            ({"image": png_header(5_001, 5_000)}, "image"),  # just above 25 MP
+            ({"image": page_texts(6)[0][:200]}, "image"),  # a truncated PNG
+            ({"age": float("inf")}, "age"),
+            ({"age": -5}, "age"),
+            ({"age": 400}, "age"),
+            ({"age": "old"}, "age"),
+            ({"sex": "X"}, "sex"),
+            ({"note": "x" * 8_000_000}, "note"),
+            ({"note": 7}, "note"),
+            ({"image": None}, "image"),
+        ]
+        alone = answer(server_url, [good(0), good(2)])
+        for prediction in alone:
+            assert_answered(prediction)
+        problems = []
+        for part in (bad[:8], bad[8:]):  # two requests: MAX_ROWS is 16
+            rows = [
+                good(0),
+                *(good(1, id=f"bad-{n}", **change) for n, (change, _) in enumerate(part)),
+                good(2),
+            ]
+            predictions = answer(server_url, rows)
+            assert [p["id"] for p in predictions] == [row["id"] for row in rows]
+            assert [predictions[0], predictions[-1]] == alone
+            for prediction, (_, field) in zip(predictions[1:-1], part, strict=True):
+                assert_refused(prediction, field)
+                problems.append(prediction["problem"])
+        assert "5001 x 5000 px" in problems[5]
+
+    def test_png_and_jpeg_pages_are_answered(self, server_url):
+        from PIL import Image
+
+        png = base64.b64decode(page_texts(6)[0])
+        jpeg = serving.encode_image(Image.open(io.BytesIO(png)), format="JPEG")
+        [from_png, from_jpeg] = answer(server_url, [good(0), good(0, image=jpeg)])
+        assert_answered(from_png) and assert_answered(from_jpeg)
+
+    @pytest.mark.parametrize("value", [10**6, 0, -3, 5.5])
+    def test_max_new_tokens_beyond_the_profile_cap_is_refused(self, server_url, value):
+        predictions = answer(server_url, [good(0), good(1)], max_new_tokens=value)
+        for prediction in predictions:
+            assert_refused(prediction, "max_new_tokens")
+        assert "from 1 to 16" in predictions[0]["problem"]  # the tiny profile's cap
+
+    def test_too_many_rows_refuse_the_request(self, server_url):
+        rows = [good(0, id=str(i)) for i in range(serving.MAX_ROWS + 1)]
+        predictions = answer(server_url, rows)
+        assert [p["id"] for p in predictions] == [str(i) for i in range(serving.MAX_ROWS + 1)]
+        for prediction in predictions:
+            assert_refused(prediction, "request")
+        assert f"{serving.MAX_ROWS + 1} rows, at most {serving.MAX_ROWS}" in predictions[0]["problem"]
+
+    def test_too_much_text_refuses_the_request(self, server_url):
+        """Rows within every per-field limit, more than MAX_REQUEST_CHARS in all."""
+        image = "A" * (serving.MAX_REQUEST_CHARS // 7)  # base64 text under the image limit
+        rows = [good(0, id=str(i), image=image) for i in range(8)]
+        for prediction in answer(server_url, rows):
+            assert_refused(prediction, "request")
+
+    def test_the_load_test_loses_and_mixes_nothing(self, server_url):
+        """The benchmark's load test, small: 4 clients x 5 requests, good and bad rows mixed."""
+        figures = load_test(server_url, clients=4, requests_each=5, max_new_tokens=MAX_NEW_TOKENS)
+        assert figures["requests"] == 20 and figures["mismatches"] == 0 and figures["errors"] == 0
+        assert figures["server_up"]
+
+    def test_a_request_without_images_names_the_field(self, server_url):
+        predictions = answer(server_url, [{"note": "x", "id": "a"}, {"age": 50, "id": "b"}])
+        for prediction in predictions:
+            assert_refused(prediction, "image")
