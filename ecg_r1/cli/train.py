@@ -99,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from ecg_r1.modeling.device import resolve_device
     from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.tracking import runs as tracking
     from ecg_r1.training import runner, stages
@@ -106,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
+    resolve_device(profile)  # a GPU profile without a GPU stops here, before any model is fetched
     if args.launch_config:
         profile = _planned_profile(profile, args.stage, args.launch_config)
     data = {"cohort_dir": args.cohort, "splits_path": args.splits, "images_dir": args.images}

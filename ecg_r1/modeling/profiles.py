@@ -203,6 +203,12 @@ class Profile:
         sources) rather than resolving an existing checkpoint."""
         return self.is_tiny or self.vision is not None
 
+    @property
+    def pretrains_vision(self) -> bool:
+        """True when the profile asks for the vision pre-training stage (a ``stages.vision_pretrain``
+        section): a new tower needs it; a pretrained checkpoint's tower is used as it is."""
+        return "vision_pretrain" in self.stages
+
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings of a training stage (``vision``, ``warmup``, ``sft``, ``grpo``): the
         profile's ``stages`` section over :data:`STAGE_DEFAULTS`, as a fresh dict with every key."""
@@ -309,6 +315,20 @@ def _check_trainer_fields(kind: str, kwargs: Mapping[str, Any], profile_name: st
         )
 
 
+def random_architecture(sizes: Any, where: str) -> TinyArchitecture:
+    """The sizes of a randomly initialised Qwen2-VL (a tiny profile's ``model.tiny``, or a
+    stand-in checkpoint's sizes file): ``text`` and ``vision`` mappings, optional ``tokenizer``.
+
+    Raises:
+        ProfileError: when ``text`` or ``vision`` is missing (``where`` names the place).
+    """
+    if not isinstance(sizes, dict) or not {"text", "vision"} <= set(sizes):
+        raise ProfileError(f"{where}: a random-initialised model needs text and vision sizes")
+    return TinyArchitecture(
+        text=dict(sizes["text"]), vision=dict(sizes["vision"]), tokenizer=dict(sizes.get("tokenizer") or {})
+    )
+
+
 def available_profiles() -> list[str]:
     """Names of the profiles shipped in ``ecg_r1/configs/profiles``."""
     return shipped_names(PROFILES_DIR)
@@ -410,16 +430,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     vllm_mode = str(model.get("vllm_mode", "colocate"))
     if vllm_mode not in _VLLM_MODES:
         raise ProfileError(f"{path}: model.vllm_mode must be one of {_VLLM_MODES}, got {vllm_mode!r}")
-    tiny = None
-    if source == TINY_SOURCE:
-        sizes = model.get("tiny")
-        if not isinstance(sizes, dict) or not {"text", "vision"} <= set(sizes):
-            raise ProfileError(f"{path}: a tiny model needs model.tiny.text and model.tiny.vision sizes")
-        tiny = TinyArchitecture(
-            text=dict(sizes["text"]),
-            vision=dict(sizes["vision"]),
-            tokenizer=dict(sizes.get("tokenizer") or {}),
-        )
+    tiny = random_architecture(model.get("tiny"), f"{path}: model.tiny") if source == TINY_SOURCE else None
     vision = model.get("vision")
     from ecg_r1.modeling.pretrained import LANGUAGE_MODELS  # a light module; its heavy imports are lazy
 
