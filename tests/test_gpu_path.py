@@ -14,17 +14,14 @@ from test_train import make_cohort
 
 from ecg_r1.modeling import device as device_rule
 from ecg_r1.modeling.build import build_random_model, corpus_from_cases
-from ecg_r1.modeling.profiles import PROFILES_DIR, load_profile, random_architecture
+from ecg_r1.modeling.profiles import PROFILES_DIR, load_profile, load_random_architecture
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN_SIZES = REPO / "ecg_r1" / "configs" / "random_models" / "qwen2-vl-2b-standin.yaml"
 CORPUS = [{"age": 60, "sex": "F", "note": "chest pain, troponin raised", "twi_leads": "V2,V3"}] * 4
 
 
 def standin_model(folder: Path) -> Path:
-    import yaml
-
-    sizes = random_architecture(yaml.safe_load(STANDIN_SIZES.read_text()), str(STANDIN_SIZES))
+    sizes = load_random_architecture("qwen2-vl-2b-standin")
     profile = load_profile("qwen2-vl-2b")
     return build_random_model(profile, sizes, corpus_from_cases(CORPUS), folder, source="random")
 
@@ -202,3 +199,151 @@ class TestVllmArguments:
         assert set(vllm) <= self.SAMPLING_PARAMS_FIELDS
         assert vllm["logit_bias"] == {7: -100.0, 9: -100.0}
         assert suppressed_tokens(False, [7, 9]) == {"suppress_tokens": [7, 9]}  # transformers' generate
+
+
+STANDIN_RUN_CONFIG = REPO / "dagster_project" / "run_configs" / "qwen2-vl-2b-standin.yaml"
+
+
+def test_standin_run_config_sets_the_2b_profile_everywhere():
+    import dagster as dg
+    import yaml
+
+    from dagster_project.definitions import defs
+
+    run_config = yaml.safe_load(STANDIN_RUN_CONFIG.read_text())
+    job = defs().resolve_job_def("full_pipeline_job")
+    assert dg.validate_run_config(job, run_config)
+    with_profile = {
+        node.name
+        for node in job.graph.nodes
+        if node.definition.config_schema is not None
+        and "profile" in getattr(node.definition.config_schema.config_type, "fields", {})
+    }
+    assert with_profile == {
+        n for n, op in run_config["ops"].items() if op["config"].get("profile") == "qwen2-vl-2b"
+    }
+
+
+@pytest.mark.slow
+def test_the_2b_standin_runs_the_full_pipeline_on_the_cpu(tmp_path, seed_mlflow_db, monkeypatch):
+    """full_pipeline_job with the stand-in run config: base (a local checkpoint, recorded), SFT and
+    GRPO from the base in the 2B settings, the comparison, both versions registered, the champion
+    served."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    import mlflow
+    from dagster_project.definitions import defs
+    from ecg_r1.tracking import model_registry, serving
+
+    seed_mlflow_db(tmp_path / "mlflow" / "mlflow.db")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", device_rule.DEVICE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ECG_R1_HOME", str(tmp_path))
+    previous_uri = mlflow.get_tracking_uri()
+    run_config = yaml.safe_load(STANDIN_RUN_CONFIG.read_text())
+    run_config["resources"] = {"dvc": {"config": {"track": False}}}
+    try:
+        result = defs().resolve_job_def("full_pipeline_job").execute_in_process(run_config=run_config)
+        assert result.success
+        models = tmp_path / "data" / "models"
+        checkpoint = json.loads((models / "base_model" / "checkpoint.json").read_text())
+        start = Path(checkpoint["model_dir"])
+        assert start == (models / "standin").resolve() and len(checkpoint["content_sha256"]) == 64
+        assert not (
+            models / "vision_pretrained_model" / "result.json"
+        ).exists()  # the 2B profile asks for none
+        sft = json.loads((models / "sft_model" / "result.json").read_text())
+        grpo = json.loads((models / "grpo_model" / "result.json").read_text())
+        assert sft["steps"] == grpo["steps"] == 2
+        moved = moved_fraction(weights(start), weights(Path(sft["model_dir"])))
+        assert moved and min(moved.values()) >= 0.9, sorted(moved.items(), key=lambda kv: kv[1])[:5]
+        info = json.loads((Path(grpo["model_dir"]) / "ecg_r1_model.json").read_text())
+        assert Path(info["started_from"]).resolve() == start  # GRPO from the base, as the profile says
+        assert sft["registered"].startswith("ecg-r1-sft/") and grpo["registered"].startswith("ecg-r1-grpo/")
+        monkeypatch.setenv(device_rule.DEVICE_ENV, "cpu")  # the served 2B model, on the CPU on purpose
+        served = mlflow.pyfunc.load_model("models:/ecg-r1-grpo@champion")
+        page = __import__("PIL.Image", fromlist=["Image"]).open(
+            next((tmp_path / "data" / "images").rglob("*.png"))
+        )
+        request = pd.DataFrame(
+            [{"image": serving.encode_image(page), "note": "Chest pain.", "age": 63.0, "sex": "F"}]
+        )
+        [row] = served.predict(request, params={"max_new_tokens": 8}).to_dict(orient="records")
+        assert set(row) == set(serving.OUTPUT_COLUMNS) and 0.0 <= row["p_yes"] <= 1.0
+        assert model_registry.alias_version("ecg-r1-sft", "champion") is not None
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+class TestPagesMatchTheProfile:
+    def test_224_px_pages_are_refused_for_the_896_px_profile(self, tmp_path):
+        from ecg_r1.imaging.render import PAGE_FILE, page_mismatch
+
+        data = make_cohort(tmp_path, n=4, width=224)
+        assert (data["images"] / PAGE_FILE).is_file()
+        problem = page_mismatch(data["images"], load_profile("qwen2-vl-2b").render_config())
+        assert problem and "224x173" in problem and "896x692" in problem
+        (data["images"] / PAGE_FILE).unlink()  # a folder from before page.json: judged by its pages' size
+        assert "224x173" in page_mismatch(data["images"], load_profile("qwen2-vl-2b").render_config())
+        tiny_page = load_profile("tiny").render_config()  # the same size in another layout
+        assert page_mismatch(data["images"], tiny_page) is None  # (layout unknown without page.json)
+
+    def test_train_cli_refuses_pages_of_another_size(self, tmp_path):
+        data = make_cohort(tmp_path, n=4, width=224)
+        done = subprocess.run(
+            [sys.executable, "-m", "ecg_r1.cli", "train", "sft", "--profile", "qwen2-vl-2b"]
+            + [
+                "--cohort",
+                str(data["cohort"]),
+                "--splits",
+                str(data["splits"]),
+                "--images",
+                str(data["images"]),
+            ]
+            + ["--out", str(tmp_path / "out"), "--no-tracking"],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, device_rule.DEVICE_ENV: "cpu"},
+            cwd=REPO,
+            timeout=120,
+        )
+        assert done.returncode != 0 and "896x692" in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "out" / "base_model").exists()  # refused before anything was fetched or built
+
+
+class TestSetup:
+    def _plan(self, tmp_path: Path, nvidia_smi: bool, *variables: str) -> list[str]:
+        import os
+        import shutil
+
+        for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+            shutil.copy(REPO / name, tmp_path / name)
+        fake = tmp_path / "bin"
+        fake.mkdir(exist_ok=True)
+        if nvidia_smi:
+            (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+            (fake / "nvidia-smi").chmod(0o755)
+        path = os.pathsep.join([str(fake), *(p for p in os.environ["PATH"].split(os.pathsep) if p)])
+        done = subprocess.run(
+            ["make", "-n", ".venv/.installed", *variables],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PATH": path},
+            check=True,
+        )
+        return [line for line in done.stdout.splitlines() if "pip install" in line]
+
+    @pytest.mark.skipif(__import__("shutil").which("nvidia-smi") is not None, reason="a GPU machine")
+    def test_make_setup_picks_the_torch_build(self, tmp_path):
+        cpu = self._plan(tmp_path, nvidia_smi=False)
+        assert any(line.endswith("pip install -q torch==2.13.0") for line in (c.rstrip() for c in cpu))
+        assert not any("[gpu]" in line or "download.pytorch.org/whl/cu" in line for line in cpu)
+        gpu = self._plan(tmp_path, nvidia_smi=True)
+        assert any("torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" in line for line in gpu)
+        assert any("'.[gpu]'" in line for line in gpu)
+        forced = self._plan(tmp_path, True, "ECG_R1_TORCH=cpu")  # the override: a CPU build on a GPU machine
+        assert not any("[gpu]" in line for line in forced)

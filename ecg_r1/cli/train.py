@@ -99,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from ecg_r1.imaging.render import page_mismatch
     from ecg_r1.modeling.device import resolve_device
     from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.tracking import runs as tracking
@@ -108,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
     resolve_device(profile)  # a GPU profile without a GPU stops here, before any model is fetched
+    if problem := page_mismatch(args.images, profile.render_config()):
+        raise ValueError(f"profile {profile.name}: {problem}")
     if args.launch_config:
         profile = _planned_profile(profile, args.stage, args.launch_config)
     data = {"cohort_dir": args.cohort, "splits_path": args.splits, "images_dir": args.images}

@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile test
     import torch
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "profiles"
+# Sizes of random-initialised stand-ins of pretrained checkpoints (load_random_architecture).
+RANDOM_MODELS_DIR = PROFILES_DIR.parent / "random_models"
 TINY_SOURCE = "tiny"
 DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) uses unless told
 # The completion cap where a profile's grpo section sets none (TRL's GRPOConfig default).
@@ -327,6 +329,21 @@ def random_architecture(sizes: Any, where: str) -> TinyArchitecture:
     return TinyArchitecture(
         text=dict(sizes["text"]), vision=dict(sizes["vision"]), tokenizer=dict(sizes.get("tokenizer") or {})
     )
+
+
+def load_random_architecture(name_or_path: str | Path) -> TinyArchitecture:
+    """The sizes of a shipped stand-in (``qwen2-vl-2b-standin``, ``qwen2-vl-2b``: the names in
+    :data:`RANDOM_MODELS_DIR`) or of a sizes YAML file.
+
+    Raises:
+        ProfileError: when the file is missing or lacks text or vision sizes.
+    """
+    path = config_path(name_or_path, RANDOM_MODELS_DIR)
+    if not path.is_file():
+        raise ProfileError(
+            f"no model sizes {str(name_or_path)!r}: {path} does not exist; shipped: {shipped_names(RANDOM_MODELS_DIR)}"
+        )
+    return random_architecture(yaml.safe_load(path.read_text()), str(path))
 
 
 def available_profiles() -> list[str]:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.modeling.device import resolve_device, training_dtype
+from ecg_r1.modeling.device import float32_vision_tower, resolve_device, training_dtype
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import Profile, load_profile
 
@@ -382,6 +382,8 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             log_split_inputs(options.splits_path, provenance["data_version"])
         # float32 master weights where weights train in full (ecg_r1.modeling.device)
         model, processor = load_model_and_processor(start_model, profile, dtype=training_dtype(profile))
+        if resolve_device(profile) == "cpu" and profile.training_precision != "float32":
+            float32_vision_tower(model)
         if job.note_vocabulary is not None:  # saved with the model (save_model_folder)
             processor.note_vocabulary = job.note_vocabulary
         if profile.stage_settings(stage)["freeze_vision"]:

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import yaml
 
-from ecg_r1.modeling.profiles import Profile, random_architecture
+from ecg_r1.modeling.profiles import Profile, load_random_architecture
 from ecg_r1.training.data import (
     case_findings,
     data_summary,
@@ -160,8 +159,8 @@ def build_start_model(
 
     Args:
         source: a checkpoint (local folder or hub id) instead of the profile's ``model.source``.
-        random_sizes: a sizes YAML (``text``, ``vision``, ``tokenizer``, as a tiny profile's
-            ``model.tiny``): a random-initialised Qwen2-VL of those sizes is built into ``source``
+        random_sizes: a shipped sizes name (``ecg_r1/configs/random_models``) or YAML (``text``,
+            ``vision``, ``tokenizer``, as a tiny profile's ``model.tiny``): a random-initialised Qwen2-VL of those sizes is built into ``source``
             when that folder holds no model yet, the CPU stand-in of a pretrained checkpoint.
 
     Returns:
@@ -183,8 +182,8 @@ def build_start_model(
         return build_base_model(profile, corpus if needs_corpus else [], out_dir)
     folder = Path(source).expanduser()
     if random_sizes is not None and not (folder / "config.json").is_file():
-        sizes = random_architecture(yaml.safe_load(Path(random_sizes).read_text()), str(random_sizes))
-        build_random_model(profile, sizes, corpus, folder, source=f"random:{Path(random_sizes).name}")
+        sizes = load_random_architecture(random_sizes)
+        build_random_model(profile, sizes, corpus, folder, source=f"random:{Path(random_sizes).stem}")
     return resolve_source(source)
 
 

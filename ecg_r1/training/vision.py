@@ -23,6 +23,7 @@ the language model is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -318,8 +319,8 @@ def run_vision_pretrain(
         "measured vision targets for %d cases in %.1f s", len(signal_rows), time.perf_counter() - started
     )
 
-    # The tower trains in full: float32 weights on the device, the profile's precision in autocast
-    # (a bfloat16 tower under a float32 head failed: "mat1 and mat2 must have the same dtype").
+    # The tower trains in full: float32 weights on the device (a bfloat16 tower under the float32
+    # head failed: "mat1 and mat2 must have the same dtype").
     device = resolve_device(profile)
     model, processor = load_model_and_processor(model_dir, profile, dtype=torch.float32, device=device)
     pixels, grid = _pixel_batches(processor, image_paths)
@@ -347,8 +348,10 @@ def run_vision_pretrain(
     )
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # (readouts, batch, outputs): every readout is scored on every target; the losses in float32
-        with autocast(profile, device):
+        # (readouts, batch, outputs): every readout is scored on every target; the losses in float32.
+        # The profile's precision on a GPU; float32 on a CPU, where this stage always ran (bfloat16
+        # there is slower for the tower's convolution and attention: ecg_r1.modeling.device).
+        with autocast(profile, device) if device == "cuda" else contextlib.nullcontext():
             out = head(tower_tokens(visual, pixels[torch.as_tensor(idx)], grid)).float()
         return (
             out[..., :binary].flatten(0, 1),

@@ -56,8 +56,9 @@ class BaseModelConfig(StageConfig):
     )
     random_init: str = Field(
         default="",
-        description="A sizes YAML (ecg_r1/configs/random_models): build a random-initialised Qwen2-VL of "
-        "those sizes into `source` when it holds no model yet (the CPU stand-in of a checkpoint).",
+        description="Model sizes (a name in ecg_r1/configs/random_models, e.g. qwen2-vl-2b-standin, or a YAML "
+        "path): build a random-initialised Qwen2-VL of those sizes into `source` when it holds no model yet "
+        "(the CPU stand-in of a checkpoint).",
     )
 
 
@@ -182,13 +183,17 @@ def base_model(
     out_dir = stage_dir(layout, "base_model")
     shutil.rmtree(out_dir, ignore_errors=True)  # a new cohort means a new tokenizer
     source = str(layout.path(config.source)) if config.source else None
-    random_sizes = layout.path(config.random_init) if config.random_init else None
     folder = stages.build_start_model(
-        config.profile, out_dir=out_dir / MODEL_DIR, source=source, random_sizes=random_sizes, **_data(layout)
+        config.profile,
+        out_dir=out_dir / MODEL_DIR,
+        source=source,
+        random_sizes=config.random_init or None,
+        **_data(layout),
     )
     checkpoint = {}
     if folder.resolve() != (out_dir / MODEL_DIR).resolve():
         checkpoint = checkpoint_record(folder, source or load_profile(config.profile).source)
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CHECKPOINT_FILE).write_text(json.dumps(checkpoint, indent=2))
     info_file = folder / "ecg_r1_model.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
