@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pretrained import ops_with_a_profile
 from test_train import make_cohort
 
 from ecg_r1.modeling import device as device_rule
@@ -204,21 +205,17 @@ class TestVllmArguments:
 STANDIN_RUN_CONFIG = REPO / "dagster_project" / "run_configs" / "qwen2-vl-2b-standin.yaml"
 
 
-def test_standin_run_config_sets_the_2b_profile_everywhere():
+@pytest.mark.parametrize("name", ["qwen2-vl-2b-standin", "qwen2-vl-2b"])
+def test_2b_run_configs_set_the_2b_profile_everywhere(name):
     import dagster as dg
     import yaml
 
     from dagster_project.definitions import defs
 
-    run_config = yaml.safe_load(STANDIN_RUN_CONFIG.read_text())
+    run_config = yaml.safe_load((STANDIN_RUN_CONFIG.parent / f"{name}.yaml").read_text())
     job = defs().resolve_job_def("full_pipeline_job")
     assert dg.validate_run_config(job, run_config)
-    with_profile = {
-        node.name
-        for node in job.graph.nodes
-        if node.definition.config_schema is not None
-        and "profile" in getattr(node.definition.config_schema.config_type, "fields", {})
-    }
+    with_profile = ops_with_a_profile(job)
     assert with_profile == {
         n for n, op in run_config["ops"].items() if op["config"].get("profile") == "qwen2-vl-2b"
     }
@@ -347,3 +344,15 @@ class TestSetup:
         assert any("'.[gpu]'" in line for line in gpu)
         forced = self._plan(tmp_path, True, "ECG_R1_TORCH=cpu")  # the override: a CPU build on a GPU machine
         assert not any("[gpu]" in line for line in forced)
+
+
+def test_gpu_check_takes_the_cpu_switches_out_on_a_gpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    on_gpu, on_cpu = gpu_check.standin_run_config(False), gpu_check.standin_run_config(True)
+    assert not any("device" in op["config"] for op in on_gpu["ops"].values())
+    assert {op["config"].get("device") for op in on_cpu["ops"].values()} >= {"cpu"}
+    assert on_gpu["resources"]["dvc"]["config"]["track"] is False
