@@ -33,13 +33,14 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(path))
-    return {name: tensor.float() for name, tensor in tensors.items()}
+    return tensors
 
 
 def moved_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per weight matrix (2-D or more) the share of elements that changed."""
+    """Per weight matrix (2-D or more) the share of elements that changed, in the trained weights'
+    dtype (a bfloat16 model is compared with its start as it was loaded: rounding is no update)."""
     return {
-        name: float((after[name] != value).float().mean())
+        name: float((after[name] != value.to(after[name].dtype)).float().mean())
         for name, value in before.items()
         if value.ndim >= 2
     }
@@ -356,3 +357,16 @@ def test_gpu_check_takes_the_cpu_switches_out_on_a_gpu():
     assert not any("device" in op["config"] for op in on_gpu["ops"].values())
     assert {op["config"].get("device") for op in on_cpu["ops"].values()} >= {"cpu"}
     assert on_gpu["resources"]["dvc"]["config"]["track"] is False
+
+
+def test_the_graph_follows_the_profile_for_pretrained_sources():
+    from dagster_project.defs.assets import model_assets as ma
+
+    grpo_deps = {key.to_user_string() for key in ma.grpo_model.asset_deps[ma.grpo_model.key]}
+    assert "base_model" in grpo_deps  # the 2B profile's GRPO start is upstream of GRPO
+    assert ma.grpo_start_asset("qwen2-vl-2b") == "base_model" and ma.grpo_start_asset("tiny") == "sft_model"
+    # a pretrained tower is not pre-trained again: SFT starts from the base model
+    assert (
+        ma.after_vision("qwen2-vl-2b") == "base_model"
+        and ma.after_vision("tiny") == "vision_pretrained_model"
+    )
