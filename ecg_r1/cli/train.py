@@ -108,7 +108,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
-    resolve_device(profile)  # a GPU profile without a GPU stops here, before any model is fetched
+    # What the arguments get wrong stops here, before any model is fetched or built: the start
+    # folder, a GPU profile without a GPU, pages of another size or layout than the profile's.
+    start = args.start
+    if start is not None and not (Path(start) / "config.json").is_file():
+        raise SystemExit(
+            f"--from {start}: not a model folder (no config.json); pass OUT/model of an earlier stage"
+        )
+    resolve_device(profile)
     if problem := page_mismatch(args.images, profile.render_config()):
         raise ValueError(f"profile {profile.name}: {problem}")
     if args.launch_config:
@@ -117,13 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     tracked = not args.no_tracking
     if tracked:
         tracking.configure(args.mlflow or runner.REPO_ROOT)
-    start = args.start
     if start is None:
         start = stages.build_start_model(profile, out_dir=args.out / "base_model", **data)
-    elif not (Path(start) / "config.json").is_file():
-        raise SystemExit(
-            f"--from {start}: not a model folder (no config.json); pass OUT/model of an earlier stage"
-        )
     common = {"max_steps": args.max_steps, "seed": args.seed, "tracking": tracked}
     if args.stage == "vision":
         result = stages.run_vision_stage(profile, start, out_dir=args.out, **data, **common)
