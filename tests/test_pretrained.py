@@ -169,6 +169,16 @@ class TestConversion:
         assert torch.isfinite(logits).all()
 
 
+def ops_with_a_profile(job) -> set[str]:
+    """The ops of a job whose config has a ``profile`` field."""
+    return {
+        node.name
+        for node in job.graph.nodes
+        if node.definition.config_schema is not None
+        and "profile" in getattr(node.definition.config_schema.config_type, "fields", {})
+    }
+
+
 def test_reproduce_run_config_sets_the_smol_profile_everywhere():
     from pathlib import Path
 
@@ -181,12 +191,7 @@ def test_reproduce_run_config_sets_the_smol_profile_everywhere():
     job = defs().resolve_job_def("full_pipeline_job")
     assert dg.validate_run_config(job, run_config)
     # every op whose config has a profile field is given smol (a missing one would silently be tiny)
-    with_profile = {
-        node.name
-        for node in job.graph.nodes
-        if node.definition.config_schema is not None
-        and "profile" in getattr(node.definition.config_schema.config_type, "fields", {})
-    }
+    with_profile = ops_with_a_profile(job)
     assert with_profile and with_profile == {
         name for name, op in run_config["ops"].items() if op["config"].get("profile") == "smol"
     }

@@ -66,7 +66,12 @@ def test_a_killed_sft_run_resumes_at_its_checkpoint_in_the_same_mlflow_run(
     from mlflow import MlflowClient
 
     data = make_cohort(tmp_path / "data", n=16)
-    profile = tiny_test_profile(tmp_path / "profile.yaml", sft={"save_steps": 2, "save_total_limit": 2})
+    # The profile reads the pages make_cohort draws (ecg-r1 train refuses pages of another layout).
+    profile = tiny_test_profile(
+        tmp_path / "profile.yaml",
+        sft={"save_steps": 2, "save_total_limit": 2},
+        image={"layout": "3x4+rhythm"},
+    )
     assert yaml.safe_load(profile.read_text())["sft"]["save_steps"] == 2
     out, store = tmp_path / "run", tmp_path / "store"
     seed_mlflow_db(store / "mlflow" / "mlflow.db")

@@ -1,4 +1,4 @@
-"""Asset checks of the data and image layers: one invariant a check, observed and expected values in metadata.
+"""Asset checks of the data, image and base-model layers: one invariant a check, observed and expected values in metadata.
 
 Blocking checks stop every downstream asset of the run when they fail: a fatal validation, an
 ingest that lost records, a patient in two splits, a held-out hospital inside training.
@@ -16,12 +16,15 @@ from dagster_project.defs.assets.data_assets import (
     validated_cohort,
 )
 from dagster_project.defs.assets.image_assets import ecg_images
+from dagster_project.defs.assets.model_assets import base_model
 from dagster_project.defs.resources import DataLayout
 from ecg_r1.data import split as split_lib
 from ecg_r1.data import validate as validate_lib
 from ecg_r1.data.labels import KNOWN_LABELS
 from ecg_r1.data.store import SUMMARY_FILE, read_cohort
 from ecg_r1.imaging.render import INDEX_FILE as IMAGE_INDEX_FILE
+from ecg_r1.imaging.render import page_mismatch
+from ecg_r1.modeling.profiles import load_profile
 
 
 @dg.asset_check(asset=raw_cohort, blocking=True)
@@ -161,5 +164,28 @@ def check_every_split_record_has_an_image(layout: DataLayout) -> dg.AssetCheckRe
             "images": len(present & wanted),
             "missing": len(missing),
             "missing_examples": ", ".join(missing[:5]) or "none",
+        },
+    )
+
+
+@dg.asset_check(
+    asset=base_model,
+    blocking=True,
+    description="The rendered pages have the size and layout of the profile the models train with.",
+)
+def check_pages_match_the_training_profile(
+    context: dg.AssetCheckExecutionContext, layout: DataLayout
+) -> dg.AssetCheckResult:
+    # The profile the base model was materialized with is the one every training stage reads.
+    event = context.instance.get_latest_materialization_event(base_model.key)
+    profile = load_profile(str(event.asset_materialization.metadata["profile"].value))
+    page = profile.render_config()
+    problem = page_mismatch(layout.images, page)
+    return dg.AssetCheckResult(
+        passed=problem is None,
+        metadata={
+            "profile": profile.name,
+            "expected_page": f"{page.width_px}x{page.height_px} px, {page.layout}",
+            "problem": problem or "none",
         },
     )

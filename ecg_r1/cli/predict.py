@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ecg_r1.imaging.draw import render_page
     from ecg_r1.imaging.png import save_png
     from ecg_r1.modeling import inference
+    from ecg_r1.modeling.device import resolve_device
     from ecg_r1.modeling.models import MODEL_INFO_FILE, load_model_and_processor
     from ecg_r1.modeling.profiles import load_profile
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.save_image is not None:
         save_png(example["image"], args.save_image)
-    model, processor = load_model_and_processor(model_dir, profile)
+    model, processor = load_model_and_processor(model_dir, profile, device=resolve_device(profile))
     max_new_tokens = args.max_new_tokens or profile.max_completion_length
     [answer] = inference.predict(model, processor, [example], max_new_tokens=max_new_tokens)
     result = {

@@ -101,6 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     check_out_folder(args.out)  # before the heavy imports: a refusal is instant
     import torch
 
+    from ecg_r1.imaging.render import page_mismatch
+    from ecg_r1.modeling.device import resolve_device
     from ecg_r1.modeling.profiles import load_profile
     from ecg_r1.tracking import runs as tracking
     from ecg_r1.training import runner, stages
@@ -108,19 +110,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
+    # What the arguments get wrong stops here, before any model is fetched or built: the start
+    # folder, a GPU profile without a GPU, pages of another size or layout than the profile's.
+    start = args.start
+    if start is not None and not (Path(start) / "config.json").is_file():
+        raise SystemExit(
+            f"--from {start}: not a model folder (no config.json); pass OUT/model of an earlier stage"
+        )
+    resolve_device(profile)
+    if problem := page_mismatch(args.images, profile.render_config()):
+        raise ValueError(f"profile {profile.name}: {problem}")
     if args.launch_config:
         profile = _planned_profile(profile, args.stage, args.launch_config)
     data = {"cohort_dir": args.cohort, "splits_path": args.splits, "images_dir": args.images}
     tracked = not args.no_tracking
     if tracked:
         tracking.configure(args.mlflow or runner.REPO_ROOT)
-    start = args.start
     if start is None:
         start = stages.build_start_model(profile, out_dir=args.out / "base_model", **data)
-    elif not (Path(start) / "config.json").is_file():
-        raise SystemExit(
-            f"--from {start}: not a model folder (no config.json); pass OUT/model of an earlier stage"
-        )
     common = {"max_steps": args.max_steps, "seed": args.seed, "tracking": tracked}
     if args.stage == "vision":
         result = stages.run_vision_stage(profile, start, out_dir=args.out, **data, **common)

@@ -70,6 +70,7 @@ def predict_cases(
         completions in case order.
     """
     from ecg_r1.modeling.contract import parse_completion
+    from ecg_r1.modeling.device import resolve_device
     from ecg_r1.modeling.inference import generate_and_score
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.profiles import Profile, load_profile
@@ -83,7 +84,7 @@ def predict_cases(
         )
     if max_new_tokens is None:
         max_new_tokens = profile.max_completion_length
-    model, processor = load_model_and_processor(model_dir, profile)
+    model, processor = load_model_and_processor(model_dir, profile, device=resolve_device(profile))
     completions: list[str] = []
     p_yes = np.empty(cases.height, dtype=np.float64)
     blank_page = None

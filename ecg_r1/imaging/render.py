@@ -12,6 +12,7 @@ Records are drawn by a pool of worker processes, each opening the signal memmap 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import multiprocessing
@@ -33,6 +34,7 @@ from ecg_r1.imaging.page import CLINICAL, RENDERER_VERSION, RenderConfig
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.parquet"
+PAGE_FILE = "page.json"  # the settings of the pages in the folder (RenderConfig.describe)
 
 
 @dataclass
@@ -212,6 +214,7 @@ def render_cohort(
     tmp = out_dir / f".{INDEX_FILE}.{os.getpid()}.tmp"
     index.write_parquet(tmp)
     os.replace(tmp, out_dir / INDEX_FILE)
+    (out_dir / PAGE_FILE).write_text(json.dumps(config.describe(), indent=2))
     pruned = _prune(out_dir, set(index["image_path"].to_list())) if prune else 0
     seconds = time.perf_counter() - started
     summary = RenderSummary(
@@ -244,3 +247,33 @@ def _prune(out_dir: Path, keep: set[str]) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def page_mismatch(images_dir: str | Path, expected: RenderConfig) -> str | None:
+    """Why the pages in ``images_dir`` are not the pages ``expected`` describes (their size or
+    layout), or None when they are (or the folder holds none yet). A folder rendered before
+    ``page.json`` existed is judged by its first page's size.
+
+    A model trained on pages of another size reads other image tokens than its profile says
+    (224 px pages: 48 tokens, where the 896 px profile plans 800), with no error anywhere.
+    """
+    folder = Path(images_dir)
+    page_file = folder / PAGE_FILE
+    if page_file.is_file():
+        found = json.loads(page_file.read_text())
+        size, layout = (int(found["width_px"]), int(found["height_px"])), str(found["layout"])
+    else:
+        index = folder / INDEX_FILE
+        if not index.is_file() or not (paths := pl.read_parquet(index)["image_path"].head(1).to_list()):
+            return None
+        from PIL import Image
+
+        with Image.open(folder / paths[0]) as image:
+            size, layout = image.size, expected.layout
+    want = (expected.width_px, expected.height_px)
+    if size == want and layout == expected.layout:
+        return None
+    return (
+        f"the pages in {folder} are {size[0]}x{size[1]} px ({layout}), the profile's model reads "
+        f"{want[0]}x{want[1]} px ({expected.layout}): render them with the training profile first"
+    )

@@ -29,7 +29,7 @@ from ecg_r1.modeling.processor import (
     QWEN2_VL_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
 )
-from ecg_r1.modeling.profiles import Profile, ProfileError
+from ecg_r1.modeling.profiles import Profile, TinyArchitecture
 from ecg_r1.modeling.prompts import user_text
 from ecg_r1.modeling.qwen2_vl import qwen2_vl_config, save_built_model
 from ecg_r1.modeling.sources import TINY_SOURCE
@@ -114,19 +114,6 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_frequency
     )
 
 
-def tiny_config(profile: Profile, tokenizer: Any) -> Any:
-    """The ``Qwen2VLConfig`` of the tiny model, with token ids taken from the tokenizer.
-
-    Raises:
-        ProfileError: when the sizes are inconsistent (see :func:`qwen2_vl_config`).
-    """
-    if profile.tiny is None:
-        raise ProfileError(
-            f"profile {profile.name!r} is not a tiny profile (model.source is {profile.source!r})"
-        )
-    return qwen2_vl_config(profile.tiny.text, profile.tiny.vision, tokenizer)
-
-
 def build_base_model(profile: Profile, corpus: list[str], out_dir: Path) -> Path:
     """Produce the starting model folder of a profile.
 
@@ -156,19 +143,32 @@ def build_base_model(profile: Profile, corpus: list[str], out_dir: Path) -> Path
         return build_pretrained_language_model(profile, out_dir)
     if not profile.is_tiny:
         return resolve_source(profile.source)
+    return build_random_model(profile, profile.tiny, corpus, out_dir, source=TINY_SOURCE)
+
+
+def build_random_model(
+    profile: Profile, sizes: TinyArchitecture, corpus: list[str], out_dir: Path, source: str
+) -> Path:
+    """A randomly initialised Qwen2-VL of ``sizes`` (seeded by ``profile.seed``) with a tokenizer
+    trained on ``corpus`` (Qwen2-VL's special tokens and chat template), saved as a model folder:
+    the tiny model, and the stand-in checkpoint of a GPU profile (``ecg-r1 random-model``).
+
+    ``sizes.text.vocab_size`` above the tokenizer's gives the embedding that many rows, as the
+    real checkpoints have more rows than tokens (Qwen2-VL-2B: 151,936).
+    """
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
     tokenizer = train_tokenizer(
         corpus,
-        vocab_size=int(profile.tiny.tokenizer.get("vocab_size", 1024)),
-        min_frequency=int(profile.tiny.tokenizer.get("min_frequency", 2)),
+        vocab_size=int(sizes.tokenizer.get("vocab_size", 1024)),
+        min_frequency=int(sizes.tokenizer.get("min_frequency", 2)),
     )
-    config = tiny_config(profile, tokenizer)
+    config = qwen2_vl_config(sizes.text, sizes.vision, tokenizer)
     torch.manual_seed(profile.seed)
     model = Qwen2VLForConditionalGeneration(config)
     return save_built_model(
-        profile, model, tokenizer, out_dir, info={"source": TINY_SOURCE, "corpus_texts": len(corpus)}
+        profile, model, tokenizer, out_dir, info={"source": source, "corpus_texts": len(corpus)}
     )
 
 
@@ -193,3 +193,26 @@ def resolve_source(source: str | Path) -> Path:
             "Download the checkpoint on a machine with internet (huggingface-cli download ...) and set "
             "model.source in the profile to that folder."
         ) from exc
+
+
+def checkpoint_record(folder: str | Path, source: str) -> dict[str, str]:
+    """What a pretrained checkpoint is, for the stages that start from it: its ``source`` (the hub
+    id or folder named), its local ``model_dir``, and the hub ``revision`` (the commit of a hub
+    snapshot folder) or, for a folder of one's own, ``content_sha256`` over its files' names and
+    bytes, so a changed folder is a different base model.
+    """
+    import hashlib
+
+    folder = Path(folder).resolve()
+    record = {"source": str(source), "model_dir": str(folder)}
+    if folder.parent.name == "snapshots":  # huggingface_hub's cache: snapshots/<commit>
+        record["revision"] = folder.name
+        return record
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    record["content_sha256"] = digest.hexdigest()
+    return record

@@ -14,6 +14,7 @@ from ecg_r1.modeling.processor import load_processor, write_note_vocabulary
 from ecg_r1.modeling.profiles import Profile
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile tests stay fast
+    import torch
     from transformers import PreTrainedModel
 
 MODEL_INFO_FILE = "ecg_r1_model.json"
@@ -46,16 +47,26 @@ def save_model_folder(
     return out
 
 
-def load_model_and_processor(model_dir_or_id: str | Path, profile: Profile) -> tuple[PreTrainedModel, Any]:
+def load_model_and_processor(
+    model_dir_or_id: str | Path,
+    profile: Profile,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+) -> tuple[PreTrainedModel, Any]:
     """Load a Qwen2-VL model and its :class:`ECGProcessor`.
 
     Args:
         model_dir_or_id: a model folder (from :func:`build_base_model`, a trainer, or
             :func:`ecg_r1.tracking.model_registry.load_registered`) or a hub id.
         profile: supplies dtype, attention implementation and the image pixel bounds.
+        dtype: the weights' dtype; None: the profile's (training passes
+            :func:`ecg_r1.modeling.device.training_dtype`).
+        device: where the model goes (inference passes
+            :func:`ecg_r1.modeling.device.resolve_device`); None: the CPU, for a trainer to place.
 
     Returns:
-        ``(model, processor)``; the model is in eval mode on the CPU (trainers move it).
+        ``(model, processor)``; the model is in eval mode.
 
     Raises:
         ValueError: when the folder holds no model.
@@ -68,11 +79,13 @@ def load_model_and_processor(model_dir_or_id: str | Path, profile: Profile) -> t
         raise ValueError(
             f"{local} has no config.json: not a model folder (expected one saved by save_model_folder)"
         )
-    kwargs: dict[str, Any] = {"dtype": profile.torch_dtype()}
+    kwargs: dict[str, Any] = {"dtype": dtype or profile.torch_dtype()}
     if profile.attn_implementation:
         kwargs["attn_implementation"] = profile.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     model.eval()
+    if device is not None:
+        model.to(device)
     processor = load_processor(source, profile)
     return model, processor
 

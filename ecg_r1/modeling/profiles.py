@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile test
     import torch
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "profiles"
+# Sizes of random-initialised stand-ins of pretrained checkpoints (load_random_architecture).
+RANDOM_MODELS_DIR = PROFILES_DIR.parent / "random_models"
 DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) uses unless told
 # The completion cap where a profile's grpo section sets none (TRL's GRPOConfig default).
 DEFAULT_MAX_COMPLETION_LENGTH = 256
@@ -161,6 +163,12 @@ class Profile:
         sources) rather than resolving an existing checkpoint."""
         return self.is_tiny or self.vision is not None
 
+    @property
+    def pretrains_vision(self) -> bool:
+        """True when the profile asks for the vision pre-training stage (a ``stages.vision_pretrain``
+        section): a new tower needs it; a pretrained checkpoint's tower is used as it is."""
+        return "vision_pretrain" in self.stages
+
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings of a training stage (``vision``, ``warmup``, ``sft``, ``grpo``): the
         profile's ``stages`` section over :data:`STAGE_DEFAULTS`, as a fresh dict with every key."""
@@ -272,6 +280,39 @@ def _check_trainer_fields(kind: str, kwargs: Mapping[str, Any], profile_name: st
         )
 
 
+def random_architecture(sizes: Any, where: str) -> TinyArchitecture:
+    """The sizes of a randomly initialised Qwen2-VL (a tiny profile's ``model.tiny``, or a
+    stand-in checkpoint's sizes file): ``text`` and ``vision`` mappings, optional ``tokenizer``.
+
+    Raises:
+        ProfileError: when ``text`` or ``vision`` is missing (``where`` names the place).
+    """
+    if not isinstance(sizes, dict) or not {"text", "vision"} <= set(sizes):
+        raise ProfileError(f"{where}: a random-initialised model needs text and vision sizes")
+    return TinyArchitecture(
+        text=dict(sizes["text"]), vision=dict(sizes["vision"]), tokenizer=dict(sizes.get("tokenizer") or {})
+    )
+
+
+def load_random_architecture(name_or_path: str | Path) -> TinyArchitecture:
+    """The sizes of a shipped stand-in (``qwen2-vl-2b-standin``, ``qwen2-vl-2b``: the names in
+    :data:`RANDOM_MODELS_DIR`) or of a sizes YAML file.
+
+    Raises:
+        ProfileError: when the file is missing or lacks text or vision sizes.
+    """
+    path = config_path(name_or_path, RANDOM_MODELS_DIR)
+    if not path.is_file():
+        raise ProfileError(
+            f"no model sizes {str(name_or_path)!r}: {path} does not exist; shipped: {shipped_names(RANDOM_MODELS_DIR)}"
+        )
+    try:
+        raw = load_yaml_mapping(path)
+    except ConfigFileError as exc:
+        raise ProfileError(str(exc)) from None
+    return random_architecture(raw, str(path))
+
+
 def available_profiles() -> list[str]:
     """Names of the profiles shipped in ``ecg_r1/configs/profiles``."""
     return shipped_names(PROFILES_DIR)
@@ -371,16 +412,7 @@ def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
     vllm_mode = str(model.get("vllm_mode", "colocate"))
     if vllm_mode not in _VLLM_MODES:
         raise ProfileError(f"{path}: model.vllm_mode must be one of {_VLLM_MODES}, got {vllm_mode!r}")
-    tiny = None
-    if source == TINY_SOURCE:
-        sizes = model.get("tiny")
-        if not isinstance(sizes, dict) or not {"text", "vision"} <= set(sizes):
-            raise ProfileError(f"{path}: a tiny model needs model.tiny.text and model.tiny.vision sizes")
-        tiny = TinyArchitecture(
-            text=dict(sizes["text"]),
-            vision=dict(sizes["vision"]),
-            tokenizer=dict(sizes.get("tokenizer") or {}),
-        )
+    tiny = random_architecture(model.get("tiny"), f"{path}: model.tiny") if source == TINY_SOURCE else None
     vision = model.get("vision")
     if source in LANGUAGE_MODELS:
         if not isinstance(vision, dict) or not {"embed_dim", "depth", "num_heads"} <= set(vision):

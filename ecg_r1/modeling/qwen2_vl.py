@@ -63,7 +63,7 @@ def qwen2_vl_config(text: Mapping[str, Any], vision: Mapping[str, Any], tokenize
     rope_theta = float(text.pop("rope_theta", 1_000_000.0))
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     text.update(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), int(text.get("vocab_size", 0))),
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope)},
         bos_token_id=None,
         eos_token_id=ids[EOS_TOKEN],

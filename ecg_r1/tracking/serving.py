@@ -281,10 +281,11 @@ class ECGR1Model(PythonModel):
             profile: a :class:`~ecg_r1.modeling.profiles.Profile`, a profile name or YAML path;
                 default the one the folder names (:func:`folder_profile`).
         """
+        from ecg_r1.modeling.device import resolve_device
         from ecg_r1.modeling.models import load_model_and_processor
 
         profile = resolve_profile(folder, profile)
-        self.model, self.processor = load_model_and_processor(folder, profile)
+        self.model, self.processor = load_model_and_processor(folder, profile, device=resolve_device(profile))
         self.max_new_tokens = profile.max_completion_length
 
     def predict(

@@ -25,6 +25,22 @@ from ecg_r1.training.runner import (
 # ------------------------------------------------------------------------------------------------
 # GRPO
 
+# A logit bias that no logit of a trained model overcomes (they stay within a few tens).
+VLLM_SUPPRESS_BIAS = -100.0
+
+
+def suppressed_tokens(use_vllm: bool, token_ids: Sequence[int]) -> dict[str, Any]:
+    """The generation kwargs that keep ``token_ids`` out of GRPO's completions.
+
+    With vLLM, TRL hands ``generation_kwargs`` to vLLM's ``SamplingParams``, which has no
+    ``suppress_tokens`` (a transformers ``generate`` argument) and raises on it; its own mechanism
+    is ``logit_bias`` (token id -> bias added to the logit).
+    """
+    ids = [int(token) for token in token_ids]
+    if use_vllm:
+        return {"logit_bias": dict.fromkeys(ids, VLLM_SUPPRESS_BIAS)}
+    return {"suppress_tokens": ids}
+
 
 def run_grpo(
     profile: Profile | str | Path,
@@ -97,7 +113,7 @@ def run_grpo(
         # <|video_pad|> breaks Qwen2-VL's position ids just the same (the forward pass then counts
         # one image or video more than it was given), so no vision token may be sampled.
         generation = dict(config_kwargs.get("generation_kwargs") or {})
-        generation["suppress_tokens"] = vision_token_ids(model.config)
+        generation |= suppressed_tokens(profile.use_vllm, vision_token_ids(model.config))
         # TRL left-pads the prompt ids it generates from, but takes Qwen2-VL's per-token image
         # markers (mm_token_type_ids) from a processor call padded on the tokenizer's side: with
         # right padding they mark the wrong tokens as image in every padded prompt, silently

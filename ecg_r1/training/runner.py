@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.constants import REPO_ROOT
+from ecg_r1.modeling.device import float32_vision_tower, resolve_device, training_dtype
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import Profile, load_profile
 
@@ -217,12 +218,6 @@ def profile_params(profile: Profile) -> dict[str, Any]:
     }
 
 
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
 def trainer_config(
     profile: Profile,
     kind: str,
@@ -237,8 +232,9 @@ def trainer_config(
         kwargs["max_steps"] = int(max_steps)
     if seed is not None:
         kwargs["seed"] = int(seed)
-    if (kwargs.get("bf16") or kwargs.get("fp16")) and not _has_accelerator():
-        # transformers refuses half precision on a machine without a GPU unless told it is a CPU run
+    if resolve_device(profile) == "cpu":
+        # A CPU run on purpose (a float32 profile, or ECG_R1_DEVICE=cpu): transformers refuses half
+        # precision without a GPU unless told, and would take a GPU it finds.
         kwargs["use_cpu"] = True
     kwargs.update(
         output_dir=str(out_dir / CHECKPOINTS),
@@ -380,7 +376,10 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             from ecg_r1.tracking.runs import log_split_inputs
 
             log_split_inputs(options.splits_path, provenance["data_version"])
-        model, processor = load_model_and_processor(start_model, profile)
+        # float32 master weights where weights train in full (ecg_r1.modeling.device)
+        model, processor = load_model_and_processor(start_model, profile, dtype=training_dtype(profile))
+        if resolve_device(profile) == "cpu" and profile.training_precision != "float32":
+            float32_vision_tower(model)
         if job.note_vocabulary is not None:  # saved with the model (save_model_folder)
             processor.note_vocabulary = job.note_vocabulary
         if profile.stage_settings(stage)["freeze_vision"]:

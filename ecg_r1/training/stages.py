@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from ecg_r1.modeling.profiles import Profile
+from ecg_r1.modeling.profiles import Profile, load_random_architecture
 from ecg_r1.training.data import (
     case_findings,
     data_summary,
@@ -149,25 +149,42 @@ def build_start_model(
     splits_path: str | Path,
     images_dir: str | Path,
     out_dir: str | Path,
+    source: str | Path | None = None,
+    random_sizes: str | Path | None = None,
 ) -> Path:
     """The profile's base model: for ``tiny``, built with a tokenizer trained on the training
     split's prompts and answer texts (:func:`ecg_r1.modeling.build.corpus_from_cases`); for a
     pretrained-language source (``smollm2-135m``), converted from the installed weights; for hub
     profiles, the pretrained checkpoint's folder. An existing built model in ``out_dir`` is reused.
 
+    Args:
+        source: a checkpoint (local folder or hub id) instead of the profile's ``model.source``.
+        random_sizes: a shipped sizes name (``ecg_r1/configs/random_models``) or YAML (``text``,
+            ``vision``, ``tokenizer``, as a tiny profile's ``model.tiny``): a random-initialised Qwen2-VL of those sizes is built into ``source``
+            when that folder holds no model yet, the CPU stand-in of a pretrained checkpoint.
+
     Returns:
         The model folder.
     """
-    from ecg_r1.modeling.build import build_base_model, corpus_from_cases
+    from ecg_r1.modeling.build import build_base_model, build_random_model, corpus_from_cases, resolve_source
 
     profile = as_profile(profile)
     out_dir = Path(out_dir)
-    if profile.builds_here and (out_dir / "config.json").is_file():
+    if source is None and profile.builds_here and (out_dir / "config.json").is_file():
         return out_dir
-    cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
-    if findings_rationale(profile):  # the tokenizer learns the words and numbers of the findings too
-        cases = pl.concat([cases, case_findings(cases, cohort_dir).drop("record_id")], how="horizontal")
-    return build_base_model(profile, corpus_from_cases(cases.to_dicts()), out_dir)
+    needs_corpus = (source is None and profile.builds_here) or random_sizes is not None
+    if needs_corpus:
+        cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
+        if findings_rationale(profile):  # the tokenizer learns the words and numbers of the findings too
+            cases = pl.concat([cases, case_findings(cases, cohort_dir).drop("record_id")], how="horizontal")
+        corpus = corpus_from_cases(cases.to_dicts())
+    if source is None:
+        return build_base_model(profile, corpus if needs_corpus else [], out_dir)
+    folder = Path(source).expanduser()
+    if random_sizes is not None and not (folder / "config.json").is_file():
+        sizes = load_random_architecture(random_sizes)
+        build_random_model(profile, sizes, corpus, folder, source=f"random:{Path(random_sizes).stem}")
+    return resolve_source(source)
 
 
 def stage_function(stage: str) -> Any:

@@ -23,6 +23,7 @@ the language model is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -220,8 +221,10 @@ def tower_tokens(visual: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch
     """
     import torch
 
+    device = next(visual.parameters()).device
     merged = visual(
-        pixels.to(torch.float32).flatten(0, 1), grid_thw=grid.unsqueeze(0).repeat(len(pixels), 1)
+        pixels.to(device=device, dtype=torch.float32).flatten(0, 1),
+        grid_thw=grid.to(device).unsqueeze(0).repeat(len(pixels), 1),
     ).pooler_output
     return merged.view(len(pixels), -1, merged.shape[-1])
 
@@ -249,7 +252,7 @@ def page_tokens(model: Any, processor: Any, image_paths: list[str], batch_size: 
                     f"pages from {image_paths[start]} on give an image grid {grid.tolist()} unlike the "
                     f"first page's {first.tolist()}: render all pages at one size"
                 )
-            parts.append(tower_tokens(visual, pixels, grid).numpy())
+            parts.append(tower_tokens(visual, pixels, grid).float().cpu().numpy())
     return np.concatenate(parts)
 
 
@@ -292,6 +295,7 @@ def run_vision_pretrain(
     import torch
 
     from ecg_r1.data.features import measure_features
+    from ecg_r1.modeling.device import autocast, resolve_device
     from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 
     if not image_paths or len(image_paths) != len(signal_rows):
@@ -315,7 +319,10 @@ def run_vision_pretrain(
         "measured vision targets for %d cases in %.1f s", len(signal_rows), time.perf_counter() - started
     )
 
-    model, processor = load_model_and_processor(model_dir, profile)
+    # The tower trains in full: float32 weights on the device (a bfloat16 tower under the float32
+    # head failed: "mat1 and mat2 must have the same dtype").
+    device = resolve_device(profile)
+    model, processor = load_model_and_processor(model_dir, profile, dtype=torch.float32, device=device)
     pixels, grid = _pixel_batches(processor, image_paths)
     logger.info("pre-processed %d pages to %s pixel patches", len(image_paths), tuple(pixels.shape[1:]))
     visual = model.model.visual
@@ -323,13 +330,13 @@ def run_vision_pretrain(
     tokens = int(grid.prod()) // merge**2
     hidden = model.config.text_config.hidden_size
     binary = targets.twi.shape[1]
-    head = _head(str(stage["head"]), hidden, tokens, binary + len(REGRESSION_TARGETS))
+    head = _head(str(stage["head"]), hidden, tokens, binary + len(REGRESSION_TARGETS)).to(device)
 
     order = rng.permutation(len(image_paths))
     n_eval = int(round(eval_fraction * len(order))) if len(order) >= 10 else 0
     eval_idx, train_idx = order[:n_eval], order[n_eval:]
-    twi = torch.tensor(targets.twi, dtype=torch.float32)
-    reg = torch.tensor(targets.regression, dtype=torch.float32)
+    twi = torch.tensor(targets.twi, dtype=torch.float32, device=device)
+    reg = torch.tensor(targets.regression, dtype=torch.float32, device=device)
 
     visual.train()
     params = [*visual.parameters(), *head.parameters()]
@@ -341,12 +348,15 @@ def run_vision_pretrain(
     )
 
     def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # (readouts, batch, outputs): every readout is scored on every target
-        out = head(tower_tokens(visual, pixels[torch.as_tensor(idx)], grid))
+        # (readouts, batch, outputs): every readout is scored on every target; the losses in float32.
+        # The profile's precision on a GPU; float32 on a CPU, where this stage always ran (bfloat16
+        # there is slower for the tower's convolution and attention: ecg_r1.modeling.device).
+        with autocast(profile, device) if device == "cuda" else contextlib.nullcontext():
+            out = head(tower_tokens(visual, pixels[torch.as_tensor(idx)], grid)).float()
         return (
             out[..., :binary].flatten(0, 1),
             out[..., binary:].flatten(0, 1),
-            torch.as_tensor(np.tile(idx, len(out))),
+            torch.as_tensor(np.tile(idx, len(out)), device=device),
         )
 
     def losses(logits: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -407,7 +417,7 @@ def run_vision_pretrain(
                 logit_parts.append(logits[: len(batch_idx)])  # the first readout (positional if any)
                 value_parts.append(values[: len(batch_idx)])
             logits, values = torch.cat(logit_parts), torch.cat(value_parts)
-        t, r = twi[torch.as_tensor(eval_idx)], reg[torch.as_tensor(eval_idx)]
+        t, r = twi[torch.as_tensor(eval_idx, device=device)], reg[torch.as_tensor(eval_idx, device=device)]
         t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
         leads = torch.zeros_like(t_ok)
         leads[:, : len(LEADS)] = True

@@ -35,6 +35,7 @@ from ecg_r1.evaluation.outputs import read_metrics, slug
 from ecg_r1.evaluation.predictions import ABLATIONS, RESULT_FILE
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule
 from ecg_r1.evaluation.references import ReferenceBaselines
+from ecg_r1.modeling.device import device_setting
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
 from ecg_r1.tracking import model_registry
 
@@ -92,6 +93,10 @@ class ComparisonConfig(dg.Config):
     max_new_tokens: int = Field(default=0, description="Completion cap; 0: the profile's.")
     seed: int = Field(default=0, description="Seed of the bootstrap and of the cases shown.")
     n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
+    device: str = Field(
+        default="",
+        description="ECG_R1_DEVICE for this asset (cpu: a GPU profile on the CPU on purpose); empty: the environment's.",
+    )
     ablations: list[str] = Field(
         default_factory=lambda: list(ABLATIONS),
         description="Inputs taken away for extra rows per model: image (a flat-line page), note; "
@@ -244,25 +249,26 @@ def model_comparison(
     truth_path = covering_truth(layout.simulated / "truth.parquet", splits_path)
     real_dir = real_records_dir(layout)
     real_records = real_dir if (real_dir / real_records_lib.SUMMARY_FILE).is_file() else None
-    result = run_comparison(
-        folders,
-        config.profile,
-        layout.cohort,
-        splits_path,
-        layout.images,
-        out,
-        truth_path=truth_path,
-        seed=config.seed,
-        baselines_dir=layout.models / BASELINES_ASSET,
-        pairs=[(a, b) for a, b in config.pairs if a in folders and b in folders],
-        n_boot=config.n_boot,
-        batch_size=config.batch_size,
-        max_new_tokens=config.max_new_tokens or None,
-        n_case_figures=config.n_case_figures,
-        max_cases_per_split=config.max_cases_per_split or None,
-        ablations=possible_ablations(config.ablations, truth_path),
-        real_records=real_records,
-    )
+    with device_setting(config.device):
+        result = run_comparison(
+            folders,
+            config.profile,
+            layout.cohort,
+            splits_path,
+            layout.images,
+            out,
+            truth_path=truth_path,
+            seed=config.seed,
+            baselines_dir=layout.models / BASELINES_ASSET,
+            pairs=[(a, b) for a, b in config.pairs if a in folders and b in folders],
+            n_boot=config.n_boot,
+            batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens or None,
+            n_case_figures=config.n_case_figures,
+            max_cases_per_split=config.max_cases_per_split or None,
+            ablations=possible_ablations(config.ablations, truth_path),
+            real_records=real_records,
+        )
     provenance = dvc.record()
     uri = mlflow.configure()
     versions = {name: registry.stage_version(result.stages[name]) for name in folders}

@@ -11,6 +11,7 @@ or seed.
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -20,11 +21,14 @@ from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.executors import GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
 from ecg_r1.data.split import SPLITS_FILE
+from ecg_r1.modeling.build import checkpoint_record
+from ecg_r1.modeling.device import DEVICE_ENV, device_setting
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
 from ecg_r1.training import runner, stages
 
 GROUP = "models"
 MODEL_DIR = runner.MODEL
+CHECKPOINT_FILE = "checkpoint.json"  # base_model's record of a pretrained checkpoint
 
 
 class StageConfig(dg.Config):
@@ -35,6 +39,27 @@ class StageConfig(dg.Config):
     )
     max_steps: int = Field(default=0, description="Optimiser steps; 0: the profile's setting.")
     seed: int = Field(default=-1, description="Random seed; -1: the profile's seed.")
+    device: str = Field(
+        default="",
+        description=f"{DEVICE_ENV} for this asset: cpu runs a GPU profile on the CPU on purpose, cuda "
+        "insists on a GPU; empty: the environment's, else the GPU when there is one.",
+    )
+
+
+class BaseModelConfig(StageConfig):
+    """The base model: the profile's, or a checkpoint of one's own."""
+
+    source: str = Field(
+        default="",
+        description="A local model folder (your own weights, no hub needed; relative to the project root) "
+        "or hub id instead of the profile's model.source.",
+    )
+    random_init: str = Field(
+        default="",
+        description="Model sizes (a name in ecg_r1/configs/random_models, e.g. qwen2-vl-2b-standin, or a YAML "
+        "path): build a random-initialised Qwen2-VL of those sizes into `source` when it holds no model yet "
+        "(the CPU stand-in of a checkpoint).",
+    )
 
 
 def _data(layout: DataLayout) -> dict[str, Path]:
@@ -57,9 +82,14 @@ def stage_dir(layout: DataLayout, asset_name: str) -> Path:
 
 
 def model_folder(layout: DataLayout, asset_name: str) -> Path:
-    """The model folder an upstream asset left (a finished stage's, or the base model's)."""
+    """The model folder an upstream asset left (a finished stage's, the base model built here, or
+    the pretrained checkpoint the base model recorded)."""
+    record = stage_dir(layout, asset_name) / CHECKPOINT_FILE
     result = runner.read_result(stage_dir(layout, asset_name))
-    folder = Path(result.model_dir) if result else stage_dir(layout, asset_name) / MODEL_DIR
+    if record.is_file():
+        folder = Path(json.loads(record.read_text())["model_dir"])
+    else:
+        folder = Path(result.model_dir) if result else stage_dir(layout, asset_name) / MODEL_DIR
     if not (folder / "config.json").is_file():
         raise dg.Failure(
             f"{asset_name} has no finished model in {folder}; materialize {asset_name} first",
@@ -143,13 +173,27 @@ def _train(
     retry_policy=TRANSIENT_RETRY,
 )
 def base_model(
-    context: dg.AssetExecutionContext, config: StageConfig, layout: DataLayout, dvc: DvcResource
+    context: dg.AssetExecutionContext, config: BaseModelConfig, layout: DataLayout, dvc: DvcResource
 ) -> dg.MaterializeResult:
     """The profile's starting model: for ``tiny`` a random-init Qwen2-VL with a tokenizer trained on
-    the training split's texts; for hub profiles the pretrained checkpoint."""
+    the training split's texts (built into ``model/``); for a pretrained checkpoint (the profile's
+    hub id, or ``source``: a folder of one's own) a record of it in ``checkpoint.json`` (folder,
+    hub revision or content hash), which the next stages read."""
     out_dir = stage_dir(layout, "base_model")
     shutil.rmtree(out_dir, ignore_errors=True)  # a new cohort means a new tokenizer
-    folder = stages.build_start_model(config.profile, out_dir=out_dir / MODEL_DIR, **_data(layout))
+    source = str(layout.path(config.source)) if config.source else None
+    folder = stages.build_start_model(
+        config.profile,
+        out_dir=out_dir / MODEL_DIR,
+        source=source,
+        random_sizes=config.random_init or None,
+        **_data(layout),
+    )
+    checkpoint = {}
+    if folder.resolve() != (out_dir / MODEL_DIR).resolve():
+        checkpoint = checkpoint_record(folder, source or load_profile(config.profile).source)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / CHECKPOINT_FILE).write_text(json.dumps(checkpoint, indent=2))
     info_file = folder / "ecg_r1_model.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     return dg.MaterializeResult(
@@ -157,9 +201,16 @@ def base_model(
             "model_dir": dg.MetadataValue.path(str(folder)),
             "profile": config.profile,
             **{k: v for k, v in info.items() if isinstance(v, int | float | str)},
+            **{f"checkpoint_{k}": v for k, v in checkpoint.items()},
             **dvc.record(),
         }
     )
+
+
+def after_vision(profile: str) -> str:
+    """The asset SFT and the warm-up start from: the vision-pre-trained model where the profile
+    asks for that stage (a new tower), else the base model (a pretrained checkpoint's tower)."""
+    return "vision_pretrained_model" if load_profile(profile).pretrains_vision else "base_model"
 
 
 # Where GRPO may start (profile ``stages.grpo.start``) -> the asset holding that model.
@@ -185,18 +236,18 @@ def grpo_start_asset(profile: str) -> str:
 def _stage_asset(
     name: str,
     stage: str,
-    start_asset: str | None,
+    start: str | Callable[[str], str],
     description: str,
-    deps: tuple[str, ...] = (),
+    deps: tuple[str, ...],
     **stage_kwargs,
 ) -> dg.AssetsDefinition:
-    """One training stage as an asset. It starts from ``start_asset``'s model folder or, when that
-    is None, from the asset the profile's ``stages.grpo.start`` names (one of ``deps``)."""
+    """One training stage as an asset, starting from the model folder of the asset ``start``
+    names, or that ``start(profile)`` returns (one of ``deps``)."""
 
     @dg.asset(
         name=name,
         group_name=GROUP,
-        deps=[dg.AssetKey(d) for d in (deps or (start_asset,))],
+        deps=[dg.AssetKey(d) for d in deps],
         kinds={"pytorch", "mlflow"},
         description=description,
         op_tags=GPU_QUEUE,
@@ -209,8 +260,16 @@ def _stage_asset(
         dvc: DvcResource,
         mlflow: MlflowResource,
     ) -> dg.MaterializeResult:
-        start = start_asset or grpo_start_asset(config.profile)
-        return _train(context, stage, start, config, layout, dvc, mlflow, **stage_kwargs)
+        if stage == "vision" and not load_profile(config.profile).pretrains_vision:
+            shutil.rmtree(stage_dir(layout, name), ignore_errors=True)  # no stale tower for SFT to find
+            return dg.MaterializeResult(
+                metadata={
+                    "skipped": f"profile {config.profile} has no stages.vision_pretrain: its tower is used as it is"
+                }
+            )
+        start_asset = start if isinstance(start, str) else start(config.profile)
+        with device_setting(config.device):
+            return _train(context, stage, start_asset, config, layout, dvc, mlflow, **stage_kwargs)
 
     return _asset
 
@@ -220,29 +279,34 @@ vision_pretrained_model = _stage_asset(
     "vision",
     "base_model",
     "Signal-grounded vision pre-training: the vision tower learns measurements of the raw signal "
-    "(TWI leads, ST level, QRS width and voltage) from the rendered page; no ischemia label.",
+    "(TWI leads, ST level, QRS width and voltage) from the rendered page; no ischemia label. Runs only "
+    "where the profile has a stages.vision_pretrain section (a new tower).",
+    deps=("base_model",),
 )
 format_warmup_model = _stage_asset(
     "format_warmup_model",
     "warmup",
-    "vision_pretrained_model",
+    after_vision,
     "Label-free format warm-up: the output contract with the answer masked out of the loss (or "
     "random), so any accuracy GRPO reaches is learned by reinforcement.",
+    deps=("base_model", "vision_pretrained_model"),
 )
 sft_model = _stage_asset(
     "sft_model",
     "sft",
-    "vision_pretrained_model",
-    "The SFT baseline (TRL SFTTrainer) from the vision-pre-trained model; registers a version of ecg-r1-sft.",
+    after_vision,
+    "The SFT baseline (TRL SFTTrainer) from the vision-pre-trained model (the base model where the profile "
+    "pre-trains no tower); registers a version of ecg-r1-sft.",
+    deps=("base_model", "vision_pretrained_model"),
 )
 grpo_model = _stage_asset(
     "grpo_model",
     "grpo",
-    None,
+    grpo_start_asset,
     "GRPO (format + accuracy rewards, grounding switchable) from the model the profile's "
     "stages.grpo.start names (tiny: the SFT model; GPU profiles: the instruction-tuned base); "
     "registers a version of ecg-r1-grpo.",
-    deps=("format_warmup_model", "sft_model"),
+    deps=tuple(GRPO_STARTS.values()),
 )
 grpo_after_warmup_model = _stage_asset(
     "grpo_after_warmup_model",
@@ -250,5 +314,6 @@ grpo_after_warmup_model = _stage_asset(
     "format_warmup_model",
     "GRPO after the label-free format warm-up (the paper's RL-only recipe for a model that cannot "
     "yet write the format), for comparison; not registered.",
+    deps=("format_warmup_model",),
     register=False,
 )
