@@ -244,3 +244,25 @@ def test_dagster_launches_sft_model_on_two_processes_through_pipes(setup, sft, m
     # ...and its log lines, forwarded as they were written.
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any("sft step 2/2" in message for message in messages)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_train_logs_to_the_projects_tracking_uri(monkeypatch, tmp_path) -> None:
+    from ecg_r1.cli import main
+    from ecg_r1.tracking import runs as tracking
+
+    seen = []
+
+    def use_store(uri: str) -> str:
+        seen.append(uri)
+        raise _Stop
+
+    monkeypatch.setattr(tracking, "use_store", use_store)
+    monkeypatch.setenv("ECG_R1_MLFLOW_URI", "http://mlflow-host:5000")
+    args = ["train", "sft", "--profile", "tiny", "--cohort", str(tmp_path), "--splits", str(tmp_path / "s")]
+    with pytest.raises(_Stop):
+        main([*args, "--images", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert seen == ["http://mlflow-host:5000"]
