@@ -89,7 +89,7 @@ def launch_stage(
 
     Args:
         context: the asset's context (the Pipes session reports to it).
-        train_args: the ``ecg-r1 train`` arguments (stage first).
+        train_args: the ``ecg-r1`` arguments (:func:`train_arguments`).
         out_dir: the stage's ``--out`` folder (the main process reads its ``result.json``).
         nproc_per_node: processes (GPUs) to start.
         tracking_uri: the MLflow store the processes log to (``$ECG_R1_MLFLOW_URI`` in theirs).
@@ -98,22 +98,21 @@ def launch_stage(
         The metadata the main process reported, as plain values.
 
     Raises:
-        dg.Failure: with the exit code, when the launch fails.
+        dg.Failure: for a process count below 1.
     """
     if nproc_per_node < 1:
         raise dg.Failure(f"nproc_per_node must be at least 1, got {nproc_per_node}", allow_retries=False)
     command = torchrun_command(nproc_per_node, train_args)
     context.log.info("launching " + " ".join(command))
     client = dg.PipesSubprocessClient(cwd=str(REPO_ROOT))
-    try:
-        invocation = client.run(
-            context=context,
-            command=command,
-            extras={"out_dir": str(out_dir)},
-            env={MLFLOW_URI_ENV_VAR: tracking_uri},
-        )
-    except dg.DagsterPipesExecutionError as error:
-        raise dg.Failure(f"torchrun launch of {train_args[0]} failed: {error}") from error
+    # A failed launch raises DagsterPipesExecutionError with the exit code; the processes' own
+    # output (forwarded) says why.
+    invocation = client.run(
+        context=context,
+        command=command,
+        extras={"out_dir": str(out_dir)},
+        env={MLFLOW_URI_ENV_VAR: tracking_uri},
+    )
     reported = invocation.get_materialize_result().metadata or {}
     return {key: getattr(value, "value", value) for key, value in reported.items()}
 
@@ -129,7 +128,7 @@ def train_arguments(
     launch_config: str,
     register: bool = True,
 ) -> list[str]:
-    """The ``ecg-r1 train`` arguments of an asset's stage (what the in-process call passes).
+    """The ``ecg-r1 train ...`` arguments of an asset's stage (what the in-process call passes).
 
     Raises:
         dg.Failure: for the vision pre-training, which trains in one process (no trainer to share).
@@ -138,7 +137,7 @@ def train_arguments(
         raise dg.Failure(
             f"launcher torchrun is for the warmup, sft and grpo stages, not {stage}", allow_retries=False
         )
-    args = [stage, "--profile", profile, "--cohort", str(data["cohort_dir"])]
+    args = ["train", stage, "--profile", profile, "--cohort", str(data["cohort_dir"])]
     args += ["--splits", str(data["splits_path"]), "--images", str(data["images_dir"])]
     args += ["--out", str(out_dir), "--run-name", run_name, "--no-progress"]
     if start is not None:

@@ -444,11 +444,11 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             **provenance,
         }
         save_final_model(trainer, trained, processor, model_dir, info, main)
-        rows = []
+        samples = []
         # Samples are logged by the main process; under ZeRO-3 generating needs every process
         # (each holds a part of the weights).
         if job.samples is not None and options.tracking and (main or is_deepspeed_zero3_enabled()):
-            rows = job.samples(trained, processor, steps)
+            samples = job.samples(trained, processor, steps)
         if not main:
             state.wait_for_everyone()  # until the main process has written result.json
             result = read_result(out_dir)
@@ -466,8 +466,10 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             **finished,
         }
         log_run_metrics(run_id, summary, steps)
+        rows = []
         for callback in attached:
             rows.extend(getattr(callback, "rows", []))
+        rows.extend(samples)
         if run_id is not None and rows:
             from ecg_r1.tracking.runs import log_completions_table
 
