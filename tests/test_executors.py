@@ -65,6 +65,25 @@ class TestCeleryIsSelected:
         assert settings["config_source"]["task_acks_late"] is True
         assert settings["config_source"]["task_reject_on_worker_lost"] is True
 
+    def test_a_running_step_outlasts_the_redelivery_timeout(self):
+        # Redis redelivers an unacknowledged (acks_late) task after visibility_timeout: it was 6 h,
+        # shorter than a GPU profile's GRPO stage, which then ran twice into one folder.
+        transport = executors.celery_settings()["config_source"]["broker_transport_options"]
+        assert transport["visibility_timeout"] >= 7 * 24 * 3600
+
+    def test_a_second_delivery_of_a_running_step_is_refused_and_the_first_goes_on(self, tmp_path):
+        from dagster_project.defs.launching import one_run_per_folder
+
+        with one_run_per_folder(tmp_path / "sft_model"):
+            with (
+                pytest.raises(dg.Failure, match="another process"),
+                one_run_per_folder(tmp_path / "sft_model"),
+            ):
+                pytest.fail("a second step trained into the folder")
+            assert (tmp_path / "sft_model").is_dir()  # untouched by the refused delivery
+        with one_run_per_folder(tmp_path / "sft_model"):  # free again once the step ended
+            pass
+
 
 class TestRouting:
     def test_training_and_evaluation_go_to_gpu_data_and_rendering_to_default(self):

@@ -17,7 +17,6 @@ import yaml
 from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.training.launch import (
     LaunchError,
-    apply_plan,
     available_launch_configs,
     check_zero3,
     fill_deepspeed_config,
@@ -25,6 +24,7 @@ from ecg_r1.training.launch import (
     plan_launch,
     preflight,
     profile_hidden_size,
+    with_launch_config,
 )
 
 GPU_PROFILES = ("qwen2-vl-2b", "qwen2-vl-7b", "smol")
@@ -142,20 +142,17 @@ class TestPlan:
 
         profile = load_profile(profile_name)
         plan = plan_launch(profile, "grpo", 1)
-        kwargs = apply_plan(profile, plan).trainer_kwargs("grpo") | {"bf16": False}
+        kwargs = profile.trainer_kwargs("grpo") | plan.trainer_overrides() | {"bf16": False}
         config = GRPOConfig(output_dir=str(tmp_path), **kwargs)
         assert config.generation_batch_size == plan.generation_batch
         assert config.per_device_train_batch_size == plan.per_device_train_batch_size
 
-    def test_apply_plan_changes_only_the_batch_fields(self):
-        profile = load_profile("qwen2-vl-7b")
-        planned = apply_plan(profile, plan_launch(profile, "grpo", 4))
-        assert planned.grpo["gradient_accumulation_steps"] == 1
-        assert planned.grpo["per_device_train_batch_size"] == 4
-        assert {k: v for k, v in planned.grpo.items() if "batch" not in k and "accumulation" not in k} == {
-            k: v for k, v in profile.grpo.items() if "batch" not in k and "accumulation" not in k
-        }
-        assert planned.sft == profile.sft
+    def test_a_deepspeed_launch_adds_only_its_json_to_the_stage(self):
+        profile = load_profile("qwen2-vl-2b")
+        planned = with_launch_config(profile, "grpo", load_launch_config("zero3"))
+        assert Path(planned.grpo.pop("deepspeed")) == load_launch_config("zero3").deepspeed_path
+        assert planned.grpo == profile.grpo and planned.sft == profile.sft
+        assert with_launch_config(profile, "sft", load_launch_config("ddp")) == profile
 
 
 class TestDeepSpeedJson:
@@ -208,11 +205,14 @@ class TestZero3AndVllm:
             check_zero3(odd, "grpo", load_launch_config("zero3"))
         check_zero3(odd, "grpo", load_launch_config("zero2"))  # only ZeRO-3 shards the weights
 
-    def test_lora_non_reentrant_checkpointing_is_refused_under_zero3(self):
-        profile = load_profile("qwen2-vl-7b")  # LoRA with gradient checkpointing
-        odd = replace(profile, sft={**profile.sft, "gradient_checkpointing_kwargs": {"use_reentrant": False}})
-        with pytest.raises(LaunchError, match="use_reentrant"):
-            check_zero3(odd, "sft", load_launch_config("zero3"))
+    def test_lora_is_refused_under_zero3_only(self):
+        profile = load_profile("qwen2-vl-7b")  # LoRA
+        with pytest.raises(LaunchError, match="LoRA under ZeRO-3"):
+            check_zero3(profile, "sft", load_launch_config("zero3"))
+        check_zero3(profile, "sft", load_launch_config("zero2"))
+        check_zero3(
+            replace(profile, lora=replace(profile.lora, enabled=False)), "sft", load_launch_config("zero3")
+        )
 
     @pytest.mark.parametrize("profile_name", ["qwen2-vl-2b", "qwen2-vl-7b"])
     def test_vllm_server_mode_is_the_gpu_profiles_choice(self, profile_name):
@@ -226,6 +226,10 @@ class TestZero3AndVllm:
     def test_preflight_passes_for_every_shipped_config_with_the_vllm_server(self, name, profile_name):
         # The vLLM server takes one GPU of eight: training runs on the other four of a power of two.
         profile = replace(load_profile(profile_name), use_vllm=True, vllm_mode="server")
+        if name == "zero3" and profile.lora.enabled:
+            with pytest.raises(LaunchError, match="LoRA under ZeRO-3"):
+                preflight(profile, "grpo", name, num_processes=4)
+            return
         plan = preflight(profile, "grpo", name, num_processes=4)
         assert plan.num_processes == 4 and plan.generation_batch % plan.num_generations == 0
 
@@ -251,11 +255,55 @@ class TestCommandLine:
         assert main(["launch-check", "ddp", "--profile", "qwen2-vl-2b", "--num-processes", "3"]) == 2
         assert "does not split over 3 processes" in capsys.readouterr().err
 
-    def test_train_takes_the_process_count_from_the_launcher(self, monkeypatch):
+    def test_train_checks_the_launch_and_keeps_the_profiles_batch(self, monkeypatch):
         from ecg_r1.cli.train import _planned_profile
 
         monkeypatch.setenv("WORLD_SIZE", "4")
-        planned = _planned_profile(load_profile("smol"), "sft", "ddp")  # ddp.yaml says 8
-        assert planned.sft["per_device_train_batch_size"] * planned.sft["gradient_accumulation_steps"] == 4
+        profile = load_profile("smol")
+        assert _planned_profile(profile, "sft", "ddp") == profile  # the stage spreads the batch itself
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        with pytest.raises(LaunchError, match="does not split over 3 processes"):
+            _planned_profile(profile, "sft", "ddp")
         with pytest.raises(ValueError, match="sft and grpo"):
-            _planned_profile(load_profile("smol"), "warmup", "ddp")
+            _planned_profile(profile, "warmup", "ddp")
+
+
+class TestGlobalBatchWithoutLaunchConfig:
+    """`torchrun --nproc_per_node N` alone (no --launch-config) keeps the profile's global batch."""
+
+    @pytest.fixture(autouse=True)
+    def _gpu_profiles_on_the_cpu(self, monkeypatch):
+        monkeypatch.setenv("ECG_R1_DEVICE", "cpu")  # the GPU profiles' batches, on this CPU on purpose
+
+    @pytest.mark.parametrize("processes", [1, 2, 4, 8])
+    @pytest.mark.parametrize("kind", ["sft", "grpo"])
+    def test_the_trainer_arguments_spread_the_batch_over_the_processes(
+        self, monkeypatch, tmp_path, kind, processes
+    ):
+        from ecg_r1.training.runner import trainer_config
+
+        profile = load_profile("qwen2-vl-2b")
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        one = trainer_config(profile, kind, tmp_path, None, None, {})
+        monkeypatch.setenv("WORLD_SIZE", str(processes))
+        many = trainer_config(profile, kind, tmp_path, None, None, {})
+        per_step = many["per_device_train_batch_size"] * many["gradient_accumulation_steps"] * processes
+        assert per_step == one["per_device_train_batch_size"] * one["gradient_accumulation_steps"]
+
+    def test_a_stage_override_is_spread_too(self, monkeypatch, tmp_path):
+        from ecg_r1.training.runner import trainer_config
+
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        kwargs = trainer_config(
+            load_profile("tiny"), "sft", tmp_path, None, None, {"per_device_train_batch_size": 16}
+        )
+        assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == (8, 1)
+
+    def test_a_batch_that_does_not_split_is_refused_in_one_line(self, monkeypatch, tmp_path):
+        from ecg_r1.training.runner import trainer_config
+
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        with pytest.raises(
+            LaunchError, match=r"^profile 'tiny' \(sft\).*does not split over 3 processes[^\n]*$"
+        ):
+            trainer_config(load_profile("tiny"), "sft", tmp_path, None, None, {})

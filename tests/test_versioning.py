@@ -104,6 +104,26 @@ class TestDataVersion:
         pull_data(repo)
         assert (repo / "data" / "cohort" / "cohort.parquet").read_bytes() == b"version one"
 
+    def test_final_models_are_versioned_and_checkpoints_are_not(self, repo):
+        import json
+
+        model = repo / "data" / "models" / "sft_model"
+        (model / "model").mkdir(parents=True)
+        (model / "model" / "model.safetensors").write_bytes(b"final weights")
+        (model / "checkpoints" / "checkpoint-50").mkdir(parents=True)
+        (model / "checkpoints" / "checkpoint-50" / "optimizer.pt").write_bytes(b"optimizer state")
+        version = track_data(repo, push=False)
+        manifest = repo / ".dvc" / "cache" / "files" / "md5" / version[:2] / version[2:]
+        files = {entry["relpath"] for entry in json.loads(manifest.read_text())}
+        assert "models/sft_model/model/model.safetensors" in files
+        assert "cohort/cohort.parquet" in files
+        assert not any("checkpoints" in name for name in files)
+        # the checkpoint changing (a resumed run) is no new data version
+        (model / "checkpoints" / "checkpoint-50" / "optimizer.pt").write_bytes(b"later state")
+        assert track_data(repo, push=False) == version
+        track_data(repo, push=False)
+        assert (repo / ".dvcignore").read_text().count("checkpoints/") == 1
+
     def test_configured_remote_is_kept(self, repo, tmp_path):
         elsewhere = tmp_path / "shared-remote"
         ensure_dvc_repo(repo, remote_dir=elsewhere)

@@ -16,9 +16,9 @@ from pydantic import Field
 
 from ecg_r1.constants import REPO_ROOT
 from ecg_r1.tracking import versioning
+from ecg_r1.tracking.runs import MLFLOW_URI_ENV_VAR
 
 HOME_ENV_VAR = "ECG_R1_HOME"
-MLFLOW_URI_ENV_VAR = "ECG_R1_MLFLOW_URI"
 
 
 def default_home() -> Path:
@@ -138,10 +138,7 @@ class MlflowResource(dg.ConfigurableResource):
 
         # The stack's workers get the server from the environment (.stack/env), so one set of
         # definitions serves the embedded store and the shared server.
-        remote = self.tracking_uri or os.environ.get(MLFLOW_URI_ENV_VAR, "")
-        if remote:
-            return tracking.use_store(remote)
-        return tracking.configure(self.root)
+        return tracking.configure_store(self.root, self.tracking_uri)
 
     def run_url(self, run_id: str | None) -> str:
         """Link to a run in the MLflow UI (served by `make mlflow-ui`)."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, Profile
+from ecg_r1.training.launch import world_rank
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="folder holding the MLflow store (DIR/mlflow/mlflow.db; default: the repository root)",
     )
+    parser.add_argument("--run-name", help="the MLflow run's name (default: <stage>-<time>)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (nor register)")
     parser.add_argument(
         "--no-register", action="store_true", help="log the run but register no model version"
@@ -125,10 +129,16 @@ def _run(args: argparse.Namespace) -> int:
     data = {"cohort_dir": args.cohort, "splits_path": args.splits, "images_dir": args.images}
     tracked = not args.no_tracking
     if tracked:
-        tracking.configure(args.mlflow or runner.REPO_ROOT)
+        # --mlflow names a folder; without it the store the rest of the project uses
+        # ($ECG_R1_MLFLOW_URI, e.g. the stack's tracking server), else the repository's.
+        if args.mlflow is not None:
+            tracking.configure(args.mlflow)
+        else:
+            tracking.configure_store(runner.REPO_ROOT)
     if start is None:
-        start = stages.build_start_model(profile, out_dir=args.out / "base_model", **data)
-    common = {"max_steps": args.max_steps, "seed": args.seed, "tracking": tracked}
+        with _one_process_at_a_time(args.out / "base_model.lock"):  # the first builds, the others reuse it
+            start = stages.build_start_model(profile, out_dir=args.out / "base_model", **data)
+    common = {"max_steps": args.max_steps, "seed": args.seed, "tracking": tracked, "run_name": args.run_name}
     if args.stage == "vision":
         result = stages.run_vision_stage(profile, start, out_dir=args.out, **data, **common)
     else:
@@ -151,21 +161,38 @@ def _run(args: argparse.Namespace) -> int:
             result = stages.run_grpo(
                 profile, start, out_dir=args.out, register=not args.no_register, **data, **common
             )
-    summary = json.loads(result.to_json())
-    summary.pop("history", None)
-    print(json.dumps(summary, indent=2))
+    if world_rank() == 0:  # under torchrun every process returns the main one's result
+        summary = json.loads(result.to_json())
+        summary.pop("history", None)
+        print(json.dumps(summary, indent=2))
     return 0
 
 
+@contextlib.contextmanager
+def _one_process_at_a_time(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock``: the processes of one ``torchrun`` launch pass one by one
+    (before training starts there is no process group to wait on)."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _planned_profile(profile: Profile, stage: str, launch_config: str) -> Profile:
-    """The profile with the batch layout of a launch config, after its pre-flight check."""
-    from ecg_r1.training.launch import apply_plan, preflight, world_size_from_env
+    """The profile under a launch config, after its pre-flight check."""
+    from ecg_r1.training.launch import load_launch_config, preflight, with_launch_config, world_size_from_env
 
     if stage not in ("sft", "grpo"):
         raise ValueError(f"--launch-config is for the sft and grpo stages, not {stage!r}")
+    launch = load_launch_config(launch_config)
     # Under `accelerate launch` WORLD_SIZE is the process count actually started (--num_processes
-    # may override the file's).
-    plan = preflight(profile, stage, launch_config, num_processes=world_size_from_env())
+    # may override the file's); the stage spreads its batch over that count itself.
+    plan = preflight(profile, stage, launch, num_processes=world_size_from_env())
     logger.info(
         "%s on %d processes: per-device batch %d x accumulation %d (global %d)",
         stage,
@@ -174,4 +201,4 @@ def _planned_profile(profile: Profile, stage: str, launch_config: str) -> Profil
         plan.gradient_accumulation_steps,
         plan.global_batch,
     )
-    return apply_plan(profile, plan)
+    return with_launch_config(profile, stage, launch)

@@ -39,12 +39,21 @@ def save_model_folder(
     if hasattr(model, "merge_and_unload"):  # a peft model: save the merged weights
         model = model.merge_and_unload()
     model.save_pretrained(out)
+    write_model_companions(processor, out, info)
+    return out
+
+
+def write_model_companions(
+    processor: Any, out_dir: str | Path, info: Mapping[str, Any] | None = None
+) -> None:
+    """Write what a model folder holds beside the weights: the processor, its note words and the
+    summary (``ecg_r1_model.json``); for weights saved elsewhere (a trainer's ``save_model``)."""
+    out = Path(out_dir)
     processor.save_pretrained(out)
     if (vocabulary := getattr(processor, "note_vocabulary", None)) is not None:
         write_note_vocabulary(out, vocabulary)
     if info is not None:
         (out / MODEL_INFO_FILE).write_text(json.dumps(dict(info), indent=2, default=str))
-    return out
 
 
 def load_model_and_processor(

@@ -32,6 +32,8 @@ MLFLOW_DIR = "mlflow"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 RUN_ID_FILE = "mlflow_run_id.txt"
+# The tracking URI a deployment sets for every command and worker (the stack's server, .stack/env).
+MLFLOW_URI_ENV_VAR = "ECG_R1_MLFLOW_URI"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 # The MLflow UI opens an experiment in its GenAI view (traces) unless told it holds model training:
 # "custom_model_development" is the value its experiment-kind selector calls "Machine learning".
@@ -69,6 +71,17 @@ def configure(repo_root: str | Path) -> str:
         The tracking URI.
     """
     return _use(tracking_uri(repo_root))
+
+
+def configure_store(repo_root: str | Path, uri: str = "") -> str:
+    """Point MLflow at the store a deployment uses: ``uri``, else ``$ECG_R1_MLFLOW_URI`` (a tracking
+    server), else the repository's own SQLite store (:func:`configure`).
+
+    Returns:
+        The tracking URI.
+    """
+    remote = uri or os.environ.get(MLFLOW_URI_ENV_VAR, "")
+    return use_store(remote) if remote else configure(repo_root)
 
 
 def open_store(repo_root: str | Path) -> str:

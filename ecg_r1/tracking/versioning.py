@@ -33,6 +33,10 @@ DVC_ENV_VAR = "ECG_R1_DVC"
 DEFAULT_REMOTE_NAME = "local"
 DEFAULT_REMOTE_DIR = ".dvc-storage"
 DATA_DIR = "data"
+# What DVC never versions under data/ (gitignore patterns in the root's .dvcignore): the trainers'
+# checkpoint folders (weights, optimizer and RNG states of every saved step: tens of GB a stage of
+# a GPU profile). Cohorts, splits, images and the final model folders are versioned.
+DVC_IGNORED = ("checkpoints/",)
 
 
 class DvcError(RuntimeError):
@@ -143,6 +147,7 @@ def track_data(repo_root: str | Path, data_dir: str = DATA_DIR, push: bool = Tru
         raise DvcError(f"no {data_dir}/ folder in {root}: materialize the data assets before tracking them")
     if not (root / ".dvc").is_dir():
         ensure_dvc_repo(root)
+    ignore_checkpoints(root)
     # Several Dagster steps may track at once; wait for DVC's repository lock instead of failing.
     _run_dvc(root, "--wait-for-lock", "add", "-q", data_dir)
     if push:
@@ -152,6 +157,22 @@ def track_data(repo_root: str | Path, data_dir: str = DATA_DIR, push: bool = Tru
         raise DvcError(f"dvc add did not write {data_dir}.dvc in {root}")
     logger.info("data version %s", version)
     return version
+
+
+def ignore_checkpoints(repo_root: str | Path) -> None:
+    """Add :data:`DVC_IGNORED` to the repository's ``.dvcignore`` (kept as it is otherwise)."""
+    path = Path(repo_root) / ".dvcignore"
+    text = path.read_text() if path.is_file() else ""
+    missing = [pattern for pattern in DVC_IGNORED if pattern not in text.splitlines()]
+    if missing:
+        lead = "" if not text or text.endswith("\n") else "\n"
+        path.write_text(
+            text
+            + lead
+            + "# trainer checkpoints are not versioned (ecg_r1.tracking.versioning)\n"
+            + "\n".join(missing)
+            + "\n"
+        )
 
 
 def pull_data(repo_root: str | Path, data_dir: str = DATA_DIR) -> None:

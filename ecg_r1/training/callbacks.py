@@ -178,7 +178,7 @@ class LogLinesCallback(TrainerCallback):
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # one line a step, not one per process
             return
         numbers = _numbers(logs)
         shown = ", ".join(f"{_SHORT.get(k, k)} {numbers[k]:.4g}" for k in KEY_METRICS if k in numbers)

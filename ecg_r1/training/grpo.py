@@ -106,14 +106,23 @@ def run_grpo(
     }
     params["config_digest"] = config_digest(params["trainer"] | {"rewards": reward_map})
 
-    def make(model: Any, processor: Any) -> Any:
-        from trl import GRPOConfig, GRPOTrainer
+    def make_args() -> Any:
+        from transformers import AutoConfig
+        from trl import GRPOConfig
 
         # TRL keeps a sampled <|image_pad|> out of completions; a sampled <|vision_start|> or
         # <|video_pad|> breaks Qwen2-VL's position ids just the same (the forward pass then counts
-        # one image or video more than it was given), so no vision token may be sampled.
+        # one image or video more than it was given), so no vision token may be sampled. Read
+        # from the config: the arguments come before the model (runner.run_trainer).
         generation = dict(config_kwargs.get("generation_kwargs") or {})
-        generation |= suppressed_tokens(profile.use_vllm, vision_token_ids(model.config))
+        generation |= suppressed_tokens(
+            profile.use_vllm, vision_token_ids(AutoConfig.from_pretrained(str(start_model)))
+        )
+        return GRPOConfig(**(config_kwargs | {"generation_kwargs": generation}))
+
+    def make(model: Any, processor: Any, args: Any) -> Any:
+        from trl import GRPOTrainer
+
         # TRL left-pads the prompt ids it generates from, but takes Qwen2-VL's per-token image
         # markers (mm_token_type_ids) from a processor call padded on the tokenizer's side: with
         # right padding they mark the wrong tokens as image in every padded prompt, silently
@@ -123,7 +132,7 @@ def run_grpo(
         return GRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,
-            args=GRPOConfig(**(config_kwargs | {"generation_kwargs": generation})),
+            args=args,
             train_dataset=dataset,
             processing_class=processor,
             peft_config=lora_config(profile),
@@ -134,6 +143,7 @@ def run_grpo(
         profile=profile,
         start_model=Path(start_model),
         out_dir=Path(out_dir),
+        make_args=make_args,
         make_trainer=make,
         params=params,
         register_as=MODEL_NAMES["grpo"] if register and tracking else None,

@@ -19,7 +19,8 @@ per GPU with it. What can go wrong there is found here first, on any machine, wi
 - ZeRO-3 is not combined with settings TRL refuses or silently overrides.
 
 ``ecg-r1 launch-check`` prints the plan; ``ecg-r1 train --launch-config FILE`` runs the same check
-in every process and trains with the planned per-device batch and accumulation steps.
+in every process and trains under the file's DeepSpeed JSON. Every stage keeps the profile's
+global batch over the processes actually running (``WORLD_SIZE``), launch config or not.
 
 (About 500 lines, 300 of code: the checks above all read the same :class:`LaunchConfig` and
 :class:`LaunchPlan`; one module is one pre-flight check.)
@@ -236,30 +237,56 @@ def plan_launch(profile: Profile, kind: str, num_processes: int) -> LaunchPlan:
     if num_processes < 1:
         raise LaunchError(f"num_processes must be at least 1, got {num_processes}")
     section = profile.sft if kind == "sft" else profile.grpo
-    per_device = int(section.get("per_device_train_batch_size", _TRL_DEFAULTS["per_device_train_batch_size"]))
-    accumulation = int(
-        section.get("gradient_accumulation_steps", _TRL_DEFAULTS["gradient_accumulation_steps"])
-    )
-    intended = per_device * accumulation
-    if intended % num_processes:
-        raise LaunchError(
-            f"profile {profile.name!r} ({kind}): its global batch per_device_train_batch_size x "
-            f"gradient_accumulation_steps = {per_device} x {accumulation} = {intended} does not split over "
-            f"{num_processes} processes; use a process count dividing {intended} "
-            f"({_divisors(intended)}) or change the profile's batch"
-        )
-    share = intended // num_processes
-    new_per_device = max(d for d in _divisors(share) if d <= per_device)
+    per_device, accumulation = _batch_of(section)
+    spread = keep_global_batch(section, num_processes, f"profile {profile.name!r} ({kind})")
     plan = LaunchPlan(
-        kind=kind,
-        num_processes=num_processes,
-        per_device_train_batch_size=new_per_device,
-        gradient_accumulation_steps=share // new_per_device,
-        global_batch=intended,
+        kind=kind, num_processes=num_processes, global_batch=per_device * accumulation, **spread
     )
     if kind == "grpo":
         plan = _with_generation_batch(plan, profile)
     return plan
+
+
+def split_batch(per_device: int, accumulation: int, num_processes: int, what: str) -> tuple[int, int]:
+    """The per-device batch and accumulation steps that keep ``per_device x accumulation`` as the
+    global batch over ``num_processes``: fewer accumulation steps first, then a smaller per-device
+    batch (the largest divisor of the per-process share).
+
+    Raises:
+        LaunchError: when the global batch does not split evenly over the processes.
+    """
+    intended = per_device * accumulation
+    if intended % num_processes:
+        raise LaunchError(
+            f"{what}: its global batch per_device_train_batch_size x gradient_accumulation_steps = "
+            f"{per_device} x {accumulation} = {intended} does not split over {num_processes} processes; "
+            f"use a process count dividing {intended} ({_divisors(intended)}) or change the batch"
+        )
+    share = intended // num_processes
+    new_per_device = max(d for d in _divisors(share) if d <= per_device)
+    return new_per_device, share // new_per_device
+
+
+def keep_global_batch(trainer_kwargs: Mapping[str, Any], num_processes: int, what: str) -> dict[str, int]:
+    """The per-device batch and accumulation steps of a stage's trainer arguments on
+    ``num_processes`` processes, so the global batch stays the one written for one GPU.
+
+    Every stage calls it with the running process count, with or without ``--launch-config``:
+    ``torchrun --nproc_per_node 4`` alone must not make the batch four times larger.
+
+    Raises:
+        LaunchError: when the batch does not split evenly over the processes.
+    """
+    new_per_device, new_accumulation = split_batch(*_batch_of(trainer_kwargs), num_processes, what)
+    return {"per_device_train_batch_size": new_per_device, "gradient_accumulation_steps": new_accumulation}
+
+
+def _batch_of(trainer_kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """Per-device batch and accumulation steps of trainer arguments (TRL's defaults where unset)."""
+    return (
+        int(trainer_kwargs.get("per_device_train_batch_size", _TRL_DEFAULTS["per_device_train_batch_size"])),
+        int(trainer_kwargs.get("gradient_accumulation_steps", _TRL_DEFAULTS["gradient_accumulation_steps"])),
+    )
 
 
 def _divisors(n: int) -> list[int]:
@@ -300,8 +327,9 @@ def check_zero3(profile: Profile, kind: str, launch: LaunchConfig) -> None:
 
     - GRPO with vLLM needs the full weights to send to vLLM: ``ds3_gather_for_generation: false``
       "is not compatible with vLLM generation" (GRPOConfig's help).
-    - LoRA + gradient checkpointing: TRL forces ``use_reentrant=True`` under ZeRO-3 (a warning,
-      then training with other settings than the profile's); the profile should say so itself.
+    - LoRA: the final model folder holds the adapters merged into the base, which needs the whole
+      weights in one process; under ZeRO-3 each holds a part. LoRA's optimizer state is small, so
+      DDP or ZeRO-2 is the launch for it; ZeRO-3 is for full fine-tuning.
 
     Raises:
         LaunchError: naming the setting and what to change.
@@ -314,15 +342,11 @@ def check_zero3(profile: Profile, kind: str, launch: LaunchConfig) -> None:
             f"profile {profile.name!r}: ds3_gather_for_generation: false is not compatible with vLLM "
             f"generation under ZeRO-3 ({launch.path.name}); remove it or set model.use_vllm: false"
         )
-    checkpointing = section.get("gradient_checkpointing_kwargs") or {}
-    if (
-        profile.lora.enabled
-        and profile.gradient_checkpointing
-        and checkpointing.get("use_reentrant") is False
-    ):
+    if profile.lora.enabled:
         raise LaunchError(
-            f"profile {profile.name!r} ({kind}): LoRA with gradient checkpointing under ZeRO-3 runs with "
-            "use_reentrant=True (TRL overrides use_reentrant: false); remove it from gradient_checkpointing_kwargs"
+            f"profile {profile.name!r} ({kind}): LoRA under ZeRO-3 ({launch.path.name}) is refused: merging "
+            "the adapters into the saved model needs the whole weights; launch with ddp or zero2, or set "
+            "lora.enabled: false to fine-tune in full under ZeRO-3"
         )
 
 
@@ -484,10 +508,19 @@ def preflight(
     return plan
 
 
-def apply_plan(profile: Profile, plan: LaunchPlan) -> Profile:
-    """The profile with the plan's per-device batch and accumulation steps in its trainer section."""
-    section = dict(profile.sft if plan.kind == "sft" else profile.grpo) | plan.trainer_overrides()
-    return replace(profile, **{plan.kind: section})
+def with_launch_config(profile: Profile, kind: str, launch: LaunchConfig) -> Profile:
+    """The profile whose ``kind`` section trains under ``launch``'s DeepSpeed JSON, if it has one.
+
+    The trainer arguments then carry ``deepspeed``: creating them (before the model, see
+    :func:`ecg_r1.training.runner.run_trainer`) turns on transformers' ZeRO-3 switch, so
+    ``from_pretrained`` builds the model partitioned, under ``torchrun`` as under
+    ``accelerate launch``. The batch layout is not written here: every stage spreads its batch
+    over the running processes itself (:func:`keep_global_batch`).
+    """
+    if launch.deepspeed_path is None:
+        return profile
+    section = dict(profile.sft if kind == "sft" else profile.grpo) | {"deepspeed": str(launch.deepspeed_path)}
+    return replace(profile, **{kind: section})
 
 
 def world_size_from_env() -> int | None:
@@ -496,18 +529,26 @@ def world_size_from_env() -> int | None:
     return int(value) if value else None
 
 
+def world_rank() -> int:
+    """This process's rank under ``torchrun`` / ``accelerate launch`` (``RANK``); 0 alone."""
+    return int(os.environ.get("RANK") or 0)
+
+
 __all__ = [
     "LAUNCH_DIR",
     "LaunchConfig",
     "LaunchError",
     "LaunchPlan",
-    "apply_plan",
     "available_launch_configs",
     "check_zero3",
     "fill_deepspeed_config",
+    "keep_global_batch",
     "load_launch_config",
     "plan_launch",
     "preflight",
     "profile_hidden_size",
+    "split_batch",
+    "with_launch_config",
+    "world_rank",
     "world_size_from_env",
 ]

@@ -38,6 +38,7 @@ from ecg_r1.constants import REPO_ROOT
 from ecg_r1.modeling.device import float32_vision_tower, resolve_device, training_dtype
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import Profile, load_profile
+from ecg_r1.training.launch import keep_global_batch, world_size_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -232,9 +233,13 @@ def trainer_config(
         kwargs["max_steps"] = int(max_steps)
     if seed is not None:
         kwargs["seed"] = int(seed)
+    # One GPU's batch, spread over the processes torchrun / accelerate started (WORLD_SIZE).
+    kwargs.update(keep_global_batch(kwargs, world_size_from_env() or 1, f"profile {profile.name!r} ({kind})"))
     if resolve_device(profile) == "cpu":
         # A CPU run on purpose (a float32 profile, or ECG_R1_DEVICE=cpu): transformers refuses half
-        # precision without a GPU unless told, and would take a GPU it finds.
+        # precision without a GPU unless told, and would take a GPU it finds; accelerate treats
+        # processes under torchrun as unrelated single runs (DistributedType.NO) unless cpu=True
+        # gives them gloo (MULTI_CPU).
         kwargs["use_cpu"] = True
     kwargs.update(
         output_dir=str(out_dir / CHECKPOINTS),
@@ -319,7 +324,9 @@ class TrainerJob:
         profile: the model profile.
         start_model: the model folder training starts from.
         out_dir: the stage's folder (layout in the module docstring).
-        make_trainer: ``make_trainer(model, processor)`` returns the configured trainer.
+        make_args: ``make_args()`` returns the trainer's arguments (``SFTConfig`` / ``GRPOConfig``);
+            called before the model is loaded (ZeRO-3 builds it partitioned only then).
+        make_trainer: ``make_trainer(model, processor, args)`` returns the configured trainer.
         params: parameters logged with the run (``config_digest`` tags the registered version).
         register_as: the registered model name, or None to log the model folder only.
         samples: ``samples(model, processor, step)`` returns sample-completion rows, or None.
@@ -331,7 +338,8 @@ class TrainerJob:
     profile: Profile
     start_model: Path
     out_dir: Path
-    make_trainer: Callable[[Any, Any], Any]
+    make_args: Callable[[], Any]
+    make_trainer: Callable[[Any, Any, Any], Any]
     params: dict[str, Any]
     register_as: str | None = None
     samples: Callable[[Any, Any, int], list[dict[str, Any]]] | None = None
@@ -362,15 +370,31 @@ def score_labelled_positions_only() -> None:
 
 
 def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
-    """Run one TRL trainer with checkpoints, resume, MLflow logging and registration."""
+    """Run one TRL trainer with checkpoints, resume, MLflow logging and registration.
+
+    Under ``torchrun`` / ``accelerate launch`` every process calls it; only the main one touches
+    the folder and MLflow (creates or resumes the run, logs, saves the model's companions,
+    registers the version, writes ``result.json``), the others train and wait for it at the
+    barriers. Every process returns the main process's result.
+    """
+    from accelerate import PartialState
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
     score_labelled_positions_only()
     stage, profile, start_model, params = job.stage, job.profile, job.start_model, job.params
     out_dir = Path(job.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = prepare_out_dir(out_dir, options.resume)
+    # The trainer arguments come before the model: they start the process group (the barriers
+    # below) and, under a DeepSpeed ZeRO-3 config, switch transformers to building the model
+    # partitioned (zero.Init in from_pretrained); a model loaded before them is whole on every GPU
+    # and its saved weights are empty partitions.
+    args = job.make_args()
+    state = PartialState()
+    main = state.is_main_process
+    with state.main_process_first():  # the main process clears or keeps the folder; the others read it
+        checkpoint = prepare_out_dir(out_dir, options.resume) if main else _resume_point(out_dir)
     provenance = run_provenance(Path(options.repo_root))
     tags = {"profile": profile.name, **provenance}
-    with tracked_run(options.tracking, profile, stage, out_dir, options.run_name, tags) as run_id:
+    with tracked_run(options.tracking and main, profile, stage, out_dir, options.run_name, tags) as run_id:
         log_run_params(run_id, {**params, **provenance, "profile": profile_params(profile)})
         if run_id is not None and options.splits_path is not None:
             from ecg_r1.tracking.runs import log_split_inputs
@@ -384,7 +408,7 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             processor.note_vocabulary = job.note_vocabulary
         if profile.stage_settings(stage)["freeze_vision"]:
             freeze_vision_tower(model)
-        trainer = job.make_trainer(model, processor)
+        trainer = job.make_trainer(model, processor, args)
         attached = _attach_callbacks(trainer, stage, run_id, options.progress, options.callbacks)
         resumed_from = 0
         if checkpoint is not None:
@@ -396,6 +420,7 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
         steps = int(trainer.state.global_step)
         run_steps = max(1, steps - resumed_from)
         batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        batch *= state.num_processes
         if stage == "grpo":  # a GRPO step consumes batch / num_generations distinct prompts
             batch = batch // max(1, trainer.args.num_generations)
         trained = trainer.model
@@ -408,7 +433,18 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
             "mlflow_run_id": run_id,
             **provenance,
         }
-        save_model_folder(trained, processor, model_dir, info=info)
+        save_final_model(trainer, trained, processor, model_dir, info, main)
+        samples = []
+        # Samples are logged by the main process; under ZeRO-3 generating needs every process
+        # (each holds a part of the weights).
+        if job.samples is not None and options.tracking and (main or is_deepspeed_zero3_enabled()):
+            samples = job.samples(trained, processor, steps)
+        if not main:
+            state.wait_for_everyone()  # until the main process has written result.json
+            result = read_result(out_dir)
+            if result is None:
+                raise RuntimeError(f"{stage}: the main process wrote no {out_dir / RESULT_FILE}")
+            return result
         history = list(trainer.state.log_history)
         metrics = _final_metrics(history)
         summary = {
@@ -422,8 +458,7 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
         rows = []
         for callback in attached:
             rows.extend(getattr(callback, "rows", []))
-        if job.samples is not None and run_id is not None:
-            rows.extend(job.samples(trained, processor, steps))
+        rows.extend(samples)
         if run_id is not None and rows:
             from ecg_r1.tracking.runs import log_completions_table
 
@@ -463,7 +498,37 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
         history=history,
     )
     (out_dir / RESULT_FILE).write_text(result.to_json())
+    state.wait_for_everyone()
     return result
+
+
+def _resume_point(out_dir: Path) -> str | None:
+    """The checkpoint a non-main process resumes from, once the main one prepared ``out_dir``."""
+    last = last_checkpoint(out_dir / CHECKPOINTS)
+    return str(last) if last is not None else None
+
+
+def save_final_model(
+    trainer: Any, model: Any, processor: Any, model_dir: Path, info: Mapping[str, Any], main: bool
+) -> None:
+    """Save the trained model into ``model_dir``; every process calls it.
+
+    A full model goes through ``trainer.save_model`` on every process: under ZeRO-3 that gathers
+    the partitions into whole tensors (a collective), and only the main process writes. A PEFT
+    model is merged into its base on the main process (its weights are whole there: ZeRO-3 with
+    LoRA is refused before training, :func:`ecg_r1.training.launch.check_zero3`). The main process
+    then adds the processor, note words and summary (:func:`save_model_folder`'s companions).
+    """
+    from ecg_r1.modeling.models import write_model_companions
+
+    if hasattr(model, "merge_and_unload"):
+        if main:
+            save_model_folder(model, processor, model_dir, info=info)
+    else:
+        trainer.save_model(str(model_dir))
+        if main:
+            write_model_companions(processor, model_dir, info)
+    trainer.accelerator.wait_for_everyone()
 
 
 def freeze_vision_tower(model: Any) -> int:

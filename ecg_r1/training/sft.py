@@ -3,7 +3,7 @@ data, the warm-up with its answer word masked or drawn at random."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -111,13 +111,19 @@ class AnswerMaskingCollator:
         return False
 
 
-def _sft_trainer_factory(
-    profile: Profile, config_kwargs: dict[str, Any], dataset: Any, mask_answer: bool
-) -> Any:
-    def make(model: Any, processor: Any) -> Any:
-        from trl import SFTConfig, SFTTrainer
+def _sft_args(config_kwargs: dict[str, Any]) -> Callable[[], Any]:
+    def make_args() -> Any:
+        from trl import SFTConfig
 
-        config = SFTConfig(**config_kwargs)
+        return SFTConfig(**config_kwargs)
+
+    return make_args
+
+
+def _sft_trainer_factory(profile: Profile, dataset: Any, mask_answer: bool) -> Any:
+    def make(model: Any, processor: Any, config: Any) -> Any:
+        from trl import SFTTrainer
+
         trainer = SFTTrainer(
             model=model,
             args=config,
@@ -170,7 +176,8 @@ def _sft_like(
         profile=profile,
         start_model=Path(start_model),
         out_dir=Path(out_dir),
-        make_trainer=_sft_trainer_factory(profile, config_kwargs, dataset, mask_answer),
+        make_args=_sft_args(config_kwargs),
+        make_trainer=_sft_trainer_factory(profile, dataset, mask_answer),
         params=params,
         register_as=register_as,
         samples=samples,

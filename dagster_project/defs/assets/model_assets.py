@@ -13,13 +13,16 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
+from dagster_project.defs import launching
 from dagster_project.defs.assets.image_assets import ecg_images
 from dagster_project.defs.executors import GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
+from dagster_project.pipes_train import result_metadata
 from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.modeling.build import checkpoint_record
 from ecg_r1.modeling.device import DEVICE_ENV, device_setting
@@ -43,6 +46,17 @@ class StageConfig(dg.Config):
         default="",
         description=f"{DEVICE_ENV} for this asset: cpu runs a GPU profile on the CPU on purpose, cuda "
         "insists on a GPU; empty: the environment's, else the GPU when there is one.",
+    )
+    launcher: Literal["in_process", "torchrun"] = Field(
+        default="in_process",
+        description="in_process: the stage runs in this step's process (tiny, smol, one GPU). torchrun: "
+        "nproc_per_node processes (one per GPU) launched through Dagster Pipes (sft, warmup, grpo).",
+    )
+    nproc_per_node: int = Field(default=1, description="torchrun: processes (GPUs) on this machine.")
+    launch_config: str = Field(
+        default="",
+        description="torchrun: the launch config checked and used (ddp, zero2, zero3 or a YAML path); "
+        "empty: plain DDP. The profile's global batch is kept either way.",
     )
 
 
@@ -98,37 +112,13 @@ def model_folder(layout: DataLayout, asset_name: str) -> Path:
     return folder
 
 
-def _metadata(result: runner.StageResult, mlflow: MlflowResource, extra: dict) -> dict:
-    finals = {
-        f"final_{key.replace('/', '_')}": round(float(value), 4)
-        for key, value in result.metrics.items()
-        # frac_reward_zero_std: the share of GRPO groups whose completions all scored the same,
-        # which therefore teach nothing (the symptom of GRPO stalling).
-        if key.startswith(
-            (
-                "rewards/",
-                "reward",
-                "loss",
-                "kl",
-                "completions/mean_length",
-                "format_valid",
-                "frac_reward_zero_std",
-            )
-        )
-        or key.endswith("accuracy")
-    }
+def _metadata(reported: dict, mlflow: MlflowResource, extra: dict) -> dict:
+    """A stage's asset metadata: its result (:func:`result_metadata`) with links, plus ``extra``."""
+    run_id = reported["mlflow_run_id"]
     return {
-        "model_dir": dg.MetadataValue.path(str(result.model_dir)),
-        "mlflow_run_id": result.run_id or "none",
-        "mlflow_run": dg.MetadataValue.url(mlflow.run_url(result.run_id)) if result.run_id else "none",
-        "registered_version": result.registered or "not registered",
-        "steps": result.steps,
-        "resumed_from_step": result.resumed_from,
-        "training_seconds": round(result.seconds, 1),
-        "seconds_per_step": round(result.seconds_per_step, 3),
-        "samples_per_s": round(result.samples_per_second, 2),
-        "peak_rss_mb": round(result.peak_rss_mb, 1),
-        **finals,
+        **reported,
+        "model_dir": dg.MetadataValue.path(str(reported["model_dir"])),
+        "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)) if run_id != "none" else "none",
         **extra,
     }
 
@@ -143,9 +133,41 @@ def _train(
     mlflow: MlflowResource,
     **kwargs,
 ) -> dg.MaterializeResult:
-    mlflow.configure()
+    uri = mlflow.configure()
     out_dir = stage_dir(layout, context.asset_key.path[-1])
     start = model_folder(layout, start_asset) if start_asset else None
+    extra = {"profile": config.profile, "start_model": str(start), "launcher": config.launcher}
+    if config.launcher == "torchrun":
+        extra["processes"] = config.nproc_per_node
+    with launching.one_run_per_folder(out_dir):
+        reported = _run_stage(context, stage, start, config, layout, out_dir, uri, kwargs)
+    return dg.MaterializeResult(metadata=_metadata(reported, mlflow, extra | dvc.record()))
+
+
+def _run_stage(
+    context: dg.AssetExecutionContext,
+    stage: str,
+    start: Path | None,
+    config: StageConfig,
+    layout: DataLayout,
+    out_dir: Path,
+    uri: str,
+    kwargs: dict,
+) -> dict:
+    """Run the stage in this process or through torchrun; its result as plain metadata."""
+    if config.launcher == "torchrun":
+        args = launching.train_arguments(
+            stage,
+            config.profile,
+            _data(layout),
+            out_dir,
+            start,
+            context.asset_key.path[-1],
+            _overrides(config),
+            config.launch_config,
+            **kwargs,
+        )
+        return launching.launch_stage(context, args, out_dir, config.nproc_per_node, uri)
     run = stages.stage_function(stage)
     result = run(
         config.profile,
@@ -158,11 +180,7 @@ def _train(
         **kwargs,
     )
     context.log.info(f"{stage}: {result.steps} steps in {result.seconds:.0f} s, run {result.run_id}")
-    return dg.MaterializeResult(
-        metadata=_metadata(
-            result, mlflow, {"profile": config.profile, "start_model": str(start)} | dvc.record()
-        )
-    )
+    return result_metadata(result)
 
 
 @dg.asset(
