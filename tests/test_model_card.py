@@ -87,10 +87,12 @@ class TestModelCard:
         assert "| train | 140 | 63 (45%) | H1 |" in card
         assert "`abc123.dir`" in card and "`beef.dir`" in card and "`f00d`" in card
         assert "trained by ECG-R1's `grpo` stage" in card
+        # A description cut to the registry's 5,000 characters loses reference rows, not limitations.
+        assert card.index("## Limitations") < card.index("## Performance") < card.index("## Reference rows")
 
     def test_limitations_name_simulated_data_the_cpu_model_and_no_reasoning(self):
         card = model_card(comparison(), "GRPO", "ecg-r1-grpo", 1, TAGS, "beef.dir")
-        limitations = card.split("## Limitations")[1]
+        limitations = card.split("## Limitations")[1].split("\n## ")[0]
         assert "simulated ECGs" in limitations
         assert "CPU-sized model (profile `tiny`)" in limitations
         assert "No reasoning" in limitations and "answer-only" in limitations
@@ -99,7 +101,7 @@ class TestModelCard:
 
     def test_a_pretrained_model_with_rationales_on_real_records_has_none_of_those(self):
         card = model_card(comparison("qwen2-vl-2b", simulated=False), "GRPO", "ecg-r1-grpo", 1, TAGS, "x")
-        limitations = card.split("## Limitations")[1]
+        limitations = card.split("## Limitations")[1].split("\n## ")[0]
         assert "simulated" not in limitations
         assert "CPU-sized" not in limitations and "No reasoning" not in limitations
         assert "ecg_r1/configs/labels.yaml" in card  # the label rules of ingested records

@@ -2,9 +2,9 @@
 
 Takes: a :class:`~ecg_r1.evaluation.results.Comparison`, the row that is the version, and the
 version's name, number and training tags. Gives: markdown (:func:`model_card`): what the model is,
-its intended use and what it must not be used for, its training data, its performance with n and
-95 % intervals per split and hospital, its ablation rows, the reference rows on the same cases, and
-its limitations. :func:`ecg_r1.evaluation.registry.log_comparison` writes it as the version's
+its intended use and what it must not be used for, its limitations, its training data, its
+performance with n and 95 % intervals per split and hospital, its ablation rows, and the reference
+rows on the same cases. :func:`ecg_r1.evaluation.registry.log_comparison` writes it as the version's
 description and as ``MODEL_CARD.md`` among the logged model's artifacts (the sections follow
 Mitchell et al. 2019, "Model Cards for Model Reporting", and TRIPOD+AI's items on intended use,
 data, performance and limitations).
@@ -155,8 +155,8 @@ def model_card(
         evaluation_data_version: the DVC data version of the evaluation.
 
     Returns:
-        The card: what it is, intended use, training data, performance, ablations, reference rows,
-        limitations.
+        The card: what it is, intended use, limitations, training data, performance, ablations,
+        reference rows.
 
     Raises:
         KeyError: when ``row`` is not a row of the comparison.
@@ -179,12 +179,14 @@ def model_card(
         "as a second reader in care: it was not validated on real patients, and an ECG without T-wave "
         "inversion is outside what it was trained for.\n"
     )
+    # Limitations before the tables: a registry that keeps only the first 5,000 characters
+    # (:func:`ecg_r1.tracking.model_registry.set_model_card`) loses the reference rows first.
     sections = [
         head,
+        _limitations(comparison, row),
         _training_data(comparison, tags, evaluation_data_version),
         _performance(comparison, row),
         _ablations(comparison, row),
         _references(comparison),
-        _limitations(comparison, row),
     ]
     return "\n".join(s for s in sections if s)

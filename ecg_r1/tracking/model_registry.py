@@ -184,9 +184,9 @@ def set_model_card(name: str, version: int | str, card: str) -> None:
     """Make ``card`` (markdown) the version's description and ``MODEL_CARD.md`` among its logged
     model's artifacts (next to ``MLmodel``).
 
-    A card longer than the registry's description column (:data:`MAX_DESCRIPTION_CHARS`; SQLite
-    ignores the limit, PostgreSQL and MySQL refuse a longer value) is cut at its last section
-    that fits, with a pointer to the whole card in the artifacts.
+    A card longer than the SQL registry's description column (:data:`MAX_DESCRIPTION_CHARS`:
+    PostgreSQL and MySQL refuse a longer value, SQLite would keep it, the same rule holds for all)
+    is cut at its last section that fits, with a pointer to the whole card in the artifacts.
     """
     client = mlflow_client()
     client.update_model_version(name, str(version), description=_fit_description(card))
