@@ -8,9 +8,12 @@ the reason when they are absent.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -264,10 +267,9 @@ def test_dagster_ui_shows_the_asset_graph_and_materializes_from_the_launchpad(da
 # ---------------------------------------------------------------- MLflow
 
 
-@pytest.fixture
-def mlflow_ui(tmp_path: Path):
-    """``make mlflow-ui``'s command on a store in tmp_path (one worker: a local UI needs no more)."""
-    require_chromium()
+@contextlib.contextmanager
+def mlflow_ui_on(db: Path, artifacts: Path, workdir: Path) -> Iterator[str]:
+    """``make mlflow-ui``'s command on a store (one worker: a local UI needs no more); its URL."""
     port = free_port()
     argv = [
         venv_tool("mlflow"),
@@ -277,15 +279,23 @@ def mlflow_ui(tmp_path: Path):
         "--port",
         str(port),
         "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        f"sqlite:///{db}",
         "--default-artifact-root",
-        str(tmp_path / "artifacts"),
+        str(artifacts),
         "--workers",
         "1",
     ]
-    with running_server(argv, tmp_path / "mlflow.log", server_env(), cwd=tmp_path) as server:
+    with running_server(argv, workdir / "mlflow.log", server_env(), cwd=workdir) as server:
         url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{url}/health", server, SERVER_START_S)
+        yield url
+
+
+@pytest.fixture
+def mlflow_ui(tmp_path: Path):
+    """The MLflow UI on an empty store in tmp_path."""
+    require_chromium()
+    with mlflow_ui_on(tmp_path / "mlflow.db", tmp_path / "artifacts", tmp_path) as url:
         yield url
 
 
@@ -318,3 +328,66 @@ def test_mlflow_ui_lists_the_registered_models(mlflow_ui, driver):
     click(driver, "//a[normalize-space()='ecg-r1-grpo']", MLFLOW_POPUPS, screenshot="mlflow_model_link")
     wait_for_text(driver, ("Version 1", "champion"), MLFLOW_POPUPS, 60, "mlflow_model_page")
     save_screenshot(driver, "mlflow_model_grpo")
+
+
+@pytest.fixture
+def compared_store(tmp_path: Path, seed_mlflow_db, monkeypatch):
+    """A small pipeline's store (tests/mlflow_store.py): two versions compared and logged."""
+    from mlflow_store import build_logged_store
+
+    import mlflow
+
+    require_chromium()
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored after the test
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    yield build_logged_store(tmp_path / "project", seed_mlflow_db)
+    mlflow.set_tracking_uri(previous)
+
+
+def test_mlflow_model_view_compares_the_versions_and_a_version_shows_its_card(compared_store, driver):
+    """The experiment's model view lists both models with their cross-hospital accuracy (a metric
+    of each LoggedModel on the test_external dataset); a version's page shows its model card."""
+    from mlflow import MlflowClient
+
+    store = compared_store
+    experiment_id = MlflowClient().get_experiment_by_name(store.experiment).experiment_id
+    accuracy = {
+        name: store.comparison.results[row]["test_external"].accuracy.value
+        for row, name in (("GRPO", "ecg-r1-grpo"), ("SFT", "ecg-r1-sft"))
+    }
+    assert accuracy["ecg-r1-grpo"] != accuracy["ecg-r1-sft"]  # the view must tell them apart
+    root = store.root / "mlflow"
+    driver.set_window_size(2400, 1200)  # room for the metric columns beside the model attributes
+    with mlflow_ui_on(root / "mlflow.db", root / "artifacts", store.root) as url:
+        driver.get(f"{url}/#/experiments/{experiment_id}/models?workflowType=machine_learning")
+        body = wait_for_text(
+            driver,
+            ("ecg-r1-grpo", "ecg-r1-sft", "test_external/accuracy"),
+            MLFLOW_POPUPS,
+            90,
+            "mlflow_model_view",
+        )
+        save_screenshot(driver, "mlflow_model_view")
+        # Each row: ... registered model, version, dataset, then the metric columns; the next row
+        # starts at its "Logged from" cell (an em dash).
+        for name, value in accuracy.items():
+            row = body.split(f"\n{name}\nv1\n", 1)[1].split("\n—\n", 1)[0]
+            shown = [float(x) for x in re.findall(r"(?<![#\w.])\d+(?:\.\d+)?(?![\w)])", row)]
+            assert any(abs(x - value) < 5e-3 for x in shown), (name, value, row)
+
+        driver.get(f"{url}/#/models/ecg-r1-grpo/versions/1")
+        external = store.comparison.results["GRPO"]["test_external"]
+        wait_for_text(
+            driver,
+            (
+                "Model card: ecg-r1-grpo version 1 (GRPO)",
+                "Research use only, not for clinical decisions.",
+                f"cross-hospital {external.n} {external.accuracy}",
+                "Limitations",
+            ),
+            MLFLOW_POPUPS,
+            60,
+            "mlflow_version_card",
+        )
+        save_screenshot(driver, "mlflow_version_card")

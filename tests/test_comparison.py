@@ -185,7 +185,7 @@ class TestRunComparison:
         assert all(v is None for v in saved.y_pred)
         frame = pl.read_parquet(result.files["predictions_grpo"])
         assert {"completion", "reasoning", "split"} <= set(frame.columns)
-        metrics = result.model_metrics("GRPO")
+        metrics = result.model_metrics("GRPO")["test_external"]
         assert metrics["test_external/n"] == result.results["GRPO"]["test_external"].n
         assert "hospital/h2/accuracy" in metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -217,20 +218,50 @@ class TestRegistry:
 
 
 class TestVersionEvaluation:
-    def test_metrics_land_on_the_version_run_and_its_tags(self, store, model_dir):
+    def test_metrics_land_on_the_logged_model_by_dataset_and_on_the_version_run(self, store, model_dir):
+        import pandas as pd
+
         with tracking.start_or_resume_run("tiny", "grpo") as run:
             version = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-eval")
+        dataset = mlflow.data.from_pandas(pd.DataFrame({"record_id": ["a"], "label": ["x"]}), name="external")
         run_id = model_registry.log_version_metrics(
-            "ecg-r1-eval",
-            version,
-            {"external/accuracy": 0.71, "external/auroc": float("nan")},
-            tags={"eval": "v1"},
+            "ecg-r1-eval", version, {"external/accuracy": 0.71, "external/auroc": float("nan")}, dataset
         )
         assert run_id == run.info.run_id
-        metrics = mlflow.get_run(run_id).data.metrics
-        assert metrics == {"external/accuracy": 0.71}  # the NaN is skipped, not charted as 0
-        tags = mlflow.MlflowClient().get_model_version("ecg-r1-eval", str(version)).tags
-        assert tags["metric.external/accuracy"] == "0.71" and tags["eval"] == "v1"
+        assert mlflow.get_run(run_id).data.metrics == {"external/accuracy": 0.71}  # NaN skipped, not 0
+        found = mlflow.MlflowClient().get_model_version("ecg-r1-eval", str(version))
+        model = mlflow.MlflowClient().get_logged_model(model_registry.logged_model_id(found))
+        assert [(m.key, m.value, m.dataset_name, m.dataset_digest) for m in model.metrics] == [
+            ("external/accuracy", 0.71, "external", dataset.digest)
+        ]
+        assert not found.tags.get("metric.external/accuracy")  # one source: the logged model
+
+    def test_the_card_is_the_description_and_an_artifact_of_the_logged_model(self, store, model_dir):
+        with tracking.start_or_resume_run("tiny", "grpo") as run:
+            version = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-card")
+        model_registry.set_model_card("ecg-r1-card", version, "# Card\n\nresearch use")
+        client = mlflow.MlflowClient()
+        found = client.get_model_version("ecg-r1-card", str(version))
+        assert found.description == "# Card\n\nresearch use"
+        model_id = model_registry.logged_model_id(found)
+        assert model_registry.MODEL_CARD_FILE in {
+            a.path for a in client.list_logged_model_artifacts(model_id)
+        }
+
+    def test_a_card_longer_than_the_description_column_is_cut_at_a_section(self, store, model_dir):
+        with tracking.start_or_resume_run("tiny", "grpo") as run:
+            version = model_registry.register_model_version(run.info.run_id, model_dir, "ecg-r1-long")
+        card = "# Card\n\n## Performance\n\n" + "x" * 3000 + "\n\n## Limitations\n\n" + "y" * 3000 + "\n"
+        model_registry.set_model_card("ecg-r1-long", version, card)
+        description = mlflow.MlflowClient().get_model_version("ecg-r1-long", str(version)).description
+        assert len(description) <= model_registry.MAX_DESCRIPTION_CHARS
+        assert "x" * 3000 in description and "## Limitations" not in description
+        assert model_registry.MODEL_CARD_FILE in description
+
+    def test_a_version_from_run_artifacts_has_no_logged_model(self):
+        assert model_registry.logged_model_id(SimpleNamespace(source="runs:/abc/model")) is None
+        assert model_registry.logged_model_id(SimpleNamespace(source="models:/m-12ab")) == "m-12ab"
+        assert model_registry.logged_model_id(SimpleNamespace(source="models:/ecg-r1-sft/1")) is None
 
     def test_alias_version_is_none_until_set(self, store, model_dir):
         assert model_registry.alias_version("ecg-r1-none", "champion") is None

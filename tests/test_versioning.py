@@ -149,3 +149,18 @@ class TestGitCommit:
 
     def test_outside_git_is_none(self, tmp_path):
         assert git_commit(tmp_path) is None
+
+    def test_the_pipelines_own_dvc_add_does_not_make_the_commit_dirty(self, repo):
+        """A fresh clone's first run: ``dvc add`` rewrites the committed data.dvc; the code is clean."""
+        ensure_dvc_repo(repo)
+        track_data(repo, push=False)
+        (repo / "code.py").write_text("x = 1\n")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "code and data version one")
+        head = _git(repo, "rev-parse", "HEAD")
+        (repo / "data" / "cohort" / "cohort.parquet").write_bytes(b"version two")
+        track_data(repo, push=False)
+        assert _git(repo, "status", "--porcelain", "--untracked-files=no") == "M data.dvc"
+        assert git_commit(repo) == head
+        (repo / "code.py").write_text("x = 2\n")  # a change to the code still counts
+        assert git_commit(repo) == f"{head}-dirty"

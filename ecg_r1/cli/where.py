@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 EVALUATION_DIR = Path("data") / "evaluation"
+CROSS_HOSPITAL_ACCURACY = "test_external/accuracy"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +42,16 @@ def _versions(client: Any, name: str) -> list[Any]:
     return sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
 
 
+def _logged_metric(client: Any, version: Any, key: str) -> float | None:
+    """A metric of the version's LoggedModel (:func:`ecg_r1.evaluation.registry.log_comparison`)."""
+    from ecg_r1.tracking.model_registry import logged_model_id
+
+    model_id = logged_model_id(version)
+    if model_id is None:
+        return None
+    return next((m.value for m in client.get_logged_model(model_id).metrics or [] if m.key == key), None)
+
+
 def registry_lines(client: Any) -> list[str]:
     """One line per registered model version: aliases, promotion decision, cross-hospital accuracy."""
     lines = []
@@ -54,9 +65,9 @@ def registry_lines(client: Any) -> list[str]:
             parts = [f"    v{version.version}"]
             if aliases.get(str(version.version)):
                 parts.append("@" + ",@".join(sorted(aliases[str(version.version)])))
-            accuracy = tags.get("metric.test_external/accuracy")
+            accuracy = _logged_metric(client, version, CROSS_HOSPITAL_ACCURACY)
             if accuracy is not None:
-                parts.append(f"cross-hospital accuracy {accuracy}")
+                parts.append(f"cross-hospital accuracy {accuracy:.3f}")
             if tags.get("promotion.decision"):
                 parts.append(f"promotion: {tags['promotion.decision']}")
             parts.append(f"run {version.run_id}")

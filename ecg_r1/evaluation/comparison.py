@@ -67,7 +67,14 @@ from ecg_r1.evaluation.predictions import (
 from ecg_r1.evaluation.real_records import REAL_SPLIT
 from ecg_r1.evaluation.references import answer_references
 from ecg_r1.evaluation.report import SPLIT_TITLES
-from ecg_r1.evaluation.results import Comparison, PairedRecord, evaluate_rows, metrics_document, pair_rows
+from ecg_r1.evaluation.results import (
+    Comparison,
+    PairedRecord,
+    evaluate_rows,
+    metrics_document,
+    pair_rows,
+    split_counts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +215,11 @@ def run_comparison(
         files=files,
         real_records=data.real_records,
         note_shift=data.note_shift,
+        cases=data.cases.select("record_id", "split", "hospital", "label"),
+        ablated=answers.ablated,
+        data_splits=split_counts(splits_path),
+        profile=profile,
+        simulated=truth_path is not None,
     )
     files |= write_plots(comparison, data.by_split, answers.ablated, n_case_figures, seed)
     files["metrics"] = out / METRICS_FILE  # before the document: it lists itself among the files

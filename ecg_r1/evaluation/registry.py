@@ -3,10 +3,13 @@
 What the ``model_comparison`` / ``model_promotion`` assets and ``ecg-r1 evaluate --log`` /
 ``ecg-r1 promote`` share, so the UI and the command line leave the same records:
 
-* :func:`log_comparison`: each registered version's metrics on its own MLflow run (the MLflow UI
-  compares versions side by side) with its answers (:data:`VERSION_PREDICTIONS`, so a later
-  promotion reads the champion's answers instead of predicting again), ``registered.json`` in
-  the evaluation folder, and the table, plots and figures in an ``evaluation`` run;
+* :func:`log_comparison`: each registered version's metrics on its LoggedModel, by evaluation
+  dataset (one per split, :func:`evaluation_datasets`), and on its run (the experiment's model view
+  sorts versions by them, the registry compares them side by side); its model card
+  (:func:`ecg_r1.evaluation.model_card.model_card`) as its description and ``MODEL_CARD.md``; its
+  answers (:data:`VERSION_PREDICTIONS`, so a later promotion reads the champion's answers instead
+  of predicting again); ``registered.json`` in the evaluation folder; and the table, plots and
+  figures in an ``evaluation`` run;
 * :func:`promote_challengers`: per registered model of the comparison, the new version
   (challenger) against the current ``champion`` on the same cases
   (:func:`ecg_r1.evaluation.promotion.decide_promotion`), the decision written on the version
@@ -26,6 +29,7 @@ from typing import Any
 import polars as pl
 
 from ecg_r1.evaluation.evaluate import Predictions, align
+from ecg_r1.evaluation.model_card import model_card
 from ecg_r1.evaluation.outputs import CASES_FILE, predictions_key, read_metrics, read_predictions
 from ecg_r1.evaluation.predictions import predict_cases
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule, decide_promotion, record_decision
@@ -103,18 +107,23 @@ def log_comparison(
 
     registered: dict[str, str] = {}
     version_runs: dict[str, str] = {}
+    datasets = evaluation_datasets(result)
+    client = tracking.mlflow_client()
+    data_version = provenance.get("data_version", "")
     for name, found in versions.items():
         if found is None:
             logger.warning("%s: no registered model version; its metrics are not logged on a version", name)
             continue
         model_name, version = found
         registered[name] = f"{model_name}/{version}"
-        run_id = model_registry.log_version_metrics(
-            model_name,
-            version,
-            result.model_metrics(name),
-            tags={"evaluation.data_version": provenance.get("data_version", ""), "evaluation.row": name},
-        )
+        run_id = model_registry.version_run_id(model_name, version)
+        for split, metrics in result.model_metrics(name).items():
+            model_registry.log_version_metrics(model_name, version, metrics, datasets[split])
+        training_tags = client.get_model_version(model_name, str(version)).tags
+        card = model_card(result, name, model_name, version, training_tags, data_version)
+        model_registry.set_model_card(model_name, version, card)
+        for key, value in {"evaluation.data_version": data_version, "evaluation.row": name}.items():
+            client.set_model_version_tag(model_name, str(version), key, value)
         # The fixed name lets a later promotion read this version's answers as the champion's.
         _log_file_as(run_id, result.files[predictions_key(name)], VERSION_PREDICTIONS)
         version_runs[name] = run_id
@@ -127,6 +136,23 @@ def log_comparison(
         mlflow.log_artifacts(str(result.out_dir), "evaluation")
         evaluation_run_id = run.info.run_id
     return ComparisonLog(registered, version_runs, evaluation_run_id)
+
+
+def evaluation_datasets(result: Comparison) -> dict[str, Any]:
+    """One MLflow dataset per evaluated split: its cases (record, hospital, label), named by the
+    split, with MLflow's digest of their content (another sample of cases is another dataset)."""
+    import mlflow
+
+    cases = result.cases
+    return {
+        split: mlflow.data.from_pandas(
+            cases.filter(pl.col("split") == split).drop("split").to_pandas(),
+            source=str(result.files["cases"]),
+            name=split,
+            targets="label",
+        )
+        for split in cases["split"].unique(maintain_order=True)
+    }
 
 
 def _champion_predictions(model_name: str, version: int, cases: pl.DataFrame, profile: str) -> Predictions:

@@ -18,6 +18,7 @@ from typing import Any
 import polars as pl
 
 from ecg_r1.data.labels import ISCHEMIC
+from ecg_r1.data.split import SPLITS
 from ecg_r1.evaluation.baselines import CLINICIANS_SOURCE, clinicians_metrics
 from ecg_r1.evaluation.evaluate import (
     BinaryMetrics,
@@ -30,6 +31,29 @@ from ecg_r1.evaluation.evaluate import (
 )
 from ecg_r1.evaluation.note_shift import NoteShift
 from ecg_r1.evaluation.outputs import slug
+from ecg_r1.evaluation.predictions import ABLATIONS
+from ecg_r1.modeling.profiles import Profile
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """One split of the split manifest: cases, ischemic cases and hospitals."""
+
+    n: int
+    n_ischemic: int
+    hospitals: tuple[str, ...]
+
+
+def split_counts(splits_path: str | Path) -> dict[str, SplitCounts]:
+    """Each split of a split manifest (``splits.parquet``), counted, in the manifest's split order."""
+    manifest = pl.read_parquet(splits_path, columns=["split", "hospital", "label"])
+    return {
+        split: SplitCounts(
+            part.height, int((part["label"] == ISCHEMIC).sum()), tuple(sorted(part["hospital"].unique()))
+        )
+        for split in SPLITS
+        if not (part := manifest.filter(pl.col("split") == split)).is_empty()
+    }
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,13 @@ class Comparison:
         real_records: None without real records; else their folder, inputs and the record ids
             left out because they are in the main cohort.
         note_shift: split -> how many of its notes' words no training note holds.
+        cases: the evaluated cases (``record_id``, ``split``, ``hospital``, ``label``): each split
+            is one MLflow evaluation dataset (:func:`ecg_r1.evaluation.registry.log_comparison`).
+        ablated: ablation row -> (model row, ablation key of
+            :data:`ecg_r1.evaluation.predictions.ABLATIONS`).
+        data_splits: split -> its counts in the split manifest (training data of the model card).
+        profile: the compared models' profile.
+        simulated: whether the cases are the simulator's (its truth gave the Bayes ceiling).
     """
 
     out_dir: Path
@@ -83,20 +114,37 @@ class Comparison:
     files: dict[str, Path] = field(default_factory=dict)
     real_records: dict[str, Any] | None = None
     note_shift: dict[str, NoteShift] = field(default_factory=dict)
+    cases: pl.DataFrame = field(default_factory=pl.DataFrame)
+    ablated: dict[str, tuple[str, str]] = field(default_factory=dict)
+    data_splits: dict[str, SplitCounts] = field(default_factory=dict)
+    profile: Profile | None = None
+    simulated: bool = False
 
     @property
     def plots(self) -> dict[str, Path]:
         """The PNG files, by name."""
         return {k: v for k, v in self.files.items() if v.suffix == ".png"}
 
-    def model_metrics(self, name: str) -> dict[str, float]:
-        """Flat metrics of one row, ``<split>/<metric>`` (with ``_low``/``_high``), plus
-        ``hospital/<h>/accuracy``: what is logged on a model version's MLflow run."""
-        out: dict[str, float] = {}
+    def model_metrics(self, name: str) -> dict[str, dict[str, float]]:
+        """What is logged on a model's MLflow LoggedModel, by the split (evaluation dataset) it was
+        measured on: ``<split>/<metric>`` with ``_low``/``_high`` and ``n``; per hospital,
+        ``hospital/<h>/<metric>`` under the split holding that hospital's cases; and each of its
+        ablation rows, ``<ablation>/<split>/<metric>`` (e.g. ``no_ecg/test_external/accuracy``)."""
+        out: dict[str, dict[str, float]] = {}
         for split, metrics in self.results[name].items():
-            out |= metrics.flat(prefix=f"{split}/")
+            out.setdefault(split, {}).update(metrics.flat(prefix=f"{split}/"))
         for hospital, metrics in self.per_hospital.get(name, {}).items():
-            out[f"hospital/{slug(hospital)}/accuracy"] = metrics.accuracy.value
+            splits = self.cases.filter(pl.col("hospital") == hospital)["split"].unique().to_list()
+            # One split per hospital by construction (internal or held out); a hospital in several
+            # has no single evaluation dataset, so its figures stay in the comparison only.
+            if len(splits) == 1:
+                out.setdefault(splits[0], {}).update(metrics.flat(prefix=f"hospital/{slug(hospital)}/"))
+        for row, (model, ablation) in self.ablated.items():
+            if model != name:
+                continue
+            for split, metrics in self.results[row].items():
+                key = f"{slug(ABLATIONS[ablation])}/{split}/"
+                out.setdefault(split, {}).update(metrics.flat(prefix=key))
         return out
 
     def figures(self) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """The MLflow model registry of ECG-R1: register a run's model folder, name versions with aliases,
-attach evaluation metrics, and fetch a version back to local disk.
+attach evaluation metrics and model cards, and fetch a version back to local disk.
 
 Takes: a run id and a saved model folder, a model URI (``models:/ecg-r1-grpo/3``,
 ``models:/ecg-r1-grpo@champion``). Gives: version numbers, alias targets, the run behind a
@@ -33,12 +33,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.tracking.runs import artifact_root_for, log_metrics, mlflow_client
+from ecg_r1.tracking.runs import artifact_root_for, finite_metrics, mlflow_client
 
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"
 MODEL_NAMES = {"sft": "ecg-r1-sft", "grpo": "ecg-r1-grpo"}
+MODEL_CARD_FILE = "MODEL_CARD.md"  # a version's card among its logged model's artifacts
+MAX_DESCRIPTION_CHARS = 5000  # the SQL registry's model_versions.description column
 
 
 def register_model_version(
@@ -135,28 +137,76 @@ def version_run_id(name: str, version: int | str) -> str:
     return found.run_id
 
 
+def logged_model_id(version: Any) -> str | None:
+    """The id of the LoggedModel a registered ``ModelVersion`` was registered from (its source is
+    ``models:/<model id>``, :func:`register_model_version`); None for a version registered from a
+    run's artifacts (``runs:/...``). (The SQL registry stores no ``model_id`` column: the source is
+    what links the two.)"""
+    source = version.source or ""
+    body = source.removeprefix("models:/")
+    return body if source.startswith("models:/m-") and "/" not in body else None
+
+
 def log_version_metrics(
-    name: str, version: int | str, metrics: Mapping[str, float], tags: Mapping[str, Any] | None = None
+    name: str,
+    version: int | str,
+    metrics: Mapping[str, float],
+    dataset: Any = None,
 ) -> str:
-    """Log evaluation metrics on the run of a model version (so the MLflow UI compares versions
-    side by side) and copy them, with ``tags``, onto the version as tags.
+    """Log evaluation metrics on a model version's LoggedModel, with the dataset they were measured
+    on, and on the version's run (the registry's version comparison compares runs).
 
     Args:
         name: registered model name.
         version: its version.
         metrics: e.g. ``{"test_external/accuracy": 0.71}``; non-finite values are skipped with a
             warning (MLflow cannot chart them).
-        tags: extra version tags (e.g. the evaluation's data version).
+        dataset: the evaluation dataset (``mlflow.data.from_pandas(...)``, named and with a content
+            digest): the run records it as an input, every metric names it.
 
     Returns:
         The run id the metrics went to.
     """
+    import mlflow
+
+    found = mlflow_client().get_model_version(name, str(version))
     run_id = version_run_id(name, version)
-    finite = log_metrics(run_id, metrics)
-    client = mlflow_client()
-    for key, value in {**{f"metric.{k}": f"{v:.6g}" for k, v in finite.items()}, **(tags or {})}.items():
-        client.set_model_version_tag(name, str(version), key, str(value))
+    finite = finite_metrics(metrics, run_id)
+    # The fluent call is MLflow's one that ties metrics to a model and a dataset and logs both as
+    # the run's inputs; for a version without a logged model (runs:/...) the metrics go to the run.
+    mlflow.log_metrics(
+        finite, run_id=run_id, model_id=logged_model_id(found), dataset=dataset, synchronous=True
+    )
     return run_id
+
+
+def set_model_card(name: str, version: int | str, card: str) -> None:
+    """Make ``card`` (markdown) the version's description and ``MODEL_CARD.md`` among its logged
+    model's artifacts (next to ``MLmodel``).
+
+    A card longer than the SQL registry's description column (:data:`MAX_DESCRIPTION_CHARS`:
+    PostgreSQL and MySQL refuse a longer value, SQLite would keep it, the same rule holds for all)
+    is cut at its last section that fits, with a pointer to the whole card in the artifacts.
+    """
+    client = mlflow_client()
+    client.update_model_version(name, str(version), description=_fit_description(card))
+    model_id = logged_model_id(client.get_model_version(name, str(version)))
+    if model_id is None:
+        logger.warning("%s version %s has no logged model: its card is only its description", name, version)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MODEL_CARD_FILE
+        path.write_text(card)
+        client.log_model_artifact(model_id, str(path))
+
+
+def _fit_description(card: str) -> str:
+    if len(card) <= MAX_DESCRIPTION_CHARS:
+        return card
+    note = f"\n\n(The whole card, with the sections left out here: {MODEL_CARD_FILE} in the logged model's artifacts.)\n"
+    room = MAX_DESCRIPTION_CHARS - len(note)
+    cut = card.rfind("\n## ", 0, room)
+    return card[: cut if cut > 0 else room] + note
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:

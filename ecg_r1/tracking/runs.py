@@ -293,18 +293,10 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int = 0) -> dict[str, float]:
-    """Log the numeric, finite values of ``metrics`` on a run at ``step``, in MLflow's batches.
-
-    Booleans, non-numbers and NaN/inf are skipped (MLflow cannot chart them; a skipped non-finite
-    value is logged as a warning). The call returns once MLflow has stored them.
-
-    Returns:
-        The metrics logged.
-    """
+def finite_metrics(metrics: Mapping[str, Any], run_id: str) -> dict[str, float]:
+    """The numeric, finite values of ``metrics`` as floats: booleans and non-numbers are left out,
+    NaN/inf too with a warning (MLflow cannot chart them)."""
     import math
-
-    from mlflow.entities import Metric
 
     finite: dict[str, float] = {}
     for key, value in metrics.items():
@@ -314,6 +306,19 @@ def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int = 0) -> dict[
             logger.warning("metric %s=%r of run %s is not finite: not logged", key, value, run_id)
             continue
         finite[key] = float(value)
+    return finite
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int = 0) -> dict[str, float]:
+    """Log the :func:`finite_metrics` of ``metrics`` on a run at ``step``, in MLflow's batches.
+    The call returns once MLflow has stored them.
+
+    Returns:
+        The metrics logged.
+    """
+    from mlflow.entities import Metric
+
+    finite = finite_metrics(metrics, run_id)
     now = int(time.time() * 1000)
     items = [Metric(key, value, now, int(step)) for key, value in finite.items()]
     client = mlflow_client()

@@ -211,9 +211,14 @@ def data_version(repo_root: str | Path, data_dir: str = DATA_DIR) -> str | None:
     return None
 
 
-def git_commit(repo_root: str | Path) -> str | None:
+def git_commit(repo_root: str | Path, data_dir: str = DATA_DIR) -> str | None:
     """Return the checked-out git commit of ``repo_root``, ``-dirty`` when tracked files have changed;
-    None outside git or before the first commit."""
+    None outside git or before the first commit.
+
+    ``<data_dir>.dvc`` does not count: the pipeline's own ``dvc add`` (:func:`track_data`) rewrites
+    it before training, so every run of a fresh clone would record ``-dirty`` although the code is
+    the commit's. The data version it holds is recorded apart (:func:`data_version`).
+    """
     if shutil.which("git") is None:
         return None
     try:
@@ -227,7 +232,15 @@ def git_commit(repo_root: str | Path) -> str | None:
         if done.returncode != 0 or not done.stdout.strip():
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                f":(top,exclude){data_dir}.dvc",
+            ],
             cwd=repo_root,
             capture_output=True,
             text=True,
@@ -243,6 +256,6 @@ def provenance(repo_root: str | Path, data_dir: str = DATA_DIR) -> dict[str, str
     """What every run and asset records as its origin: the git commit (:func:`git_commit`, else
     ``"unknown"``) and the DVC data version (:func:`data_version`, else ``"untracked"``)."""
     return {
-        "git_commit": git_commit(repo_root) or "unknown",
+        "git_commit": git_commit(repo_root, data_dir) or "unknown",
         "data_version": data_version(repo_root, data_dir) or "untracked",
     }

@@ -5,8 +5,9 @@
   ingested and rendered by :func:`ecg_r1.evaluation.real_records.prepare_real_records` for a sim-to-real
   section of the comparison; with nothing named, no such section.
 * ``model_comparison``: :func:`ecg_r1.evaluation.comparison.run_comparison` on the model assets' stage
-  folders (``data/models/<asset>/``); the metrics go onto each model version's MLflow run (the
-  MLflow UI compares versions side by side), the table and plots into an ``evaluation`` run.
+  folders (``data/models/<asset>/``); the metrics go onto each model version's LoggedModel by
+  evaluation dataset and onto its run (docs/mlflow.md), its model card becomes the version's
+  description, the table and plots go into an ``evaluation`` run.
 * ``model_promotion``: per registered model, the new version (challenger) against the current
   ``champion`` on the cross-hospital split, by :func:`ecg_r1.evaluation.promotion.decide_promotion`; the
   decision and its figures are written on the version (:func:`ecg_r1.evaluation.promotion.record_decision`).
@@ -235,7 +236,8 @@ def model_comparison(
 ) -> dg.MaterializeResult:
     """Every model and reference row on the internal and cross-hospital test splits (n, 95 % CIs,
     per hospital, paired comparisons) and, when real_record_cohort holds records, on those (a
-    sim-to-real section); metrics logged on each model version's MLflow run."""
+    sim-to-real section); metrics logged on each model version's LoggedModel (by dataset) and run,
+    and its model card as the version's description."""
     folders = {}
     for name, asset in config.models.items():
         folder = layout.models / asset
