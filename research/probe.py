@@ -5,7 +5,7 @@ A logistic regression on those tokens, fitted on the training split with the reg
 chosen on the validation split, says what a reader of the tokens can get from the image alone.
 Beside a trained model's row without the note, it separates the two ways an image pathway
 fails: a tower whose tokens do not carry the answer, or a language model that does not read
-them (docs/tiny_recipe.md).
+them (docs/research/tiny_recipe.md).
 
 :func:`fit_page_and_note_probe` adds the note: a logistic regression on the note's word flags
 (the feature baseline's :func:`ecg_r1.evaluation.baselines.note_vectorizer`) and the two readers'
@@ -18,7 +18,7 @@ Two more say what a linear reader of the label cannot:
   :func:`ecg_r1.data.features.measure_features` (the feature baseline's inputs, and the vision
   pre-training's regression targets), scored by R² on held-out pages. It names the finding a tower
   does not show: on the tiny `make run` tower T amplitude reads at R² 0.87 on val and T symmetry,
-  the feature baseline's main in-hospital sign, at 0.21 (docs/tiny_recipe.md).
+  the feature baseline's main in-hospital sign, at 0.21 (docs/research/tiny_recipe.md).
 * :func:`fit_boosted_probe`: the feature baseline's gradient boosting with the page's principal
   components in place of the measured features, beside the age, sex and note word flags a model's
   prompt also holds: whether a non-linear reader of the same prompt reaches the feature baseline.

@@ -1,6 +1,6 @@
 """The canonical signal form every reader produces and every later stage reads.
 
-Rules (also in the README, "Canonical form"):
+Rules (also in docs/data.md, "Canonical form"):
 
 * **Leads**: the 12 standard leads in the fixed order of :data:`LEADS`. Lead names are matched
   case-insensitively (``AVR``, ``avr`` and ``aVR`` are the same lead). If lead III, aVR, aVL or aVF

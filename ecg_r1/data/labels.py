@@ -1,6 +1,6 @@
 """Label rules as data: TWI cohort membership and ischemic / non-ischemic / unknown labels.
 
-The rules live in ``ecg_r1/configs/labels.yaml`` (documented there and in the README); this
+The rules live in ``ecg_r1/configs/labels.yaml`` (documented there and in docs/data.md); this
 module loads them and applies them to each source's codes. Every function returns the raw
 codes it decided from, which the cohort keeps in ``raw_codes``. It is also the label vocabulary
 (:data:`ISCHEMIC`, :data:`NON_ISCHEMIC`, :data:`UNKNOWN`, :data:`LABEL_WORDS`): no other module

@@ -19,7 +19,7 @@ UNSEEN_WORD = "?"
 # A note with more than this share of its words unseen is shown with every word marked, the form
 # of a scrambled training note: the few words a foreign note shares with the training notes
 # ("Diabetes", "PCI", "normal" in a German one) read out of their context turned the tiny models'
-# answers to "No" at the held-out hospital (docs/tiny_recipe.md, the unreadable-note gate).
+# answers to "No" at the held-out hospital (docs/research/tiny_recipe.md, the unreadable-note gate).
 UNREADABLE_NOTE_SHARE = 0.5
 
 

@@ -35,7 +35,7 @@ def user_text(age: float | int | None, sex: str | None, note: str | None) -> str
 
 # Where the page sits in the user message. "first": before the clinical details (Qwen2-VL's and
 # TRL's convention). "before_question": after them, next to the question, so the page's tokens
-# are the last thing the model reads before it answers (docs/tiny_recipe.md, X14-X16).
+# are the last thing the model reads before it answers (docs/research/tiny_recipe.md, X14-X16).
 IMAGE_POSITIONS: tuple[str, ...] = ("first", "before_question")
 
 

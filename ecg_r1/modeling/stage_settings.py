@@ -17,7 +17,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "head": "positional",  # positional | pooled | positional+pooled (ecg_r1.training.vision)
         # The categorical findings as extra targets: off, they cost TWI-lead F1 at 300 steps
-        # (docs/tiny_recipe.md).
+        # (docs/research/tiny_recipe.md).
         "finding_targets": False,
     },
     "format_warmup": {

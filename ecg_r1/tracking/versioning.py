@@ -1,8 +1,7 @@
 """Data and code versions: DVC for ``data/``, git for the code.
 
 DVC runs as a command-line tool from its own virtual environment (``.venv-dvc``, made by
-``make setup``): dvc and dagster cannot share one environment (their antlr4 runtimes clash, see
-the README). The DVC repository is the project root; ``data/`` is tracked as one directory by
+``make setup``): dvc and dagster cannot share one environment (their antlr4 runtimes clash). The DVC repository is the project root; ``data/`` is tracked as one directory by
 ``data.dvc``, and the **data version** is the md5 DVC writes there (``<md5>.dir``): it changes
 whenever any file under ``data/`` changes, and ``dvc pull`` at a commit restores exactly that data.
 

@@ -353,7 +353,7 @@ def score_labelled_positions_only() -> None:
     that scores only the labelled positions on CUDA/XPU but every position elsewhere, to keep
     Neuron's tile shapes fixed between batches. On a CPU that means the 49k-word head over all
     ~300 positions of a sequence whose loss covers the ~12 tokens of the answer: about a third of
-    an SFT step of the smol profile (README, "Benchmarks"). The values are the same either way
+    an SFT step of the smol profile (docs/benchmarks.md). The values are the same either way
     (tested); only the unlabelled positions' work goes. Idempotent.
     """
     import trl.trainer.utils as trl_utils
