@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,17 +249,12 @@ class TestRegisteredPyfunc:
 
 
 class TestServeCommand:
-    def test_resolves_the_alias_and_binds_localhost(self, store, champion):
-        from ecg_r1.cli.serve import serve_command
+    def test_resolves_the_alias_to_its_version(self, store, champion):
+        from ecg_r1.cli.serve import served_version
 
-        root, uri = store
+        root, _ = store
         version, _ = champion
-        command, env = serve_command("models:/ecg-r1-grpo@champion", root, "127.0.0.1", 5009)
-        expected = ["-m", f"models:/ecg-r1-grpo/{version}", "--env-manager", "local", "-h", "127.0.0.1"]
-        assert command[-8:] == [*expected, "-p", "5009"]
-        assert env["MLFLOW_TRACKING_URI"] == uri
-        # mlflow models serve runs `uvicorn` from PATH: this interpreter's bin comes first
-        assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+        assert served_version("models:/ecg-r1-grpo@champion", root) == f"models:/ecg-r1-grpo/{version}"
 
     def test_a_version_stored_elsewhere_is_refused(self, store, taught_model, tmp_path):
         from ecg_r1.cli import main
@@ -278,11 +271,15 @@ class TestServeCommand:
             main(["serve", "--model", f"models:/ecg-r1-elsewhere/{number}", "--mlflow-root", str(root)])
 
     def test_a_host_beyond_loopback_is_warned_about(self, store, champion, monkeypatch, capsys):
+        import uvicorn
+
         from ecg_r1.cli import main
+        from ecg_r1.tracking import serving_app
 
         root, _ = store
         started = []
-        monkeypatch.setattr(os, "execvpe", lambda *args: started.append(args))
+        monkeypatch.setattr(serving_app, "scoring_app", lambda uri: uri)
+        monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
         main(
             [
                 "serve",
@@ -294,4 +291,5 @@ class TestServeCommand:
                 str(root),
             ]
         )
-        assert started and "proxy with a body limit" in capsys.readouterr().err
+        assert started == [{"host": "0.0.0.0", "port": 5001, "workers": 1}]
+        assert "no authentication nor TLS" in capsys.readouterr().err

@@ -202,3 +202,100 @@ class TestLimitsOverHTTP:
         predictions = answer(server_url, [{"note": "x", "id": "a"}, {"age": 50, "id": "b"}])
         for prediction in predictions:
             assert_refused(prediction, "image")
+
+
+def assert_short_error(status: int, text: str, expected_status: int, says: str) -> None:
+    """A refusal by the server: ``expected_status``, a short JSON naming what was wrong, and no
+    request data (the note's text) nor stack trace."""
+    assert status == expected_status, text[:2000]
+    error = json.loads(text)
+    assert set(error) == {"error_code", "message"} and says in error["message"], error
+    assert len(text) < 300 and SECRET not in text and "Traceback" not in text and "File " not in text
+
+
+def raw_post(url: str, headers: dict[str, str], parts: list[bytes]) -> tuple[int, str] | None:
+    """POST ``parts`` to ``/invocations`` with ``headers`` as they are (chunked when they say so):
+    the status and body, or None when the server closed the connection before the client could
+    send everything (it refused the body without reading it whole)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        connection.putrequest("POST", "/invocations")
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        chunked = headers.get("Transfer-Encoding") == "chunked"
+        for part in parts:
+            connection.send(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+        if chunked:
+            connection.send(b"0\r\n\r\n")
+        reply = connection.getresponse()
+        return reply.status, reply.read().decode()
+    except (BrokenPipeError, ConnectionResetError):
+        return None
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+class TestRefusalsOverHTTP:
+    """Requests MLflow's scoring app would read without bound or answer with the request echoed:
+    ``ecg-r1 serve`` answers them with a short JSON error."""
+
+    def test_a_body_over_the_limit_is_refused_from_its_length(self, server_url):
+        """413 at once: the client sends the headers and no byte of the body."""
+        headers = {"Content-Type": "application/json", "Content-Length": str(serving.MAX_BODY_BYTES + 1)}
+        status, text = raw_post(server_url, headers, [])
+        assert_short_error(status, text, 413, "more than 72 MiB")
+
+    def test_a_chunked_body_over_the_limit_is_cut(self, server_url):
+        headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        part = b'{"dataframe_records": [{"note": "' + SECRET.encode() + b" " * 2**20
+        replied = raw_post(server_url, headers, [part] * (serving.MAX_BODY_BYTES // len(part) + 2))
+        if replied is not None:  # else the server closed the connection mid-body: refused too
+            assert_short_error(*replied, 413, "more than 72 MiB")
+        assert answer(server_url, [good(0)])  # still up, and answering
+
+    def test_a_chunked_body_within_the_limit_is_answered(self, server_url):
+        body = json.dumps({"dataframe_records": [good(0)], "params": {"max_new_tokens": MAX_NEW_TOKENS}})
+        headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        status, text = raw_post(server_url, headers, [body[:1000].encode(), body[1000:].encode()])
+        assert status == 200 and json.loads(text)["predictions"] == answer(server_url, [good(0)])
+
+    @pytest.mark.parametrize(
+        ("body", "says"),
+        [
+            (b'{"dataframe_records": [{"note": "' + SECRET.encode() + b'"', "not valid JSON"),
+            (b"\xff\xfe" + SECRET.encode(), "not valid JSON"),
+            (json.dumps([{"note": SECRET}]).encode(), "must be a JSON object"),
+            (json.dumps({"records": [{"note": SECRET}]}).encode(), "must be a JSON object"),
+            (json.dumps({"dataframe_records": [{"note": SECRET}], "params": [1]}).encode(), "params must be"),
+            (json.dumps({"dataframe_records": [{"note": SECRET}], "params": "x"}).encode(), "params must be"),
+        ],
+    )
+    def test_a_malformed_request_is_refused_without_echo(self, server_url, body, says):
+        assert_short_error(*post(server_url, body), 400, says)
+
+    @pytest.mark.parametrize("value", ["many", [8], True, {"n": 8}])
+    def test_a_max_new_tokens_that_is_not_a_number_is_refused(self, server_url, value):
+        body = {"dataframe_records": [good(0)], "params": {"max_new_tokens": value}}
+        assert_short_error(*post(server_url, body), 400, "max_new_tokens must be a number")
+
+    def test_other_errors_are_short_too(self, server_url):
+        request = urllib.request.Request(f"{server_url}/invocations", data=b"a,b\n1,2", method="POST")
+        request.add_header("Content-Type", "text/plain")
+        try:
+            urllib.request.urlopen(request, timeout=60)
+        except urllib.error.HTTPError as refused:
+            assert_short_error(refused.code, refused.read().decode(), 415, "application/json")
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{server_url}/nowhere", timeout=60)
+        assert_short_error(missing.value.code, missing.value.read().decode(), 404, "no such endpoint")
+
+    @pytest.mark.parametrize("path", ["/ping", "/health"])
+    def test_ping_and_health_answer(self, server_url, path):
+        with urllib.request.urlopen(f"{server_url}{path}", timeout=60) as reply:
+            assert reply.status == 200

@@ -68,6 +68,9 @@ MAX_NOTE_CHARS = 2_000  # an 8 MB note made the processor ask for 430 GB
 MAX_ID_CHARS = 100
 MAX_ROWS = 16  # one request is decoded and answered at a time: 16 pages bound its memory
 MAX_REQUEST_CHARS = 64 * 2**20  # the text of every image, note and id in one request
+# The HTTP body `ecg-r1 serve` reads (ecg_r1/tracking/serving_app.py): above MAX_REQUEST_CHARS by
+# room for JSON quoting, the other fields and params, so no request the model would answer is cut.
+MAX_BODY_BYTES = 72 * 2**20
 MAX_AGE = 130.0
 # The image formats opened, by their magic bytes: nothing else reaches PIL (an EPS page would be
 # rendered by Ghostscript, a PostScript interpreter, when that is installed).
