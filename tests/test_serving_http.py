@@ -186,9 +186,11 @@ class TestLimitsOverHTTP:
         assert f"{serving.MAX_ROWS + 1} rows, at most {serving.MAX_ROWS}" in predictions[0]["problem"]
 
     def test_too_much_text_refuses_the_request(self, server_url):
-        """Rows within every per-field limit, more than MAX_REQUEST_CHARS in all."""
-        image = "A" * (serving.MAX_REQUEST_CHARS // 7)  # base64 text under the image limit
-        rows = [good(0, id=str(i), image=image) for i in range(8)]
+        """Rows within every per-field limit, more than MAX_REQUEST_CHARS in all, in a body under
+        MAX_BODY_BYTES (a larger one is refused before it is read)."""
+        image = "A" * (serving.MAX_REQUEST_CHARS // 7 + 8)  # base64 text under the image limit
+        rows = [good(0, id=str(i), image=image) for i in range(7)]
+        assert 7 * len(image) > serving.MAX_REQUEST_CHARS and 7 * len(image) < serving.MAX_BODY_BYTES - 2**20
         for prediction in answer(server_url, rows):
             assert_refused(prediction, "request")
 
