@@ -106,6 +106,7 @@ def setup(tmp_path_factory) -> dict:
         root / "profile.yaml",
         sft={"save_steps": SAVE_STEPS, "save_total_limit": 2},
         grpo={"save_steps": 1000},
+        image={"layout": "3x4+rhythm"},  # the layout make_cohort draws (ecg-r1 train checks the pages)
     )
     # A fresh folder: no store yet (two processes creating it at once crashed in its migration).
     return {
