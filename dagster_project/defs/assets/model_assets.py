@@ -217,8 +217,10 @@ def base_model(
     return dg.MaterializeResult(
         metadata={
             "model_dir": dg.MetadataValue.path(str(folder)),
-            "profile": config.profile,
             **{k: v for k, v in info.items() if isinstance(v, int | float | str)},
+            # after the model's own info (which names the profile): the config's name or path is
+            # what the page check and the next stages load
+            "profile": config.profile,
             **{f"checkpoint_{k}": v for k, v in checkpoint.items()},
             **dvc.record(),
         }
