@@ -301,15 +301,7 @@ def load_random_architecture(name_or_path: str | Path) -> TinyArchitecture:
     Raises:
         ProfileError: when the file is missing or lacks text or vision sizes.
     """
-    path = config_path(name_or_path, RANDOM_MODELS_DIR)
-    if not path.is_file():
-        raise ProfileError(
-            f"no model sizes {str(name_or_path)!r}: {path} does not exist; shipped: {shipped_names(RANDOM_MODELS_DIR)}"
-        )
-    try:
-        raw = load_yaml_mapping(path)
-    except ConfigFileError as exc:
-        raise ProfileError(str(exc)) from None
+    path, raw = _read_config(name_or_path, RANDOM_MODELS_DIR, "model sizes")
     return random_architecture(raw, str(path))
 
 
@@ -343,16 +335,26 @@ def load_profile(name_or_path: str | Path) -> Profile:
         ProfileError: when the file is missing, or a section or key is unknown or has the wrong
             type (the message names the file and the key).
     """
-    path = config_path(name_or_path, PROFILES_DIR)
+    path, raw = _read_config(name_or_path, PROFILES_DIR, "profile")
+    return _profile_from_dict(raw, path)
+
+
+def _read_config(name_or_path: str | Path, folder: Path, what: str) -> tuple[Path, dict[str, Any]]:
+    """The path and mapping of a shipped config of ``folder`` or a YAML file (``what`` names it in
+    the errors).
+
+    Raises:
+        ProfileError: when the file is missing or is not a YAML mapping.
+    """
+    path = config_path(name_or_path, folder)
     if not path.is_file():
         raise ProfileError(
-            f"no profile {str(name_or_path)!r}: {path} does not exist; shipped profiles: {available_profiles()}"
+            f"no {what} {str(name_or_path)!r}: {path} does not exist; shipped: {shipped_names(folder)}"
         )
     try:
-        raw = load_yaml_mapping(path)
+        return path, load_yaml_mapping(path)
     except ConfigFileError as exc:
         raise ProfileError(str(exc)) from exc
-    return _profile_from_dict(raw, path)
 
 
 _TOP_KEYS = {"name", "model", "image", "lora", "sft", "grpo", "rewards", "seed", "stages"}
