@@ -13,7 +13,7 @@ export ECG_R1_DVC := $(CURDIR)/$(DVC_VENV)/bin/dvc
 UI_PORT ?= 3000
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup run reproduce test test-fast ui mlflow-ui bench lint format clean stack-up stack-down stack-status stack-run
+.PHONY: setup run reproduce test test-heavy test-fast ui mlflow-ui bench lint format clean stack-up stack-down stack-status stack-run
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -57,8 +57,12 @@ reproduce: setup
 	$(DG) launch --job full_pipeline_job --config dagster_project/run_configs/smol.yaml
 	$(VENV)/bin/ecg-r1 where
 
+# make test: every test but the heavy end-to-end checks, which have their own target (CI runs both).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not heavy"
+
+test-heavy: setup
+	$(PY) -m pytest -q -m heavy
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

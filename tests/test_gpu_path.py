@@ -223,6 +223,7 @@ def test_2b_run_configs_set_the_2b_profile_everywhere(name):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_2b_standin_runs_the_full_pipeline_on_the_cpu(tmp_path, seed_mlflow_db, monkeypatch):
     """full_pipeline_job with the stand-in run config: base (a local checkpoint, recorded), SFT and
     GRPO from the base in the 2B settings, the comparison, both versions registered, the champion

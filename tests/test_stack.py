@@ -145,6 +145,7 @@ def kill_step_process_at_checkpoint(stack_dir: Path, checkpoints: Path, job: sub
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.stack
 def test_jobs_survive_a_killed_worker_process_on_postgres_redis_and_the_mlflow_server(stack, tmp_path):
     import psycopg2
