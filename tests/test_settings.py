@@ -25,6 +25,7 @@ def test_bootstrap_resamples_and_prediction_batch_have_one_value_everywhere() ->
     from dagster_project.defs.assets.evaluation_assets import ComparisonConfig, PromotionConfig
     from ecg_r1.evaluation import comparison, evaluate, predictions
     from ecg_r1.evaluation.promotion import PromotionRule
+    from ecg_r1.modeling import inference
 
     evaluate_cli = _cli_defaults(
         "evaluate", "--model", "m", "--cohort", "c", "--splits", "s", "--images", "i", "--out", "o"
@@ -45,6 +46,9 @@ def test_bootstrap_resamples_and_prediction_batch_have_one_value_everywhere() ->
         "predict_cases": _default(predictions.predict_cases, "batch_size"),
         "predict_models": _default(predictions.predict_models, "batch_size"),
         "run_comparison": _default(comparison.run_comparison, "batch_size"),
+        "generate": _default(inference.generate, "batch_size"),
+        "generate_and_score": _default(inference.generate_and_score, "batch_size"),
+        "answer_probability": _default(inference.answer_probability, "batch_size"),
         "ecg-r1 evaluate": evaluate_cli["batch_size"],
         "ComparisonConfig": ComparisonConfig.model_fields["batch_size"].default,
     }

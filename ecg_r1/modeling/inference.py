@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ecg_r1.constants import PREDICTION_BATCH_SIZE
 from ecg_r1.modeling.contract import ANSWER_OPEN, NO, THINK_CLOSE, THINK_OPEN, YES
 from ecg_r1.modeling.models import vision_token_ids
 from ecg_r1.modeling.notes import mark_unseen_words
@@ -124,7 +125,7 @@ def generate(
     examples: Sequence[Mapping[str, Any]],
     max_new_tokens: int = 128,
     temperature: float = 0.0,
-    batch_size: int = 8,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     seed: int | None = None,
 ) -> list[str]:
     """Generate a completion for each example.
@@ -154,7 +155,7 @@ def generate_and_score(
     processor: Any,
     examples: Sequence[Mapping[str, Any]],
     max_new_tokens: int = 128,
-    batch_size: int = 8,
+    batch_size: int = PREDICTION_BATCH_SIZE,
 ) -> tuple[list[str], np.ndarray]:
     """Greedy completions (:func:`generate`) and P(Yes) (:func:`answer_probability`) of each example.
 
@@ -291,7 +292,7 @@ def answer_probability(
     processor: Any,
     examples: Sequence[Mapping[str, Any]],
     completions: Sequence[str] | None = None,
-    batch_size: int = 8,
+    batch_size: int = PREDICTION_BATCH_SIZE,
     max_new_tokens: int = 128,
 ) -> np.ndarray:
     """The model's probability that the answer is "Yes" (ischemic), per example.
