@@ -7,7 +7,7 @@ a retrained model on new data should not have to beat the old one by a significa
 replace it (that would freeze the first model in place), but it must not lose accuracy where it
 matters most, at an unseen hospital.
 
-Two paired tests are offered, both from :func:`ecg_r1.evaluation.evaluate.compare_paired` (the statistics
+Two paired tests are offered, both from :func:`ecg_r1.evaluation.paired.compare_paired` (the statistics
 live there, once):
 
 * ``"mcnemar"``: refuse when the challenger's accuracy is lower and McNemar's two-sided mid-p
@@ -32,7 +32,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ecg_r1.constants import N_BOOT
-from ecg_r1.evaluation.evaluate import DEFAULT_SEED, PairedComparison, compare_paired, evaluate_binary
+from ecg_r1.evaluation.evaluate import DEFAULT_SEED, evaluate_binary
+from ecg_r1.evaluation.paired import PairedComparison, compare_paired
 
 logger = logging.getLogger(__name__)
 
