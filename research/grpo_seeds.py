@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ecg_r1.constants import N_BOOT
 from ecg_r1.evaluation.cases import EVAL_SPLITS, evaluation_cases
-from ecg_r1.evaluation.evaluate import align, compare_paired
+from ecg_r1.evaluation.evaluate import align
+from ecg_r1.evaluation.paired import compare_paired
 from ecg_r1.evaluation.predictions import predict_cases
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.training import stages

@@ -12,12 +12,11 @@ from ecg_r1.evaluation.evaluate import (
     Estimate,
     _auroc_rows,
     as_predictions,
-    compare_paired,
     evaluate_binary,
     evaluate_by_group,
-    mcnemar,
     metrics_table,
 )
+from ecg_r1.evaluation.paired import compare_paired, mcnemar
 
 # 4 ischemic, 6 not. Answers: 3 TP, 1 FN, 4 TN, 1 FP, and one invalid on a negative case.
 Y = [True, True, True, True, False, False, False, False, False, False]

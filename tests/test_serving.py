@@ -8,6 +8,7 @@ well-formed response has answer and reasoning null, a problem named, and P(Yes) 
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import io
 import json
 import shutil
@@ -196,6 +197,10 @@ class TestRegisteredPyfunc:
         assert not list(local.rglob("*.pkl"))
         assert mlmodel["signature"]["inputs"] and mlmodel["signature"]["params"]
         assert "saved_input_example_info" not in mlmodel  # so MLflow did not serve it to validate it
+        # the pyfunc pins what it runs on to the versions installed where it was logged
+        pinned = (local / "requirements.txt").read_text().splitlines()
+        installed = importlib.metadata.version
+        assert {f"torch=={installed('torch')}", f"transformers=={installed('transformers')}"} <= set(pinned)
 
     def test_registration_never_loads_the_model(self, store, taught_model, monkeypatch):
         """Registration happens in every training stage: it copies the folder, and MLflow does not

@@ -23,7 +23,7 @@ def _cli_defaults(*argv: str) -> dict[str, object]:
 
 def test_bootstrap_resamples_and_prediction_batch_have_one_value_everywhere() -> None:
     from dagster_project.defs.assets.evaluation_assets import ComparisonConfig, PromotionConfig
-    from ecg_r1.evaluation import comparison, evaluate, predictions
+    from ecg_r1.evaluation import comparison, evaluate, paired, predictions
     from ecg_r1.evaluation.promotion import PromotionRule
     from ecg_r1.modeling import inference
 
@@ -33,7 +33,7 @@ def test_bootstrap_resamples_and_prediction_batch_have_one_value_everywhere() ->
     promote_cli = _cli_defaults("promote", "--evaluation", "e")
     n_boots = {
         "evaluate_binary": _default(evaluate.evaluate_binary, "n_boot"),
-        "compare_paired": _default(evaluate.compare_paired, "n_boot"),
+        "compare_paired": _default(paired.compare_paired, "n_boot"),
         "run_comparison": _default(comparison.run_comparison, "n_boot"),
         "PromotionRule": PromotionRule().n_boot,
         "ecg-r1 evaluate": evaluate_cli["n_boot"],

@@ -164,28 +164,40 @@ def _quality(rows: pl.Series, signals: np.ndarray, chunk_size: int) -> pl.DataFr
 def _expectations(
     frame: pl.DataFrame, signals: np.ndarray | None, config: ValidationConfig, skip: set[str]
 ) -> list[Any]:
+    """The suite's expectations on the columns ``frame`` has (less ``skip``): the table's fatal
+    ones first, then one per per-record rule (a failing record is quarantined)."""
     import great_expectations.expectations as gxe
 
     columns = set(frame.columns) - skip
+    out = _table_expectations(gxe, columns, signals)
+    for column, expectation, kwargs, reason in _record_rules(gxe, config):
+        if column in columns:
+            out.append(expectation(column=column, **kwargs, meta=_meta(reason, False)))
+    return out
 
-    def meta(reason: str, fatal: bool) -> dict[str, Any]:
-        return {"reason": reason, "fatal": fatal}
 
+def _meta(reason: str, fatal: bool) -> dict[str, Any]:
+    """An expectation's meta: its quarantine / failure key and whether a failure stops the cohort."""
+    return {"reason": reason, "fatal": fatal}
+
+
+def _table_expectations(gxe: Any, columns: set[str], signals: np.ndarray | None) -> list[Any]:
+    """The fatal expectations on the table as a whole: schema, rows, unique record ids and signal rows."""
     out: list[Any] = [
         gxe.ExpectTableColumnsToMatchSet(
-            column_set=list(COHORT_SCHEMA), exact_match=False, meta=meta("schema", True)
+            column_set=list(COHORT_SCHEMA), exact_match=False, meta=_meta("schema", True)
         ),
-        gxe.ExpectTableRowCountToBeBetween(min_value=1, meta=meta("empty_cohort", True)),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, meta=_meta("empty_cohort", True)),
     ]
     if "record_id" in columns:
         out += [
-            gxe.ExpectColumnValuesToNotBeNull(column="record_id", meta=meta("missing_record_id", True)),
-            gxe.ExpectColumnValuesToBeUnique(column="record_id", meta=meta("duplicate_record_id", True)),
+            gxe.ExpectColumnValuesToNotBeNull(column="record_id", meta=_meta("missing_record_id", True)),
+            gxe.ExpectColumnValuesToBeUnique(column="record_id", meta=_meta("duplicate_record_id", True)),
         ]
     if "row" in columns:
         out += [
-            gxe.ExpectColumnValuesToNotBeNull(column="row", meta=meta("signal_index", True)),
-            gxe.ExpectColumnValuesToBeUnique(column="row", meta=meta("signal_index", True)),
+            gxe.ExpectColumnValuesToNotBeNull(column="row", meta=_meta("signal_index", True)),
+            gxe.ExpectColumnValuesToBeUnique(column="row", meta=_meta("signal_index", True)),
         ]
         if signals is not None:
             out.append(
@@ -193,10 +205,15 @@ def _expectations(
                     column="row",
                     min_value=0,
                     max_value=max(len(signals) - 1, 0),
-                    meta=meta("signal_index", True),
+                    meta=_meta("signal_index", True),
                 )
             )
-    per_record = [
+    return out
+
+
+def _record_rules(gxe: Any, config: ValidationConfig) -> list[tuple[str, Any, dict[str, Any], str]]:
+    """The per-record rules: (column, expectation class, its arguments, quarantine reason)."""
+    return [
         ("patient_id", gxe.ExpectColumnValuesToNotBeNull, {}, "missing_patient_id"),
         ("hospital", gxe.ExpectColumnValuesToNotBeNull, {}, "missing_hospital"),
         ("hospital", gxe.ExpectColumnValueLengthsToBeBetween, {"min_value": 1}, "missing_hospital"),
@@ -246,10 +263,6 @@ def _expectations(
             "implausible_amplitude",
         ),
     ]
-    for column, expectation, kwargs, reason in per_record:
-        if column in columns:
-            out.append(expectation(column=column, **kwargs, meta=meta(reason, False)))
-    return out
 
 
 def _context() -> Any:

@@ -75,6 +75,40 @@ def split_cohort(
             (or a held-out hospital) that would end up empty.
     """
     _check_fractions(val_fraction, test_fraction)
+    table = _records_to_split(cohort, held_out_hospitals, twi_only, labelled_only)
+    held = set(held_out_hospitals)
+    is_held = pl.col("hospital").is_in(list(held))
+    _check_no_patient_crosses(table, is_held)
+    external = table.filter(is_held).with_columns(pl.lit(TEST_EXTERNAL).alias("split"))
+    for hospital in sorted(held):
+        if external.filter(pl.col("hospital") == hospital).height == 0:
+            raise SplitError(
+                f"held-out hospital {hospital!r} has no records left after filtering "
+                f"(twi_only={twi_only}, labelled_only={labelled_only}); test_external would lack it"
+            )
+    internal = table.filter(~is_held)
+    fractions = {TRAIN: 1.0 - val_fraction - test_fraction, VAL: val_fraction, TEST_INTERNAL: test_fraction}
+    assignment = _assign_patients(internal, fractions, seed)
+    internal = internal.join(assignment, on="patient_id", how="left")
+
+    result = pl.concat([internal, external]).select(SPLIT_COLUMNS).sort("split", "record_id")
+    counts = dict(result.group_by("split").len().iter_rows())
+    for name, fraction in fractions.items():
+        if fraction > 0 and counts.get(name, 0) == 0:
+            raise SplitError(
+                f"split {name!r} would be empty: {internal.height} record(s) of "
+                f"{internal.get_column('patient_id').n_unique()} patient(s) outside the held-out "
+                f"hospitals are too few for fraction {fraction:.3f}; use a larger cohort or fraction"
+            )
+    logger.info("split %d records: %s", result.height, counts)
+    return result
+
+
+def _records_to_split(
+    cohort: pl.DataFrame, held_out_hospitals: list[str], twi_only: bool, labelled_only: bool
+) -> pl.DataFrame:
+    """The records the split covers (``record_id, patient_id, hospital, label``), after checking
+    the columns, the held-out hospitals' names and that every record has a hospital and patient."""
     required = {"record_id", "patient_id", "hospital", "label"} | ({"twi"} if twi_only else set())
     missing = sorted(required - set(cohort.columns))
     if missing:
@@ -100,10 +134,11 @@ def split_cohort(
             f"no records left to split (twi_only={twi_only}, labelled_only={labelled_only}); "
             "the cohort has no labelled TWI records"
         )
+    return table
 
-    held = set(held_out_hospitals)
-    is_held = pl.col("hospital").is_in(list(held))
-    # A patient with records on both sides would leak through the patient into the external test.
+
+def _check_no_patient_crosses(table: pl.DataFrame, is_held: pl.Expr) -> None:
+    """Refuse a patient with records on both sides: it would leak into the external test."""
     crossing = (
         table.group_by("patient_id")
         .agg(is_held.any().alias("any_held"), is_held.all().alias("all_held"))
@@ -117,30 +152,6 @@ def split_cohort(
             f"{len(crossing)} patient(s) have records in a held-out and in a training hospital "
             f"(e.g. {crossing[:5]}); validate the cohort (a patient must belong to one hospital)"
         )
-
-    external = table.filter(is_held).with_columns(pl.lit(TEST_EXTERNAL).alias("split"))
-    for hospital in sorted(held):
-        if external.filter(pl.col("hospital") == hospital).height == 0:
-            raise SplitError(
-                f"held-out hospital {hospital!r} has no records left after filtering "
-                f"(twi_only={twi_only}, labelled_only={labelled_only}); test_external would lack it"
-            )
-    internal = table.filter(~is_held)
-    fractions = {TRAIN: 1.0 - val_fraction - test_fraction, VAL: val_fraction, TEST_INTERNAL: test_fraction}
-    assignment = _assign_patients(internal, fractions, seed)
-    internal = internal.join(assignment, on="patient_id", how="left")
-
-    result = pl.concat([internal, external]).select(SPLIT_COLUMNS).sort("split", "record_id")
-    counts = dict(result.group_by("split").len().iter_rows())
-    for name, fraction in fractions.items():
-        if fraction > 0 and counts.get(name, 0) == 0:
-            raise SplitError(
-                f"split {name!r} would be empty: {internal.height} record(s) of "
-                f"{internal.get_column('patient_id').n_unique()} patient(s) outside the held-out "
-                f"hospitals are too few for fraction {fraction:.3f}; use a larger cohort or fraction"
-            )
-    logger.info("split %d records: %s", result.height, counts)
-    return result
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:

@@ -1,4 +1,4 @@
-"""Metrics of a yes/no classifier with bootstrap intervals, per hospital, and paired comparisons.
+"""Metrics of a yes/no classifier with bootstrap intervals, per hospital, and the predictions they read.
 
 Conventions every model and reference row shares:
 
@@ -15,8 +15,8 @@ Conventions every model and reference row shares:
   as arrays), and n. A metric undefined on the data (sensitivity without positives) is NaN; a
   resample where it is undefined is left out of the interval.
 
-(About 520 lines, a third of them docstrings: the metrics, the paired comparison and the
-:class:`Predictions` they read all follow the conventions above, kept in one place.)
+Two models on the same cases (the paired bootstrap and McNemar's test) are
+:mod:`ecg_r1.evaluation.paired`'s, on the same conventions.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy.stats import binom, binomtest, rankdata
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from ecg_r1.constants import N_BOOT
@@ -97,23 +97,6 @@ class BinaryMetrics:
         return out
 
 
-@dataclass(frozen=True)
-class PairedComparison:
-    """Two models on the same cases: accuracy difference (a - b) and McNemar's test."""
-
-    n: int
-    accuracy_a: float
-    accuracy_b: float
-    difference: Estimate  # accuracy_a - accuracy_b, paired bootstrap interval
-    only_a_correct: int  # discordant cases a got right and b wrong
-    only_b_correct: int
-    p_exact: float  # McNemar exact (two-sided binomial on the discordant pairs)
-    p_mid: float  # McNemar mid-p (less conservative; recommended by Fagerland et al. 2013)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def as_predictions(y_pred: Sequence[bool | None] | np.ndarray | pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """Split predictions with None for invalid outputs into (prediction, valid) boolean arrays.
 
@@ -142,14 +125,17 @@ def as_predictions(y_pred: Sequence[bool | None] | np.ndarray | pl.Series) -> tu
     return pred, valid
 
 
-def _as_truth(y_true: Sequence[bool] | np.ndarray | pl.Series) -> np.ndarray:
+def as_truth(y_true: Sequence[bool] | np.ndarray | pl.Series) -> np.ndarray:
+    """``y_true`` as a boolean array; a None or NaN (an unknown label) is a ValueError."""
     values = y_true.to_list() if isinstance(y_true, pl.Series) else list(np.asarray(y_true, dtype=object))
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
         raise ValueError("y_true contains None/NaN: filter out cases labelled 'unknown' before evaluating")
     return np.asarray(values, dtype=bool)
 
 
-def _check_lengths(**arrays: Any) -> int:
+def check_lengths(**arrays: Any) -> int:
+    """The common length of the named per-case inputs (None ones ignored); a ValueError naming
+    each length when they differ."""
     lengths = {name: len(a) for name, a in arrays.items() if a is not None}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"inputs differ in length: {lengths}; pass one value per case, in the same order")
@@ -192,15 +178,18 @@ def rank_missing_as_wrong(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return s
 
 
-def _resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Bootstrap index matrices in blocks of at most ~4 M entries, so memory stays bounded."""
+def bootstrap_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Bootstrap index matrices (resample x case) of ``n_boot`` seeded resamples of ``n`` cases,
+    in blocks of at most ~4 M entries, so memory stays bounded."""
     rng = np.random.default_rng(seed)
     block = max(1, min(n_boot, 4_000_000 // max(n, 1)))
     for start in range(0, n_boot, block):
         yield rng.integers(0, n, size=(min(block, n_boot - start), n))
 
 
-def _interval(samples: np.ndarray, alpha: float) -> tuple[float, float]:
+def percentile_interval(samples: np.ndarray, alpha: float) -> tuple[float, float]:
+    """The two-sided ``1 - alpha`` percentile interval of the finite resampled values; NaN, NaN
+    with fewer than 10 of them."""
     finite = samples[np.isfinite(samples)]
     if len(finite) < 10:  # too few resamples where the metric exists to say anything
         return float("nan"), float("nan")
@@ -237,9 +226,9 @@ def evaluate_binary(
         >>> m.accuracy.value, m.valid_rate.value, m.n_invalid
         (0.5, 0.75, 1)
     """
-    y = _as_truth(y_true)
+    y = as_truth(y_true)
     pred, valid = as_predictions(y_pred)
-    n = _check_lengths(y_true=y, y_pred=pred, p_yes=p_yes)
+    n = check_lengths(y_true=y, y_pred=pred, p_yes=p_yes)
     if n == 0:
         raise ValueError("no cases to evaluate: the split or group is empty")
     # Invalid counts as wrong: the effective answer is the opposite of the truth.
@@ -257,7 +246,7 @@ def evaluate_binary(
     boot: dict[str, np.ndarray] = {}
     if n_boot > 0:
         parts = []
-        for idx in _resamples(n, n_boot, seed):
+        for idx in bootstrap_indices(n, n_boot, seed):
             # Counts per resample are sums over the resampled indicator matrices: no Python loop.
             part = _rates(*(m[idx].sum(axis=1) for m in (tp_c, fp_c, tn_c, fn_c)))
             part["valid_rate"] = valid[idx].mean(axis=1)
@@ -270,7 +259,9 @@ def evaluate_binary(
     est = {}
     for name in METRICS:
         value = float(point[name][0])
-        low, high = _interval(boot[name], alpha) if boot and not math.isnan(value) else (math.nan, math.nan)
+        low, high = (
+            percentile_interval(boot[name], alpha) if boot and not math.isnan(value) else (math.nan, math.nan)
+        )
         est[name] = Estimate(value, low, high, n)
     return BinaryMetrics(
         **est,
@@ -303,10 +294,10 @@ def evaluate_by_group(
     Returns:
         ``{group: BinaryMetrics}``.
     """
-    y = _as_truth(y_true)
+    y = as_truth(y_true)
     pred_list = y_pred.to_list() if isinstance(y_pred, pl.Series) else list(y_pred)
     g = np.asarray(groups.to_list() if isinstance(groups, pl.Series) else list(groups), dtype=object)
-    _check_lengths(y_true=y, y_pred=pred_list, groups=g, p_yes=p_yes)
+    check_lengths(y_true=y, y_pred=pred_list, groups=g, p_yes=p_yes)
     scores = None if p_yes is None else np.asarray(p_yes, dtype=float)
     out = {}
     for name in sorted({str(v) for v in g}):
@@ -319,79 +310,6 @@ def evaluate_by_group(
             seed=seed,
         )
     return out
-
-
-def compare_paired(
-    y_true: Sequence[bool] | np.ndarray | pl.Series,
-    pred_a: Sequence[bool | None] | np.ndarray | pl.Series,
-    pred_b: Sequence[bool | None] | np.ndarray | pl.Series,
-    n_boot: int = N_BOOT,
-    seed: int = DEFAULT_SEED,
-    alpha: float = 0.05,
-) -> PairedComparison:
-    """Compare two models' answers on the same cases (invalid counts as wrong for both).
-
-    Args:
-        y_true: True where ischemic.
-        pred_a: model a's answers (None = invalid).
-        pred_b: model b's answers on the same cases, same order.
-        n_boot: paired bootstrap resamples (the same resampled cases for both models).
-        seed: resampling seed.
-        alpha: 1 - confidence level of the difference's interval.
-
-    Returns:
-        :class:`PairedComparison` with the accuracy difference a - b and McNemar p-values.
-
-    Example:
-        >>> c = compare_paired([True] * 4, [True, True, True, False], [True, False, False, False], n_boot=0)
-        >>> c.only_a_correct, c.only_b_correct, round(c.difference.value, 2)
-        (2, 0, 0.5)
-    """
-    y = _as_truth(y_true)
-    a, va = as_predictions(pred_a)
-    b, vb = as_predictions(pred_b)
-    n = _check_lengths(y_true=y, pred_a=a, pred_b=b)
-    if n == 0:
-        raise ValueError("no cases to compare")
-    ca = va & (a == y)
-    cb = vb & (b == y)
-    only_a = int((ca & ~cb).sum())
-    only_b = int((cb & ~ca).sum())
-    p_exact, p_mid = mcnemar(only_a, only_b)
-    diff = float(ca.mean() - cb.mean())
-    low = high = math.nan
-    if n_boot > 0:
-        diffs = [ca[idx].mean(axis=1) - cb[idx].mean(axis=1) for idx in _resamples(n, n_boot, seed)]
-        low, high = _interval(np.concatenate(diffs), alpha)
-    return PairedComparison(
-        n=n,
-        accuracy_a=float(ca.mean()),
-        accuracy_b=float(cb.mean()),
-        difference=Estimate(diff, low, high, n),
-        only_a_correct=only_a,
-        only_b_correct=only_b,
-        p_exact=p_exact,
-        p_mid=p_mid,
-    )
-
-
-def mcnemar(only_a: int, only_b: int) -> tuple[float, float]:
-    """McNemar's exact and mid-p two-sided p-values from the two discordant counts.
-
-    Args:
-        only_a: cases model a got right and model b wrong.
-        only_b: the reverse.
-
-    Returns:
-        ``(p_exact, p_mid)``; both 1.0 when there are no discordant cases.
-    """
-    m = only_a + only_b
-    if m == 0:
-        return 1.0, 1.0
-    k = min(only_a, only_b)
-    p_exact = float(binomtest(k, m, 0.5).pvalue)
-    p_mid = float(min(1.0, 2 * (binom.cdf(k, m, 0.5) - 0.5 * binom.pmf(k, m, 0.5))))
-    return p_exact, p_mid
 
 
 def metrics_table(results: Mapping[str, BinaryMetrics]) -> pl.DataFrame:
@@ -437,7 +355,7 @@ class Predictions:
     reasoning: list[str | None] | None = None
 
     def __post_init__(self) -> None:
-        _check_lengths(
+        check_lengths(
             record_id=self.record_id, y_pred=self.y_pred, p_yes=self.p_yes, reasoning=self.reasoning
         )
         if len(set(self.record_id)) != len(self.record_id):

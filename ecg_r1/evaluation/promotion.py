@@ -7,7 +7,7 @@ a retrained model on new data should not have to beat the old one by a significa
 replace it (that would freeze the first model in place), but it must not lose accuracy where it
 matters most, at an unseen hospital.
 
-Two paired tests are offered, both from :func:`ecg_r1.evaluation.evaluate.compare_paired` (the statistics
+Two paired tests are offered, both from :func:`ecg_r1.evaluation.paired.compare_paired` (the statistics
 live there, once):
 
 * ``"mcnemar"``: refuse when the challenger's accuracy is lower and McNemar's two-sided mid-p
@@ -32,7 +32,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ecg_r1.constants import N_BOOT
-from ecg_r1.evaluation.evaluate import DEFAULT_SEED, compare_paired, evaluate_binary
+from ecg_r1.evaluation.evaluate import DEFAULT_SEED, evaluate_binary
+from ecg_r1.evaluation.paired import PairedComparison, compare_paired
 
 logger = logging.getLogger(__name__)
 
@@ -137,33 +138,14 @@ def decide_promotion(
         False
     """
     rule = rule or PromotionRule()
-    base = {
-        "metric": rule.metric,
-        "split": rule.split,
-        "test": rule.test,
-        "alpha": rule.alpha,
-        "margin": rule.margin,
-    }
     if champion_pred is None:
-        challenger = evaluate_binary(y_true, challenger_pred, n_boot=0)
-        figures = base | {
-            "n": challenger.n,
-            "challenger_accuracy": challenger.accuracy.value,
-            "has_champion": False,
-        }
-        reason = (
-            f"no champion yet: the challenger is promoted (its {rule.split} accuracy "
-            f"{challenger.accuracy.value:.3f}, n={challenger.n})"
-        )
-        logger.info(reason)
-        return PromotionDecision(True, reason, figures)
-
+        return _first_champion(y_true, challenger_pred, rule)
     # a = challenger, b = champion: the difference is challenger - champion.
     comparison = compare_paired(
         y_true, challenger_pred, champion_pred, n_boot=rule.n_boot, seed=rule.seed, alpha=rule.alpha
     )
     diff = comparison.difference
-    figures = base | {
+    figures = _rule_figures(rule) | {
         "has_champion": True,
         "n": comparison.n,
         "challenger_accuracy": comparison.accuracy_a,
@@ -180,23 +162,7 @@ def decide_promotion(
         f"{rule.split} accuracy {comparison.accuracy_a:.3f} (challenger) vs {comparison.accuracy_b:.3f} "
         f"(champion), difference {diff.value:+.3f}"
     )
-    if rule.test == "mcnemar":
-        significantly_worse = diff.value < 0 and comparison.p_mid < rule.alpha
-        evidence = (
-            f"McNemar mid-p {comparison.p_mid:.3g} on {comparison.only_a_correct}+"
-            f"{comparison.only_b_correct} discordant cases, alpha {rule.alpha}"
-        )
-    else:
-        if math.isnan(diff.high):
-            raise ValueError(
-                f"the paired bootstrap gave no interval on n={comparison.n} cases; the split is too small "
-                "to decide, add cases or use test='mcnemar'"
-            )
-        significantly_worse = diff.high < -rule.margin
-        level = round(100 * (1 - rule.alpha), 1)
-        evidence = (
-            f"{level:g}% paired bootstrap interval [{diff.low:+.3f}, {diff.high:+.3f}], margin {rule.margin}"
-        )
+    significantly_worse, evidence = _significantly_worse(comparison, rule)
     if significantly_worse:
         decision = PromotionDecision(
             False, f"refused: the challenger is significantly worse: {summary}; {evidence}", figures
@@ -207,6 +173,57 @@ def decide_promotion(
         )
     logger.info(decision.reason)
     return decision
+
+
+def _rule_figures(rule: PromotionRule) -> dict[str, Any]:
+    """The rule's settings, the figures every decision carries."""
+    return {
+        "metric": rule.metric,
+        "split": rule.split,
+        "test": rule.test,
+        "alpha": rule.alpha,
+        "margin": rule.margin,
+    }
+
+
+def _first_champion(
+    y_true: Sequence[bool] | np.ndarray, challenger_pred: Predictions, rule: PromotionRule
+) -> PromotionDecision:
+    """With no champion yet the challenger is promoted; the figures hold its accuracy."""
+    challenger = evaluate_binary(y_true, challenger_pred, n_boot=0)
+    figures = _rule_figures(rule) | {
+        "n": challenger.n,
+        "challenger_accuracy": challenger.accuracy.value,
+        "has_champion": False,
+    }
+    reason = (
+        f"no champion yet: the challenger is promoted (its {rule.split} accuracy "
+        f"{challenger.accuracy.value:.3f}, n={challenger.n})"
+    )
+    logger.info(reason)
+    return PromotionDecision(True, reason, figures)
+
+
+def _significantly_worse(comparison: PairedComparison, rule: PromotionRule) -> tuple[bool, str]:
+    """Whether the rule's test finds the challenger (a) significantly worse than the champion (b),
+    and the evidence in words."""
+    diff = comparison.difference
+    if rule.test == "mcnemar":
+        evidence = (
+            f"McNemar mid-p {comparison.p_mid:.3g} on {comparison.only_a_correct}+"
+            f"{comparison.only_b_correct} discordant cases, alpha {rule.alpha}"
+        )
+        return diff.value < 0 and comparison.p_mid < rule.alpha, evidence
+    if math.isnan(diff.high):
+        raise ValueError(
+            f"the paired bootstrap gave no interval on n={comparison.n} cases; the split is too small "
+            "to decide, add cases or use test='mcnemar'"
+        )
+    level = round(100 * (1 - rule.alpha), 1)
+    evidence = (
+        f"{level:g}% paired bootstrap interval [{diff.low:+.3f}, {diff.high:+.3f}], margin {rule.margin}"
+    )
+    return diff.high < -rule.margin, evidence
 
 
 def record_decision(

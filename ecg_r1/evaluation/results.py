@@ -22,15 +22,14 @@ from ecg_r1.data.split import SPLITS
 from ecg_r1.evaluation.baselines import CLINICIANS_SOURCE, clinicians_metrics
 from ecg_r1.evaluation.evaluate import (
     BinaryMetrics,
-    PairedComparison,
     Predictions,
     align,
-    compare_paired,
     evaluate_predictions,
     evaluate_predictions_by_group,
 )
 from ecg_r1.evaluation.note_shift import NoteShift
 from ecg_r1.evaluation.outputs import slug
+from ecg_r1.evaluation.paired import PairedComparison, compare_paired
 from ecg_r1.evaluation.predictions import ABLATIONS
 from ecg_r1.modeling.profiles import Profile
 

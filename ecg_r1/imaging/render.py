@@ -154,6 +154,49 @@ def render_cohort(
             "prune=True with record_ids would delete the other records' images; render all or do not prune"
         )
     cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
+    jobs = _jobs(cohort_dir, record_ids)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = _render_jobs(jobs, cohort_dir, out_dir, config, workers, progress)
+    rows, failed = [], []
+    rendered = cached = 0
+    for record_id, _ in jobs:
+        _, relative, digest, status = results[record_id]
+        if status.startswith("error"):
+            failed.append((record_id, status.removeprefix("error: ")))
+            continue
+        rendered += status == "rendered"
+        cached += status == "cached"
+        rows.append((record_id, relative, digest))
+    for record_id, reason in failed:
+        logger.warning("could not render %s: %s", record_id, reason)
+    index = _write_index(out_dir, rows, config)
+    pruned = _prune(out_dir, set(index["image_path"].to_list())) if prune else 0
+    seconds = time.perf_counter() - started
+    summary = RenderSummary(
+        rendered=rendered,
+        cached=cached,
+        seconds=seconds,
+        images_per_s=rendered / seconds if rendered else 0.0,
+        index=index,
+        examples=[out_dir / p for p in index["image_path"].head(4).to_list()],
+        failed=failed,
+    )
+    logger.info(
+        "rendered %d, cached %d, failed %d, pruned %d in %.1f s (%.1f images/s) -> %s",
+        rendered,
+        cached,
+        len(failed),
+        pruned,
+        seconds,
+        summary.images_per_s,
+        out_dir,
+    )
+    return summary
+
+
+def _jobs(cohort_dir: Path, record_ids: list[str] | None) -> list[tuple[str, int]]:
+    """``(record_id, signal row)`` of every record to render: all of the cohort's, or the given
+    ids in their order (repeats dropped)."""
     table = read_cohort(cohort_dir)
     missing_cols = {"record_id", "row"} - set(table.columns)
     if missing_cols:
@@ -169,8 +212,19 @@ def render_cohort(
         table = pl.DataFrame({"record_id": wanted}).join(
             table, on="record_id", how="left", maintain_order="left"
         )
-    jobs = list(zip(table["record_id"].to_list(), table["row"].to_list(), strict=True))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return list(zip(table["record_id"].to_list(), table["row"].to_list(), strict=True))
+
+
+def _render_jobs(
+    jobs: list[tuple[str, int]],
+    cohort_dir: Path,
+    out_dir: Path,
+    config: RenderConfig,
+    workers: int,
+    progress: bool,
+) -> dict[str, tuple[str, str, str, str]]:
+    """Render the jobs in chunks, in this process (``workers`` 1) or a pool: record id ->
+    ``(record_id, image_path, hash, "rendered"|"cached"|error)``."""
     workers = max(1, min(int(workers), len(jobs) or 1))
     chunk = max(1, min(64, math.ceil(len(jobs) / (workers * 8))))
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
@@ -194,18 +248,11 @@ def render_cohort(
                     part = future.result()
                     results.update((r[0], r) for r in part)
                     bar.update(len(part))
-    rows, failed = [], []
-    rendered = cached = 0
-    for record_id, _ in jobs:
-        _, relative, digest, status = results[record_id]
-        if status.startswith("error"):
-            failed.append((record_id, status.removeprefix("error: ")))
-            continue
-        rendered += status == "rendered"
-        cached += status == "cached"
-        rows.append((record_id, relative, digest))
-    for record_id, reason in failed:
-        logger.warning("could not render %s: %s", record_id, reason)
+    return results
+
+
+def _write_index(out_dir: Path, rows: list[tuple[str, str, str]], config: RenderConfig) -> pl.DataFrame:
+    """Write ``index.parquet`` (replaced in one step) and ``page.json``; returns the index."""
     index = pl.DataFrame(
         rows,
         schema={"record_id": pl.String, "image_path": pl.String, "content_hash": pl.String},
@@ -215,28 +262,7 @@ def render_cohort(
     index.write_parquet(tmp)
     os.replace(tmp, out_dir / INDEX_FILE)
     (out_dir / PAGE_FILE).write_text(json.dumps(config.describe(), indent=2))
-    pruned = _prune(out_dir, set(index["image_path"].to_list())) if prune else 0
-    seconds = time.perf_counter() - started
-    summary = RenderSummary(
-        rendered=rendered,
-        cached=cached,
-        seconds=seconds,
-        images_per_s=rendered / seconds if rendered else 0.0,
-        index=index,
-        examples=[out_dir / p for p in index["image_path"].head(4).to_list()],
-        failed=failed,
-    )
-    logger.info(
-        "rendered %d, cached %d, failed %d, pruned %d in %.1f s (%.1f images/s) -> %s",
-        rendered,
-        cached,
-        len(failed),
-        pruned,
-        seconds,
-        summary.images_per_s,
-        out_dir,
-    )
-    return summary
+    return index
 
 
 def _prune(out_dir: Path, keep: set[str]) -> int:

@@ -127,26 +127,33 @@ def beat_times(
     return times
 
 
-def render(
-    templates: np.ndarray,
-    r_index: int,
-    delta: np.ndarray,
-    times: np.ndarray,
-    beat_gain: np.ndarray,
-    beat_turn: np.ndarray,
-    fs: float,
-    n_samples: int,
-    pad: int,
+def beat_vectors(
+    templates: np.ndarray, delta: np.ndarray, beat_gain: np.ndarray, beat_turn: np.ndarray
 ) -> np.ndarray:
-    """Place every beat's templates on the time axis.
+    """Every beat's heart vector (B, K, 3, L) float32: its group templates scaled, plus its turn.
 
     Args:
         templates: (B, G, 3, L) one beat per group.
-        r_index: R-peak sample within the template.
         delta: (B, 3, L) change of the summed templates for a unit respiratory turn of the heart.
-        times: (B, K) R-peak times (NaN = no beat).
         beat_gain: (B, K, G) each beat's amplitude factor per group.
         beat_turn: (B, K) each beat's respiratory turn (multiplies ``delta``).
+    """
+    beats = beat_gain[:, :, 0, None, None] * templates[:, None, 0]
+    for g in range(1, templates.shape[1]):
+        beats += beat_gain[:, :, g, None, None] * templates[:, None, g]
+    beats += beat_turn[:, :, None, None] * delta[:, None]
+    return beats
+
+
+def render(
+    beats: np.ndarray, r_index: int, times: np.ndarray, fs: float, n_samples: int, pad: int
+) -> np.ndarray:
+    """Place every beat on the time axis.
+
+    Args:
+        beats: (B, K, 3, L) each beat's heart vector (:func:`beat_vectors`).
+        r_index: R-peak sample within a beat.
+        times: (B, K) R-peak times (NaN = no beat).
         fs: sampling rate.
         n_samples: samples of the record.
         pad: extra samples kept on both sides (filters need them; the caller crops).
@@ -154,14 +161,10 @@ def render(
     Returns:
         (B, 3, n_samples + 2 * pad) float32 heart vector.
     """
-    b, _, _, length = templates.shape
+    b, length = beats.shape[0], beats.shape[-1]
     total = n_samples + 2 * pad
-    # Each beat's vector (B, K, 3, L) at once, then an overlap-add: a plain loop of slice additions
-    # is several times faster than one fancy-indexed scatter of the same size.
-    beats = beat_gain[:, :, 0, None, None] * templates[:, None, 0]
-    for g in range(1, templates.shape[1]):
-        beats += beat_gain[:, :, g, None, None] * templates[:, None, g]
-    beats += beat_turn[:, :, None, None] * delta[:, None]
+    # An overlap-add: a plain loop of slice additions is several times faster than one
+    # fancy-indexed scatter of the same size.
     out = np.zeros((b, 3, total + 2 * length), dtype=np.float32)  # margins absorb partial beats
     starts = np.rint(np.nan_to_num(times, nan=-1e6) * fs).astype(np.int64) - r_index + pad + length
     ok = (starts >= 0) & (starts <= total + length)

@@ -126,10 +126,49 @@ def _pattern_t_vectors(lead_matrix: np.ndarray, pattern: np.ndarray) -> np.ndarr
     return t / np.maximum(-deepest, 0.2)[:, None]
 
 
+# Normal conduction's QRS: wave -> (centre s, width s, peak vector mV of an average heart); centre
+# and width scale with the patient's QRS width, the vector with the habitus.
+_NORMAL_QRS = {
+    "Q": (-0.030, 0.008, (-0.10, 0.04, -0.15)),  # septal q
+    "R1": (-0.012, 0.009, (0.45, 0.30, -0.35)),  # early R
+    "R2": (0.003, 0.010, (0.95, 0.50, 0.55)),  # main R
+    "S": (0.022, 0.009, (-0.25, -0.30, 0.40)),  # terminal S
+}
+# LBBB: no septal q; slow, broad leftward-posterior forces.
+_LBBB_QRS = {
+    "R1": (-0.030, 0.020, (0.55, 0.10, 0.30)),
+    "R2": (0.022, 0.022, (0.85, 0.15, 0.95)),
+    "S": (0.060, 0.012, (-0.10, -0.05, 0.15)),
+}
+_RBBB_FORCE = np.array([-0.35, 0.05, -0.55])  # RBBB's slow terminal rightward-anterior force
+_QRS_WAVES = ("Q", "R1", "R2", "S", "RT")
+
+
+@dataclass
+class _Waves:
+    """A batch's waves as they are built: centres and left/right widths (B, n_waves) in s, and
+    peak vectors (B, n_waves, 3) in mV (heart frame); a wave with a zero vector is absent."""
+
+    mu: np.ndarray
+    sl: np.ndarray
+    sr: np.ndarray
+    vec: np.ndarray
+
+    @classmethod
+    def empty(cls, b: int) -> _Waves:
+        n_w = len(heart.WAVES)
+        return cls(
+            np.zeros((b, n_w)), np.full((b, n_w), 0.01), np.full((b, n_w), 0.01), np.zeros((b, n_w, 3))
+        )
+
+
 def ecg_parameters(
     rng: np.random.Generator, ecg: dict[str, np.ndarray], age: np.ndarray, male: np.ndarray, _depth: int = 0
 ) -> EcgParams:
     """Draw the waves and nuisance parameters of a batch of cases from their ECG findings.
+
+    The draws happen in a fixed order (heart position, QRS, rate and P, repolarisation, rhythm),
+    so a seed gives the same cohort whatever the helpers below do with the values.
 
     Args:
         rng: random generator.
@@ -142,137 +181,23 @@ def ecg_parameters(
     """
     b = len(age)
     age = age.astype(float)
-    n_w = len(heart.WAVES)
-    mu, sl, sr = np.zeros((b, n_w)), np.full((b, n_w), 0.01), np.full((b, n_w), 0.01)
-    vec = np.zeros((b, n_w, 3))
-    w = heart.W
-    cond = np.array(_CAT["conduction"])[ecg["conduction"]]
-    lbbb, rbbb = cond == "lbbb", cond == "rbbb"
-    pattern = ecg["pattern"]
-    is_twi = pattern >= 0
-
-    # Heart position (axis turns left with age) and habitus (smaller voltages in women, the old).
-    az = np.deg2rad(rng.normal(-(age - 40) * 0.35, 14))
-    ay = np.deg2rad(rng.normal(0, 12, b))
-    ax = np.deg2rad(rng.normal(0, 8, b))
-    rotation = heart.rotation_matrices(ax, ay, az)
-    qrs_scale = (
-        np.exp(rng.normal(0, 0.2, b)) * np.where(male, 1.0, 0.85) * (1 + 0.006 * np.clip(40 - age, -30, 25))
-    )
-    hv = ecg["high_voltage"] == 1
-    hv_gain = np.where(hv, rng.uniform(1.7, 2.3, b), 1.0)
-
-    # QRS: septal q, early and main R forces, terminal S (normal conduction).
-    width = rng.uniform(0.78, 1.05, b)
-    for name, m, s, v in (
-        ("Q", -0.030, 0.008, (-0.10, 0.04, -0.15)),
-        ("R1", -0.012, 0.009, (0.45, 0.30, -0.35)),
-        ("R2", 0.003, 0.010, (0.95, 0.50, 0.55)),
-        ("S", 0.022, 0.009, (-0.25, -0.30, 0.40)),
-    ):
-        mu[:, w[name]], sl[:, w[name]], sr[:, w[name]] = m * width, s * width, s * width
-        vec[:, w[name]] = np.asarray(v) * qrs_scale[:, None]
-    for name in ("R2", "S"):
-        vec[:, w[name]] *= hv_gain[:, None]
-    vec[:, w["R1"]] *= (1 + 0.3 * (hv_gain - 1))[:, None]
-    if lbbb.any():
-        k = np.flatnonzero(lbbb)
-        wide = rng.uniform(1.0, 1.3, len(k))
-        vec[k, w["Q"]] = 0.0
-        for name, m, s, v in (
-            ("R1", -0.030, 0.020, (0.55, 0.10, 0.30)),
-            ("R2", 0.022, 0.022, (0.85, 0.15, 0.95)),
-            ("S", 0.060, 0.012, (-0.10, -0.05, 0.15)),
-        ):
-            mu[k, w[name]], sl[k, w[name]], sr[k, w[name]] = m * wide, s * wide, s * wide
-            vec[k, w[name]] = np.asarray(v) * (qrs_scale[k] * hv_gain[k])[:, None]
-    if rbbb.any():
-        k = np.flatnonzero(rbbb)
-        mu[k, w["RT"]] = rng.uniform(0.050, 0.065, len(k))
-        sl[k, w["RT"]] = sr[k, w["RT"]] = rng.uniform(0.015, 0.020, len(k))
-        vec[k, w["RT"]] = np.array([-0.35, 0.05, -0.55]) * qrs_scale[k, None]
-    # Pathological Q waves: a broad initial force away from the territory (old infarct).
-    q = np.flatnonzero((ecg["q_waves"] == 1) & is_twi)
-    if len(q):
-        away = np.array([_Q_AWAY[PATTERNS[p]] for p in pattern[q]], dtype=float)
-        away /= np.linalg.norm(away, axis=1, keepdims=True)
-        mu[q, w["Q"]] = mu[q, w["R1"]] - rng.uniform(0.022, 0.028, len(q))
-        sl[q, w["Q"]] = sr[q, w["Q"]] = rng.uniform(0.011, 0.014, len(q))
-        vec[q, w["Q"]] = -away * (rng.uniform(0.35, 0.6, len(q)) * qrs_scale[q])[:, None]
-
-    present = np.abs(vec).sum(-1) > 0
-    qrs_waves = [w[n] for n in ("Q", "R1", "R2", "S", "RT")]
-    qrs_on = np.where(present[:, qrs_waves], mu[:, qrs_waves] - 2.5 * sl[:, qrs_waves], np.inf).min(1)
-    qrs_off = np.where(present[:, qrs_waves], mu[:, qrs_waves] + 2.5 * sr[:, qrs_waves], -np.inf).max(1)
-
-    # Rate, PR, P wave.
-    rate_idx = ecg["rate"]
-    rate_range = _lookup(RATE_RANGES_BPM, _CAT["rate"], rate_idx)
-    # skewed towards the slow end of each band, as resting rates are
-    hr = rate_range[:, 0] + rng.beta(1.5, 2.5, b) * (rate_range[:, 1] - rate_range[:, 0])
-    rr = 60.0 / hr
-    pr = rng.uniform(0.13, 0.19, b)
-    mu[:, w["P"]] = qrs_on - pr + 0.05
-    sl[:, w["P"]] = sr[:, w["P"]] = rng.uniform(0.018, 0.024, b)
-    vec[:, w["P"]] = _NORMAL_P * rng.uniform(0.7, 1.3, b)[:, None]
-
-    # Repolarisation: QT from QTc (Bazett), T shape and vector.
-    long_qt = ecg["long_qt"] == 1
-    qtc = np.where(long_qt, rng.uniform(475, 540, b), rng.uniform(390, 440, b))
-    t_end = qrs_on + qtc / 1000 * np.sqrt(rr)
-    sym = ecg["t_symmetric"] == 1
-    t_sr = np.where(sym, rng.uniform(0.040, 0.050, b), rng.uniform(0.030, 0.038, b))
-    t_sl = np.where(sym, t_sr * rng.uniform(0.95, 1.05, b), rng.uniform(0.062, 0.078, b))
-    mu[:, w["T"]] = t_end - 2.4 * t_sr
-    sl[:, w["T"]], sr[:, w["T"]] = t_sl, t_sr
+    is_twi = ecg["pattern"] >= 0
+    waves = _Waves.empty(b)
+    rotation, az, qrs_scale = _heart_position(rng, age, male)
+    hv_gain = _qrs(rng, waves, ecg, qrs_scale)
+    qrs_on, qrs_off = _qrs_bounds(waves)
+    hr, rr, pr = _rate_and_p(rng, waves, ecg["rate"], qrs_on)
     lead_matrix = heart.lead_matrix_12(rotation)
-    depth = np.zeros(b)
-    t_vec = np.tile(_NORMAL_T, (b, 1)) * (rng.uniform(0.75, 1.35, b) * np.sqrt(qrs_scale))[:, None]
-    t_vec += rng.normal(0, 0.025, (b, 3))  # the T axis varies a little on its own (QRS-T angle)
-    if is_twi.any():
-        k = np.flatnonzero(is_twi)
-        depth[k] = _uniform(rng, _lookup(DEPTH_RANGES_MV, _CAT["t_depth"], ecg["t_depth"][k]))
-        t_vec[k] = _pattern_t_vectors(lead_matrix[k], pattern[k]) * depth[k, None]
-    vec[:, w["T"]] = t_vec
-    # ST depression along the T vector: horizontal (symmetric T) or down-sloping (asymmetric).
-    st = np.flatnonzero((ecg["st_depression"] == 1) & is_twi)
-    if len(st):
-        st_mv = rng.uniform(0.08, 0.2, len(st))
-        vec[st, w["ST"]] = t_vec[st] / depth[st, None] * st_mv[:, None]
-        mu[st, w["ST"]] = qrs_off[st] + np.where(sym[st], 0.05, 0.03)
-        sl[st, w["ST"]] = np.where(sym[st], 0.03, 0.012)
-        sr[st, w["ST"]] = np.where(sym[st], 0.045, 0.08)
-    # U wave: upright where the normal T is, after the T.
-    u_amp = np.where(ecg["u_waves"] == 1, rng.uniform(0.10, 0.20, b), rng.uniform(0.0, 0.03, b))
-    vec[:, w["U"]] = _NORMAL_T / np.linalg.norm(_NORMAL_T) * u_amp[:, None]
-    mu[:, w["U"]] = t_end + 0.09
-    sl[:, w["U"]] = sr[:, w["U"]] = 0.035
-
-    # Measured T per lead on the clean beat, the ground truth of twi_leads.
-    t_amp = _clean_t_amplitudes(mu, sl, sr, vec, lead_matrix, qrs_off, t_end)
-    # Every case of the cohort has TWI in at least two leads where T is normally upright. Where the
-    # patient's heart position leaves the second lead just short of -0.1 mV (about 1 case in 200),
-    # deepen the repolarisation by at most a factor 2; the rare rest get a new heart position
-    # (the nuisance is re-drawn given the same findings, so the stated model is unchanged).
-    second = np.sort(np.where(_UPRIGHT, t_amp, np.inf), axis=1)[:, 1]
-    short = is_twi & (second > TWI_THRESHOLD_MV) & (second < 0)
-    if short.any():
-        k = np.minimum(1.2 * TWI_THRESHOLD_MV / second[short], 2.0)
-        vec[short, w["T"]] *= k[:, None]
-        vec[short, w["ST"]] *= k[:, None]
-        depth[short] *= k
-        t_amp[short] = _clean_t_amplitudes(
-            mu[short], sl[short], sr[short], vec[short], lead_matrix[short], qrs_off[short], t_end[short]
-        )
+    qtc, t_end, depth = _repolarisation(rng, waves, ecg, lead_matrix, qrs_on, qrs_off, rr, qrs_scale)
+    t_amp = _two_twi_leads(waves, depth, lead_matrix, qrs_off, t_end, is_twi)
     twi = (t_amp <= TWI_THRESHOLD_MV) & _UPRIGHT[None, :]
     names = np.array(LEADS)
-    twi_leads = [",".join(names[row]) for row in twi]
     rsa = rng.uniform(0.01, 0.03, b) + np.where(age < 35, rng.uniform(0.0, 0.04, b), 0.0)
     params = EcgParams(
-        mu=mu,
-        sl=sl,
-        sr=sr,
-        vec=vec,
+        mu=waves.mu,
+        sl=waves.sl,
+        sr=waves.sr,
+        vec=waves.vec,
         rotation=rotation,
         lead_matrix=lead_matrix,
         heart_rate=hr,
@@ -287,8 +212,10 @@ def ecg_parameters(
         axis_deg=np.rad2deg(az),
         t_depth_mv=depth,
         t_amp=t_amp,
-        twi_leads=twi_leads,
+        twi_leads=[",".join(names[row]) for row in twi],
     )
+    # The rare rest without two TWI leads get a new heart position: the nuisance is re-drawn given
+    # the same findings, so the stated model is unchanged.
     redraw = np.flatnonzero(is_twi & (twi.sum(axis=1) < 2))
     if len(redraw) and _depth < 20:
         sub = ecg_parameters(
@@ -296,6 +223,169 @@ def ecg_parameters(
         )
         _splice(params, sub, redraw)
     return params
+
+
+def _heart_position(
+    rng: np.random.Generator, age: np.ndarray, male: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heart position (the axis turns left with age) and habitus (smaller voltages in women and
+    the old): ``(rotation (B, 3, 3), frontal angle az (B,) in rad, QRS scale (B,))``."""
+    b = len(age)
+    az = np.deg2rad(rng.normal(-(age - 40) * 0.35, 14))
+    ay = np.deg2rad(rng.normal(0, 12, b))
+    ax = np.deg2rad(rng.normal(0, 8, b))
+    rotation = heart.rotation_matrices(ax, ay, az)
+    qrs_scale = (
+        np.exp(rng.normal(0, 0.2, b)) * np.where(male, 1.0, 0.85) * (1 + 0.006 * np.clip(40 - age, -30, 25))
+    )
+    return rotation, az, qrs_scale
+
+
+def _qrs(
+    rng: np.random.Generator,
+    waves: _Waves,
+    ecg: dict[str, np.ndarray],
+    qrs_scale: np.ndarray,
+) -> np.ndarray:
+    """Write the QRS waves (normal conduction, high voltage, LBBB, RBBB, pathological Q) into
+    ``waves``; returns the high-voltage gain (B,), 1 without high voltage."""
+    b = len(qrs_scale)
+    w, mu, sl, sr, vec = heart.W, waves.mu, waves.sl, waves.sr, waves.vec
+    cond = np.array(_CAT["conduction"])[ecg["conduction"]]
+    hv_gain = np.where(ecg["high_voltage"] == 1, rng.uniform(1.7, 2.3, b), 1.0)
+    width = rng.uniform(0.78, 1.05, b)
+    for name, (m, s, v) in _NORMAL_QRS.items():
+        mu[:, w[name]], sl[:, w[name]], sr[:, w[name]] = m * width, s * width, s * width
+        vec[:, w[name]] = np.asarray(v) * qrs_scale[:, None]
+    for name in ("R2", "S"):
+        vec[:, w[name]] *= hv_gain[:, None]
+    vec[:, w["R1"]] *= (1 + 0.3 * (hv_gain - 1))[:, None]
+    if (cond == "lbbb").any():
+        k = np.flatnonzero(cond == "lbbb")
+        wide = rng.uniform(1.0, 1.3, len(k))
+        vec[k, w["Q"]] = 0.0
+        for name, (m, s, v) in _LBBB_QRS.items():
+            mu[k, w[name]], sl[k, w[name]], sr[k, w[name]] = m * wide, s * wide, s * wide
+            vec[k, w[name]] = np.asarray(v) * (qrs_scale[k] * hv_gain[k])[:, None]
+    if (cond == "rbbb").any():
+        k = np.flatnonzero(cond == "rbbb")
+        mu[k, w["RT"]] = rng.uniform(0.050, 0.065, len(k))
+        sl[k, w["RT"]] = sr[k, w["RT"]] = rng.uniform(0.015, 0.020, len(k))
+        vec[k, w["RT"]] = _RBBB_FORCE * qrs_scale[k, None]
+    # Pathological Q waves: a broad initial force away from the territory (old infarct).
+    q = np.flatnonzero((ecg["q_waves"] == 1) & (ecg["pattern"] >= 0))
+    if len(q):
+        away = np.array([_Q_AWAY[PATTERNS[p]] for p in ecg["pattern"][q]], dtype=float)
+        away /= np.linalg.norm(away, axis=1, keepdims=True)
+        mu[q, w["Q"]] = mu[q, w["R1"]] - rng.uniform(0.022, 0.028, len(q))
+        sl[q, w["Q"]] = sr[q, w["Q"]] = rng.uniform(0.011, 0.014, len(q))
+        vec[q, w["Q"]] = -away * (rng.uniform(0.35, 0.6, len(q)) * qrs_scale[q])[:, None]
+    return hv_gain
+
+
+def _qrs_bounds(waves: _Waves) -> tuple[np.ndarray, np.ndarray]:
+    """QRS onset and offset (B,) in s relative to R: 2.5 widths beyond the outermost present waves."""
+    present = np.abs(waves.vec).sum(-1) > 0
+    qrs = [heart.W[n] for n in _QRS_WAVES]
+    on = np.where(present[:, qrs], waves.mu[:, qrs] - 2.5 * waves.sl[:, qrs], np.inf).min(1)
+    off = np.where(present[:, qrs], waves.mu[:, qrs] + 2.5 * waves.sr[:, qrs], -np.inf).max(1)
+    return on, off
+
+
+def _rate_and_p(
+    rng: np.random.Generator, waves: _Waves, rate_idx: np.ndarray, qrs_on: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heart rate in its band, PR interval and the P wave: ``(rate bpm, RR s, PR s)``."""
+    b = len(rate_idx)
+    w = heart.W
+    rate_range = _lookup(RATE_RANGES_BPM, _CAT["rate"], rate_idx)
+    # skewed towards the slow end of each band, as resting rates are
+    hr = rate_range[:, 0] + rng.beta(1.5, 2.5, b) * (rate_range[:, 1] - rate_range[:, 0])
+    pr = rng.uniform(0.13, 0.19, b)
+    waves.mu[:, w["P"]] = qrs_on - pr + 0.05
+    waves.sl[:, w["P"]] = waves.sr[:, w["P"]] = rng.uniform(0.018, 0.024, b)
+    waves.vec[:, w["P"]] = _NORMAL_P * rng.uniform(0.7, 1.3, b)[:, None]
+    return hr, 60.0 / hr, pr
+
+
+def _repolarisation(
+    rng: np.random.Generator,
+    waves: _Waves,
+    ecg: dict[str, np.ndarray],
+    lead_matrix: np.ndarray,
+    qrs_on: np.ndarray,
+    qrs_off: np.ndarray,
+    rr: np.ndarray,
+    qrs_scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Write the T, ST and U waves into ``waves``: QT from QTc (Bazett), the T's shape and vector
+    (the territory's TWI at the drawn depth), ST depression and U waves.
+
+    Returns:
+        ``(QTc ms, T end s, drawn TWI depth mV)``, each (B,).
+    """
+    b = len(rr)
+    w, mu, sl, sr, vec = heart.W, waves.mu, waves.sl, waves.sr, waves.vec
+    is_twi = ecg["pattern"] >= 0
+    qtc = np.where(ecg["long_qt"] == 1, rng.uniform(475, 540, b), rng.uniform(390, 440, b))
+    t_end = qrs_on + qtc / 1000 * np.sqrt(rr)
+    sym = ecg["t_symmetric"] == 1
+    t_sr = np.where(sym, rng.uniform(0.040, 0.050, b), rng.uniform(0.030, 0.038, b))
+    t_sl = np.where(sym, t_sr * rng.uniform(0.95, 1.05, b), rng.uniform(0.062, 0.078, b))
+    mu[:, w["T"]] = t_end - 2.4 * t_sr
+    sl[:, w["T"]], sr[:, w["T"]] = t_sl, t_sr
+    depth = np.zeros(b)
+    t_vec = np.tile(_NORMAL_T, (b, 1)) * (rng.uniform(0.75, 1.35, b) * np.sqrt(qrs_scale))[:, None]
+    t_vec += rng.normal(0, 0.025, (b, 3))  # the T axis varies a little on its own (QRS-T angle)
+    if is_twi.any():
+        k = np.flatnonzero(is_twi)
+        depth[k] = _uniform(rng, _lookup(DEPTH_RANGES_MV, _CAT["t_depth"], ecg["t_depth"][k]))
+        t_vec[k] = _pattern_t_vectors(lead_matrix[k], ecg["pattern"][k]) * depth[k, None]
+    vec[:, w["T"]] = t_vec
+    # ST depression along the T vector: horizontal (symmetric T) or down-sloping (asymmetric).
+    st = np.flatnonzero((ecg["st_depression"] == 1) & is_twi)
+    if len(st):
+        st_mv = rng.uniform(0.08, 0.2, len(st))
+        vec[st, w["ST"]] = t_vec[st] / depth[st, None] * st_mv[:, None]
+        mu[st, w["ST"]] = qrs_off[st] + np.where(sym[st], 0.05, 0.03)
+        sl[st, w["ST"]] = np.where(sym[st], 0.03, 0.012)
+        sr[st, w["ST"]] = np.where(sym[st], 0.045, 0.08)
+    # U wave: upright where the normal T is, after the T.
+    u_amp = np.where(ecg["u_waves"] == 1, rng.uniform(0.10, 0.20, b), rng.uniform(0.0, 0.03, b))
+    vec[:, w["U"]] = _NORMAL_T / np.linalg.norm(_NORMAL_T) * u_amp[:, None]
+    mu[:, w["U"]] = t_end + 0.09
+    sl[:, w["U"]] = sr[:, w["U"]] = 0.035
+    return qtc, t_end, depth
+
+
+def _two_twi_leads(
+    waves: _Waves,
+    depth: np.ndarray,
+    lead_matrix: np.ndarray,
+    qrs_off: np.ndarray,
+    t_end: np.ndarray,
+    is_twi: np.ndarray,
+) -> np.ndarray:
+    """The measured T per lead on the clean beat (B, 12), the ground truth of twi_leads.
+
+    Every case of the cohort has TWI in at least two leads where T is normally upright. Where the
+    patient's heart position leaves the second lead just short of -0.1 mV (about 1 case in 200),
+    the repolarisation (``waves`` and ``depth``, in place) is deepened by at most a factor 2;
+    :func:`ecg_parameters` re-draws the rare rest.
+    """
+    w, mu, sl, sr, vec = heart.W, waves.mu, waves.sl, waves.sr, waves.vec
+    t_amp = _clean_t_amplitudes(mu, sl, sr, vec, lead_matrix, qrs_off, t_end)
+    second = np.sort(np.where(_UPRIGHT, t_amp, np.inf), axis=1)[:, 1]
+    short = is_twi & (second > TWI_THRESHOLD_MV) & (second < 0)
+    if short.any():
+        k = np.minimum(1.2 * TWI_THRESHOLD_MV / second[short], 2.0)
+        vec[short, w["T"]] *= k[:, None]
+        vec[short, w["ST"]] *= k[:, None]
+        depth[short] *= k
+        t_amp[short] = _clean_t_amplitudes(
+            mu[short], sl[short], sr[short], vec[short], lead_matrix[short], qrs_off[short], t_end[short]
+        )
+    return t_amp
 
 
 def _splice(params: EcgParams, sub: EcgParams, rows: np.ndarray) -> None:

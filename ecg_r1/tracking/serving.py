@@ -406,7 +406,6 @@ def log_served_model(
         The logged model's id (``m-...``); register it from ``models:/<id>``.
     """
     import tempfile
-    from importlib.metadata import PackageNotFoundError, version
 
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
@@ -426,12 +425,6 @@ def log_served_model(
         source_run_id=run_id,
         tags={k: str(v) for k, v in (tags or {}).items()},
     )
-    requirements = []
-    for package in _REQUIREMENTS:
-        try:
-            requirements.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
     # The pyfunc is staged beside the model folder (the stage's output), not in /tmp: it holds a
     # copy of the weights, which for a 7B model is more than a small /tmp takes.
     with tempfile.TemporaryDirectory(prefix=".pyfunc-", dir=folder.parent) as tmp, warnings.catch_warnings():
@@ -443,7 +436,7 @@ def log_served_model(
             python_model=str(CODE_FILE),
             artifacts=artifacts,
             signature=signature(profile.max_completion_length),
-            pip_requirements=requirements,
+            pip_requirements=_pip_requirements(),
             mlflow_model=Model(
                 artifact_path=logged.artifact_location,
                 run_id=run_id,
@@ -455,6 +448,20 @@ def log_served_model(
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return logged.model_id
+
+
+def _pip_requirements() -> list[str]:
+    """The pyfunc's pip requirements: each package it needs pinned to the version installed here
+    (a package not installed here is left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for package in _REQUIREMENTS:
+        try:
+            requirements.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return requirements
 
 
 def model_folder(local: str | Path) -> Path:

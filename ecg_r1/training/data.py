@@ -91,26 +91,7 @@ def load_cases(
     """
     cohort_dir, splits_path, images_dir = Path(cohort_dir), Path(splits_path), Path(images_dir)
     wanted = [splits] if isinstance(splits, str) else list(splits)
-    for path, what in (
-        (cohort_dir / "cohort.parquet", "cohort table (run `ecg-r1 ingest`)"),
-        (splits_path, "split manifest (run the splits step)"),
-        (images_dir / INDEX_FILE, "image index (run `ecg-r1 render`)"),
-    ):
-        if not path.is_file():
-            raise TrainingDataError(f"{path} not found: expected the {what}")
-    cohort = read_cohort(cohort_dir)
-    manifest = pl.read_parquet(splits_path)
-    missing = {"record_id", "split"} - set(manifest.columns)
-    if missing:
-        raise TrainingDataError(
-            f"{splits_path} lacks columns {sorted(missing)}; it must map record_id -> split"
-        )
-    known = set(manifest["split"].unique().to_list())
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        raise TrainingDataError(f"split(s) {unknown} not in {splits_path}; it has {sorted(known)}")
-    index = pl.read_parquet(images_dir / INDEX_FILE).select("record_id", "image_path")
-    chosen = manifest.filter(pl.col("split").is_in(wanted)).select("record_id", "split")
+    cohort, chosen, index = _read_tables(cohort_dir, splits_path, images_dir, wanted)
     cases = chosen.join(cohort, on="record_id", how="left", maintain_order="left")
     not_in_cohort = cases.filter(pl.col("row").is_null())["record_id"].to_list()
     if not_in_cohort:
@@ -153,6 +134,34 @@ def load_cases(
         "row",
         (pl.lit(root + "/") + pl.col("image_path")).alias("image_path"),
     )
+
+
+def _read_tables(
+    cohort_dir: Path, splits_path: Path, images_dir: Path, wanted: list[str]
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """The cohort table, the manifest's rows of the wanted splits (``record_id, split``) and the
+    image index (``record_id, image_path``), after checking the files and the split names."""
+    for path, what in (
+        (cohort_dir / "cohort.parquet", "cohort table (run `ecg-r1 ingest`)"),
+        (splits_path, "split manifest (run the splits step)"),
+        (images_dir / INDEX_FILE, "image index (run `ecg-r1 render`)"),
+    ):
+        if not path.is_file():
+            raise TrainingDataError(f"{path} not found: expected the {what}")
+    cohort = read_cohort(cohort_dir)
+    manifest = pl.read_parquet(splits_path)
+    missing = {"record_id", "split"} - set(manifest.columns)
+    if missing:
+        raise TrainingDataError(
+            f"{splits_path} lacks columns {sorted(missing)}; it must map record_id -> split"
+        )
+    known = set(manifest["split"].unique().to_list())
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise TrainingDataError(f"split(s) {unknown} not in {splits_path}; it has {sorted(known)}")
+    index = pl.read_parquet(images_dir / INDEX_FILE).select("record_id", "image_path")
+    chosen = manifest.filter(pl.col("split").is_in(wanted)).select("record_id", "split")
+    return cohort, chosen, index
 
 
 def _image_column(dataset: datasets.Dataset, column: str, as_list: bool) -> datasets.Dataset:
