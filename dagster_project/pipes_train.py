@@ -71,7 +71,7 @@ class _PipesLogHandler(logging.Handler):
 def main(argv: list[str]) -> int:
     """Run ``ecg-r1 train`` with ``argv``; on the main process, inside a Pipes session."""
     from ecg_r1.cli import main as cli_main
-    from ecg_r1.training.launch import world_rank
+    from ecg_r1.training.processes import world_rank
     from ecg_r1.training.runner import read_result
 
     if world_rank() != 0:

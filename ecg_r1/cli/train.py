@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, Profile
-from ecg_r1.training.launch import world_rank
+from ecg_r1.training.processes import world_rank
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ def _one_process_at_a_time(lock: Path) -> Iterator[None]:
 
 def _planned_profile(profile: Profile, stage: str, launch_config: str) -> Profile:
     """The profile under a launch config, after its pre-flight check."""
-    from ecg_r1.training.launch import load_launch_config, preflight, with_launch_config, world_size_from_env
+    from ecg_r1.training.launch import load_launch_config, preflight, with_launch_config
+    from ecg_r1.training.processes import world_size_from_env
 
     if stage not in ("sft", "grpo"):
         raise ValueError(f"--launch-config is for the sft and grpo stages, not {stage!r}")

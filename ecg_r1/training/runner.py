@@ -38,7 +38,7 @@ from ecg_r1.constants import REPO_ROOT
 from ecg_r1.modeling.device import float32_vision_tower, resolve_device, training_dtype
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import Profile, load_profile
-from ecg_r1.training.launch import keep_global_batch, world_size_from_env
+from ecg_r1.training.processes import keep_global_batch, world_size_from_env
 
 logger = logging.getLogger(__name__)
 
