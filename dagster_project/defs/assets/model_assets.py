@@ -157,17 +157,8 @@ def _run_stage(
     """Run the stage in this process or through torchrun; its result as plain metadata."""
     name = context.asset_key.path[-1]
     if config.launcher == "torchrun":
-        args = launching.train_arguments(
-            stage,
-            config.profile,
-            _data(layout),
-            out_dir,
-            start,
-            name,
-            _overrides(config),
-            config.launch_config,
-            **kwargs,
-        )
+        args = launching.train_arguments(stage, config.profile, _data(layout), out_dir, start, name)
+        args += launching.option_flags(_overrides(config), config.launch_config, **kwargs)
         return launching.launch_stage(context, args, out_dir, config.nproc_per_node, uri)
     common = {"out_dir": out_dir, **_data(layout), **_overrides(config)}
     if stage == "vision":
