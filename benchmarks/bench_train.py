@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import TrainerCallback
 
     from ecg_r1.modeling.profiles import load_profile
-    from ecg_r1.training import runner, stages
+    from ecg_r1.training import runner, stage_folder, stages
 
     torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)
@@ -81,8 +81,7 @@ def worker(args: argparse.Namespace) -> None:
         base,
         out_dir=out / args.stage,
         max_steps=args.steps,
-        tracking=False,
-        callbacks=[Timer()],
+        options=runner.RunOptions(tracking=False, callbacks=[Timer()]),
         **data,
     )
     cfg = profile.trainer_kwargs(args.stage)
@@ -100,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
         "sequences_per_s": batch / step,
         "tokens_per_step": per_step_tokens,
         "tokens_per_s": per_step_tokens / step,
-        "peak_rss_mb": runner.peak_rss_mb(),
+        "peak_rss_mb": stage_folder.peak_rss_mb(),
     }
     if args.stage == "grpo":
         report["completion_length"] = result.metrics.get("completions/mean_length")

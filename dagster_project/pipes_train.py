@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ecg_r1.training.runner import StageResult
+from ecg_r1.training.stage_folder import StageResult
 
 # Final metrics shown on the asset (the rest stay in the MLflow run).
 # frac_reward_zero_std: the share of GRPO groups whose completions all scored the same, which
@@ -71,8 +71,8 @@ class _PipesLogHandler(logging.Handler):
 def main(argv: list[str]) -> int:
     """Run ``ecg-r1 train`` with ``argv``; on the main process, inside a Pipes session."""
     from ecg_r1.cli import main as cli_main
-    from ecg_r1.training.launch import world_rank
-    from ecg_r1.training.runner import read_result
+    from ecg_r1.training.processes import world_rank
+    from ecg_r1.training.stage_folder import read_result
 
     if world_rank() != 0:
         return cli_main(argv)

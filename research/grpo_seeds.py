@@ -26,6 +26,7 @@ from ecg_r1.evaluation.paired import compare_paired
 from ecg_r1.evaluation.predictions import predict_cases
 from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.training import stages
+from ecg_r1.training.runner import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def main() -> None:
         parser.error("--sft-seeds goes with --sft-from, and --sft-from needs --sft-seeds")
     cases = evaluation_cases(*data.values(), list(EVAL_SPLITS))
     # untracked: nothing is logged or registered in MLflow
-    untracked = {"tracking": False, "resume": False, "progress": True, **data}
+    untracked = {"options": RunOptions(tracking=False, resume=False, progress=True), **data}
     rows = []
     for sft_seed in args.sft_seeds or [None]:
         if sft_seed is None:
@@ -72,7 +73,6 @@ def main() -> None:
                 out_dir=args.out / f"sft_seed{sft_seed}",
                 seed=sft_seed,
                 max_steps=args.sft_max_steps,
-                register=False,
                 **untracked,
             )
             start_dir, tag = Path(sft.model_dir), f"sft_seed{sft_seed}_"

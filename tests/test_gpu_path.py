@@ -135,6 +135,7 @@ class TestMasterWeights:
         rounds away); float32 master weights move them all."""
         import yaml
 
+        from ecg_r1.training.runner import RunOptions
         from ecg_r1.training.sft import run_sft
 
         monkeypatch.setenv(device_rule.DEVICE_ENV, "cpu")
@@ -152,7 +153,7 @@ class TestMasterWeights:
             cohort_896["images"],
             tmp_path / "sft",
             max_steps=3,
-            tracking=False,
+            options=RunOptions(tracking=False),
         )
         assert result.steps == 3
         moved = moved_fraction(weights(standin), weights(result.model_dir))

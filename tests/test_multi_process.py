@@ -157,7 +157,7 @@ def test_two_processes_train_sft_into_one_run_one_version_and_one_model(setup, s
 
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.profiles import load_profile
-    from ecg_r1.training.runner import read_result
+    from ecg_r1.training.stage_folder import read_result
 
     out, result = sft["out"], sft["result"]
     assert result["resumed_from"] == sft["killed_at"] > 0

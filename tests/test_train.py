@@ -7,6 +7,7 @@ and CLI tests run in ``make test-fast``."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -535,10 +536,14 @@ class TestSFT:
         self, data, profile, base_model, sft_result, tmp_path
     ):
         from ecg_r1.training import run_sft
+        from ecg_r1.training.runner import RunOptions
 
         out = tmp_path / "again"
-        first = run_sft(profile, base_model, **_data_kwargs(data), out_dir=out, max_steps=1, register=False)
-        second = run_sft(profile, base_model, **_data_kwargs(data), out_dir=out, max_steps=1, register=False)
+        unregistered = RunOptions(register=False)
+        first, second = (
+            run_sft(profile, base_model, **_data_kwargs(data), out_dir=out, max_steps=1, options=unregistered)
+            for _ in range(2)
+        )
         assert first.run_id != second.run_id and second.resumed_from == 0 and second.registered is None
 
     def test_mixed_precision_on_a_cpu_trains_and_keeps_float32_weights(
@@ -603,13 +608,9 @@ class TestGRPO:
         from mlflow import MlflowClient
 
         monkeypatch.setitem(rewards.REWARD_FUNCS, "length", length_reward)
+        with_length = replace(profile, rewards={"format": 1.0, "accuracy": 1.0, "length": 1.0})
         result = run_grpo(
-            profile,
-            sft_result.model_dir,
-            **_data_kwargs(data),
-            out_dir=tmp_path / "grpo",
-            max_steps=2,
-            rewards={"format": 1.0, "accuracy": 1.0, "length": 1.0},
+            with_length, sft_result.model_dir, **_data_kwargs(data), out_dir=tmp_path / "grpo", max_steps=2
         )
         changed = _changed(_weights(sft_result.model_dir), _weights(result.model_dir))
         assert any(k.startswith("model.layers.") for k in changed)
@@ -639,13 +640,19 @@ class TestGRPO:
     ):
         from ecg_r1.training import run_grpo, run_sft
         from ecg_r1.training.data import PromptOptions, grpo_dataset, load_cases
+        from ecg_r1.training.runner import RunOptions
 
         profile = tiny_test_profile(tmp_path / "p.yaml", image={"position": "before_question"})
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
         user = grpo_dataset(cases, PromptOptions(image_position="before_question"))[0]["prompt"][1]["content"]
         assert [part["type"] for part in user] == ["text", "image", "text"]
         sft = run_sft(
-            profile, base_model, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=1, register=False
+            profile,
+            base_model,
+            **_data_kwargs(data),
+            out_dir=tmp_path / "sft",
+            max_steps=1,
+            options=RunOptions(register=False),
         )
         # tracked, so the completion samples (which read these prompts back) are logged too
         grpo = run_grpo(profile, sft.model_dir, **_data_kwargs(data), out_dir=tmp_path / "grpo", max_steps=1)
@@ -658,6 +665,7 @@ class TestGRPO:
         from ecg_r1.modeling.processor import read_note_vocabulary
         from ecg_r1.training import run_sft
         from ecg_r1.training.data import PromptOptions, load_cases, sft_dataset, sft_targets
+        from ecg_r1.training.runner import RunOptions
 
         cases = load_cases(data["cohort"], data["splits"], data["images"], "train")
         targets = sft_targets(cases, rationale=False)
@@ -671,7 +679,12 @@ class TestGRPO:
             assert row_scrambled["prompt"][1]["content"] != text_marked
         profile = tiny_test_profile(tmp_path / "p.yaml", model={"unseen_note_words": "mark"})
         sft = run_sft(
-            profile, base_model, **_data_kwargs(data), out_dir=tmp_path / "sft", max_steps=1, tracking=False
+            profile,
+            base_model,
+            **_data_kwargs(data),
+            out_dir=tmp_path / "sft",
+            max_steps=1,
+            options=RunOptions(tracking=False),
         )
         assert read_note_vocabulary(sft.model_dir) == note_vocabulary(cases["note"].to_list())
 
@@ -679,6 +692,7 @@ class TestGRPO:
         import json
 
         from ecg_r1.training import run_grpo
+        from ecg_r1.training.runner import RunOptions
 
         result = run_grpo(
             profile,
@@ -686,7 +700,7 @@ class TestGRPO:
             **_data_kwargs(data),
             out_dir=tmp_path / "g",
             max_steps=1,
-            tracking=False,
+            options=RunOptions(tracking=False),
         )
         args = json.loads(
             (tmp_path / "g" / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text()

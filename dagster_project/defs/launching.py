@@ -89,7 +89,7 @@ def launch_stage(
 
     Args:
         context: the asset's context (the Pipes session reports to it).
-        train_args: the ``ecg-r1`` arguments (:func:`train_arguments`).
+        train_args: the ``ecg-r1`` arguments (:func:`train_arguments` and :func:`option_flags`).
         out_dir: the stage's ``--out`` folder (the main process reads its ``result.json``).
         nproc_per_node: processes (GPUs) to start.
         tracking_uri: the MLflow store the processes log to (``$ECG_R1_MLFLOW_URI`` in theirs).
@@ -118,17 +118,10 @@ def launch_stage(
 
 
 def train_arguments(
-    stage: str,
-    profile: str,
-    data: Mapping[str, Path],
-    out_dir: Path,
-    start: Path | None,
-    run_name: str,
-    overrides: Mapping[str, int | None],
-    launch_config: str,
-    register: bool = True,
+    stage: str, profile: str, data: Mapping[str, Path], out_dir: Path, start: Path | None, run_name: str
 ) -> list[str]:
-    """The ``ecg-r1 train ...`` arguments of an asset's stage (what the in-process call passes).
+    """The ``ecg-r1 train ...`` arguments naming an asset's stage, data and folders (what the
+    in-process call passes; :func:`option_flags` adds the overrides).
 
     Raises:
         dg.Failure: for the vision pre-training, which trains in one process (no trainer to share).
@@ -142,6 +135,13 @@ def train_arguments(
     args += ["--out", str(out_dir), "--run-name", run_name, "--no-progress"]
     if start is not None:
         args += ["--from", str(start)]
+    return args
+
+
+def option_flags(overrides: Mapping[str, int | None], launch_config: str, register: bool = True) -> list[str]:
+    """The ``ecg-r1 train`` flags of an asset's overrides (steps, seed), launch config and
+    registration."""
+    args = []
     for flag, key in (("--max-steps", "max_steps"), ("--seed", "seed")):
         if overrides.get(key) is not None:
             args += [flag, str(overrides[key])]

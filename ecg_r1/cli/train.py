@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, Profile
-from ecg_r1.training.launch import world_rank
+from ecg_r1.training.processes import world_rank
 
 logger = logging.getLogger(__name__)
 
@@ -138,29 +138,24 @@ def _run(args: argparse.Namespace) -> int:
     if start is None:
         with _one_process_at_a_time(args.out / "base_model.lock"):  # the first builds, the others reuse it
             start = stages.build_start_model(profile, out_dir=args.out / "base_model", **data)
-    common = {"max_steps": args.max_steps, "seed": args.seed, "tracking": tracked, "run_name": args.run_name}
+    common = {"max_steps": args.max_steps, "seed": args.seed, **data}
     if args.stage == "vision":
-        result = stages.run_vision_stage(profile, start, out_dir=args.out, **data, **common)
+        result = stages.run_vision_stage(
+            profile, start, out_dir=args.out, tracking=tracked, run_name=args.run_name, **common
+        )
     else:
-        common |= {"progress": not args.no_progress, "resume": not args.restart}
-        if args.stage == "warmup":
-            result = stages.run_format_warmup(
-                profile, start, out_dir=args.out, answer=args.answer, **data, **common
-            )
-        elif args.stage == "sft":
-            result = stages.run_sft(
-                profile,
-                start,
-                out_dir=args.out,
-                rationale=args.rationale,
-                register=not args.no_register,
-                **data,
-                **common,
-            )
-        else:
-            result = stages.run_grpo(
-                profile, start, out_dir=args.out, register=not args.no_register, **data, **common
-            )
+        options = runner.RunOptions(
+            tracking=tracked,
+            register=not args.no_register,
+            progress=not args.no_progress,
+            resume=not args.restart,
+            run_name=args.run_name,
+        )
+        own = {"warmup": {"answer": args.answer}, "sft": {"rationale": args.rationale}, "grpo": {}}[
+            args.stage
+        ]
+        run = stages.stage_function(args.stage)
+        result = run(profile, start, out_dir=args.out, options=options, **common, **own)
     if world_rank() == 0:  # under torchrun every process returns the main one's result
         summary = json.loads(result.to_json())
         summary.pop("history", None)
@@ -185,7 +180,8 @@ def _one_process_at_a_time(lock: Path) -> Iterator[None]:
 
 def _planned_profile(profile: Profile, stage: str, launch_config: str) -> Profile:
     """The profile under a launch config, after its pre-flight check."""
-    from ecg_r1.training.launch import load_launch_config, preflight, with_launch_config, world_size_from_env
+    from ecg_r1.training.launch import load_launch_config, preflight, with_launch_config
+    from ecg_r1.training.processes import world_size_from_env
 
     if stage not in ("sft", "grpo"):
         raise ValueError(f"--launch-config is for the sft and grpo stages, not {stage!r}")

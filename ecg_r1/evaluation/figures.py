@@ -110,7 +110,7 @@ def _reward_log(stage_dir: Path | None) -> pl.DataFrame | None:
     """The reward columns of a stage's training history, or None when it logged no rewards."""
     if stage_dir is None:
         return None
-    from ecg_r1.training.runner import read_result
+    from ecg_r1.training.stage_folder import read_result
 
     result = read_result(stage_dir)
     history = [h for h in (result.history if result else []) if "step" in h]

@@ -160,7 +160,7 @@ def stage_folder(path: str | Path) -> tuple[Path, Path | None]:
     """
     path = Path(path)
     if (path / RESULT_FILE).is_file():
-        from ecg_r1.training.runner import read_result
+        from ecg_r1.training.stage_folder import read_result
 
         result = read_result(path)
         model_dir = Path(result.model_dir) if result and Path(result.model_dir).is_dir() else path / "model"

@@ -63,7 +63,7 @@ def stage_version(stage_dir: Path | None) -> tuple[str, int] | None:
     """(model name, version) a training stage folder registered, or None."""
     if stage_dir is None:
         return None
-    from ecg_r1.training.runner import read_result
+    from ecg_r1.training.stage_folder import read_result
 
     result = read_result(stage_dir)
     if result is None or not result.registered:

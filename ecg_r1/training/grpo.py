@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +10,9 @@ from ecg_r1.modeling.models import vision_token_ids
 from ecg_r1.modeling.notes import note_vocabulary
 from ecg_r1.modeling.profiles import Profile, lora_config
 from ecg_r1.training.data import data_summary, grpo_dataset, load_cases, prompt_options
-from ecg_r1.training.runner import (
-    REPO_ROOT,
-    RunOptions,
-    StageResult,
-    TrainerJob,
-    as_profile,
-    config_digest,
-    run_trainer,
-    trainer_config,
-)
+from ecg_r1.training.run_log import config_digest
+from ecg_r1.training.runner import RunOptions, TrainerJob, as_profile, run_trainer, trainer_config
+from ecg_r1.training.stage_folder import StageResult
 
 # ------------------------------------------------------------------------------------------------
 # GRPO
@@ -52,15 +44,7 @@ def run_grpo(
     *,
     max_steps: int | None = None,
     seed: int | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    rewards: Mapping[str, float] | None = None,
-    register: bool = True,
-    tracking: bool = True,
-    progress: bool = False,
-    resume: bool = True,
-    repo_root: str | Path = REPO_ROOT,
-    run_name: str | None = None,
-    callbacks: Sequence[Any] = (),
+    options: RunOptions | None = None,
 ) -> StageResult:
     """GRPO with TRL's ``GRPOTrainer``: format, accuracy (and optionally grounding) rewards.
 
@@ -71,13 +55,12 @@ def run_grpo(
     common R1 recipe).
 
     Args:
-        profile, start_model, cohort_dir, splits_path, images_dir, out_dir: as in :func:`run_sft`.
+        profile, start_model, cohort_dir, splits_path, images_dir, out_dir: as in :func:`run_sft`
+            (the six every stage takes, so its callers call each stage alike; hence nine parameters).
         max_steps: override the number of steps (default: the profile's epochs).
         seed: override the profile's seed.
-        overrides: GRPOConfig fields to override (for tuning: ``learning_rate``, ``beta``...).
-        rewards: reward name -> weight, replacing the profile's ``rewards`` section.
-        register: register the model as a version of ``ecg-r1-grpo``.
-        tracking, progress, resume, repo_root, run_name, callbacks: as in :func:`run_sft`.
+        options: how the stage runs (tracking, registration as a version of ``ecg-r1-grpo``,
+            progress, resume); default :class:`RunOptions`'s.
 
     Returns:
         A :class:`StageResult`; ``metrics`` holds the last logged reward means, KL, completion
@@ -87,14 +70,12 @@ def run_grpo(
     from ecg_r1.training.rewards import get_reward_funcs
 
     profile = as_profile(profile)
-    if rewards is not None:  # the weights reach GRPOConfig from the profile (Profile.trainer_kwargs)
-        profile = replace(profile, rewards=dict(rewards))
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
     config_seed = int(seed if seed is not None else profile.seed)
     dataset = grpo_dataset(cases, prompt_options(profile, "grpo"), seed=config_seed)
     reward_map = dict(profile.rewards)
     reward_funcs = get_reward_funcs(list(reward_map))
-    config_kwargs = trainer_config(profile, "grpo", Path(out_dir), max_steps, seed, dict(overrides or {}))
+    config_kwargs = trainer_config(profile, "grpo", Path(out_dir), max_steps, seed, {})
     config_kwargs["log_completions"] = False  # our CompletionSamplesCallback keeps samples
     params = {
         "stage": "grpo",
@@ -105,7 +86,22 @@ def run_grpo(
         "trainer": config_kwargs | {"output_dir": "<out_dir>/checkpoints"},
     }
     params["config_digest"] = config_digest(params["trainer"] | {"rewards": reward_map})
+    job = TrainerJob(
+        stage="grpo",
+        profile=profile,
+        start_model=Path(start_model),
+        out_dir=Path(out_dir),
+        make_args=_grpo_args(profile, Path(start_model), config_kwargs),
+        make_trainer=_grpo_trainer_factory(profile, dataset, reward_funcs),
+        params=params,
+        register_as=MODEL_NAMES["grpo"],
+        note_vocabulary=note_vocabulary(cases["note"].to_list()),
+        splits_path=Path(splits_path),
+    )
+    return run_trainer(job, options or RunOptions())
 
+
+def _grpo_args(profile: Profile, start_model: Path, config_kwargs: dict[str, Any]) -> Callable[[], Any]:
     def make_args() -> Any:
         from transformers import AutoConfig
         from trl import GRPOConfig
@@ -120,6 +116,12 @@ def run_grpo(
         )
         return GRPOConfig(**(config_kwargs | {"generation_kwargs": generation}))
 
+    return make_args
+
+
+def _grpo_trainer_factory(
+    profile: Profile, dataset: Any, reward_funcs: list[Any]
+) -> Callable[[Any, Any, Any], Any]:
     def make(model: Any, processor: Any, args: Any) -> Any:
         from trl import GRPOTrainer
 
@@ -138,16 +140,4 @@ def run_grpo(
             peft_config=lora_config(profile),
         )
 
-    job = TrainerJob(
-        stage="grpo",
-        profile=profile,
-        start_model=Path(start_model),
-        out_dir=Path(out_dir),
-        make_args=make_args,
-        make_trainer=make,
-        params=params,
-        register_as=MODEL_NAMES["grpo"] if register and tracking else None,
-        note_vocabulary=note_vocabulary(cases["note"].to_list()),
-    )
-    options = RunOptions(tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path))
-    return run_trainer(job, options)
+    return make

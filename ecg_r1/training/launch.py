@@ -22,8 +22,8 @@ per GPU with it. What can go wrong there is found here first, on any machine, wi
 in every process and trains under the file's DeepSpeed JSON. Every stage keeps the profile's
 global batch over the processes actually running (``WORLD_SIZE``), launch config or not.
 
-(About 500 lines, 300 of code: the checks above all read the same :class:`LaunchConfig` and
-:class:`LaunchPlan`; one module is one pre-flight check.)
+The batch spread itself (and :class:`LaunchError`) is :mod:`ecg_r1.training.processes`'s: every
+stage applies it, launch config or not.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any
 from ecg_r1.constants import REPO_ROOT
 from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
 from ecg_r1.modeling.profiles import Profile, config_path, shipped_names
+from ecg_r1.training.processes import TRL_DEFAULTS, LaunchError, batch_of, keep_global_batch
 
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "configs" / "launch"
 
@@ -53,12 +54,6 @@ _FIELDS_OWNED_BY_DEEPSPEED_JSON = (
     "offload_optimizer_nvme_path",
     "zero3_save_16bit_model",
 )
-# TRL's GRPOConfig / SFTConfig defaults where a profile section sets nothing.
-_TRL_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_generations": 8}
-
-
-class LaunchError(ValueError):
-    """A launch configuration is malformed, or does not fit a profile's batch sizes."""
 
 
 @dataclass(frozen=True)
@@ -237,7 +232,7 @@ def plan_launch(profile: Profile, kind: str, num_processes: int) -> LaunchPlan:
     if num_processes < 1:
         raise LaunchError(f"num_processes must be at least 1, got {num_processes}")
     section = profile.sft if kind == "sft" else profile.grpo
-    per_device, accumulation = _batch_of(section)
+    per_device, accumulation = batch_of(section)
     spread = keep_global_batch(section, num_processes, f"profile {profile.name!r} ({kind})")
     plan = LaunchPlan(
         kind=kind, num_processes=num_processes, global_batch=per_device * accumulation, **spread
@@ -247,55 +242,9 @@ def plan_launch(profile: Profile, kind: str, num_processes: int) -> LaunchPlan:
     return plan
 
 
-def split_batch(per_device: int, accumulation: int, num_processes: int, what: str) -> tuple[int, int]:
-    """The per-device batch and accumulation steps that keep ``per_device x accumulation`` as the
-    global batch over ``num_processes``: fewer accumulation steps first, then a smaller per-device
-    batch (the largest divisor of the per-process share).
-
-    Raises:
-        LaunchError: when the global batch does not split evenly over the processes.
-    """
-    intended = per_device * accumulation
-    if intended % num_processes:
-        raise LaunchError(
-            f"{what}: its global batch per_device_train_batch_size x gradient_accumulation_steps = "
-            f"{per_device} x {accumulation} = {intended} does not split over {num_processes} processes; "
-            f"use a process count dividing {intended} ({_divisors(intended)}) or change the batch"
-        )
-    share = intended // num_processes
-    new_per_device = max(d for d in _divisors(share) if d <= per_device)
-    return new_per_device, share // new_per_device
-
-
-def keep_global_batch(trainer_kwargs: Mapping[str, Any], num_processes: int, what: str) -> dict[str, int]:
-    """The per-device batch and accumulation steps of a stage's trainer arguments on
-    ``num_processes`` processes, so the global batch stays the one written for one GPU.
-
-    Every stage calls it with the running process count, with or without ``--launch-config``:
-    ``torchrun --nproc_per_node 4`` alone must not make the batch four times larger.
-
-    Raises:
-        LaunchError: when the batch does not split evenly over the processes.
-    """
-    new_per_device, new_accumulation = split_batch(*_batch_of(trainer_kwargs), num_processes, what)
-    return {"per_device_train_batch_size": new_per_device, "gradient_accumulation_steps": new_accumulation}
-
-
-def _batch_of(trainer_kwargs: Mapping[str, Any]) -> tuple[int, int]:
-    """Per-device batch and accumulation steps of trainer arguments (TRL's defaults where unset)."""
-    return (
-        int(trainer_kwargs.get("per_device_train_batch_size", _TRL_DEFAULTS["per_device_train_batch_size"])),
-        int(trainer_kwargs.get("gradient_accumulation_steps", _TRL_DEFAULTS["gradient_accumulation_steps"])),
-    )
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _with_generation_batch(plan: LaunchPlan, profile: Profile) -> LaunchPlan:
     """Check TRL's GRPO batch rule (GRPOConfig.__post_init__) for the planned layout."""
-    generations = int(profile.grpo.get("num_generations", _TRL_DEFAULTS["num_generations"]))
+    generations = int(profile.grpo.get("num_generations", TRL_DEFAULTS["num_generations"]))
     if generations < 2:
         raise LaunchError(f"profile {profile.name!r}: GRPO needs num_generations >= 2, got {generations}")
     per_step = plan.per_device_train_batch_size * plan.num_processes
@@ -515,23 +464,12 @@ def with_launch_config(profile: Profile, kind: str, launch: LaunchConfig) -> Pro
     :func:`ecg_r1.training.runner.run_trainer`) turns on transformers' ZeRO-3 switch, so
     ``from_pretrained`` builds the model partitioned, under ``torchrun`` as under
     ``accelerate launch``. The batch layout is not written here: every stage spreads its batch
-    over the running processes itself (:func:`keep_global_batch`).
+    over the running processes itself (:func:`ecg_r1.training.processes.keep_global_batch`).
     """
     if launch.deepspeed_path is None:
         return profile
     section = dict(profile.sft if kind == "sft" else profile.grpo) | {"deepspeed": str(launch.deepspeed_path)}
     return replace(profile, **{kind: section})
-
-
-def world_size_from_env() -> int | None:
-    """The process count of a running ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE``), if any."""
-    value = os.environ.get("WORLD_SIZE")
-    return int(value) if value else None
-
-
-def world_rank() -> int:
-    """This process's rank under ``torchrun`` / ``accelerate launch`` (``RANK``); 0 alone."""
-    return int(os.environ.get("RANK") or 0)
 
 
 __all__ = [
@@ -542,13 +480,9 @@ __all__ = [
     "available_launch_configs",
     "check_zero3",
     "fill_deepspeed_config",
-    "keep_global_batch",
     "load_launch_config",
     "plan_launch",
     "preflight",
     "profile_hidden_size",
-    "split_batch",
     "with_launch_config",
-    "world_rank",
-    "world_size_from_env",
 ]

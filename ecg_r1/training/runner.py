@@ -1,36 +1,17 @@
-"""What every training stage shares: its output folder, checkpoints and resume, MLflow run and
-registration, and the generic TRL trainer run.
-
-``out_dir`` layout of a stage::
-
-    out_dir/checkpoints/checkpoint-<step>/   trainer checkpoints (TRL / transformers format)
-    out_dir/mlflow_run_id.txt                the run this training logs to
-    out_dir/model/                           the final model folder
-    out_dir/result.json                      written last: the stage finished
-
-**Resume**: when ``out_dir`` holds checkpoints but no ``result.json`` (the process was killed),
-the stage resumes from the last checkpoint at its step, with its optimizer, scheduler and RNG
-state, and logs to the same MLflow run. When ``result.json`` exists, the previous run finished,
-and a new call starts a new run from scratch.
-
-:func:`run_trainer` runs one :class:`TrainerJob` (what to train) under :class:`RunOptions` (how:
-tracking, progress, resume); :mod:`ecg_r1.training.sft` and :mod:`ecg_r1.training.grpo` build
-the jobs. (A little over 400 lines: the trainer run and the folder, resume and MLflow plumbing
-it alone uses are kept together.)
+"""The generic TRL trainer run every trainer stage shares: :func:`run_trainer` runs one
+:class:`TrainerJob` (what to train) under :class:`RunOptions` (how: tracking, registration,
+progress, resume), in the stage's folder (:mod:`ecg_r1.training.stage_folder`: layout, resume,
+result) and MLflow run (:mod:`ecg_r1.training.run_log`); :mod:`ecg_r1.training.sft` and
+:mod:`ecg_r1.training.grpo` build the jobs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import resource
-import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,185 +19,34 @@ from ecg_r1.constants import REPO_ROOT
 from ecg_r1.modeling.device import float32_vision_tower, resolve_device, training_dtype
 from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
 from ecg_r1.modeling.profiles import Profile, load_profile
-from ecg_r1.training.launch import keep_global_batch, world_size_from_env
+from ecg_r1.training.processes import keep_global_batch, world_size_from_env
+from ecg_r1.training.run_log import (
+    log_model_folder,
+    log_run_metrics,
+    log_run_params,
+    profile_params,
+    run_provenance,
+    tracked_run,
+)
+from ecg_r1.training.stage_folder import (
+    CHECKPOINTS,
+    MODEL,
+    RESULT_FILE,
+    StageResult,
+    prepare_out_dir,
+    read_result,
+    resume_point,
+    speed_summary,
+    write_result,
+)
 
 logger = logging.getLogger(__name__)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizer
 
-CHECKPOINTS = "checkpoints"
-MODEL = "model"
-RESULT_FILE = "result.json"
-
-
-@dataclass
-class StageResult:
-    """What a training stage produced.
-
-    Attributes:
-        stage: ``vision`` | ``warmup`` | ``sft`` | ``grpo``.
-        model_dir: the saved model folder.
-        run_id: the MLflow run (None when tracking was off).
-        registered: ``"ecg-r1-sft/3"``-style name/version, or None.
-        steps: the global step reached.
-        resumed_from: the checkpoint step the run resumed from (0 for a fresh run).
-        seconds: wall time of the training loop in this process.
-        seconds_per_step: mean over the steps run in this process.
-        samples_per_second: training samples (prompts) per second in this process.
-        peak_rss_mb: the process's peak resident memory.
-        metrics: the last logged value of every metric, plus summary figures.
-        history: the trainer's log history (one dict per logging step).
-    """
-
-    stage: str
-    model_dir: Path
-    run_id: str | None
-    registered: str | None
-    steps: int
-    resumed_from: int
-    seconds: float
-    seconds_per_step: float
-    samples_per_second: float
-    peak_rss_mb: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["model_dir"] = str(self.model_dir)
-        return json.dumps(data, indent=2, default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> StageResult:
-        data = json.loads(text)
-        data["model_dir"] = Path(data["model_dir"])
-        return cls(**data)
-
-
-def read_result(out_dir: str | Path) -> StageResult | None:
-    """The result of a finished stage in ``out_dir``; None when it has not finished."""
-    path = Path(out_dir) / RESULT_FILE
-    return StageResult.from_json(path.read_text()) if path.is_file() else None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Shared plumbing
-
 
 def as_profile(profile: Profile | str | Path) -> Profile:
     return profile if isinstance(profile, Profile) else load_profile(profile)
-
-
-def last_checkpoint(checkpoints: str | Path) -> Path | None:
-    """The newest *complete* checkpoint in a trainer's output folder, or None.
-
-    The trainer writes ``trainer_state.json`` last, after the weights, optimizer, scheduler and
-    RNG states; a process killed while saving leaves a folder without it. Such a folder is removed
-    (resuming from it would fail, or silently start over), and the previous checkpoint is used.
-    """
-    folder = Path(checkpoints)
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.iterdir():
-        name, _, number = path.name.rpartition("-")
-        if path.is_dir() and name == "checkpoint" and number.isdigit():
-            found.append((int(number), path))
-    for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").is_file():
-            return path
-        logger.warning("removing incomplete checkpoint %s (the run was killed while saving it)", path)
-        shutil.rmtree(path)
-    return None
-
-
-def prepare_out_dir(out_dir: Path, resume: bool) -> str | None:
-    """Make ``out_dir`` ready; return the checkpoint to resume from, if any."""
-    from ecg_r1.tracking.runs import RUN_ID_FILE
-
-    checkpoints = out_dir / CHECKPOINTS
-    finished = (out_dir / RESULT_FILE).is_file()
-    if finished or not resume:
-        # A finished (or deliberately restarted) stage starts over: a new run, fresh checkpoints.
-        for stale in (checkpoints, out_dir / MODEL):
-            if stale.exists():
-                shutil.rmtree(stale)
-        for stale_file in (out_dir / RESULT_FILE, out_dir / RUN_ID_FILE):
-            stale_file.unlink(missing_ok=True)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    last = last_checkpoint(checkpoints)
-    if last is None and (out_dir / RUN_ID_FILE).is_file():
-        # Killed before the first checkpoint: nothing to resume; the run id is kept so the
-        # metrics of the restarted attempt land in the same MLflow run.
-        logger.info("no checkpoint in %s: the stage starts from step 0", checkpoints)
-    return str(last) if last is not None else None
-
-
-@contextlib.contextmanager
-def tracked_run(
-    enabled: bool, profile: Profile, stage: str, out_dir: Path, run_name: str | None, tags: Mapping[str, str]
-) -> Iterator[str | None]:
-    if not enabled:
-        yield None
-        return
-    from ecg_r1.tracking.runs import start_or_resume_run
-
-    name = run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with start_or_resume_run(profile.name, name, state_dir=out_dir, tags={"stage": stage, **tags}) as run:
-        yield run.info.run_id
-
-
-def run_provenance(repo_root: Path) -> dict[str, str]:
-    from ecg_r1.tracking.runs import run_context
-
-    return run_context(repo_root)
-
-
-def log_run_params(run_id: str | None, params: Mapping[str, Any]) -> None:
-    if run_id is None:
-        return
-    from ecg_r1.tracking.runs import log_params_flat
-
-    log_params_flat(params, run_id=run_id)
-
-
-def log_run_metrics(run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
-    """Log a stage's metrics on its run (nothing when untracked)."""
-    if run_id is not None:
-        from ecg_r1.tracking.runs import log_metrics
-
-        log_metrics(run_id, metrics, step)
-
-
-def log_model_folder(run_id: str, model_dir: Path) -> None:
-    """Log an intermediate stage's model folder as the run's ``model/`` artifacts (the registered
-    stages log theirs as a servable pyfunc through
-    :func:`ecg_r1.tracking.model_registry.register_model_version`)."""
-    from ecg_r1.tracking.model_registry import MODEL_ARTIFACT_PATH
-    from mlflow import MlflowClient
-
-    MlflowClient().log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
-
-
-def profile_params(profile: Profile) -> dict[str, Any]:
-    return {
-        "name": profile.name,
-        "source": profile.source,
-        "dtype": profile.dtype,
-        "image": f"{profile.image_width}x{profile.image_height}",
-        "image_max_pixels": profile.image_max_pixels,
-        "lora": profile.lora.enabled,
-        "sft_rationale": profile.sft_rationale,
-        "tiny": asdict(profile.tiny) if profile.tiny is not None else None,
-        "vision": dict(profile.vision) if profile.vision is not None else None,
-        "path": str(profile.path),
-    }
 
 
 def trainer_config(
@@ -297,22 +127,23 @@ class RunOptions:
     """How a stage runs, whatever it trains.
 
     Attributes:
-        tracking: log the run to MLflow (and register SFT / GRPO models).
+        tracking: log the run to MLflow.
+        register: register the SFT / GRPO model as a version in MLflow's registry (needs
+            ``tracking``; the other stages log their model folder only).
         progress: draw a progress bar.
         resume: continue from the last checkpoint of an unfinished run in the same folder.
         repo_root: the repository whose git commit and DVC data version are the provenance.
         run_name: the MLflow run name (default ``<stage>-<time>``).
         callbacks: extra trainer callbacks.
-        splits_path: the split manifest, logged as the run's dataset inputs.
     """
 
     tracking: bool = True
+    register: bool = True
     progress: bool = False
     resume: bool = True
     repo_root: Path = REPO_ROOT
     run_name: str | None = None
     callbacks: Sequence[Any] = ()
-    splits_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -323,15 +154,17 @@ class TrainerJob:
         stage: the stage name (``warmup``, ``sft``, ``grpo``).
         profile: the model profile.
         start_model: the model folder training starts from.
-        out_dir: the stage's folder (layout in the module docstring).
+        out_dir: the stage's folder (layout: :mod:`ecg_r1.training.stage_folder`).
         make_args: ``make_args()`` returns the trainer's arguments (``SFTConfig`` / ``GRPOConfig``);
             called before the model is loaded (ZeRO-3 builds it partitioned only then).
         make_trainer: ``make_trainer(model, processor, args)`` returns the configured trainer.
         params: parameters logged with the run (``config_digest`` tags the registered version).
-        register_as: the registered model name, or None to log the model folder only.
+        register_as: the registered model name (where :attr:`RunOptions.register` asks for it), or
+            None to log the model folder only.
         samples: ``samples(model, processor, step)`` returns sample-completion rows, or None.
         note_vocabulary: the words of the training cases' notes; the trained model folder carries
             them (``note_vocabulary.json``), what ``model.unseen_note_words: mark`` reads at inference.
+        splits_path: the split manifest the cases come from, logged as the run's dataset inputs.
     """
 
     stage: str
@@ -344,6 +177,18 @@ class TrainerJob:
     register_as: str | None = None
     samples: Callable[[Any, Any, int], list[dict[str, Any]]] | None = None
     note_vocabulary: frozenset[str] | None = None
+    splits_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Training:
+    """What one ``trainer.train`` call did in this process."""
+
+    steps: int  # the global step reached
+    resumed_from: int  # the checkpoint step it resumed from (0: a fresh run)
+    seconds: float
+    samples_per_step: int  # training samples (GRPO: prompts) per optimiser step, all processes
+    loss: float  # the mean training loss
 
 
 def score_labelled_positions_only() -> None:
@@ -378,10 +223,8 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
     barriers. Every process returns the main process's result.
     """
     from accelerate import PartialState
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     score_labelled_positions_only()
-    stage, profile, start_model, params = job.stage, job.profile, job.start_model, job.params
     out_dir = Path(job.out_dir)
     # The trainer arguments come before the model: they start the process group (the barriers
     # below) and, under a DeepSpeed ZeRO-3 config, switch transformers to building the model
@@ -391,121 +234,156 @@ def run_trainer(job: TrainerJob, options: RunOptions) -> StageResult:
     state = PartialState()
     main = state.is_main_process
     with state.main_process_first():  # the main process clears or keeps the folder; the others read it
-        checkpoint = prepare_out_dir(out_dir, options.resume) if main else _resume_point(out_dir)
+        checkpoint = prepare_out_dir(out_dir, options.resume) if main else resume_point(out_dir)
     provenance = run_provenance(Path(options.repo_root))
-    tags = {"profile": profile.name, **provenance}
-    with tracked_run(options.tracking and main, profile, stage, out_dir, options.run_name, tags) as run_id:
-        log_run_params(run_id, {**params, **provenance, "profile": profile_params(profile)})
-        if run_id is not None and options.splits_path is not None:
-            from ecg_r1.tracking.runs import log_split_inputs
-
-            log_split_inputs(options.splits_path, provenance["data_version"])
-        # float32 master weights where weights train in full (ecg_r1.modeling.device)
-        model, processor = load_model_and_processor(start_model, profile, dtype=training_dtype(profile))
-        if resolve_device(profile) == "cpu" and profile.training_precision != "float32":
-            float32_vision_tower(model)
-        if job.note_vocabulary is not None:  # saved with the model (save_model_folder)
-            processor.note_vocabulary = job.note_vocabulary
-        if profile.stage_settings(stage)["freeze_vision"]:
-            freeze_vision_tower(model)
+    tags = {"profile": job.profile.name, **provenance}
+    with tracked_run(
+        options.tracking and main, job.profile, job.stage, out_dir, options.run_name, tags
+    ) as run_id:
+        _log_inputs(job, run_id, provenance)
+        model, processor = _load_model(job)
         trainer = job.make_trainer(model, processor, args)
-        attached = _attach_callbacks(trainer, stage, run_id, options.progress, options.callbacks)
-        resumed_from = 0
-        if checkpoint is not None:
-            resumed_from = int(Path(checkpoint).name.rsplit("-", 1)[-1])
-            logger.info("%s: resuming from %s (step %d)", stage, checkpoint, resumed_from)
-        started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=checkpoint)
-        seconds = time.perf_counter() - started
-        steps = int(trainer.state.global_step)
-        run_steps = max(1, steps - resumed_from)
-        batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-        batch *= state.num_processes
-        if stage == "grpo":  # a GRPO step consumes batch / num_generations distinct prompts
-            batch = batch // max(1, trainer.args.num_generations)
-        trained = trainer.model
+        attached = _attach_callbacks(trainer, job.stage, run_id, options.progress, options.callbacks)
+        training = _train(trainer, job.stage, checkpoint, state.num_processes)
         model_dir = out_dir / MODEL
         info = {
-            "stage": stage,
-            "profile": profile.name,
-            "started_from": str(start_model),
-            "steps": steps,
+            "stage": job.stage,
+            "profile": job.profile.name,
+            "started_from": str(job.start_model),
+            "steps": training.steps,
             "mlflow_run_id": run_id,
             **provenance,
         }
-        save_final_model(trainer, trained, processor, model_dir, info, main)
-        samples = []
-        # Samples are logged by the main process; under ZeRO-3 generating needs every process
-        # (each holds a part of the weights).
-        if job.samples is not None and options.tracking and (main or is_deepspeed_zero3_enabled()):
-            samples = job.samples(trained, processor, steps)
+        save_final_model(trainer, trainer.model, processor, model_dir, info, main)
+        samples = _sample_completions(job, trainer.model, processor, training.steps, options.tracking, main)
         if not main:
             state.wait_for_everyone()  # until the main process has written result.json
-            result = read_result(out_dir)
-            if result is None:
-                raise RuntimeError(f"{stage}: the main process wrote no {out_dir / RESULT_FILE}")
-            return result
+            return _main_process_result(out_dir, job.stage)
         history = list(trainer.state.log_history)
-        metrics = _final_metrics(history)
-        summary = {
-            "train_seconds": seconds,
-            "seconds_per_step": seconds / run_steps,
-            "samples_per_second": run_steps * batch / seconds if seconds > 0 else 0.0,
-            "peak_rss_mb": peak_rss_mb(),
-            "train_loss_mean": float(output.training_loss),
-        }
-        log_run_metrics(run_id, summary, steps)
-        rows = []
-        for callback in attached:
-            rows.extend(getattr(callback, "rows", []))
-        rows.extend(samples)
-        if run_id is not None and rows:
-            from ecg_r1.tracking.runs import log_completions_table
-
-            log_completions_table(rows, "samples/completions.json", run_id=run_id)
-        registered = None
-        if run_id is not None and job.register_as is None:
-            log_model_folder(run_id, model_dir)
-        if run_id is not None and job.register_as is not None:
-            from ecg_r1.tracking.model_registry import register_model_version
-
-            version = register_model_version(
-                run_id,
-                model_dir,
-                job.register_as,
-                tags={
-                    "stage": stage,
-                    "profile": profile.name,
-                    "config": params.get("config_digest", ""),
-                    "start_model": str(start_model),
-                    **provenance,
-                },
-                profile=profile,
-            )
-            registered = f"{job.register_as}/{version}"
+        run_steps = max(1, training.steps - training.resumed_from)
+        summary = speed_summary(training.seconds, run_steps, training.samples_per_step)
+        summary["train_loss_mean"] = training.loss
+        log_run_metrics(run_id, summary, training.steps)
+        _log_completions(run_id, [row for c in attached for row in getattr(c, "rows", [])] + samples)
+        registered = _record_model(job, run_id, model_dir, provenance, options.register)
     result = StageResult(
-        stage=stage,
+        stage=job.stage,
         model_dir=model_dir,
         run_id=run_id,
         registered=registered,
-        steps=steps,
-        resumed_from=resumed_from,
-        seconds=seconds,
+        steps=training.steps,
+        resumed_from=training.resumed_from,
+        seconds=training.seconds,
         seconds_per_step=summary["seconds_per_step"],
         samples_per_second=summary["samples_per_second"],
         peak_rss_mb=summary["peak_rss_mb"],
-        metrics={**metrics, **summary},
+        metrics={**_final_metrics(history), **summary},
         history=history,
     )
-    (out_dir / RESULT_FILE).write_text(result.to_json())
+    write_result(out_dir, result)
     state.wait_for_everyone()
     return result
 
 
-def _resume_point(out_dir: Path) -> str | None:
-    """The checkpoint a non-main process resumes from, once the main one prepared ``out_dir``."""
-    last = last_checkpoint(out_dir / CHECKPOINTS)
-    return str(last) if last is not None else None
+def _log_inputs(job: TrainerJob, run_id: str | None, provenance: Mapping[str, str]) -> None:
+    """The run's parameters (the job's, the provenance, the profile) and its dataset inputs."""
+    log_run_params(run_id, {**job.params, **provenance, "profile": profile_params(job.profile)})
+    if run_id is not None and job.splits_path is not None:
+        from ecg_r1.tracking.runs import log_split_inputs
+
+        log_split_inputs(job.splits_path, provenance["data_version"])
+
+
+def _load_model(job: TrainerJob) -> tuple[Any, Any]:
+    """The start model and its processor, ready to train as the profile and stage ask."""
+    profile = job.profile
+    # float32 master weights where weights train in full (ecg_r1.modeling.device)
+    model, processor = load_model_and_processor(job.start_model, profile, dtype=training_dtype(profile))
+    if resolve_device(profile) == "cpu" and profile.training_precision != "float32":
+        float32_vision_tower(model)
+    if job.note_vocabulary is not None:  # saved with the model (save_model_folder)
+        processor.note_vocabulary = job.note_vocabulary
+    if profile.stage_settings(job.stage)["freeze_vision"]:
+        freeze_vision_tower(model)
+    return model, processor
+
+
+def _train(trainer: Any, stage: str, checkpoint: str | None, num_processes: int) -> _Training:
+    """``trainer.train``, from ``checkpoint`` when there is one, timed."""
+    resumed_from = 0
+    if checkpoint is not None:
+        resumed_from = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+        logger.info("%s: resuming from %s (step %d)", stage, checkpoint, resumed_from)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    batch = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    batch *= num_processes
+    if stage == "grpo":  # a GRPO step consumes batch / num_generations distinct prompts
+        batch = batch // max(1, trainer.args.num_generations)
+    return _Training(
+        steps=int(trainer.state.global_step),
+        resumed_from=resumed_from,
+        seconds=seconds,
+        samples_per_step=batch,
+        loss=float(output.training_loss),
+    )
+
+
+def _sample_completions(
+    job: TrainerJob, model: Any, processor: Any, step: int, tracking: bool, main: bool
+) -> list[dict[str, Any]]:
+    """The job's sample completions of the trained model, for the run's samples table."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    # Samples are logged by the main process; under ZeRO-3 generating needs every process
+    # (each holds a part of the weights).
+    if job.samples is not None and tracking and (main or is_deepspeed_zero3_enabled()):
+        return job.samples(model, processor, step)
+    return []
+
+
+def _main_process_result(out_dir: Path, stage: str) -> StageResult:
+    """The result the main process wrote (read by the other processes once it has)."""
+    result = read_result(out_dir)
+    if result is None:
+        raise RuntimeError(f"{stage}: the main process wrote no {out_dir / RESULT_FILE}")
+    return result
+
+
+def _log_completions(run_id: str | None, rows: list[dict[str, Any]]) -> None:
+    if run_id is not None and rows:
+        from ecg_r1.tracking.runs import log_completions_table
+
+        log_completions_table(rows, "samples/completions.json", run_id=run_id)
+
+
+def _record_model(
+    job: TrainerJob, run_id: str | None, model_dir: Path, provenance: Mapping[str, str], register: bool
+) -> str | None:
+    """Register the model (``name/version``, returned) where the job and options ask for it, else
+    log its folder on the run; nothing untracked."""
+    if run_id is None:
+        return None
+    if job.register_as is None or not register:
+        log_model_folder(run_id, model_dir)
+        return None
+    from ecg_r1.tracking.model_registry import register_model_version
+
+    version = register_model_version(
+        run_id,
+        model_dir,
+        job.register_as,
+        tags={
+            "stage": job.stage,
+            "profile": job.profile.name,
+            "config": job.params.get("config_digest", ""),
+            "start_model": str(job.start_model),
+            **provenance,
+        },
+        profile=job.profile,
+    )
+    return f"{job.register_as}/{version}"
 
 
 def save_final_model(
@@ -545,9 +423,3 @@ def freeze_vision_tower(model: Any) -> int:
     visual = model.model.visual
     visual.requires_grad_(False)
     return sum(p.numel() for p in visual.parameters())
-
-
-def config_digest(values: Mapping[str, Any]) -> str:
-    import hashlib
-
-    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -3,8 +3,8 @@ data, the warm-up with its answer word masked or drawn at random."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,9 @@ from ecg_r1.training.data import (
     sft_targets,
     validation_cases,
 )
-from ecg_r1.training.runner import (
-    REPO_ROOT,
-    RunOptions,
-    StageResult,
-    TrainerJob,
-    as_profile,
-    config_digest,
-    run_trainer,
-    trainer_config,
-)
+from ecg_r1.training.run_log import config_digest
+from ecg_r1.training.runner import RunOptions, TrainerJob, as_profile, run_trainer, trainer_config
+from ecg_r1.training.stage_folder import StageResult
 
 # How the warm-up writes the answer word: kept out of the loss, or a fair coin trained on.
 WARMUP_ANSWER_MODES = ("masked", "random")
@@ -138,52 +131,73 @@ def _sft_trainer_factory(profile: Profile, dataset: Any, mask_answer: bool) -> A
     return make
 
 
-def _sft_like(
-    *,
-    stage: str,
+@dataclass(frozen=True)
+class _SftRun:
+    """What SFT and the format warm-up train on, and how they differ.
+
+    Attributes:
+        stage: ``sft`` or ``warmup``.
+        cases: the training cases (``load_cases``).
+        targets: one completion per case.
+        prompts: how the prompts are written.
+        overrides: trainer fields over the profile's ``sft`` section.
+        mask_answer: keep the answer word out of the loss (the masked warm-up).
+        params: the stage's own parameters logged with the run.
+        register_as: the registered model name, or None.
+        eval_cases: validation cases whose greedy completions are logged as samples, or None.
+    """
+
+    stage: str
+    cases: Any
+    targets: list[str]
+    prompts: PromptOptions
+    overrides: dict[str, Any]
+    mask_answer: bool
+    params: dict[str, Any]
+    register_as: str | None
+    eval_cases: Any
+
+
+def _sft_job(
+    run: _SftRun,
     profile: Profile,
     start_model: Path,
-    cases: Any,
-    targets: list[str],
     out_dir: Path,
-    overrides: dict[str, Any],
     max_steps: int | None,
     seed: int | None,
-    mask_answer: bool,
-    params: dict[str, Any],
-    register_as: str | None,
-    eval_cases: Any,
-    options: RunOptions,
-    prompts: PromptOptions,
-) -> StageResult:
-    dataset = sft_dataset(cases, targets, prompts, seed=int(seed if seed is not None else profile.seed))
-    config_kwargs = trainer_config(profile, "sft", Path(out_dir), max_steps, seed, overrides)
+    splits_path: Path,
+) -> TrainerJob:
+    """The trainer job of an SFT-like stage."""
+    dataset = sft_dataset(
+        run.cases, run.targets, run.prompts, seed=int(seed if seed is not None else profile.seed)
+    )
+    config_kwargs = trainer_config(profile, "sft", out_dir, max_steps, seed, run.overrides)
     # Prompt-completion data: TRL puts only the completion in the loss (completion_only_loss).
     config_kwargs.setdefault("completion_only_loss", True)
     params = {
-        **params,
-        "stage": stage,
+        **run.params,
+        "stage": run.stage,
         "start_model": str(start_model),
-        "data": data_summary(cases),
+        "data": data_summary(run.cases),
         "trainer": config_kwargs | {"output_dir": "<out_dir>/checkpoints"},
     }
-    params["config_digest"] = config_digest(params["trainer"] | {"stage": stage})
+    params["config_digest"] = config_digest(params["trainer"] | {"stage": run.stage})
     samples = None
-    if eval_cases is not None and eval_cases.height:
-        samples = sample_generations(eval_cases, max_new_tokens=profile.max_completion_length, n=8)
-    job = TrainerJob(
-        stage=stage,
+    if run.eval_cases is not None and run.eval_cases.height:
+        samples = sample_generations(run.eval_cases, max_new_tokens=profile.max_completion_length, n=8)
+    return TrainerJob(
+        stage=run.stage,
         profile=profile,
-        start_model=Path(start_model),
-        out_dir=Path(out_dir),
+        start_model=start_model,
+        out_dir=out_dir,
         make_args=_sft_args(config_kwargs),
-        make_trainer=_sft_trainer_factory(profile, dataset, mask_answer),
+        make_trainer=_sft_trainer_factory(profile, dataset, run.mask_answer),
         params=params,
-        register_as=register_as,
+        register_as=run.register_as,
         samples=samples,
-        note_vocabulary=note_vocabulary(cases["note"].to_list()),
+        note_vocabulary=note_vocabulary(run.cases["note"].to_list()),
+        splits_path=splits_path,
     )
-    return run_trainer(job, options)
 
 
 def run_format_warmup(
@@ -197,12 +211,7 @@ def run_format_warmup(
     answer: str | None = None,
     max_steps: int | None = None,
     seed: int | None = None,
-    tracking: bool = True,
-    progress: bool = False,
-    resume: bool = True,
-    repo_root: str | Path = REPO_ROOT,
-    run_name: str | None = None,
-    callbacks: Sequence[Any] = (),
+    options: RunOptions | None = None,
 ) -> StageResult:
     """Label-free format warm-up: teach the output contract without teaching the answer.
 
@@ -222,12 +231,11 @@ def run_format_warmup(
         answer: ``"masked"`` or ``"random"``; default from the profile.
         max_steps: override the stage's steps.
         seed: override the profile's seed.
-        tracking: log to MLflow (the current tracking URI).
-        progress: show a progress bar.
-        resume: resume from the last checkpoint in ``out_dir`` when the stage did not finish.
-        repo_root: where the git commit and DVC data version are read.
-        run_name: MLflow run name (default ``warmup-<time>``).
-        callbacks: extra ``transformers.TrainerCallback`` objects.
+        options: how the stage runs (tracking, progress, resume, provenance, run name, callbacks);
+            default :class:`RunOptions`'s.
+
+    The six positional parameters are the ones every stage takes (its callers, the CLI and the
+    Dagster assets, call each stage alike): hence ten parameters.
 
     Returns:
         A :class:`StageResult`; the model is not registered (it is a starting point, not a
@@ -251,25 +259,19 @@ def run_format_warmup(
         )
         if value is not None
     }
-    return _sft_like(
+    run = _SftRun(
         stage="warmup",
-        profile=profile,
-        start_model=Path(start_model),
         cases=cases,
         targets=targets,
-        out_dir=Path(out_dir),
+        prompts=PromptOptions(image_position=profile.image_position),
         overrides=overrides,
-        max_steps=max_steps,
-        seed=seed,
         mask_answer=answer == "masked",
         params={"warmup_answer": answer, "seed": run_seed},
         register_as=None,
         eval_cases=validation_cases(cohort_dir, splits_path, images_dir),
-        prompts=PromptOptions(image_position=profile.image_position),
-        options=RunOptions(
-            tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path)
-        ),
     )
+    job = _sft_job(run, profile, Path(start_model), Path(out_dir), max_steps, seed, Path(splits_path))
+    return run_trainer(job, options or RunOptions())
 
 
 def run_sft(
@@ -283,13 +285,7 @@ def run_sft(
     rationale: bool | None = None,
     max_steps: int | None = None,
     seed: int | None = None,
-    register: bool = True,
-    tracking: bool = True,
-    progress: bool = False,
-    resume: bool = True,
-    repo_root: str | Path = REPO_ROOT,
-    run_name: str | None = None,
-    callbacks: Sequence[Any] = (),
+    options: RunOptions | None = None,
 ) -> StageResult:
     """Supervised fine-tuning (the paper's baseline) with TRL's ``SFTTrainer``.
 
@@ -299,12 +295,12 @@ def run_sft(
 
     Args:
         profile, start_model, cohort_dir, splits_path, images_dir, out_dir: as in
-            :func:`run_format_warmup`.
+            :func:`run_format_warmup` (the six every stage takes: hence ten parameters).
         rationale: include the findings rationale in the targets.
         max_steps: override the number of steps (default: the profile's epochs).
         seed: override the profile's seed.
-        register: register the model as a version of ``ecg-r1-sft`` (needs tracking).
-        tracking, progress, resume, repo_root, run_name, callbacks: as in :func:`run_format_warmup`.
+        options: how the stage runs (tracking, registration as a version of ``ecg-r1-sft``,
+            progress, resume); default :class:`RunOptions`'s.
 
     Returns:
         A :class:`StageResult` with ``registered`` set when registered.
@@ -317,18 +313,12 @@ def run_sft(
     prompts = prompt_options(profile, "sft")
     cases = load_cases(cohort_dir, splits_path, images_dir, "train")
     findings = case_findings(cases, cohort_dir) if with_findings else None
-    targets = sft_targets(cases, rationale=rationale, findings=findings)
-    eval_cases = validation_cases(cohort_dir, splits_path, images_dir)
-    return _sft_like(
+    run = _SftRun(
         stage="sft",
-        profile=profile,
-        start_model=Path(start_model),
         cases=cases,
-        targets=targets,
-        out_dir=Path(out_dir),
+        targets=sft_targets(cases, rationale=rationale, findings=findings),
+        prompts=prompts,
         overrides={},
-        max_steps=max_steps,
-        seed=seed,
         mask_answer=False,
         params={
             "sft_rationale": rationale,
@@ -336,10 +326,8 @@ def run_sft(
             **asdict(prompts),
             "seed": seed if seed is not None else profile.seed,
         },
-        register_as=MODEL_NAMES["sft"] if register and tracking else None,
-        eval_cases=eval_cases,
-        prompts=prompts,
-        options=RunOptions(
-            tracking, progress, resume, Path(repo_root), run_name, callbacks, Path(splits_path)
-        ),
+        register_as=MODEL_NAMES["sft"],
+        eval_cases=validation_cases(cohort_dir, splits_path, images_dir),
     )
+    job = _sft_job(run, profile, Path(start_model), Path(out_dir), max_steps, seed, Path(splits_path))
+    return run_trainer(job, options or RunOptions())

@@ -9,9 +9,11 @@ It reads the training split, trains from ``start_model`` (a model folder), saves
 hyperparameters, data version, git commit, seed, start model), per-step metrics, sample
 completions as a table, and, for SFT and GRPO, a registered version of ``ecg-r1-sft`` /
 ``ecg-r1-grpo`` tagged with the data version and configuration. The folder layout and resume
-rules are :mod:`ecg_r1.training.runner`'s; SFT and the warm-up live in
-:mod:`ecg_r1.training.sft`, GRPO in :mod:`ecg_r1.training.grpo`; this module adds the vision
-pre-training stage, the base model and the registry of stages.
+rules are :mod:`ecg_r1.training.stage_folder`'s, the trainer run :mod:`ecg_r1.training.runner`'s;
+SFT and the warm-up live in :mod:`ecg_r1.training.sft`, GRPO in :mod:`ecg_r1.training.grpo`; this
+module adds the vision pre-training stage, the base model and the registry of stages. The trainer
+stages take how they run (tracking, registration, progress, resume, run name) as one
+:class:`ecg_r1.training.runner.RunOptions`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import polars as pl
 
+from ecg_r1.constants import REPO_ROOT
 from ecg_r1.modeling.profiles import Profile, load_random_architecture
 from ecg_r1.training.data import (
     case_findings,
@@ -30,22 +33,17 @@ from ecg_r1.training.data import (
     load_cases,
 )
 from ecg_r1.training.grpo import run_grpo
-from ecg_r1.training.runner import (
-    MODEL,
-    REPO_ROOT,
-    RESULT_FILE,
-    StageResult,
-    as_profile,
+from ecg_r1.training.run_log import (
     log_model_folder,
     log_run_metrics,
     log_run_params,
-    peak_rss_mb,
-    prepare_out_dir,
     profile_params,
     run_provenance,
     tracked_run,
 )
+from ecg_r1.training.runner import as_profile
 from ecg_r1.training.sft import run_format_warmup, run_sft
+from ecg_r1.training.stage_folder import MODEL, RESULT_FILE, StageResult, peak_rss_mb, prepare_out_dir
 
 STAGES = ("vision", "warmup", "sft", "grpo")
 

@@ -27,10 +27,10 @@ from ecg_r1.data.split import SPLITS_FILE
 from ecg_r1.modeling.build import checkpoint_record
 from ecg_r1.modeling.device import DEVICE_ENV, device_setting
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, load_profile
-from ecg_r1.training import runner, stages
+from ecg_r1.training import runner, stage_folder, stages
 
 GROUP = "models"
-MODEL_DIR = runner.MODEL
+MODEL_DIR = stage_folder.MODEL
 CHECKPOINT_FILE = "checkpoint.json"  # base_model's record of a pretrained checkpoint
 
 
@@ -99,7 +99,7 @@ def model_folder(layout: DataLayout, asset_name: str) -> Path:
     """The model folder an upstream asset left (a finished stage's, the base model built here, or
     the pretrained checkpoint the base model recorded)."""
     record = stage_dir(layout, asset_name) / CHECKPOINT_FILE
-    result = runner.read_result(stage_dir(layout, asset_name))
+    result = stage_folder.read_result(stage_dir(layout, asset_name))
     if record.is_file():
         folder = Path(json.loads(record.read_text())["model_dir"])
     else:
@@ -155,30 +155,19 @@ def _run_stage(
     kwargs: dict,
 ) -> dict:
     """Run the stage in this process or through torchrun; its result as plain metadata."""
+    name = context.asset_key.path[-1]
     if config.launcher == "torchrun":
-        args = launching.train_arguments(
-            stage,
-            config.profile,
-            _data(layout),
-            out_dir,
-            start,
-            context.asset_key.path[-1],
-            _overrides(config),
-            config.launch_config,
-            **kwargs,
-        )
+        args = launching.train_arguments(stage, config.profile, _data(layout), out_dir, start, name)
+        args += launching.option_flags(_overrides(config), config.launch_config, **kwargs)
         return launching.launch_stage(context, args, out_dir, config.nproc_per_node, uri)
-    run = stages.stage_function(stage)
-    result = run(
-        config.profile,
-        start,
-        out_dir=out_dir,
-        repo_root=layout.root,
-        run_name=context.asset_key.path[-1],
-        **_data(layout),
-        **_overrides(config),
-        **kwargs,
-    )
+    common = {"out_dir": out_dir, **_data(layout), **_overrides(config)}
+    if stage == "vision":
+        result = stages.run_vision_stage(
+            config.profile, start, repo_root=layout.root, run_name=name, **common
+        )
+    else:
+        options = runner.RunOptions(repo_root=layout.root, run_name=name, **kwargs)
+        result = stages.stage_function(stage)(config.profile, start, options=options, **common)
     context.log.info(f"{stage}: {result.steps} steps in {result.seconds:.0f} s, run {result.run_id}")
     return result_metadata(result)
 
