@@ -445,6 +445,30 @@ class TestVisionPretrain:
         for got, want in zip(tokens, expected, strict=True):  # up to the float16 pixel cache
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
 
+    @pytest.mark.parametrize(
+        ("truth", "predicted", "f1"),
+        [
+            ([1, 1, 0, 0], [1, 0, 1, 0], 0.5),
+            ([1, 1, 1, 0, 0], [1, 0, 0, 1, 1], 2 / 6),
+            ([1, 0, 1], [1, 0, 1], 1.0),
+            ([1, 1, 0], [0, 0, 0], 0.0),
+            ([0, 0, 0], [0, 0, 0], 0.0),  # no lead inverted nor predicted: 0, without a warning
+        ],
+    )
+    def test_twi_f1_is_2tp_over_predicted_plus_true_leads(self, truth, predicted, f1):
+        import warnings
+
+        from ecg_r1.training.vision import twi_f1
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert twi_f1(np.array(truth, dtype=bool), np.array(predicted, dtype=bool)) == f1
+
+    def test_twi_f1_of_no_measured_lead_is_nan_as_the_accuracy_beside_it(self):
+        from ecg_r1.training.vision import twi_f1
+
+        assert np.isnan(twi_f1(np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)))
+
     def test_an_unknown_head_is_refused(self):
         from ecg_r1.training.vision import _head
 

@@ -537,14 +537,23 @@ def _evaluate(tower: _Tower, eval_idx: np.ndarray, batch_size: int) -> dict[str,
     leads = torch.zeros_like(t_ok)
     leads[:, : len(LEADS)] = True
     predicted, truth = (logits[t_ok & leads] > 0), t[t_ok & leads].bool()
-    tp = float((predicted & truth).sum())
     flags_ok = t_ok & ~leads
     evaluation = {
         "eval_cases": float(len(eval_idx)),
         "eval_twi_accuracy": float((predicted == truth).float().mean()),
-        "eval_twi_f1": 2 * tp / max(1.0, float(predicted.sum() + truth.sum())),
+        "eval_twi_f1": twi_f1(truth.cpu().numpy(), predicted.cpu().numpy()),
         "eval_findings_accuracy": float(((logits[flags_ok] > 0) == t[flags_ok].bool()).float().mean()),
         "eval_reg_mse": float(((values[r_ok] - r[r_ok]) ** 2).mean()) if r_ok.any() else float("nan"),
     }
     logger.info("vision pre-training held-out: %s", evaluation)
     return evaluation
+
+
+def twi_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """F1 of the predicted TWI leads (scikit-learn's ``f1_score``): 0 where no lead is inverted
+    nor predicted, NaN where no lead could be measured (as the accuracies beside it)."""
+    from sklearn.metrics import f1_score
+
+    if truth.size == 0:
+        return float("nan")
+    return float(f1_score(truth, predicted, zero_division=0.0))
