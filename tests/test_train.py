@@ -498,6 +498,19 @@ class TestVisionPretrain:
 
         assert np.isnan(twi_f1(np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)))
 
+    @pytest.mark.parametrize(
+        "cases", [pl.DataFrame({"image_path": [], "row": []}), pl.DataFrame({"row": [0]})]
+    )
+    def test_no_case_or_a_missing_column_is_refused_before_any_model_loads(self, cases, tmp_path):
+        from ecg_r1.modeling.profiles import load_profile
+        from ecg_r1.training.vision import run_vision_pretrain
+
+        with pytest.raises(ValueError, match="image_path and row"):
+            run_vision_pretrain(
+                tmp_path / "no-model", load_profile("tiny"), cases, tmp_path, tmp_path / "out"
+            )
+        assert not (tmp_path / "out").exists()
+
     def test_an_unknown_head_is_refused(self):
         from ecg_r1.training.vision import _head
 
