@@ -446,6 +446,72 @@ class TestVisionPretrain:
         for got, want in zip(tokens, expected, strict=True):  # up to the float16 pixel cache
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
 
+    @staticmethod
+    def _learning_rates(steps: int) -> list[float]:
+        """The learning rate of each of ``steps`` optimiser steps under the stage's schedule, as
+        fractions of the peak (the stage steps the schedule once per optimiser step)."""
+        import torch
+
+        from ecg_r1.training.vision import _lr_schedule
+
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, rates = _lr_schedule(optimizer, steps), []
+        for _ in range(steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    def test_the_learning_rate_warms_up_over_5_percent_then_follows_a_cosine_to_zero(self):
+        import math
+
+        rates = self._learning_rates(300)
+        assert rates[:15] == [k / 15 for k in range(15)]  # linear from 0 over 15 = 300 // 20 steps
+        assert rates[15] == 1.0
+        for step in (16, 100, 157, 299):
+            assert rates[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 15) / 285)), rel=1e-12)
+
+    def test_a_run_under_20_steps_has_no_warm_up(self):
+        # the values of the schedule written by hand before, which short runs (the tests') keep
+        assert self._learning_rates(3) == [1.0, 0.75, 0.2500000000000001]
+
+    @pytest.mark.parametrize(
+        ("truth", "predicted", "f1"),
+        [
+            ([1, 1, 0, 0], [1, 0, 1, 0], 0.5),
+            ([1, 1, 1, 0, 0], [1, 0, 0, 1, 1], 2 / 6),
+            ([1, 0, 1], [1, 0, 1], 1.0),
+            ([1, 1, 0], [0, 0, 0], 0.0),
+            ([0, 0, 0], [0, 0, 0], 0.0),  # no lead inverted nor predicted: 0, without a warning
+        ],
+    )
+    def test_twi_f1_is_2tp_over_predicted_plus_true_leads(self, truth, predicted, f1):
+        import warnings
+
+        from ecg_r1.training.vision import twi_f1
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert twi_f1(np.array(truth, dtype=bool), np.array(predicted, dtype=bool)) == f1
+
+    def test_twi_f1_of_no_measured_lead_is_nan_as_the_accuracy_beside_it(self):
+        from ecg_r1.training.vision import twi_f1
+
+        assert np.isnan(twi_f1(np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)))
+
+    @pytest.mark.parametrize(
+        "cases", [pl.DataFrame({"image_path": [], "row": []}), pl.DataFrame({"row": [0]})]
+    )
+    def test_no_case_or_a_missing_column_is_refused_before_any_model_loads(self, cases, tmp_path):
+        from ecg_r1.modeling.profiles import load_profile
+        from ecg_r1.training.vision import run_vision_pretrain
+
+        with pytest.raises(ValueError, match="image_path and row"):
+            run_vision_pretrain(
+                tmp_path / "no-model", load_profile("tiny"), cases, tmp_path, tmp_path / "out"
+            )
+        assert not (tmp_path / "out").exists()
+
     def test_an_unknown_head_is_refused(self):
         from ecg_r1.training.vision import _head
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -44,6 +44,9 @@ from ecg_r1.training.run_log import (
 from ecg_r1.training.runner import as_profile
 from ecg_r1.training.sft import run_format_warmup, run_sft
 from ecg_r1.training.stage_folder import MODEL, RESULT_FILE, StageResult, peak_rss_mb, prepare_out_dir
+
+if TYPE_CHECKING:
+    from ecg_r1.training.vision import VisionPretrainResult
 
 STAGES = ("vision", "warmup", "sft", "grpo")
 
@@ -69,7 +72,9 @@ def run_vision_stage(
     on the training split's TWI cases (labelled or not), tracked in MLflow like the other stages.
 
     The stage is short (a few minutes at most), so it is re-run from the start when interrupted
-    rather than checkpointed.
+    rather than checkpointed. Its eleven parameters are the ones every stage takes
+    (:func:`stage_function`'s callers, the CLI and the Dagster assets, pass the same keywords to
+    each stage).
 
     Returns:
         A :class:`StageResult` whose ``metrics`` include the held-out TWI-lead accuracy.
@@ -82,29 +87,25 @@ def run_vision_stage(
     prepare_out_dir(out_dir, resume=False)
     cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
     provenance = run_provenance(Path(repo_root))
-    stage_cfg = profile.stage_settings("vision")
-    with tracked_run(
-        tracking, profile, "vision", out_dir, run_name, {"profile": profile.name, **provenance}
-    ) as run_id:
-        steps = int(max_steps if max_steps is not None else stage_cfg["steps"])
-        log_run_params(
-            run_id,
-            {
-                "stage": "vision",
-                "start_model": str(start_model),
-                "seed": seed if seed is not None else profile.seed,
-                "data": data_summary(cases),
-                "vision_pretrain": stage_cfg | {"steps": steps},
-                "profile": profile_params(profile),
-                **provenance,
-            },
-        )
+    settings = profile.stage_settings("vision")
+    steps = int(max_steps if max_steps is not None else settings["steps"])
+    tags = {"profile": profile.name, **provenance}
+    with tracked_run(tracking, profile, "vision", out_dir, run_name, tags) as run_id:
+        params = {
+            "stage": "vision",
+            "start_model": str(start_model),
+            "seed": seed if seed is not None else profile.seed,
+            "data": data_summary(cases),
+            "vision_pretrain": settings | {"steps": steps},
+            "profile": profile_params(profile),
+            **provenance,
+        }
+        log_run_params(run_id, params)
         started = time.perf_counter()
         outcome = run_vision_pretrain(
             start_model,
             profile,
-            cases["image_path"].to_list(),
-            cases["row"].to_list(),
+            cases,
             cohort_dir,
             out_dir / MODEL,
             steps=steps,
@@ -112,18 +113,32 @@ def run_vision_stage(
             on_step=lambda step, metrics: log_run_metrics(run_id, metrics, step),
         )
         seconds = time.perf_counter() - started
-        batch = int(stage_cfg["batch_size"])
-        summary = {
-            "train_seconds": outcome.seconds,
-            "seconds_per_step": outcome.seconds / max(1, outcome.steps),
-            "samples_per_second": outcome.steps * batch / outcome.seconds if outcome.seconds else 0.0,
-            "peak_rss_mb": peak_rss_mb(),
-            **outcome.eval,
-        }
+        summary = _vision_summary(outcome, int(settings["batch_size"]))
         log_run_metrics(run_id, summary, outcome.steps)
         if run_id is not None:
             log_model_folder(run_id, outcome.model_dir)
-    result = StageResult(
+    result = _vision_result(outcome, run_id, seconds, summary)
+    (out_dir / RESULT_FILE).write_text(result.to_json())
+    return result
+
+
+def _vision_summary(outcome: VisionPretrainResult, batch_size: int) -> dict[str, float]:
+    """The run's speed and memory and the held-out figures, as the other stages summarise theirs."""
+    return {
+        "train_seconds": outcome.seconds,
+        "seconds_per_step": outcome.seconds / max(1, outcome.steps),
+        "samples_per_second": outcome.steps * batch_size / outcome.seconds if outcome.seconds else 0.0,
+        "peak_rss_mb": peak_rss_mb(),
+        **outcome.eval,
+    }
+
+
+def _vision_result(
+    outcome: VisionPretrainResult, run_id: str | None, seconds: float, summary: dict[str, float]
+) -> StageResult:
+    """The stage's :class:`StageResult`: a fresh run (no resume), not registered, its metrics
+    the last logged step's and the summary."""
+    return StageResult(
         stage="vision",
         model_dir=outcome.model_dir,
         run_id=run_id,
@@ -137,8 +152,6 @@ def run_vision_stage(
         metrics={**(outcome.history[-1] if outcome.history else {}), **summary},
         history=outcome.history,
     )
-    (out_dir / RESULT_FILE).write_text(result.to_json())
-    return result
 
 
 def build_start_model(

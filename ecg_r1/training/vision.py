@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,111 +255,145 @@ def page_tokens(model: Any, processor: Any, image_paths: list[str], batch_size: 
     return np.concatenate(parts)
 
 
+# Share of the cases held out to report target accuracy (only from 10 cases on), and the interval
+# in steps of the logged training metrics.
+EVAL_FRACTION = 0.1
+LOG_EVERY = 10
+
+
 def run_vision_pretrain(
     model_dir: str | Path,
     profile: Profile,
-    image_paths: list[str],
-    signal_rows: list[int],
+    cases: pl.DataFrame,
     cohort_dir: str | Path,
     out_dir: str | Path,
+    *,
     steps: int | None = None,
-    learning_rate: float | None = None,
-    batch_size: int | None = None,
     seed: int | None = None,
-    eval_fraction: float = 0.1,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    log_every: int = 10,
 ) -> VisionPretrainResult:
     """Pre-train the vision tower of a model folder on signal-measured targets.
 
     Args:
         model_dir: the starting model folder (usually the base model).
         profile: the model profile (image bounds, dtype; ``stages.vision_pretrain`` gives the
-            default steps, learning_rate and batch_size).
-        image_paths: rendered page of each case.
-        signal_rows: each case's row in the cohort's signal array (the targets are measured there).
+            steps, learning_rate, batch_size, head and finding_targets).
+        cases: one row per case with its rendered page (``image_path``) and its row in the
+            cohort's signal array (``row``; the targets are measured there), as
+            :func:`ecg_r1.training.data.load_cases` gives them.
         cohort_dir: the cohort folder holding the signals.
         out_dir: where the model folder with the updated vision tower is saved.
-        steps, learning_rate, batch_size, seed: override the profile's stage settings.
-        eval_fraction: share of the cases held out to report target accuracy (0 for none).
-        on_step: called as ``on_step(step, metrics)`` every ``log_every`` steps (MLflow, progress).
-        log_every: logging interval in steps.
+        steps, seed: override the profile's steps and seed.
+        on_step: called as ``on_step(step, metrics)`` every :data:`LOG_EVERY` steps and at the
+            last one (MLflow, progress).
 
     Returns:
         A :class:`VisionPretrainResult`.
 
     Raises:
-        ValueError: when no case is given or image and signal lists differ in length.
+        ValueError: when no case is given or ``cases`` lacks a column.
     """
     import torch
 
-    from ecg_r1.data.features import measure_features
-    from ecg_r1.modeling.device import autocast, resolve_device
-    from ecg_r1.modeling.models import load_model_and_processor, save_model_folder
+    from ecg_r1.modeling.models import save_model_folder
 
-    if not image_paths or len(image_paths) != len(signal_rows):
+    missing = sorted({"image_path", "row"} - set(cases.columns))
+    if missing or cases.height == 0:
         raise ValueError(
-            f"need one signal row per image and at least one case; got {len(image_paths)} images, "
-            f"{len(signal_rows)} rows"
+            f"vision pre-training needs at least one case with image_path and row; got {cases.height} "
+            f"cases lacking {missing}"
         )
     stage = profile.stage_settings("vision")
     steps = int(steps if steps is not None else stage["steps"])
-    learning_rate = float(learning_rate if learning_rate is not None else stage["learning_rate"])
-    batch_size = int(batch_size if batch_size is not None else stage["batch_size"])
     seed = int(seed if seed is not None else profile.seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    targets = _signal_targets(cohort_dir, cases["row"].to_list(), bool(stage["finding_targets"]))
+    tower, model, processor = _load_tower(model_dir, profile, cases["image_path"].to_list(), targets, stage)
+    eval_idx, train_idx = _held_out_split(cases.height, rng)
+    batch_size = int(stage["batch_size"])
+    history, seconds = _train(
+        tower, train_idx, steps, float(stage["learning_rate"]), batch_size, rng, on_step
+    )
+    evaluation = _evaluate(tower, eval_idx, batch_size) if len(eval_idx) else {}
+    info = {
+        "stage": "vision_pretrain",
+        "profile": profile.name,
+        "started_from": str(model_dir),
+        "steps": steps,
+        "learning_rate": float(stage["learning_rate"]),
+        "batch_size": batch_size,
+        "cases": cases.height,
+        **evaluation,
+    }
+    save_model_folder(model, processor, out_dir, info=info)
+    return VisionPretrainResult(Path(out_dir), steps, seconds, history, evaluation)
 
-    signals = open_signals(cohort_dir)
+
+def _signal_targets(cohort_dir: str | Path, signal_rows: list[int], finding_targets: bool) -> VisionTargets:
+    """:func:`measured_targets` of the cases' signals."""
+    from ecg_r1.data.features import measure_features
+
     started = time.perf_counter()
+    signals = open_signals(cohort_dir)
     features = measure_features(np.asarray(signals[np.asarray(signal_rows)]))
-    targets = measured_targets(features, finding_targets=bool(stage["finding_targets"]))
+    targets = measured_targets(features, finding_targets=finding_targets)
     logger.info(
         "measured vision targets for %d cases in %.1f s", len(signal_rows), time.perf_counter() - started
     )
+    return targets
 
-    # The tower trains in full: float32 weights on the device (a bfloat16 tower under the float32
-    # head failed: "mat1 and mat2 must have the same dtype").
-    device = resolve_device(profile)
-    model, processor = load_model_and_processor(model_dir, profile, dtype=torch.float32, device=device)
-    pixels, grid = _pixel_batches(processor, image_paths)
-    logger.info("pre-processed %d pages to %s pixel patches", len(image_paths), tuple(pixels.shape[1:]))
-    visual = model.model.visual
-    merge = visual.spatial_merge_size
-    tokens = int(grid.prod()) // merge**2
-    hidden = model.config.text_config.hidden_size
-    binary = targets.twi.shape[1]
-    head = _head(str(stage["head"]), hidden, tokens, binary + len(REGRESSION_TARGETS)).to(device)
 
-    order = rng.permutation(len(image_paths))
-    n_eval = int(round(eval_fraction * len(order))) if len(order) >= 10 else 0
-    eval_idx, train_idx = order[:n_eval], order[n_eval:]
-    twi = torch.tensor(targets.twi, dtype=torch.float32, device=device)
-    reg = torch.tensor(targets.regression, dtype=torch.float32, device=device)
+@dataclass
+class _Tower:
+    """The vision tower in training, its readout head, and the cases' pages and targets.
 
-    visual.train()
-    params = [*visual.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))),
-    )
+    Attributes:
+        visual: the model's vision tower.
+        head: the readout head (:func:`_head`); its first ``binary`` outputs are logits.
+        pixels, grid: every page's pixel values and the common grid (:func:`_pixel_batches`).
+        twi, regression: the targets (:class:`VisionTargets`) on the device.
+        profile, device: the profile's precision on ``device``.
+    """
 
-    def forward(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # (readouts, batch, outputs): every readout is scored on every target; the losses in float32.
-        # The profile's precision on a GPU; float32 on a CPU, where this stage always ran (bfloat16
-        # there is slower for the tower's convolution and attention: ecg_r1.modeling.device).
-        with autocast(profile, device) if device == "cuda" else contextlib.nullcontext():
-            out = head(tower_tokens(visual, pixels[torch.as_tensor(idx)], grid)).float()
+    visual: Any
+    head: torch.nn.Module
+    pixels: torch.Tensor
+    grid: torch.Tensor
+    twi: torch.Tensor
+    regression: torch.Tensor
+    profile: Profile
+    device: str
+
+    def forward(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits and values of cases ``idx``, one row per readout and case, with each row's case.
+
+        Every readout is scored on every target; the outputs are float32 for the losses. The
+        profile's precision on a GPU; float32 on a CPU, where this stage always ran (bfloat16
+        there is slower for the tower's convolution and attention: ecg_r1.modeling.device).
+        """
+        import torch
+
+        from ecg_r1.modeling.device import autocast
+
+        binary = self.twi.shape[1]
+        cuda = self.device == "cuda"
+        with autocast(self.profile, self.device) if cuda else contextlib.nullcontext():
+            out = self.head(tower_tokens(self.visual, self.pixels[torch.as_tensor(idx)], self.grid)).float()
         return (
             out[..., :binary].flatten(0, 1),
             out[..., binary:].flatten(0, 1),
-            torch.as_tensor(np.tile(idx, len(out)), device=device),
+            torch.as_tensor(np.tile(idx, len(out)), device=self.device),
         )
 
-    def losses(logits: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        t, r = twi[idx], reg[idx]
+    def losses(
+        self, logits: torch.Tensor, values: torch.Tensor, idx: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Binary cross-entropy on the measured binary targets plus the squared error of the
+        measured regression targets (NaN targets left out), and the batch's binary accuracy."""
+        import torch
+
+        t, r = self.twi[idx], self.regression[idx]
         t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
         bce = (
             torch.nn.functional.binary_cross_entropy_with_logits(logits[t_ok], t[t_ok], reduction="mean")
@@ -375,23 +408,96 @@ def run_vision_pretrain(
         )
         return {"loss": bce + mse, "twi_loss": bce, "reg_loss": mse, "twi_accuracy": hits}
 
+
+def _load_tower(
+    model_dir: str | Path,
+    profile: Profile,
+    image_paths: list[str],
+    targets: VisionTargets,
+    stage: Mapping[str, Any],
+) -> tuple[_Tower, Any, Any]:
+    """The model folder's tower with a new ``stage["head"]`` readout and the cases' pages, and
+    the model and processor it belongs to."""
+    import torch
+
+    from ecg_r1.modeling.device import resolve_device
+    from ecg_r1.modeling.models import load_model_and_processor
+
+    # The tower trains in full: float32 weights on the device (a bfloat16 tower under the float32
+    # head failed: "mat1 and mat2 must have the same dtype").
+    device = resolve_device(profile)
+    model, processor = load_model_and_processor(model_dir, profile, dtype=torch.float32, device=device)
+    pixels, grid = _pixel_batches(processor, image_paths)
+    logger.info("pre-processed %d pages to %s pixel patches", len(image_paths), tuple(pixels.shape[1:]))
+    visual = model.model.visual
+    tokens = int(grid.prod()) // visual.spatial_merge_size**2
+    outputs = targets.twi.shape[1] + len(REGRESSION_TARGETS)
+    head = _head(str(stage["head"]), model.config.text_config.hidden_size, tokens, outputs).to(device)
+    tower = _Tower(
+        visual=visual,
+        head=head,
+        pixels=pixels,
+        grid=grid,
+        twi=torch.tensor(targets.twi, dtype=torch.float32, device=device),
+        regression=torch.tensor(targets.regression, dtype=torch.float32, device=device),
+        profile=profile,
+        device=device,
+    )
+    return tower, model, processor
+
+
+def _held_out_split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out and training case indices: :data:`EVAL_FRACTION` held out from 10 cases on."""
+    order = rng.permutation(n)
+    n_eval = int(round(EVAL_FRACTION * n)) if n >= 10 else 0
+    return order[:n_eval], order[n_eval:]
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' cosine schedule with a linear warm-up over the first 5% of the steps (none
+    under 20 steps): the schedule the tiny and smol profiles give SFT (``lr_scheduler_type:
+    cosine``, ``warmup_steps: 0.05``)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
+
+
+def _train(
+    tower: _Tower,
+    train_idx: np.ndarray,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    rng: np.random.Generator,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> tuple[list[dict[str, float]], float]:
+    """Train the tower and head for ``steps`` AdamW steps on batches drawn without replacement
+    from ``train_idx`` (reshuffled when an epoch ends).
+
+    Returns:
+        The logged steps' metrics (:attr:`VisionPretrainResult.history`) and the wall time.
+    """
+    import torch
+
+    tower.visual.train()
+    params = [*tower.visual.parameters(), *tower.head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
+    scheduler = _lr_schedule(optimizer, steps)
     history: list[dict[str, float]] = []
-    train_started = time.perf_counter()
+    started = time.perf_counter()
     position = len(train_idx)
     for step in range(1, steps + 1):
         if position + batch_size > len(train_idx):
             rng.shuffle(train_idx)
             position = 0
-        idx = train_idx[position : position + batch_size]
+        parts = tower.losses(*tower.forward(train_idx[position : position + batch_size]))
         position += batch_size
-        logits, values, tidx = forward(idx)
-        parts = losses(logits, values, tidx)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        if step % log_every == 0 or step == steps:
+        if step % LOG_EVERY == 0 or step == steps:
             metrics = {name: float(value.detach()) for name, value in parts.items()}
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             history.append({"step": step, **metrics})
@@ -404,44 +510,47 @@ def run_vision_pretrain(
             )
             if on_step is not None:
                 on_step(step, metrics)
-    seconds = time.perf_counter() - train_started
+    tower.visual.eval()
+    return history, time.perf_counter() - started
 
-    evaluation: dict[str, float] = {}
-    if len(eval_idx):
-        visual.eval()
-        with torch.no_grad():
-            logit_parts, value_parts = [], []
-            for start in range(0, len(eval_idx), batch_size):
-                batch_idx = eval_idx[start : start + batch_size]
-                logits, values, _ = forward(batch_idx)
-                logit_parts.append(logits[: len(batch_idx)])  # the first readout (positional if any)
-                value_parts.append(values[: len(batch_idx)])
-            logits, values = torch.cat(logit_parts), torch.cat(value_parts)
-        t, r = twi[torch.as_tensor(eval_idx, device=device)], reg[torch.as_tensor(eval_idx, device=device)]
-        t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
-        leads = torch.zeros_like(t_ok)
-        leads[:, : len(LEADS)] = True
-        predicted, truth = (logits[t_ok & leads] > 0), t[t_ok & leads].bool()
-        tp = float((predicted & truth).sum())
-        flags_ok = t_ok & ~leads
-        evaluation = {
-            "eval_cases": float(len(eval_idx)),
-            "eval_twi_accuracy": float((predicted == truth).float().mean()),
-            "eval_twi_f1": 2 * tp / max(1.0, float(predicted.sum() + truth.sum())),
-            "eval_findings_accuracy": float(((logits[flags_ok] > 0) == t[flags_ok].bool()).float().mean()),
-            "eval_reg_mse": float(((values[r_ok] - r[r_ok]) ** 2).mean()) if r_ok.any() else float("nan"),
-        }
-        logger.info("vision pre-training held-out: %s", evaluation)
-    visual.eval()
-    info = {
-        "stage": "vision_pretrain",
-        "profile": profile.name,
-        "started_from": str(model_dir),
-        "steps": steps,
-        "learning_rate": learning_rate,
-        "batch_size": batch_size,
-        "cases": len(image_paths),
-        **evaluation,
+
+def _evaluate(tower: _Tower, eval_idx: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Held-out figures of the first readout (positional where there is one): accuracy and F1
+    of the TWI leads, accuracy of the categorical findings, squared error of the regression."""
+    import torch
+
+    tower.visual.eval()
+    with torch.no_grad():
+        logit_parts, value_parts = [], []
+        for start in range(0, len(eval_idx), batch_size):
+            batch_idx = eval_idx[start : start + batch_size]
+            logits, values, _ = tower.forward(batch_idx)
+            logit_parts.append(logits[: len(batch_idx)])  # the first readout
+            value_parts.append(values[: len(batch_idx)])
+        logits, values = torch.cat(logit_parts), torch.cat(value_parts)
+    idx = torch.as_tensor(eval_idx, device=tower.device)
+    t, r = tower.twi[idx], tower.regression[idx]
+    t_ok, r_ok = ~torch.isnan(t), ~torch.isnan(r)
+    leads = torch.zeros_like(t_ok)
+    leads[:, : len(LEADS)] = True
+    predicted, truth = (logits[t_ok & leads] > 0), t[t_ok & leads].bool()
+    flags_ok = t_ok & ~leads
+    evaluation = {
+        "eval_cases": float(len(eval_idx)),
+        "eval_twi_accuracy": float((predicted == truth).float().mean()),
+        "eval_twi_f1": twi_f1(truth.cpu().numpy(), predicted.cpu().numpy()),
+        "eval_findings_accuracy": float(((logits[flags_ok] > 0) == t[flags_ok].bool()).float().mean()),
+        "eval_reg_mse": float(((values[r_ok] - r[r_ok]) ** 2).mean()) if r_ok.any() else float("nan"),
     }
-    save_model_folder(model, processor, out_dir, info=info)
-    return VisionPretrainResult(Path(out_dir), steps, seconds, history, evaluation)
+    logger.info("vision pre-training held-out: %s", evaluation)
+    return evaluation
+
+
+def twi_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """F1 of the predicted TWI leads (scikit-learn's ``f1_score``): 0 where no lead is inverted
+    nor predicted, NaN where no lead could be measured (as the accuracies beside it)."""
+    from sklearn.metrics import f1_score
+
+    if truth.size == 0:
+        return float("nan")
+    return float(f1_score(truth, predicted, zero_division=0.0))
