@@ -14,6 +14,7 @@ from test_models import write_profile
 from ecg_r1.data.yaml_config import ConfigFileError, typed_settings
 from ecg_r1.modeling import stage_settings
 from ecg_r1.modeling.profiles import (
+    TRAINER_KINDS,
     LoraSettings,
     Profile,
     ProfileError,
@@ -169,3 +170,22 @@ class TestTypedSettings:
     def test_the_prefix_places_the_keys(self) -> None:
         with pytest.raises(ConfigFileError, match="f.yaml: stages.x.image.width 'a' is not an integer"):
             typed_settings(self.Page, {"image": {"width": "a"}}, "f.yaml", prefix="stages.x")
+
+
+def test_the_command_line_and_dagster_read_the_settings_choices() -> None:
+    """The CLI's choices and the Dagster asset map come from the typed settings, not copies."""
+    import argparse
+
+    from dagster_project.defs.assets.model_assets import GRPO_STARTS
+    from ecg_r1.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    options = {
+        (command, action.dest): action.choices
+        for command in ("train", "launch-check")
+        for action in commands[command]._actions
+    }
+    assert options[("train", "answer")] == stage_settings.WARMUP_ANSWERS
+    assert options[("launch-check", "stage")] == TRAINER_KINDS
+    assert tuple(GRPO_STARTS) == stage_settings.GRPO_STARTS

@@ -46,6 +46,7 @@ RANDOM_MODELS_DIR = PROFILES_DIR.parent / "random_models"
 DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) uses unless told
 # The completion cap where a profile's grpo section sets none (TRL's GRPOConfig default).
 DEFAULT_MAX_COMPLETION_LENGTH = 256
+TRAINER_KINDS = ("sft", "grpo")  # the trainer sections, TRL's SFTConfig and GRPOConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 MixedPrecision = Literal["bfloat16", "float16"]
@@ -288,7 +289,7 @@ class Profile:
             ProfileError: for an unknown kind, or when a key is not a field of the TRL config
                 class (a typo would otherwise fail late, on a GPU).
         """
-        if kind not in ("sft", "grpo"):
+        if kind not in TRAINER_KINDS:
             raise ProfileError(f"trainer kind must be 'sft' or 'grpo', got {kind!r}")
         kwargs: dict[str, Any] = dict(self.sft if kind == "sft" else self.grpo)
         if kind == "sft":
