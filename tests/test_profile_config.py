@@ -14,6 +14,7 @@ from test_models import write_profile
 from ecg_r1.data.yaml_config import ConfigFileError, typed_settings
 from ecg_r1.modeling import stage_settings
 from ecg_r1.modeling.profiles import (
+    DEFAULT_MAX_COMPLETION_LENGTH,
     TRAINER_KINDS,
     LoraSettings,
     Profile,
@@ -189,3 +190,9 @@ def test_the_command_line_and_dagster_read_the_settings_choices() -> None:
     assert options[("train", "answer")] == stage_settings.WARMUP_ANSWERS
     assert options[("launch-check", "stage")] == TRAINER_KINDS
     assert tuple(GRPO_STARTS) == stage_settings.GRPO_STARTS
+
+
+def test_the_completion_cap_default_is_trls() -> None:
+    from trl import GRPOConfig
+
+    assert GRPOConfig.__dataclass_fields__["max_completion_length"].default == DEFAULT_MAX_COMPLETION_LENGTH

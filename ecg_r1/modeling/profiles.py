@@ -44,8 +44,9 @@ PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "profiles"
 # Sizes of random-initialised stand-ins of pretrained checkpoints (load_random_architecture).
 RANDOM_MODELS_DIR = PROFILES_DIR.parent / "random_models"
 DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) uses unless told
-# The completion cap where a profile's grpo section sets none (TRL's GRPOConfig default).
-DEFAULT_MAX_COMPLETION_LENGTH = 256
+# The completion cap where a profile's grpo section sets none: TRL's GRPOConfig default, which GRPO
+# then samples with (a test checks it is TRL's); generation reads it without importing TRL.
+DEFAULT_MAX_COMPLETION_LENGTH = 512
 TRAINER_KINDS = ("sft", "grpo")  # the trainer sections, TRL's SFTConfig and GRPOConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -308,33 +309,35 @@ class Profile:
             if self.use_vllm:
                 kwargs["vllm_mode"] = self.vllm_mode
             kwargs["reward_weights"] = self.reward_weights
-            per_step = kwargs.get("per_device_train_batch_size", 8) * kwargs.get(
-                "gradient_accumulation_steps", 1
-            )
-            generations = kwargs.get("num_generations", 8)
+        settings = _trainer_defaults(kind, kwargs, self.name) | kwargs  # the TRL config's values
+        if kind == "grpo":
+            per_step = settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"]
+            generations = settings["num_generations"]
             if per_step % generations:
                 raise ProfileError(
                     f"profile {self.name!r}: per_device_train_batch_size x gradient_accumulation_steps "
                     f"({per_step}) must be divisible by num_generations ({generations})"
                 )
-        _check_trainer_fields(kind, kwargs, self.name)
         return kwargs
 
 
-def _check_trainer_fields(kind: str, kwargs: Mapping[str, Any], profile_name: str) -> None:
-    from dataclasses import fields
+def _trainer_defaults(kind: str, kwargs: Mapping[str, Any], profile_name: str) -> dict[str, Any]:
+    """The defaults of TRL's config class for ``kind``, after checking that every key of
+    ``kwargs`` is one of its fields."""
+    from dataclasses import MISSING, fields
 
     if kind == "sft":
         from trl import SFTConfig as config_class
     else:
         from trl import GRPOConfig as config_class
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(kwargs) - known)
+    known = {f.name: f.default for f in fields(config_class)}
+    unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ProfileError(
             f"profile {profile_name!r}, section {kind!r}: {unknown} are not fields of trl.{config_class.__name__}; "
             "check the spelling against TRL's documentation"
         )
+    return {name: default for name, default in known.items() if default is not MISSING}
 
 
 def load_random_architecture(name_or_path: str | Path) -> TinyArchitecture:
