@@ -200,7 +200,9 @@ class TestTrainerKwargs:
         assert SFTConfig(output_dir=str(tmp_path), use_cpu=True, **kwargs).bf16
         assert load_profile("smol").trainer_kwargs("grpo")["bf16"] is True  # the CPU long run's setting
         assert load_profile("tiny").training_precision == "float32"  # tiny: autocast overhead, no gain
-        with pytest.raises(ProfileError, match="mixed_precision must be null or one of"):
+        with pytest.raises(
+            ProfileError, match="model.mixed_precision .float32. is not one of bfloat16, float16 or null"
+        ):
             load_profile(write_profile(tmp_path, model__mixed_precision="float32"))
 
     def test_vllm_switch_reaches_grpo(self, tmp_path):

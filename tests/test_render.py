@@ -667,5 +667,4 @@ class TestCli:
         from ecg_r1.cli import render as cli
         from ecg_r1.imaging import page
 
-        assert cli.LAYOUT_NAMES == page.LAYOUTS
         assert set(cli.PRESET_NAMES) == set(page.PRESETS)

@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from ecg_r1.modeling.profiles import DEFAULT_PROFILE
+from ecg_r1.modeling.profiles import DEFAULT_PROFILE, TRAINER_KINDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--profile", default=DEFAULT_PROFILE, help=f"profile name or YAML path (default {DEFAULT_PROFILE})"
     )
     parser.add_argument(
-        "--stage", choices=["sft", "grpo"], default="grpo", help="trainer section (default grpo)"
+        "--stage", choices=TRAINER_KINDS, default="grpo", help="trainer section (default grpo)"
     )
     parser.add_argument(
         "--num-processes", type=int, metavar="N", help="processes (GPUs) training (default: the config's)"

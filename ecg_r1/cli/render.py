@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 
 from ecg_r1.data.folders import check_out_folder
+from ecg_r1.imaging.layouts import LAYOUTS
 
 logger = logging.getLogger(__name__)
 
 # Spelled out so that `--help` does not import the renderer; a test checks they match it.
 PRESET_NAMES = ("clinical", "model-448", "model-896")
-LAYOUT_NAMES = ("3x4+rhythm", "6x2", "12x1", "medians+rhythm")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="starting settings: clinical = 2200x1700 px (200 dpi letter page); model-448 / model-896 = the "
         "sizes a vision-language model reads (default clinical)",
     )
-    parser.add_argument("--layout", choices=LAYOUT_NAMES, help="page layout (default 3x4+rhythm)")
+    parser.add_argument("--layout", choices=LAYOUTS, help="page layout (default 3x4+rhythm)")
     parser.add_argument(
         "--width", type=int, help="page width in pixels (height follows the paper unless --height)"
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE, Profile
+from ecg_r1.modeling.stage_settings import WARMUP_ANSWERS
 from ecg_r1.training.processes import world_rank
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default: the profile's)")
     parser.add_argument(
         "--answer",
-        choices=["masked", "random"],
+        choices=WARMUP_ANSWERS,
         help="warmup only: answer kept out of the loss, or drawn at random",
     )
     rationale = parser.add_mutually_exclusive_group()

@@ -28,12 +28,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
 from ecg_r1.imaging.augment import augment_image
+from ecg_r1.imaging.layouts import MEDIANS_LAYOUT
 from ecg_r1.imaging.medians import median_scale, median_traces
 from ecg_r1.imaging.page import (
     CAL_PULSE_S,
     CLINICAL,
     HEADER_TOP_MM,
-    MEDIANS_LAYOUT,
     RenderConfig,
     layout_rows,
     plan_page,

@@ -32,14 +32,13 @@ import numpy as np
 
 from ecg_r1.data.canonical import FS, LEADS, N_SAMPLES
 from ecg_r1.imaging.augment import Augment
+from ecg_r1.imaging.layouts import LAYOUTS, MEDIANS_LAYOUT
 
 # Bump whenever a change to this module or to :mod:`.draw` changes the pixels of a page: it is
 # part of the content hash, so every cached image is re-rendered once. A change of PNG encoding
 # alone (:mod:`.png`) that keeps the pixels needs no bump.
 RENDERER_VERSION = "1"
 
-MEDIANS_LAYOUT = "medians+rhythm"
-LAYOUTS: tuple[str, ...] = ("3x4+rhythm", "6x2", "12x1", MEDIANS_LAYOUT)
 RHYTHM_TRACE = len(LEADS)  # the medians layout's traces: 12 median rows, then lead II in full
 LETTER_LANDSCAPE_MM: tuple[float, float] = (279.4, 215.9)  # 11 x 8.5 in, the usual ECG printout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 # Note words: runs of two or more letters (digits, units' symbols and single letters such as the
 # "K" of "K+" are values and abbreviations, not vocabulary).
@@ -14,7 +15,8 @@ _NOTE_WORD_RE = re.compile(r"[^\W\d_]{2,}")
 # the words as written. "mark": each word no training note holds becomes UNSEEN_WORD, so a note in
 # another language reads as what it is to the model, a note of unknown words, and training can
 # show that form exactly (``note_scramble`` then marks every word of the note).
-UNSEEN_NOTE_WORDS: tuple[str, ...] = ("keep", "mark")
+UnseenNoteWords = Literal["keep", "mark"]
+UNSEEN_NOTE_WORDS: tuple[str, ...] = get_args(UnseenNoteWords)
 UNSEEN_WORD = "?"
 # A note with more than this share of its words unseen is shown with every word marked, the form
 # of a scrambled training note: the few words a foreign note shares with the training notes

@@ -15,14 +15,26 @@ The stage settings and their defaults are :mod:`ecg_r1.modeling.stage_settings`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from ecg_r1.data.yaml_config import ConfigFileError, load_yaml_mapping
+from annotated_types import Ge, Gt, Interval, MinLen
+
+from ecg_r1.data.yaml_config import (
+    FORBID_UNKNOWN_KEYS,
+    YAML_KEY,
+    ConfigFileError,
+    load_yaml_mapping,
+    typed_settings,
+)
+from ecg_r1.imaging.layouts import PageLayout
+from ecg_r1.modeling.notes import UnseenNoteWords
+from ecg_r1.modeling.prompts import ImagePosition
 from ecg_r1.modeling.sources import LANGUAGE_MODELS, TINY_SOURCE
-from ecg_r1.modeling.stage_settings import STAGE_DEFAULTS, STAGE_SECTIONS
+from ecg_r1.modeling.stage_settings import STAGE_DEFAULTS, STAGE_SECTIONS, StageSections
 
 if TYPE_CHECKING:  # heavy imports stay lazy so `ecg-r1 --help` and profile tests stay fast
     import peft
@@ -32,15 +44,30 @@ PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "profiles"
 # Sizes of random-initialised stand-ins of pretrained checkpoints (load_random_architecture).
 RANDOM_MODELS_DIR = PROFILES_DIR.parent / "random_models"
 DEFAULT_PROFILE = "tiny"  # the profile every entry point (CLI, Dagster config) uses unless told
-# The completion cap where a profile's grpo section sets none (TRL's GRPOConfig default).
-DEFAULT_MAX_COMPLETION_LENGTH = 256
+# The completion cap where a profile's grpo section sets none: TRL's GRPOConfig default, which GRPO
+# then samples with (a test checks it is TRL's); generation reads it without importing TRL.
+DEFAULT_MAX_COMPLETION_LENGTH = 512
+TRAINER_KINDS = ("sft", "grpo")  # the trainer sections, TRL's SFTConfig and GRPOConfig
 
-_DTYPES = ("float32", "bfloat16", "float16")
-_VLLM_MODES = ("colocate", "server")  # TRL GRPOConfig.vllm_mode
+Dtype = Literal["float32", "bfloat16", "float16"]
+MixedPrecision = Literal["bfloat16", "float16"]
+VllmMode = Literal["colocate", "server"]  # TRL GRPOConfig.vllm_mode
+Positive = Annotated[int, Gt(0)]
+# A new vision tower's sizes must give at least these (the rest fall to Qwen2VLVisionConfig's).
+VISION_SIZES = ("embed_dim", "depth", "num_heads")
 
 
 class ProfileError(ValueError):
     """A profile file is missing, malformed, or names an unknown setting."""
+
+
+def _at(place: str | None, default: Any = ..., *, factory: Any = None) -> Any:
+    """A profile field read from ``place`` in the file (dotted: ``image.width``; None: not from
+    the file), with its default (none given: the file must set it)."""
+    metadata = {YAML_KEY: place}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(metadata=metadata) if default is ... else field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -52,11 +79,12 @@ class LoraSettings:
     projection targets exist only in the language model.
     """
 
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = (
+    r: Positive = 16
+    alpha: Positive = 32
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.05
+    target_modules: Annotated[tuple[str, ...], MinLen(1)] = (
         "q_proj",
         "k_proj",
         "v_proj",
@@ -70,7 +98,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class TinyArchitecture:
-    """Sizes of the randomly initialised Qwen2-VL (``model.tiny`` section).
+    """Sizes of the randomly initialised Qwen2-VL (``model.tiny`` section, or a stand-in's sizes file).
 
     ``text`` and ``vision`` are passed to ``Qwen2VLTextConfig`` / ``Qwen2VLVisionConfig``
     (``mrope_section`` and ``rope_theta`` are moved into ``rope_parameters``; ``mrope_section``
@@ -78,14 +106,17 @@ class TinyArchitecture:
     ``tokenizer`` holds ``vocab_size`` and ``min_frequency`` for the byte-level BPE.
     """
 
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
     text: Mapping[str, Any]
     vision: Mapping[str, Any]
-    tokenizer: Mapping[str, Any]
+    tokenizer: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Profile:
-    """One model profile, loaded from YAML by :func:`load_profile`.
+    """One model profile, loaded from YAML by :func:`load_profile`: each field's type, bounds,
+    default and place in the file (``_at``) are written here once, and the file is validated
+    against them (:func:`ecg_r1.data.yaml_config.typed_settings`).
 
     Attributes:
         name: profile name (file stem unless ``name`` is set in the file); also the MLflow
@@ -101,7 +132,7 @@ class Profile:
         use_vllm: let GRPO generate with TRL's vLLM integration; ``vllm_mode`` colocate | server.
         image_width, image_height: the rendered page size the model reads (pixels); a height of
             None follows the paper's aspect ratio (224 wide -> 173 high on letter paper).
-        image_layout: the page layout (:data:`ecg_r1.imaging.page.LAYOUTS`).
+        image_layout: the page layout (:data:`ecg_r1.imaging.layouts.LAYOUTS`).
         image_position: where the page sits in the prompt
             (:data:`ecg_r1.modeling.prompts.IMAGE_POSITIONS`); the processor carries it to inference.
         unseen_note_words: ``keep`` | ``mark`` (:data:`ecg_r1.modeling.notes.UNSEEN_NOTE_WORDS`):
@@ -121,36 +152,63 @@ class Profile:
             still being measured).
         sft_rationale: SFT targets carry a rationale built from findings (else answer only).
         seed: random seed for model initialisation and trainers.
-        stages: other stage settings (``vision_pretrain``, ``format_warmup``...) as plain dicts,
-            read by the training code.
+        stages: other stage settings (``vision_pretrain``, ``format_warmup``...) as plain dicts of
+            the keys the file sets, validated against :mod:`ecg_r1.modeling.stage_settings`;
+            :meth:`stage_settings` adds the defaults.
         path: the YAML file it came from.
     """
 
-    name: str
-    source: str
-    dtype: str = "float32"
-    mixed_precision: str | None = None
-    attn_implementation: str | None = "sdpa"
-    gradient_checkpointing: bool = False
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
-    image_width: int = 224
-    image_height: int | None = None
-    image_layout: str = "3x4+rhythm"
-    image_position: str = "first"
-    unseen_note_words: str = "keep"
-    image_min_pixels: int = 56 * 56
-    image_max_pixels: int = 224 * 224
-    tiny: TinyArchitecture | None = None
-    vision: Mapping[str, Any] | None = None
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    sft: Mapping[str, Any] = field(default_factory=dict)
-    grpo: Mapping[str, Any] = field(default_factory=dict)
-    rewards: Mapping[str, float] = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
-    sft_rationale: bool = True
-    seed: int = 42
-    stages: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    path: Path | None = None
+    name: Annotated[str, MinLen(1)] = _at("name")
+    source: Annotated[str, MinLen(1)] = _at("model.source")
+    dtype: Dtype = _at("model.dtype", "float32")
+    mixed_precision: MixedPrecision | None = _at("model.mixed_precision", None)
+    attn_implementation: str | None = _at("model.attn_implementation", "sdpa")
+    gradient_checkpointing: bool = _at("model.gradient_checkpointing", False)
+    use_vllm: bool = _at("model.use_vllm", False)
+    vllm_mode: VllmMode = _at("model.vllm_mode", "colocate")
+    image_width: Positive = _at("image.width", 224)
+    image_height: Positive | None = _at("image.height", None)
+    image_layout: PageLayout = _at("image.layout", "3x4+rhythm")
+    image_position: ImagePosition = _at("image.position", "first")
+    unseen_note_words: UnseenNoteWords = _at("model.unseen_note_words", "keep")
+    image_min_pixels: Positive = _at("image.min_pixels", 56 * 56)
+    image_max_pixels: Positive = _at("image.max_pixels", 224 * 224)
+    tiny: TinyArchitecture | None = _at("model.tiny", None)
+    vision: Mapping[str, Any] | None = _at("model.vision", None)
+    lora: LoraSettings = _at("lora", factory=LoraSettings)
+    sft: Mapping[str, Any] = _at("sft", factory=dict)
+    grpo: Mapping[str, Any] = _at("grpo", factory=dict)
+    rewards: Annotated[Mapping[str, float], MinLen(1)] = _at(
+        "rewards", factory=lambda: {"format": 1.0, "accuracy": 1.0}
+    )
+    sft_rationale: bool = _at("model.sft_rationale", True)
+    seed: Annotated[int, Ge(0)] = _at("seed", 42)
+    stages: Mapping[str, Mapping[str, Any]] = _at("stages", factory=dict)
+    path: Path | None = _at(None, None)
+
+    def __post_init__(self) -> None:
+        """What spans fields: the sizes each kind of source needs, and the pixel bounds' order."""
+        if self.is_tiny and self.tiny is None:
+            raise ProfileError("source 'tiny' is built here: model.tiny needs its text and vision sizes")
+        if self.tiny is not None and not self.is_tiny:
+            raise ProfileError(
+                f"model.tiny is only for source {TINY_SOURCE!r} (a hub checkpoint brings its own sizes)"
+            )
+        if self.source in LANGUAGE_MODELS:
+            if self.vision is None or not set(VISION_SIZES) <= set(self.vision):
+                raise ProfileError(
+                    f"source {self.source!r} builds a new vision tower: model.vision needs at least "
+                    f"{', '.join(VISION_SIZES)}"
+                )
+        elif self.vision is not None:
+            raise ProfileError(
+                f"model.vision is only for sources {sorted(LANGUAGE_MODELS)} (tiny sizes go in "
+                "model.tiny.vision; a hub checkpoint brings its own)"
+            )
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ProfileError(
+                f"image.min_pixels ({self.image_min_pixels}) exceeds image.max_pixels ({self.image_max_pixels})"
+            )
 
     @property
     def is_tiny(self) -> bool:
@@ -232,7 +290,7 @@ class Profile:
             ProfileError: for an unknown kind, or when a key is not a field of the TRL config
                 class (a typo would otherwise fail late, on a GPU).
         """
-        if kind not in ("sft", "grpo"):
+        if kind not in TRAINER_KINDS:
             raise ProfileError(f"trainer kind must be 'sft' or 'grpo', got {kind!r}")
         kwargs: dict[str, Any] = dict(self.sft if kind == "sft" else self.grpo)
         if kind == "sft":
@@ -251,47 +309,35 @@ class Profile:
             if self.use_vllm:
                 kwargs["vllm_mode"] = self.vllm_mode
             kwargs["reward_weights"] = self.reward_weights
-            per_step = kwargs.get("per_device_train_batch_size", 8) * kwargs.get(
-                "gradient_accumulation_steps", 1
-            )
-            generations = kwargs.get("num_generations", 8)
+        settings = _trainer_defaults(kind, kwargs, self.name) | kwargs  # the TRL config's values
+        if kind == "grpo":
+            per_step = settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"]
+            generations = settings["num_generations"]
             if per_step % generations:
                 raise ProfileError(
                     f"profile {self.name!r}: per_device_train_batch_size x gradient_accumulation_steps "
                     f"({per_step}) must be divisible by num_generations ({generations})"
                 )
-        _check_trainer_fields(kind, kwargs, self.name)
         return kwargs
 
 
-def _check_trainer_fields(kind: str, kwargs: Mapping[str, Any], profile_name: str) -> None:
-    from dataclasses import fields
+def _trainer_defaults(kind: str, kwargs: Mapping[str, Any], profile_name: str) -> dict[str, Any]:
+    """The defaults of TRL's config class for ``kind``, after checking that every key of
+    ``kwargs`` is one of its fields."""
+    from dataclasses import MISSING, fields
 
     if kind == "sft":
         from trl import SFTConfig as config_class
     else:
         from trl import GRPOConfig as config_class
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(kwargs) - known)
+    known = {f.name: f.default for f in fields(config_class)}
+    unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ProfileError(
             f"profile {profile_name!r}, section {kind!r}: {unknown} are not fields of trl.{config_class.__name__}; "
             "check the spelling against TRL's documentation"
         )
-
-
-def random_architecture(sizes: Any, where: str) -> TinyArchitecture:
-    """The sizes of a randomly initialised Qwen2-VL (a tiny profile's ``model.tiny``, or a
-    stand-in checkpoint's sizes file): ``text`` and ``vision`` mappings, optional ``tokenizer``.
-
-    Raises:
-        ProfileError: when ``text`` or ``vision`` is missing (``where`` names the place).
-    """
-    if not isinstance(sizes, dict) or not {"text", "vision"} <= set(sizes):
-        raise ProfileError(f"{where}: a random-initialised model needs text and vision sizes")
-    return TinyArchitecture(
-        text=dict(sizes["text"]), vision=dict(sizes["vision"]), tokenizer=dict(sizes.get("tokenizer") or {})
-    )
+    return {name: default for name, default in known.items() if default is not MISSING}
 
 
 def load_random_architecture(name_or_path: str | Path) -> TinyArchitecture:
@@ -302,7 +348,8 @@ def load_random_architecture(name_or_path: str | Path) -> TinyArchitecture:
         ProfileError: when the file is missing or lacks text or vision sizes.
     """
     path, raw = _read_config(name_or_path, RANDOM_MODELS_DIR, "model sizes")
-    return random_architecture(raw, str(path))
+    with _as_profile_error():
+        return typed_settings(TinyArchitecture, raw, str(path))
 
 
 def available_profiles() -> list[str]:
@@ -336,7 +383,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
             type (the message names the file and the key).
     """
     path, raw = _read_config(name_or_path, PROFILES_DIR, "profile")
-    return _profile_from_dict(raw, path)
+    where = str(path)
+    with _as_profile_error():
+        stages = _stages(raw.get("stages"), where)
+        name = path.stem if raw.get("name") is None else raw["name"]
+        return typed_settings(Profile, raw, where, given={"name": name, "stages": stages, "path": path})
 
 
 def _read_config(name_or_path: str | Path, folder: Path, what: str) -> tuple[Path, dict[str, Any]]:
@@ -351,141 +402,26 @@ def _read_config(name_or_path: str | Path, folder: Path, what: str) -> tuple[Pat
         raise ProfileError(
             f"no {what} {str(name_or_path)!r}: {path} does not exist; shipped: {shipped_names(folder)}"
         )
-    try:
+    with _as_profile_error():
         return path, load_yaml_mapping(path)
+
+
+@contextlib.contextmanager
+def _as_profile_error() -> Iterator[None]:
+    """A config file's error (:class:`ConfigFileError`, one line naming the file) as a ProfileError."""
+    try:
+        yield
     except ConfigFileError as exc:
         raise ProfileError(str(exc)) from exc
 
 
-_TOP_KEYS = {"name", "model", "image", "lora", "sft", "grpo", "rewards", "seed", "stages"}
-_MODEL_KEYS = {
-    "source",
-    "dtype",
-    "mixed_precision",
-    "attn_implementation",
-    "gradient_checkpointing",
-    "use_vllm",
-    "vllm_mode",
-    "tiny",
-    "vision",
-    "sft_rationale",
-    "unseen_note_words",
-}
-_IMAGE_KEYS = {"width", "height", "layout", "position", "min_pixels", "max_pixels"}
-
-
-def _section(raw: Mapping[str, Any], key: str, allowed: set[str] | None, path: Path) -> dict[str, Any]:
-    value = raw.get(key) or {}
-    if not isinstance(value, dict):
-        raise ProfileError(f"{path}: section {key!r} must be a mapping, got {type(value).__name__}")
-    if allowed is not None and (unknown := sorted(set(value) - allowed)):
-        raise ProfileError(f"{path}: unknown keys {unknown} in section {key!r}; allowed: {sorted(allowed)}")
-    return dict(value)
-
-
-def _profile_from_dict(raw: Mapping[str, Any], path: Path) -> Profile:
-    if unknown := sorted(set(raw) - _TOP_KEYS):
-        raise ProfileError(f"{path}: unknown top-level keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
-    model = _section(raw, "model", _MODEL_KEYS, path)
-    image = _section(raw, "image", _IMAGE_KEYS, path)
-    lora = _section(
-        raw, "lora", {"enabled", "r", "alpha", "dropout", "target_modules", "modules_to_save"}, path
-    )
-    rewards = _section(raw, "rewards", None, path)
-    stages = _section(raw, "stages", set(STAGE_DEFAULTS), path)
-    for section, settings in stages.items():
-        if not isinstance(settings, dict | None):
-            raise ProfileError(f"{path}: stages.{section} must be a mapping, got {type(settings).__name__}")
-        if unknown := sorted(set(settings or {}) - set(STAGE_DEFAULTS[section])):
-            raise ProfileError(
-                f"{path}: unknown keys {unknown} in stages.{section}; allowed: {sorted(STAGE_DEFAULTS[section])}"
-            )
-    source = str(model.get("source", "")).strip()
-    if not source:
-        raise ProfileError(f"{path}: model.source is required ('tiny', a hub id, or a local folder)")
-    dtype = str(model.get("dtype", "float32"))
-    if dtype not in _DTYPES:
-        raise ProfileError(f"{path}: model.dtype must be one of {_DTYPES}, got {dtype!r}")
-    mixed_precision = model.get("mixed_precision")
-    if mixed_precision is not None and mixed_precision not in _DTYPES[1:]:
-        raise ProfileError(
-            f"{path}: model.mixed_precision must be null or one of {_DTYPES[1:]}, got {mixed_precision!r}"
-        )
-    vllm_mode = str(model.get("vllm_mode", "colocate"))
-    if vllm_mode not in _VLLM_MODES:
-        raise ProfileError(f"{path}: model.vllm_mode must be one of {_VLLM_MODES}, got {vllm_mode!r}")
-    tiny = random_architecture(model.get("tiny"), f"{path}: model.tiny") if source == TINY_SOURCE else None
-    vision = model.get("vision")
-    if source in LANGUAGE_MODELS:
-        if not isinstance(vision, dict) or not {"embed_dim", "depth", "num_heads"} <= set(vision):
-            raise ProfileError(
-                f"{path}: source {source!r} builds a new vision tower: model.vision needs at least "
-                "embed_dim, depth and num_heads"
-            )
-        vision = dict(vision)
-    elif vision is not None:
-        raise ProfileError(
-            f"{path}: model.vision is only for sources {sorted(LANGUAGE_MODELS)} (tiny sizes go in "
-            "model.tiny.vision; a hub checkpoint brings its own)"
-        )
-    for name, weight in rewards.items():
-        if not isinstance(weight, int | float):
-            raise ProfileError(f"{path}: reward {name!r} needs a numeric weight, got {weight!r}")
-    lora_settings = LoraSettings(
-        enabled=bool(lora.get("enabled", False)),
-        r=int(lora.get("r", 16)),
-        alpha=int(lora.get("alpha", 32)),
-        dropout=float(lora.get("dropout", 0.05)),
-        target_modules=tuple(lora.get("target_modules", LoraSettings.target_modules)),
-        modules_to_save=tuple(lora.get("modules_to_save") or ()),
-    )
-    from ecg_r1.imaging.page import LAYOUTS
-
-    layout = str(image.get("layout", Profile.image_layout))
-    if layout not in LAYOUTS:
-        raise ProfileError(f"{path}: image.layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    from ecg_r1.modeling.notes import UNSEEN_NOTE_WORDS
-    from ecg_r1.modeling.prompts import IMAGE_POSITIONS
-
-    position = str(image.get("position", Profile.image_position))
-    if position not in IMAGE_POSITIONS:
-        raise ProfileError(f"{path}: image.position {position!r} is not one of {', '.join(IMAGE_POSITIONS)}")
-    unseen = str(model.get("unseen_note_words", Profile.unseen_note_words))
-    if unseen not in UNSEEN_NOTE_WORDS:
-        raise ProfileError(
-            f"{path}: model.unseen_note_words {unseen!r} is not one of {', '.join(UNSEEN_NOTE_WORDS)}"
-        )
-    min_pixels = int(image.get("min_pixels", 56 * 56))
-    max_pixels = int(image.get("max_pixels", 224 * 224))
-    if min_pixels > max_pixels:
-        raise ProfileError(f"{path}: image.min_pixels ({min_pixels}) exceeds image.max_pixels ({max_pixels})")
-    return Profile(
-        name=str(raw.get("name", path.stem)),
-        source=source,
-        dtype=dtype,
-        mixed_precision=mixed_precision,
-        attn_implementation=model.get("attn_implementation", "sdpa"),
-        gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
-        use_vllm=bool(model.get("use_vllm", False)),
-        vllm_mode=vllm_mode,
-        image_width=int(image.get("width", 224)),
-        image_height=None if image.get("height") is None else int(image["height"]),
-        image_layout=layout,
-        image_position=position,
-        unseen_note_words=unseen,
-        image_min_pixels=min_pixels,
-        image_max_pixels=max_pixels,
-        tiny=tiny,
-        vision=vision,
-        lora=lora_settings,
-        sft=_section(raw, "sft", None, path),
-        grpo=_section(raw, "grpo", None, path),
-        rewards={str(k): float(v) for k, v in rewards.items()} or {"format": 1.0, "accuracy": 1.0},
-        sft_rationale=bool(model.get("sft_rationale", True)),
-        seed=int(raw.get("seed", 42)),
-        stages={str(k): dict(v or {}) for k, v in stages.items()},
-        path=path,
-    )
+def _stages(raw: Any, where: str) -> dict[str, dict[str, Any]]:
+    """The ``stages`` sections as the file sets them (each validated against its settings class):
+    a section left empty is there, with every setting at its default."""
+    if raw is None:
+        return {}
+    sections = typed_settings(StageSections, raw, where, prefix="stages")
+    return {name: {key: getattr(getattr(sections, name), key) for key in (raw[name] or {})} for name in raw}
 
 
 def lora_config(profile: Profile) -> peft.LoraConfig | None:

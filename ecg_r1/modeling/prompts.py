@@ -4,6 +4,8 @@ give is :mod:`ecg_r1.modeling.contract`."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from ecg_r1.modeling.contract import SYSTEM_PROMPT
 
 QUESTION = "Is the T-wave inversion on this ECG ischemic?"
@@ -36,7 +38,8 @@ def user_text(age: float | int | None, sex: str | None, note: str | None) -> str
 # Where the page sits in the user message. "first": before the clinical details (Qwen2-VL's and
 # TRL's convention). "before_question": after them, next to the question, so the page's tokens
 # are the last thing the model reads before it answers (docs/research/tiny_recipe.md, X14-X16).
-IMAGE_POSITIONS: tuple[str, ...] = ("first", "before_question")
+ImagePosition = Literal["first", "before_question"]
+IMAGE_POSITIONS: tuple[str, ...] = get_args(ImagePosition)
 
 
 def user_content(

@@ -222,7 +222,8 @@ def after_vision(profile: str) -> str:
     return "vision_pretrained_model" if load_profile(profile).pretrains_vision else "base_model"
 
 
-# Where GRPO may start (profile ``stages.grpo.start``) -> the asset holding that model.
+# Where GRPO may start (profile ``stages.grpo.start``, one of ecg_r1.modeling.stage_settings.GRPO_STARTS,
+# checked when the profile loads) -> the asset holding that model.
 GRPO_STARTS = {
     "base": "base_model",
     "vision": "vision_pretrained_model",
@@ -234,12 +235,7 @@ GRPO_STARTS = {
 def grpo_start_asset(profile: str) -> str:
     """The asset the profile's GRPO starts from: the instruction-tuned base for the GPU profiles
     (as the paper does), the SFT model for ``tiny`` (the recipe measured to work on a CPU)."""
-    start = str(load_profile(profile).stage_settings("grpo")["start"])
-    if start not in GRPO_STARTS:
-        raise dg.Failure(
-            f"profile {profile}: stages.grpo.start={start!r}; choose one of {sorted(GRPO_STARTS)}"
-        )
-    return GRPO_STARTS[start]
+    return GRPO_STARTS[load_profile(profile).stage_settings("grpo")["start"]]
 
 
 def _stage_asset(
