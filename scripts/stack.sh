@@ -5,6 +5,7 @@
 # $ECG_R1_STACK_DIR (default .stack/, git-ignored).
 #
 #   scripts/stack.sh up        install what is missing (apt), start everything, write $STACK_DIR/env
+#   scripts/stack.sh install   only install what is missing (PostgreSQL, Redis; exit 3: cannot)
 #   scripts/stack.sh down      stop everything this script started (data is kept)
 #   scripts/stack.sh status    what runs
 #   scripts/stack.sh worker Q  start one more worker on queue Q (e.g. on a GPU box: gpu)
@@ -276,8 +277,9 @@ status() {
 
 case "${1:-}" in
   up) up ;;
+  install) install_missing ;;
   down) down ;;
   status) status ;;
   worker) [ -n "${2:-}" ] || { log "usage: $0 worker QUEUE"; exit 2; }; start_worker "$2" ;;
-  *) echo "usage: $0 up|down|status|worker QUEUE" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|install|worker QUEUE" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@ import pickle
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -543,6 +544,15 @@ class TestRecordTimeout:
 
         monkeypatch.setattr(record_loader, "load_ref", hanging)
 
+    def _stuck_on_e2(self, monkeypatch: pytest.MonkeyPatch) -> Any:
+        """Chunks of 2 records, a 0.5 s grace, and E2 stuck where no signal reaches; the module."""
+        import ecg_r1.data.record_loader as record_loader
+
+        monkeypatch.setattr(record_loader, "CHUNK_SIZE", 2)
+        monkeypatch.setattr(record_loader, "STUCK_GRACE_S", 0.5)
+        self._hang_on(monkeypatch, "E2", block_alarm=True)
+        return record_loader
+
     @pytest.mark.parametrize("workers", [1, 2])
     def test_hanging_record_is_quarantined_and_the_rest_load(
         self, export: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
@@ -568,11 +578,7 @@ class TestRecordTimeout:
     def test_worker_stuck_beyond_signals_is_ended_and_only_its_record_lost(
         self, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import ecg_r1.data.record_loader as record_loader
-
-        monkeypatch.setattr(record_loader, "CHUNK_SIZE", 2)
-        monkeypatch.setattr(record_loader, "STUCK_GRACE_S", 0.5)
-        self._hang_on(monkeypatch, "E2", block_alarm=True)
+        self._stuck_on_e2(monkeypatch)
         summary = ingest([export], tmp_path / "out", workers=2, record_timeout_s=self.LIMIT_S)
         assert _reasons(tmp_path / "out") == {"E2": "timeout"}
         assert "stopped responding" in read_quarantine(tmp_path / "out")["message"][0]
@@ -584,6 +590,25 @@ class TestRecordTimeout:
             "E5",
         ]
         assert summary.records_in == summary.loaded + 1 == 6
+        assert _children() == []
+
+    def test_workers_slow_to_start_are_not_taken_for_stuck(
+        self, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A loaded machine: each worker takes longer to start than a chunk's limit. The limit
+        # counted from the wait, not the chunk's start, and every record was quarantined as stuck.
+        import time
+
+        record_loader = self._stuck_on_e2(monkeypatch)
+        start_worker = record_loader._init_pool_worker
+
+        def slow_start(*args):
+            time.sleep(2.5)  # beyond a 2-record chunk's 2 s
+            start_worker(*args)
+
+        monkeypatch.setattr(record_loader, "_init_pool_worker", slow_start)
+        ingest([export], tmp_path / "out", workers=2, record_timeout_s=self.LIMIT_S)
+        assert _reasons(tmp_path / "out") == {"E2": "timeout"}
         assert _children() == []
 
     def test_caller_alarm_is_kept(self, export: Path, tmp_path: Path) -> None:

@@ -19,9 +19,11 @@ checks' scratch) is this module's ``_WORKER``, set up by :func:`_init_worker` an
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import threading
@@ -49,6 +51,11 @@ CHECK_BATCH = 8
 # plus one more, plus this grace for process scheduling on a busy machine) is stuck where the
 # limit's signal cannot reach it (in C code that blocks signals); see :func:`_load_in_pool`.
 STUCK_GRACE_S = 5.0
+# Longest a pool's worker may take to start a chunk it is due to take (fork and set-up; seconds on
+# a loaded machine). A chunk's own limit counts from when it started, not from when it was awaited.
+START_LIMIT_S = 60.0
+# How often the wait for a chunk not yet started looks again whether it started.
+START_POLL_S = 0.05
 
 
 def load_records(
@@ -88,23 +95,30 @@ def _load_in_pool(
     (C code blocking signals) is caught here: a chunk whose result is later than its records'
     limits allow is given up, the pool ended (its processes with it) and a new one started for the
     chunks not done; the stuck chunk's records are retried one a task, so only the record that
-    hangs is quarantined. Chunks are waited on in submission order and workers take them in that
-    order, so each wait starts after its chunk started: the deadline is never too short.
+    hangs is quarantined. A chunk's deadline counts from when a worker started it (the worker
+    notes the time in shared memory): a wait that began earlier (workers still starting, on a
+    loaded machine) must not give up on a chunk that has barely begun.
     """
     # fork: workers inherit the imported modules (a spawned interpreter needs ~1 s to import them).
     context = multiprocessing.get_context("fork")
     queue = list(tasks)
     while queue:
         batch, queue = queue, []
+        # Start times (time.monotonic: one clock for every process of the machine), 0 until started.
+        started = context.RawArray("d", len(batch))
         pool = context.Pool(
-            min(workers, len(batch)), initializer=_init_pool_worker, initargs=(rules, signals_path, timeout_s)
+            min(workers, len(batch)),
+            initializer=_init_pool_worker,
+            initargs=(rules, signals_path, timeout_s, started),
         )
         try:
-            submitted = [(task, pool.apply_async(_load_chunk, (task,))) for task in batch]
+            submitted = [
+                (task, pool.apply_async(_load_chunk_noted, (index, task))) for index, task in enumerate(batch)
+            ]
             for index, (task, result) in enumerate(submitted):
                 deadline = timeout_s * (len(task[1]) + 1) + STUCK_GRACE_S
                 try:
-                    loaded = result.get(timeout=deadline)
+                    loaded = _wait(result, started, index, deadline)
                 except multiprocessing.TimeoutError:
                     start, chunk = task
                     logger.warning(
@@ -120,6 +134,22 @@ def _load_in_pool(
         finally:
             pool.terminate()  # SIGTERM: a worker's default action, whatever C code it is stuck in
             pool.join()
+
+
+def _wait(result: multiprocessing.pool.AsyncResult, started: Any, index: int, seconds: float) -> Any:
+    """The chunk's result, waiting at most ``seconds`` from its start (and :data:`START_LIMIT_S`
+    for it to start).
+
+    Raises:
+        multiprocessing.TimeoutError: it did not start in time, or did not end in time.
+    """
+    waiting_since = time.monotonic()
+    while not started[index]:
+        if time.monotonic() - waiting_since > START_LIMIT_S:
+            raise multiprocessing.TimeoutError
+        with contextlib.suppress(multiprocessing.TimeoutError):
+            return result.get(timeout=START_POLL_S)
+    return result.get(timeout=max(started[index] + seconds - time.monotonic(), 0.0))
 
 
 def _timed_out(ref: RecordRef, seconds: float, stuck: bool = False) -> Quarantine:
@@ -153,14 +183,23 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise _RecordTimeout
 
 
-def _init_pool_worker(rules: LabelRules, signals_path: str, timeout_s: float) -> None:
+def _init_pool_worker(rules: LabelRules, signals_path: str, timeout_s: float, started: Any) -> None:
     # A forked worker inherits its parent's signal handlers (an orchestrator's, say); the pool
     # ends its workers with SIGTERM, which must just end them. Ctrl-C reaches the whole process
     # group: the parent handles it (and ends the pool), so a worker ignores it. Never done in the
     # parent itself, or a 1-worker ingest could not be interrupted.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER["started"] = started
     _init_worker(rules, signals_path, timeout_s)
+
+
+def _load_chunk_noted(
+    index: int, task: tuple[int, list[RecordRef]]
+) -> tuple[list[dict[str, Any]], list[Quarantine]]:
+    """:func:`_load_chunk` in a pool's worker, noting first when it started (see :func:`_wait`)."""
+    _WORKER["started"][index] = time.monotonic()
+    return _load_chunk(task)
 
 
 def _init_worker(rules: LabelRules, signals_path: str, timeout_s: float) -> None:
