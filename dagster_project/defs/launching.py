@@ -15,10 +15,10 @@ from typing import Any
 
 import dagster as dg
 
+from ecg_r1.constants import REPO_ROOT
 from ecg_r1.tracking.runs import MLFLOW_URI_ENV_VAR
 
 LAUNCHERS = ("in_process", "torchrun")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCK_FILE = "training.lock"
 
 

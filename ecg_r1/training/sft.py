@@ -10,6 +10,7 @@ from typing import Any
 
 from ecg_r1.modeling.notes import note_vocabulary
 from ecg_r1.modeling.profiles import Profile, lora_config
+from ecg_r1.modeling.stage_settings import WARMUP_ANSWERS
 from ecg_r1.training.data import (
     PromptOptions,
     case_examples,
@@ -26,9 +27,6 @@ from ecg_r1.training.data import (
 from ecg_r1.training.run_log import config_digest
 from ecg_r1.training.runner import RunOptions, TrainerJob, as_profile, run_trainer, trainer_config
 from ecg_r1.training.stage_folder import StageResult
-
-# How the warm-up writes the answer word: kept out of the loss, or a fair coin trained on.
-WARMUP_ANSWER_MODES = ("masked", "random")
 
 # ------------------------------------------------------------------------------------------------
 # SFT and the format warm-up
@@ -244,8 +242,8 @@ def run_format_warmup(
     profile = as_profile(profile)
     stage_cfg = profile.stage_settings("warmup")
     answer = answer or str(stage_cfg["answer"])
-    if answer not in WARMUP_ANSWER_MODES:
-        raise ValueError(f"format warm-up answer mode must be one of {WARMUP_ANSWER_MODES}, got {answer!r}")
+    if answer not in WARMUP_ANSWERS:
+        raise ValueError(f"format warm-up answer mode must be one of {WARMUP_ANSWERS}, got {answer!r}")
     cases = load_cases(cohort_dir, splits_path, images_dir, "train", labelled_only=False)
     run_seed = int(seed if seed is not None else profile.seed)
     targets = sft_targets(cases, rationale=True, answers=random_answers(cases.height, run_seed))

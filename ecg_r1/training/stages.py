@@ -43,7 +43,7 @@ from ecg_r1.training.run_log import (
 )
 from ecg_r1.training.runner import as_profile
 from ecg_r1.training.sft import run_format_warmup, run_sft
-from ecg_r1.training.stage_folder import MODEL, RESULT_FILE, StageResult, peak_rss_mb, prepare_out_dir
+from ecg_r1.training.stage_folder import MODEL, StageResult, prepare_out_dir, speed_summary, write_result
 
 if TYPE_CHECKING:
     from ecg_r1.training.vision import VisionPretrainResult
@@ -113,24 +113,14 @@ def run_vision_stage(
             on_step=lambda step, metrics: log_run_metrics(run_id, metrics, step),
         )
         seconds = time.perf_counter() - started
-        summary = _vision_summary(outcome, int(settings["batch_size"]))
+        summary = {
+            **speed_summary(outcome.seconds, outcome.steps, int(settings["batch_size"])),
+            **outcome.eval,
+        }
         log_run_metrics(run_id, summary, outcome.steps)
         if run_id is not None:
             log_model_folder(run_id, outcome.model_dir)
-    result = _vision_result(outcome, run_id, seconds, summary)
-    (out_dir / RESULT_FILE).write_text(result.to_json())
-    return result
-
-
-def _vision_summary(outcome: VisionPretrainResult, batch_size: int) -> dict[str, float]:
-    """The run's speed and memory and the held-out figures, as the other stages summarise theirs."""
-    return {
-        "train_seconds": outcome.seconds,
-        "seconds_per_step": outcome.seconds / max(1, outcome.steps),
-        "samples_per_second": outcome.steps * batch_size / outcome.seconds if outcome.seconds else 0.0,
-        "peak_rss_mb": peak_rss_mb(),
-        **outcome.eval,
-    }
+    return write_result(out_dir, _vision_result(outcome, run_id, seconds, summary))
 
 
 def _vision_result(
