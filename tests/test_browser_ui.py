@@ -345,6 +345,7 @@ def compared_store(tmp_path: Path, seed_mlflow_db, monkeypatch):
     mlflow.set_tracking_uri(previous)
 
 
+@pytest.mark.slow
 def test_mlflow_model_view_compares_the_versions_and_a_version_shows_its_card(compared_store, driver):
     """The experiment's model view lists both models with their cross-hospital accuracy (a metric
     of each LoggedModel on the test_external dataset); a version's page shows its model card."""

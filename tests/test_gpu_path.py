@@ -91,6 +91,7 @@ class TestDeviceRule:
             pass
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+    @pytest.mark.slow  # a fresh ecg-r1 process imports the training stack: about 5 s
     def test_train_cli_refuses_a_gpu_profile_in_one_line(self, tmp_path):
         env = {k: v for k, v in __import__("os").environ.items() if k != device_rule.DEVICE_ENV}
         args = ["--cohort", tmp_path, "--splits", tmp_path / "s.parquet", "--images", tmp_path]
@@ -291,6 +292,7 @@ class TestPagesMatchTheProfile:
         tiny_page = load_profile("tiny").render_config()  # the same size in another layout
         assert page_mismatch(data["images"], tiny_page) is None  # (layout unknown without page.json)
 
+    @pytest.mark.slow  # a fresh ecg-r1 process imports the training stack: about 5 s
     def test_train_cli_refuses_pages_of_another_size(self, tmp_path):
         data = make_cohort(tmp_path, n=4, width=224)
         done = subprocess.run(

@@ -592,6 +592,7 @@ class TestRecordTimeout:
         assert summary.records_in == summary.loaded + 1 == 6
         assert _children() == []
 
+    @pytest.mark.slow  # each worker starts 2.5 s late: about 11 s
     def test_workers_slow_to_start_are_not_taken_for_stuck(
         self, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

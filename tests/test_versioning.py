@@ -150,6 +150,7 @@ class TestGitCommit:
     def test_outside_git_is_none(self, tmp_path):
         assert git_commit(tmp_path) is None
 
+    @pytest.mark.slow  # runs dvc itself: about 5 s
     def test_the_pipelines_own_dvc_add_does_not_make_the_commit_dirty(self, repo):
         """A fresh clone's first run: ``dvc add`` rewrites the committed data.dvc; the code is clean."""
         ensure_dvc_repo(repo)
