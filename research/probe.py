@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ecg_r1.constants import N_BOOT
+from ecg_r1.constants import DEFAULT_SEED, N_BOOT
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.evaluation.evaluate import BinaryMetrics, evaluate_binary
 
@@ -118,7 +118,7 @@ def fit_probe(
     tests: Mapping[str, tuple[np.ndarray, np.ndarray]],
     cs: Sequence[float] = DEFAULT_CS,
     n_boot: int = N_BOOT,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> ProbeResult:
     """Fit a logistic regression per ``C`` on ``train``, keep the best on ``select``, score ``tests``.
 
@@ -146,7 +146,7 @@ def fit_page_and_note_probe(
     cs: Sequence[float] = DEFAULT_CS,
     note_cs: Sequence[float] = NOTE_CS,
     n_boot: int = N_BOOT,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> PageAndNoteResult:
     """A page reader, a note reader and their combination, fitted on ``train``, chosen and combined on ``select``.
 
@@ -288,7 +288,7 @@ def fit_boosted_probe(
     with_note: bool = True,
     components: int = PAGE_COMPONENTS,
     n_boot: int = N_BOOT,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> dict[str, BinaryMetrics]:
     """The feature baseline's booster on the page's principal components, clinical numbers and note.
 

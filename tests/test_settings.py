@@ -81,3 +81,52 @@ def test_the_repository_root_has_one_definition() -> None:
     parser = argparse.ArgumentParser()
     add_mlflow_root(parser)
     assert parser.parse_args([]).mlflow_root == root
+
+
+def test_the_promotion_rule_defaults_have_one_source() -> None:
+    from dagster_project.defs.assets.evaluation_assets import PromotionConfig
+    from ecg_r1.evaluation.promotion import PromotionRule
+
+    rule = PromotionRule()
+    promote_cli = _cli_defaults("promote", "--evaluation", "e")
+    expected = {
+        "test": constants.PROMOTION_TEST,
+        "alpha": constants.PROMOTION_ALPHA,
+        "margin": constants.PROMOTION_MARGIN,
+        "seed": constants.DEFAULT_SEED,
+    }
+    for name, value in expected.items():
+        assert getattr(rule, name) == promote_cli[name] == PromotionConfig.model_fields[name].default == value
+
+
+def test_every_seed_defaults_to_the_one_default_seed() -> None:
+    from dagster_project.defs.assets.data_assets import SimulationConfig, SplitConfig
+    from dagster_project.defs.assets.evaluation_assets import BaselineConfig, ComparisonConfig
+    from ecg_r1.evaluation import baselines, comparison, evaluate, figures, paired, references
+    from ecg_r1.imaging.augment import Augment
+    from ecg_r1.simulate import simulate_cohort
+    from ecg_r1.training import data
+
+    seeds = {
+        "evaluate_binary": _default(evaluate.evaluate_binary, "seed"),
+        "compare_paired": _default(paired.compare_paired, "seed"),
+        "run_comparison": _default(comparison.run_comparison, "seed"),
+        "boosted_classifier": _default(baselines.boosted_classifier, "seed"),
+        "FeatureBaseline": _default(baselines.FeatureBaseline, "seed"),
+        "ReferenceBaselines.fit": _default(references.ReferenceBaselines.fit, "seed"),
+        "reference_predictions": _default(references.reference_predictions, "seed"),
+        "answer_references": _default(references.answer_references, "seed"),
+        "write_plots": _default(figures.write_plots, "seed"),
+        "simulate_cohort": _default(simulate_cohort, "seed"),
+        "Augment": Augment().seed,
+        "Augment.scan": Augment.scan().seed,
+        "sft_dataset": _default(data.sft_dataset, "seed"),
+        "grpo_dataset": _default(data.grpo_dataset, "seed"),
+        "ecg-r1 simulate": _cli_defaults("simulate", "--out", "o")["seed"],
+        "ecg-r1 render": _cli_defaults("render", "c", "--out", "o")["seed"],
+        "SimulationConfig": SimulationConfig.model_fields["seed"].default,
+        "SplitConfig": SplitConfig.model_fields["seed"].default,
+        "BaselineConfig": BaselineConfig.model_fields["seed"].default,
+        "ComparisonConfig": ComparisonConfig.model_fields["seed"].default,
+    }
+    assert seeds == dict.fromkeys(seeds, constants.DEFAULT_SEED)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ecg_r1.cli.predict import add_mlflow_root
-from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
+from ecg_r1.constants import DEFAULT_SEED, N_BOOT, PREDICTION_BATCH_SIZE
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="completion cap (default: the profile's)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the baselines")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help="seed of the bootstrap and the baselines"
+    )
     parser.add_argument(
         "--ablation",
         action="append",

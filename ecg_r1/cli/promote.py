@@ -8,7 +8,14 @@ import json
 from pathlib import Path
 
 from ecg_r1.cli.predict import add_mlflow_root
-from ecg_r1.constants import N_BOOT
+from ecg_r1.constants import (
+    DEFAULT_SEED,
+    N_BOOT,
+    PROMOTION_ALPHA,
+    PROMOTION_MARGIN,
+    PROMOTION_TEST,
+    PROMOTION_TESTS,
+)
 from ecg_r1.modeling.profiles import DEFAULT_PROFILE
 
 
@@ -32,11 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="ROW",
         help="comparison row whose version is judged; repeatable (default: every registered row)",
     )
-    parser.add_argument("--test", default="mcnemar", choices=("mcnemar", "paired_bootstrap"))
-    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test")
-    parser.add_argument("--margin", type=float, default=0.0, help="non-inferiority margin (paired_bootstrap)")
+    parser.add_argument("--test", default=PROMOTION_TEST, choices=PROMOTION_TESTS)
+    parser.add_argument(
+        "--alpha", type=float, default=PROMOTION_ALPHA, help="significance level of the paired test"
+    )
+    parser.add_argument(
+        "--margin", type=float, default=PROMOTION_MARGIN, help="non-inferiority margin (paired_bootstrap)"
+    )
     parser.add_argument("--n-boot", type=int, default=N_BOOT, help="paired bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="resampling seed")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="resampling seed")
     add_mlflow_root(parser)
     parser.set_defaults(func=run)
 

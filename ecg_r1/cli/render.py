@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.imaging.layouts import LAYOUTS
 
@@ -55,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="off",
         help="seeded scan-like augmentation (rotation, blur, noise, contrast, colour); default off",
     )
-    parser.add_argument("--seed", type=int, default=0, help="augmentation seed (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help="augmentation seed (default %(default)s)"
+    )
     parser.add_argument("--ids", nargs="+", metavar="ID", help="render only these record ids of the cohort")
     parser.add_argument("--workers", type=int, default=2, help="processes for a cohort (default 2)")
     parser.add_argument(

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data.folders import check_out_folder
 from ecg_r1.simulate import DEFAULT_N, simulate_cohort
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--hospitals", type=int, default=4, help="number of hospitals; the last is held out (default 4)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %(default)s)")
     parser.add_argument(
         "--out",
         type=Path,

@@ -43,6 +43,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data.features import FEATURE_COLUMNS, TWI_THRESHOLD_MV
 from ecg_r1.data.labels import KNOWN_LABELS
 from ecg_r1.evaluation.evaluate import BinaryMetrics, Estimate, Predictions, labels_to_truth
@@ -99,7 +100,7 @@ def note_vectorizer() -> CountVectorizer:
 
 
 def boosted_classifier(
-    seed: int = 0, max_iter: int = BOOST_MAX_ITER, learning_rate: float = BOOST_LEARNING_RATE
+    seed: int = DEFAULT_SEED, max_iter: int = BOOST_MAX_ITER, learning_rate: float = BOOST_LEARNING_RATE
 ) -> HistGradientBoostingClassifier:
     """The feature baseline's gradient-boosting classifier (unfitted); the research probe's boosted
     reader reuses it."""
@@ -184,7 +185,7 @@ class FeatureBaseline:
 
     def __init__(
         self,
-        seed: int = 0,
+        seed: int = DEFAULT_SEED,
         max_iter: int = BOOST_MAX_ITER,
         learning_rate: float = BOOST_LEARNING_RATE,
         use_note: bool = True,

@@ -38,7 +38,7 @@ from typing import Any
 
 import polars as pl
 
-from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
+from ecg_r1.constants import DEFAULT_SEED, N_BOOT, PREDICTION_BATCH_SIZE
 from ecg_r1.evaluation import report
 from ecg_r1.evaluation.baselines import CLINICIANS_NAME, CLINICIANS_SOURCE, clinicians_metrics
 from ecg_r1.evaluation.cases import (
@@ -110,7 +110,7 @@ def run_comparison(
     images_dir: str | Path,
     out_dir: str | Path,
     truth_path: str | Path | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     *,
     baselines_dir: str | Path | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,

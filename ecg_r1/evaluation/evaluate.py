@@ -32,7 +32,7 @@ import polars as pl
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from ecg_r1.constants import N_BOOT
+from ecg_r1.constants import DEFAULT_SEED, N_BOOT
 from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ METRICS: tuple[str, ...] = (
     "auroc",
     "valid_rate",
 )
-DEFAULT_SEED = 0
 
 
 @dataclass(frozen=True)

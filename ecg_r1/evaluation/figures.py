@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data.split import TEST_EXTERNAL
 from ecg_r1.evaluation import report
 from ecg_r1.evaluation.baselines import CLINICIANS_ACCURACY
@@ -30,7 +31,7 @@ def write_plots(
     by_split: Mapping[str, pl.DataFrame],
     diagnostics: Collection[str] = (),
     n_case_figures: int = 4,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> dict[str, Path]:
     """Draw every figure of a comparison into its ``plots/`` folder (which exists).
 

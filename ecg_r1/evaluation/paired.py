@@ -17,9 +17,8 @@ import numpy as np
 import polars as pl
 from scipy.stats import binom, binomtest
 
-from ecg_r1.constants import N_BOOT
+from ecg_r1.constants import DEFAULT_SEED, N_BOOT
 from ecg_r1.evaluation.evaluate import (
-    DEFAULT_SEED,
     Estimate,
     as_predictions,
     as_truth,

@@ -31,13 +31,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ecg_r1.constants import N_BOOT
-from ecg_r1.evaluation.evaluate import DEFAULT_SEED, evaluate_binary
+from ecg_r1.constants import (
+    DEFAULT_SEED,
+    N_BOOT,
+    PROMOTION_ALPHA,
+    PROMOTION_MARGIN,
+    PROMOTION_TEST,
+    PROMOTION_TESTS,
+)
+from ecg_r1.evaluation.evaluate import evaluate_binary
 from ecg_r1.evaluation.paired import PairedComparison, compare_paired
 
 logger = logging.getLogger(__name__)
 
-TESTS = ("mcnemar", "paired_bootstrap")
 METRICS = ("accuracy",)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -63,17 +69,17 @@ class PromotionRule:
 
     metric: str = "accuracy"
     split: str = "test_external"
-    test: Literal["mcnemar", "paired_bootstrap"] = "mcnemar"
-    alpha: float = 0.05
-    margin: float = 0.0
+    test: Literal["mcnemar", "paired_bootstrap"] = PROMOTION_TEST
+    alpha: float = PROMOTION_ALPHA
+    margin: float = PROMOTION_MARGIN
     n_boot: int = N_BOOT
     seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"promotion metric {self.metric!r} is not supported; use one of {METRICS}")
-        if self.test not in TESTS:
-            raise ValueError(f"promotion test {self.test!r} is unknown; use one of {TESTS}")
+        if self.test not in PROMOTION_TESTS:
+            raise ValueError(f"promotion test {self.test!r} is unknown; use one of {PROMOTION_TESTS}")
         if not 0.0 < self.alpha <= 0.5:
             raise ValueError(f"alpha={self.alpha} must lie in (0, 0.5]; 0.05 is the usual choice")
         if not 0.0 <= self.margin < 1.0:

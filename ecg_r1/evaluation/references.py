@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data.split import TRAIN
 from ecg_r1.evaluation.baselines import FeatureBaseline, MajorityBaseline, bayes_ceiling
 from ecg_r1.evaluation.cases import EvaluationCases, add_features, evaluation_cases
@@ -34,7 +35,7 @@ class ReferenceBaselines:
     feature: FeatureBaseline
 
     @classmethod
-    def fit(cls, train: pl.DataFrame, seed: int = 0) -> ReferenceBaselines:
+    def fit(cls, train: pl.DataFrame, seed: int = DEFAULT_SEED) -> ReferenceBaselines:
         """Fit both on the labelled training cases with their :func:`add_features` columns."""
         return cls(MajorityBaseline().fit(train), FeatureBaseline(seed=seed).fit(train))
 
@@ -69,7 +70,7 @@ def reference_predictions(
     cases: pl.DataFrame,
     truth: pl.DataFrame | None = None,
     baselines: ReferenceBaselines | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> list[Predictions]:
     """The measured reference rows on the evaluation cases.
 
@@ -102,7 +103,7 @@ def answer_references(
     images_dir: str | Path,
     truth_path: str | Path | None = None,
     baselines_dir: str | Path | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> tuple[list[Predictions], dict[str, Path]]:
     """The reference rows' answers, written to ``predictions/<row>.parquet`` under ``out_dir``.
 

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from ecg_r1.constants import DEFAULT_SEED
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -29,7 +31,7 @@ class Augment:
         colour_shift: largest relative per-channel gain change (a colour cast; colour pages only).
     """
 
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     rotation_deg: float = 0.0
     blur_px: float = 0.0
     noise_std: float = 0.0
@@ -61,7 +63,7 @@ class Augment:
         return f"aug({fields})"
 
     @classmethod
-    def scan(cls, seed: int = 0) -> Augment:
+    def scan(cls, seed: int = DEFAULT_SEED) -> Augment:
         """A moderate preset resembling a scanned or photographed printout."""
         return cls(
             seed=seed,

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data import labels
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate import truth
@@ -221,7 +222,7 @@ def simulate_cohort(
     out_dir: Path,
     n: int = DEFAULT_N,
     hospitals: int = 4,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     workers: int = 1,
     progress: bool = False,
 ) -> SimulationSummary:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data.canonical import LEADS
 from ecg_r1.simulate import truth
 from ecg_r1.simulate.device import record
@@ -136,7 +137,7 @@ def measure_ludb(ludb_dir: Path, record_ids: list[str] | None = None) -> pl.Data
 
 
 def simulate_normals(
-    n: int, seed: int = 0, profile: HospitalProfile = PROFILES[0], unit_ptp: bool = True
+    n: int, seed: int = DEFAULT_SEED, profile: HospitalProfile = PROFILES[0], unit_ptp: bool = True
 ) -> pl.DataFrame:
     """Simulate n normal ECGs (no TWI, normal conduction and voltage, LUDB-like ages) and measure them.
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data.labels import ISCHEMIC, KNOWN_LABELS, NON_ISCHEMIC
 from ecg_r1.data.store import read_cohort
 from ecg_r1.modeling.contract import format_target
@@ -245,7 +246,7 @@ def _prompts(cases: pl.DataFrame, options: PromptOptions, seed: int) -> list[lis
 
 
 def grpo_dataset(
-    cases: pl.DataFrame, options: PromptOptions = PromptOptions(), seed: int = 0
+    cases: pl.DataFrame, options: PromptOptions = PromptOptions(), seed: int = DEFAULT_SEED
 ) -> datasets.Dataset:
     """The GRPO dataset: ``prompt``, ``image`` and the reward columns.
 
@@ -323,7 +324,10 @@ def case_findings(cases: pl.DataFrame, cohort_dir: str | Path) -> pl.DataFrame:
 
 
 def sft_dataset(
-    cases: pl.DataFrame, targets: Sequence[str], options: PromptOptions = PromptOptions(), seed: int = 0
+    cases: pl.DataFrame,
+    targets: Sequence[str],
+    options: PromptOptions = PromptOptions(),
+    seed: int = DEFAULT_SEED,
 ) -> datasets.Dataset:
     """The SFT dataset in TRL's prompt-completion form with one image per case.
 

@@ -28,6 +28,7 @@ from pydantic import Field
 from dagster_project.defs.executors import DEFAULT_QUEUE
 from dagster_project.defs.metadata import counts_by, dict_table, markdown_table
 from dagster_project.defs.resources import DataLayout, DvcResource
+from ecg_r1.constants import DEFAULT_SEED
 from ecg_r1.data import split as split_lib
 from ecg_r1.data import validate as validate_lib
 from ecg_r1.data.expectations import ValidationConfig
@@ -49,7 +50,7 @@ class SimulationConfig(dg.Config):
     hospitals: int = Field(
         default=4, description="Number of hospitals; the last one is meant to be held out."
     )
-    seed: int = Field(default=0, description="Random seed.")
+    seed: int = Field(default=DEFAULT_SEED, description="Random seed.")
     workers: int = Field(default=1, description="Processes generating cases.")
 
 
@@ -98,7 +99,7 @@ class SplitConfig(dg.Config):
     test_fraction: float = Field(
         default=0.15, description="Share of the other hospitals' records for the internal test."
     )
-    seed: int = Field(default=0, description="Seed of the patient shuffle.")
+    seed: int = Field(default=DEFAULT_SEED, description="Seed of the patient shuffle.")
     twi_only: bool = Field(default=True, description="Keep only the T-wave-inversion cohort.")
     labelled_only: bool = Field(default=True, description="Drop records labelled unknown.")
 

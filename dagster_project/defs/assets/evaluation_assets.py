@@ -25,7 +25,7 @@ from pydantic import Field
 from dagster_project.defs.executors import DEFAULT_QUEUE, GPU_QUEUE, TRANSIENT_RETRY
 from dagster_project.defs.metadata import inline_png, markdown_table
 from dagster_project.defs.resources import DataLayout, DvcResource, MlflowResource
-from ecg_r1.constants import N_BOOT, PREDICTION_BATCH_SIZE
+from ecg_r1.constants import DEFAULT_SEED, N_BOOT, PREDICTION_BATCH_SIZE, PROMOTION_TESTS
 from ecg_r1.data.split import SPLITS_FILE, TEST_EXTERNAL, TRAIN, VAL
 from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation import registry
@@ -53,7 +53,7 @@ DEFAULT_MODELS = {"GRPO": "grpo_model", "SFT": "sft_model"}
 class BaselineConfig(dg.Config):
     """The feature baseline's hyperparameters."""
 
-    seed: int = Field(default=0, description="Random state of the gradient boosting.")
+    seed: int = Field(default=DEFAULT_SEED, description="Random state of the gradient boosting.")
     max_iter: int = Field(default=BOOST_MAX_ITER, description="Boosting rounds.")
     learning_rate: float = Field(default=BOOST_LEARNING_RATE, description="Boosting learning rate.")
     use_note: bool = Field(default=True, description="Use the note's word flags.")
@@ -92,7 +92,7 @@ class ComparisonConfig(dg.Config):
         default=0, description="Evaluate a seeded sample of at most this many cases per split; 0: all."
     )
     max_new_tokens: int = Field(default=0, description="Completion cap; 0: the profile's.")
-    seed: int = Field(default=0, description="Seed of the bootstrap and of the cases shown.")
+    seed: int = Field(default=DEFAULT_SEED, description="Seed of the bootstrap and of the cases shown.")
     n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
     device: str = Field(
         default="",
@@ -113,11 +113,15 @@ class PromotionConfig(dg.Config):
         default_factory=lambda: ["SFT", "GRPO"],
         description="Comparison rows whose registered versions are challengers, in this order.",
     )
-    test: str = Field(default="mcnemar", description="mcnemar | paired_bootstrap.")
-    alpha: float = Field(default=0.05, description="Significance level of the two-sided paired test.")
-    margin: float = Field(default=0.0, description="Non-inferiority margin (paired_bootstrap only).")
-    n_boot: int = Field(default=N_BOOT, description="Paired bootstrap resamples.")
-    seed: int = Field(default=0, description="Resampling seed.")
+    test: str = Field(default=PromotionRule.test, description=" | ".join(PROMOTION_TESTS) + ".")
+    alpha: float = Field(
+        default=PromotionRule.alpha, description="Significance level of the two-sided paired test."
+    )
+    margin: float = Field(
+        default=PromotionRule.margin, description="Non-inferiority margin (paired_bootstrap only)."
+    )
+    n_boot: int = Field(default=PromotionRule.n_boot, description="Paired bootstrap resamples.")
+    seed: int = Field(default=PromotionRule.seed, description="Resampling seed.")
 
 
 def evaluation_dir(layout: DataLayout) -> Path:
