@@ -1,6 +1,6 @@
 """Probes: how much of the label, and of each measurement, a model's inputs carry for a good reader.
 
-The language model receives the vision tower's merged tokens (:func:`ecg_r1.training.vision.page_tokens`).
+The language model receives the vision tower's merged tokens (:func:`ecg_r1.training.vision_readout.page_tokens`).
 A logistic regression on those tokens, fitted on the training split with the regularisation
 chosen on the validation split, says what a reader of the tokens can get from the image alone.
 Beside a trained model's row without the note, it separates the two ways an image pathway

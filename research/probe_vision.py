@@ -39,7 +39,7 @@ from ecg_r1.evaluation.report import SPLIT_TITLES
 from ecg_r1.modeling.models import load_model_and_processor
 from ecg_r1.modeling.profiles import load_profile
 from ecg_r1.simulate.truth import ECG_FINDINGS
-from ecg_r1.training.vision import REGRESSION_TARGETS, page_tokens
+from ecg_r1.training.vision_readout import REGRESSION_TARGETS, page_tokens
 from research.probe import (
     ProbeResult,
     fit_boosted_probe,

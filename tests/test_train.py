@@ -431,7 +431,7 @@ class TestVisionPretrain:
         from PIL import Image
 
         from ecg_r1.modeling.models import load_model_and_processor
-        from ecg_r1.training.vision import page_tokens
+        from ecg_r1.training.vision_readout import page_tokens
 
         model, processor = load_model_and_processor(base_model, profile)
         paths = sorted(str(p) for p in data["images"].rglob("*.png"))[:3]
@@ -513,15 +513,15 @@ class TestVisionPretrain:
         assert not (tmp_path / "out").exists()
 
     def test_an_unknown_head_is_refused(self):
-        from ecg_r1.training.vision import _head
+        from ecg_r1.training.vision_readout import readout_head
 
         with pytest.raises(ValueError, match=r"positional\+pooled"):
-            _head("attention", hidden=8, tokens=4, outputs=3)
+            readout_head("attention", hidden=8, tokens=4, outputs=3)
 
     def test_targets_come_from_the_signal_measurements(self, data):
         from ecg_r1.data.features import UPRIGHT_T_LEADS, measure_features
         from ecg_r1.data.store import open_signals
-        from ecg_r1.training.vision import measured_targets
+        from ecg_r1.training.vision_readout import measured_targets
 
         features = measure_features(np.asarray(open_signals(data["cohort"])[:6]))
         targets = measured_targets(features, finding_targets=True)

@@ -10,7 +10,8 @@ Library entry points (the CLI ``ecg-r1 train`` and the Dagster assets call these
 
 Each returns a :class:`StageResult` and leaves ``out_dir/model`` (a model folder); the trainer
 stages take how they run as one :class:`~ecg_r1.training.runner.RunOptions`. Modules:
-:mod:`.data` (cases and datasets), :mod:`.vision` (the vision tower's pre-training),
+:mod:`.data` (cases and datasets), :mod:`.vision` (the vision tower's pre-training) and
+:mod:`.vision_readout` (its signal-measured targets, readout heads and image tokens),
 :mod:`.stage_folder` (a stage's folder, resume point and result), :mod:`.run_log` (its MLflow
 run), :mod:`.runner` (the generic trainer run), :mod:`.processes` (the batch over the running
 processes), :mod:`.launch` (launch-config checks), :mod:`.sft` (SFT and the format warm-up),
