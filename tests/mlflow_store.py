@@ -18,7 +18,7 @@ from test_train import make_cohort, tiny_test_profile
 
 from ecg_r1.evaluation import registry
 from ecg_r1.evaluation.cases import evaluation_cases
-from ecg_r1.evaluation.comparison import run_comparison
+from ecg_r1.evaluation.comparison import ComparisonInputs, ComparisonSettings, run_comparison
 from ecg_r1.evaluation.results import Comparison
 from ecg_r1.modeling.build import build_base_model, corpus_from_cases
 from ecg_r1.modeling.profiles import load_profile
@@ -67,15 +67,9 @@ def build_logged_store(root: Path, seed_db) -> LoggedStore:
     result = run_comparison(
         {row: models / asset for row, (asset, _) in ROWS.items()},
         profile_path,
-        data["cohort"],
-        data["splits"],
-        data["images"],
+        ComparisonInputs(data["cohort"], data["splits"], data["images"], truth_path=truth),
         root / "evaluation",
-        truth_path=truth,
-        n_boot=100,
-        max_new_tokens=16,
-        n_case_figures=0,
-        ablations=["image"],
+        ComparisonSettings(n_boot=100, max_new_tokens=16, n_case_figures=0, ablations=["image"]),
     )
     versions = {row: registry.stage_version(result.stages[row]) for row in ROWS}
     log = registry.log_comparison(result, versions, profile.name, PROVENANCE, {"n_boot": 100})

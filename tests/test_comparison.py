@@ -22,7 +22,7 @@ from ecg_r1.evaluation.cases import (
     gather_cases,
     sample_per_split,
 )
-from ecg_r1.evaluation.comparison import run_comparison
+from ecg_r1.evaluation.comparison import ComparisonInputs, ComparisonSettings, run_comparison
 from ecg_r1.evaluation.note_shift import note_shift
 from ecg_r1.evaluation.outputs import read_predictions
 from ecg_r1.evaluation.predictions import predict_cases, stage_folder
@@ -82,17 +82,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def compare(
-    setup: dict[str, Path], out: Path, models: dict[str, Path] | None = None, **options
+    setup: dict[str, Path],
+    out: Path,
+    models: dict[str, Path] | None = None,
+    truth_path: Path | None = None,
+    baselines_dir: Path | None = None,
+    **settings,
 ) -> Comparison:
     """:func:`run_comparison` of the setup's cohort (default: its untrained model as "SFT")."""
+    inputs = ComparisonInputs(
+        setup["cohort"], setup["splits"], setup["images"], truth_path=truth_path, baselines_dir=baselines_dir
+    )
     return run_comparison(
-        models or {"SFT": setup["model"]},
-        setup["profile"],
-        setup["cohort"],
-        setup["splits"],
-        setup["images"],
-        out,
-        **options,
+        models or {"SFT": setup["model"]}, setup["profile"], inputs, out, ComparisonSettings(**settings)
     )
 
 

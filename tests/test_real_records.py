@@ -18,7 +18,7 @@ from ecg_r1.data.canonical import FS, LEADS
 from ecg_r1.data.readers.wfdb_write import write_record
 from ecg_r1.data.store import read_cohort
 from ecg_r1.evaluation.cases import add_features, evaluation_cases, real_record_cases
-from ecg_r1.evaluation.comparison import run_comparison
+from ecg_r1.evaluation.comparison import ComparisonInputs, ComparisonSettings, run_comparison
 from ecg_r1.evaluation.real_records import (
     REAL_SPLIT,
     REAL_TITLE,
@@ -84,14 +84,11 @@ def result(setup, tmp_path_factory) -> Comparison:
     return run_comparison(
         {"GRPO": setup["model"], "SFT": setup["model"]},
         setup["profile"],
-        setup["cohort"],
-        setup["splits"],
-        setup["images"],
+        ComparisonInputs(
+            setup["cohort"], setup["splits"], setup["images"], real_records=setup["real"].folder
+        ),
         tmp_path_factory.mktemp("out"),
-        n_boot=N_BOOT,
-        max_new_tokens=4,
-        n_case_figures=0,
-        real_records=setup["real"].folder,
+        ComparisonSettings(n_boot=N_BOOT, max_new_tokens=4, n_case_figures=0),
     )
 
 
@@ -196,14 +193,9 @@ class TestRealRecordSection:
             run_comparison(
                 {"SFT": setup["model"]},
                 setup["profile"],
-                setup["cohort"],
-                setup["splits"],
-                setup["images"],
+                ComparisonInputs(setup["cohort"], setup["splits"], setup["images"], real_records=real.folder),
                 tmp_path / "out",
-                n_boot=0,
-                max_new_tokens=2,
-                n_case_figures=0,
-                real_records=real.folder,
+                ComparisonSettings(n_boot=0, max_new_tokens=2, n_case_figures=0),
             )
 
 
@@ -249,14 +241,9 @@ def test_shared_ludb_and_cinc_records(setup, ludb_dir, cinc_dir, tmp_path):
     out = run_comparison(
         {"SFT": setup["model"]},
         setup["profile"],
-        setup["cohort"],
-        setup["splits"],
-        setup["images"],
+        ComparisonInputs(setup["cohort"], setup["splits"], setup["images"], real_records=real.folder),
         tmp_path / "out",
-        n_boot=N_BOOT,
-        max_new_tokens=2,
-        n_case_figures=0,
-        real_records=real.folder,
+        ComparisonSettings(n_boot=N_BOOT, max_new_tokens=2, n_case_figures=0),
     )
     m = out.results[FEATURE_ROW][REAL_SPLIT]
     assert m.n == real.cases and out.results["SFT"][REAL_SPLIT].n == real.cases

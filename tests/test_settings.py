@@ -34,7 +34,7 @@ def test_bootstrap_resamples_and_prediction_batch_have_one_value_everywhere() ->
     n_boots = {
         "evaluate_binary": _default(evaluate.evaluate_binary, "n_boot"),
         "compare_paired": _default(paired.compare_paired, "n_boot"),
-        "run_comparison": _default(comparison.run_comparison, "n_boot"),
+        "ComparisonSettings": comparison.ComparisonSettings().n_boot,
         "PromotionRule": PromotionRule().n_boot,
         "ecg-r1 evaluate": evaluate_cli["n_boot"],
         "ecg-r1 promote": promote_cli["n_boot"],
@@ -45,7 +45,7 @@ def test_bootstrap_resamples_and_prediction_batch_have_one_value_everywhere() ->
     batches = {
         "predict_cases": _default(predictions.predict_cases, "batch_size"),
         "predict_models": _default(predictions.predict_models, "batch_size"),
-        "run_comparison": _default(comparison.run_comparison, "batch_size"),
+        "ComparisonSettings": comparison.ComparisonSettings().batch_size,
         "generate": _default(inference.generate, "batch_size"),
         "generate_and_score": _default(inference.generate_and_score, "batch_size"),
         "answer_probability": _default(inference.answer_probability, "batch_size"),
@@ -110,7 +110,7 @@ def test_every_seed_defaults_to_the_one_default_seed() -> None:
     seeds = {
         "evaluate_binary": _default(evaluate.evaluate_binary, "seed"),
         "compare_paired": _default(paired.compare_paired, "seed"),
-        "run_comparison": _default(comparison.run_comparison, "seed"),
+        "ComparisonSettings": comparison.ComparisonSettings().seed,
         "boosted_classifier": _default(baselines.boosted_classifier, "seed"),
         "FeatureBaseline": _default(baselines.FeatureBaseline, "seed"),
         "ReferenceBaselines.fit": _default(references.ReferenceBaselines.fit, "seed"),

@@ -111,7 +111,7 @@ def _row_name(spec: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     check_out_folder(args.out)  # before the heavy imports: a refusal is instant
     from ecg_r1.cli.predict import resolve_model_dir
-    from ecg_r1.evaluation.comparison import run_comparison
+    from ecg_r1.evaluation.comparison import ComparisonInputs, ComparisonSettings, run_comparison
     from ecg_r1.evaluation.real_records import REAL_SPLIT, prepare_real_records
     from ecg_r1.modeling.models import MODEL_INFO_FILE
     from ecg_r1.modeling.profiles import load_profile
@@ -144,24 +144,24 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"cannot prepare the real records: {exc}") from exc
         real_dir = real.folder
     try:
-        result = run_comparison(
-            models,
-            profile,
+        inputs = ComparisonInputs(
             args.cohort,
             args.splits,
             args.images,
-            args.out,
             truth_path=args.truth,
-            seed=args.seed,
             baselines_dir=args.baselines,
+            real_records=real_dir,
+        )
+        settings = ComparisonSettings(
+            seed=args.seed,
             n_boot=args.n_boot,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             max_cases_per_split=args.max_cases_per_split,
             progress=True,
             ablations=args.ablation,
-            real_records=real_dir,
         )
+        result = run_comparison(models, profile, inputs, args.out, settings)
     except (TrainingDataError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"evaluation failed: {exc}") from exc
     print(result.table)

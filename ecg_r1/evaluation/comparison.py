@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -48,7 +49,7 @@ from ecg_r1.evaluation.cases import (
     has_english_notes,
     with_english_notes,
 )
-from ecg_r1.evaluation.evaluate import BinaryMetrics
+from ecg_r1.evaluation.evaluate import BinaryMetrics, Predictions
 from ecg_r1.evaluation.figures import write_plots
 from ecg_r1.evaluation.outputs import (
     METRICS_FILE,
@@ -61,6 +62,7 @@ from ecg_r1.evaluation.outputs import (
 from ecg_r1.evaluation.predictions import (
     ABLATIONS,
     ENGLISH_NOTE,
+    ModelAnswers,
     predict_models,
     stage_folder,
 )
@@ -75,6 +77,9 @@ from ecg_r1.evaluation.results import (
     pair_rows,
     split_counts,
 )
+
+if TYPE_CHECKING:
+    from ecg_r1.modeling.profiles import Profile
 
 logger = logging.getLogger(__name__)
 
@@ -102,41 +107,38 @@ def possible_ablations(ablations: Sequence[str], truth_path: str | Path | None) 
     return list(ablations)
 
 
-def run_comparison(
-    models: Mapping[str, str | Path],
-    profile: Any,
-    cohort_dir: str | Path,
-    splits_path: str | Path,
-    images_dir: str | Path,
-    out_dir: str | Path,
-    truth_path: str | Path | None = None,
-    seed: int = DEFAULT_SEED,
-    *,
-    baselines_dir: str | Path | None = None,
-    pairs: Sequence[tuple[str, str]] | None = None,
-    n_boot: int = N_BOOT,
-    batch_size: int = PREDICTION_BATCH_SIZE,
-    max_new_tokens: int | None = None,
-    n_case_figures: int = 4,
-    max_cases_per_split: int | None = None,
-    progress: bool = False,
-    ablations: Sequence[str] = (),
-    real_records: str | Path | None = None,
-) -> Comparison:
-    """Evaluate models and reference rows on the internal and cross-hospital test splits, and
-    optionally on real records (a sim-to-real check).
+@dataclass(frozen=True)
+class ComparisonInputs:
+    """What a comparison reads.
 
-    Args:
-        models: row name -> model folder or training stage folder (``result.json`` + ``model/``),
-            in table order (e.g. ``{"GRPO": ..., "GRPO from SFT": ..., "SFT": ...}``).
-        profile: the models' profile (name, path or :class:`ecg_r1.modeling.profiles.Profile`).
+    Attributes:
         cohort_dir, splits_path, images_dir: the cohort, split manifest and rendered images.
-        out_dir: where the table, metrics, predictions and plots go (created).
         truth_path: the simulator's ``truth.parquet`` for the Bayes ceiling; None on real data.
-        seed: seeds the bootstrap, the feature baseline and the cases shown.
         baselines_dir: fitted reference baselines
             (:meth:`ecg_r1.evaluation.references.ReferenceBaselines.save`); None fits them here on
             the training split.
+        real_records: a folder :func:`ecg_r1.evaluation.real_records.prepare_real_records` wrote; its cases
+            (less any also in the main cohort, see :func:`ecg_r1.evaluation.cases.real_record_cases`)
+            become a third split, :data:`~ecg_r1.evaluation.real_records.REAL_SPLIT`, titled "real
+            records (sim-to-real)", with the models, their ablations, majority class and feature
+            baseline (fitted on the training split) and the paired comparisons. None: no such section.
+    """
+
+    cohort_dir: str | Path
+    splits_path: str | Path
+    images_dir: str | Path
+    truth_path: str | Path | None = None
+    baselines_dir: str | Path | None = None
+    real_records: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """How a comparison runs: the one source of its defaults (the CLI and the Dagster config
+    take theirs from the same constants).
+
+    Attributes:
+        seed: seeds the bootstrap, the feature baseline and the cases shown.
         pairs: ``(a, b)`` row names to compare on the same cases; None: every pair of models.
         n_boot: bootstrap resamples per interval.
         batch_size: examples per forward pass.
@@ -147,14 +149,41 @@ def run_comparison(
         progress: tqdm progress bars while the models answer.
         ablations: keys of :data:`ecg_r1.evaluation.predictions.ABLATIONS`; each model is also
             evaluated with that input taken away (row ``"<name> (no ECG)"`` / ``"<name> (no note)"``),
-            or, with ``english_note`` (needs ``truth_path``), with the notes of a hospital writing
-            in another language replaced by the same findings in English, on the splits holding
-            such notes (``"<name> (note in English)"``); each paired with the model itself.
-        real_records: a folder :func:`ecg_r1.evaluation.real_records.prepare_real_records` wrote; its cases
-            (less any also in the main cohort, see :func:`ecg_r1.evaluation.cases.real_record_cases`)
-            become a third split, :data:`~ecg_r1.evaluation.real_records.REAL_SPLIT`, titled "real
-            records (sim-to-real)", with the models, their ablations, majority class and feature
-            baseline (fitted on the training split) and the paired comparisons. None: no such section.
+            or, with ``english_note`` (needs the inputs' ``truth_path``), with the notes of a
+            hospital writing in another language replaced by the same findings in English, on the
+            splits holding such notes (``"<name> (note in English)"``); each paired with the model
+            itself.
+    """
+
+    seed: int = DEFAULT_SEED
+    pairs: Sequence[tuple[str, str]] | None = None
+    n_boot: int = N_BOOT
+    batch_size: int = PREDICTION_BATCH_SIZE
+    max_new_tokens: int | None = None
+    n_case_figures: int = 4
+    max_cases_per_split: int | None = None
+    progress: bool = False
+    ablations: Sequence[str] = ()
+
+
+def run_comparison(
+    models: Mapping[str, str | Path],
+    profile: Any,
+    inputs: ComparisonInputs,
+    out_dir: str | Path,
+    settings: ComparisonSettings = ComparisonSettings(),
+) -> Comparison:
+    """Evaluate models and reference rows on the internal and cross-hospital test splits, and
+    optionally on real records (a sim-to-real check).
+
+    Args:
+        models: row name -> model folder or training stage folder (``result.json`` + ``model/``),
+            in table order (e.g. ``{"GRPO": ..., "GRPO from SFT": ..., "SFT": ...}``).
+        profile: the models' profile (name, path or :class:`ecg_r1.modeling.profiles.Profile`).
+        inputs: the cohort, its split manifest and images, and the optional truth, fitted
+            baselines and real records (:class:`ComparisonInputs`).
+        out_dir: where the table, metrics, predictions and plots go (created).
+        settings: seed, pairs, bootstrap, batching and ablations (:class:`ComparisonSettings`).
 
     Returns:
         A :class:`ecg_r1.evaluation.results.Comparison` with the written files.
@@ -163,40 +192,33 @@ def run_comparison(
         ValueError: with no model, an unknown row in ``pairs``, a truth table missing cases, the
             english_note ablation without a truth table that has English notes, or real records
             that are all in the main cohort.
-        FileNotFoundError: when ``real_records`` is not a prepared real-record folder.
+        FileNotFoundError: when ``inputs.real_records`` is not a prepared real-record folder.
         ecg_r1.training.data.TrainingDataError: when the data cannot give test cases.
     """
-    from ecg_r1.modeling.profiles import Profile, load_profile
-
-    if not models:
-        raise ValueError("no models to compare: pass at least one name -> model folder")
-    if unknown_ablations := [a for a in ablations if a not in ABLATIONS]:
-        raise ValueError(f"unknown ablations {unknown_ablations}; choose from {sorted(ABLATIONS)}")
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    out = Path(out_dir)
-    (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
-    (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
-
-    # The cases, each model and its ablations, the reference rows: one answer per row and case.
-    data = gather_cases(cohort_dir, splits_path, images_dir, seed, max_cases_per_split, real_records)
+    profile, out = _prepare(models, profile, out_dir, settings.ablations)
+    data = gather_cases(
+        inputs.cohort_dir,
+        inputs.splits_path,
+        inputs.images_dir,
+        settings.seed,
+        settings.max_cases_per_split,
+        inputs.real_records,
+    )
     files: dict[str, Path] = {"cases": write_cases(out, data.cases)}
     folders = {name: stage_folder(path) for name, path in models.items()}
     model_dirs = {name: model_dir for name, (model_dir, _) in folders.items()}
-    stages = {name: stage for name, (_, stage) in folders.items()}
-    shown = with_english_notes(data.cases, truth_path) if ENGLISH_NOTE in ablations else data.cases
-    answers = predict_models(model_dirs, profile, shown, out, ablations, batch_size, max_new_tokens, progress)
-    references, reference_files = answer_references(
-        data, out, cohort_dir, splits_path, images_dir, truth_path, baselines_dir, seed
-    )
+    answers, references, reference_files = _answer_rows(model_dirs, profile, data, inputs, out, settings)
     files |= answers.files | reference_files
     predictions = answers.predictions | {preds.name: preds for preds in references}
     kinds = {name: report.MEASURED for name in answers.predictions}
     kinds |= {preds.name: report.REFERENCE for preds in references}
 
     # Metrics per row and split (the splits a row answered) and per hospital; pairs on the same cases.
-    results, per_hospital = evaluate_rows(predictions, data.by_split, data.simulated, n_boot, seed)
-    to_pair = _pairs(list(models), pairs, answers.ablated)
-    paired = pair_rows(to_pair, predictions, results, data.by_split, n_boot, seed)
+    results, per_hospital = evaluate_rows(
+        predictions, data.by_split, data.simulated, settings.n_boot, settings.seed
+    )
+    to_pair = _pairs(list(models), settings.pairs, answers.ablated)
+    paired = pair_rows(to_pair, predictions, results, data.by_split, settings.n_boot, settings.seed)
 
     # What people read: the table, the plots and every figure in metrics.json.
     table = _table(data, results, kinds, paired)
@@ -206,7 +228,7 @@ def run_comparison(
         out_dir=out,
         table=table,
         models=model_dirs,
-        stages=stages,
+        stages={name: stage for name, (_, stage) in folders.items()},
         results=results,
         kinds=kinds,
         per_hospital=per_hospital,
@@ -217,15 +239,80 @@ def run_comparison(
         note_shift=data.note_shift,
         cases=data.cases.select("record_id", "split", "hospital", "label"),
         ablated=answers.ablated,
-        data_splits=split_counts(splits_path),
+        data_splits=split_counts(inputs.splits_path),
         profile=profile,
-        simulated=truth_path is not None,
+        simulated=inputs.truth_path is not None,
     )
-    files |= write_plots(comparison, data.by_split, answers.ablated, n_case_figures, seed)
-    files["metrics"] = out / METRICS_FILE  # before the document: it lists itself among the files
+    _write_figures(comparison, data, settings)
+    return comparison
+
+
+def _prepare(
+    models: Mapping[str, str | Path], profile: Any, out_dir: str | Path, ablations: Sequence[str]
+) -> tuple[Profile, Path]:
+    """The request checked (a model, known ablations), the profile loaded and the output folder
+    with its ``predictions/`` and ``plots/`` made."""
+    from ecg_r1.modeling.profiles import Profile, load_profile
+
+    if not models:
+        raise ValueError("no models to compare: pass at least one name -> model folder")
+    if unknown_ablations := [a for a in ablations if a not in ABLATIONS]:
+        raise ValueError(f"unknown ablations {unknown_ablations}; choose from {sorted(ABLATIONS)}")
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    out = Path(out_dir)
+    (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    return profile, out
+
+
+def _answer_rows(
+    model_dirs: Mapping[str, Path],
+    profile: Any,
+    data: EvaluationCases,
+    inputs: ComparisonInputs,
+    out: Path,
+    settings: ComparisonSettings,
+) -> tuple[ModelAnswers, list[Predictions], dict[str, Path]]:
+    """Each model's and its ablations' answers, then the reference rows' answers and files: one
+    answer per row and case, each row's answers written under ``out``."""
+    ablations = settings.ablations
+    shown = with_english_notes(data.cases, inputs.truth_path) if ENGLISH_NOTE in ablations else data.cases
+    answers = predict_models(
+        model_dirs,
+        profile,
+        shown,
+        out,
+        ablations,
+        settings.batch_size,
+        settings.max_new_tokens,
+        settings.progress,
+    )
+    references, reference_files = answer_references(
+        data,
+        out,
+        inputs.cohort_dir,
+        inputs.splits_path,
+        inputs.images_dir,
+        inputs.truth_path,
+        inputs.baselines_dir,
+        settings.seed,
+    )
+    return answers, references, reference_files
+
+
+def _write_figures(comparison: Comparison, data: EvaluationCases, settings: ComparisonSettings) -> None:
+    """The plots and ``metrics.json`` (which lists every written file, itself included), added to
+    ``comparison.files``."""
+    files = comparison.files
+    files |= write_plots(
+        comparison, data.by_split, comparison.ablated, settings.n_case_figures, settings.seed
+    )
+    files["metrics"] = (
+        comparison.out_dir / METRICS_FILE
+    )  # before the document: it lists itself among the files
+    profile = comparison.profile
     document = metrics_document(comparison, data.by_split) | {"profile": str(profile.path or profile.name)}
     write_metrics(files["metrics"], document)
-    return comparison
 
 
 def _pairs(

@@ -31,7 +31,13 @@ from ecg_r1.evaluation import real_records as real_records_lib
 from ecg_r1.evaluation import registry
 from ecg_r1.evaluation.baselines import BOOST_LEARNING_RATE, BOOST_MAX_ITER
 from ecg_r1.evaluation.cases import add_features, evaluation_cases
-from ecg_r1.evaluation.comparison import covering_truth, possible_ablations, run_comparison
+from ecg_r1.evaluation.comparison import (
+    ComparisonInputs,
+    ComparisonSettings,
+    covering_truth,
+    possible_ablations,
+    run_comparison,
+)
 from ecg_r1.evaluation.outputs import read_metrics, slug
 from ecg_r1.evaluation.predictions import ABLATIONS, RESULT_FILE
 from ecg_r1.evaluation.promotion import CHAMPION, PromotionRule
@@ -256,16 +262,16 @@ def model_comparison(
     real_dir = real_records_dir(layout)
     real_records = real_dir if (real_dir / real_records_lib.SUMMARY_FILE).is_file() else None
     with device_setting(config.device):
-        result = run_comparison(
-            folders,
-            config.profile,
+        inputs = ComparisonInputs(
             layout.cohort,
             splits_path,
             layout.images,
-            out,
             truth_path=truth_path,
-            seed=config.seed,
             baselines_dir=layout.models / BASELINES_ASSET,
+            real_records=real_records,
+        )
+        settings = ComparisonSettings(
+            seed=config.seed,
             pairs=[(a, b) for a, b in config.pairs if a in folders and b in folders],
             n_boot=config.n_boot,
             batch_size=config.batch_size,
@@ -273,8 +279,8 @@ def model_comparison(
             n_case_figures=config.n_case_figures,
             max_cases_per_split=config.max_cases_per_split or None,
             ablations=possible_ablations(config.ablations, truth_path),
-            real_records=real_records,
         )
+        result = run_comparison(folders, config.profile, inputs, out, settings)
     provenance = dvc.record()
     uri = mlflow.configure()
     versions = {name: registry.stage_version(result.stages[name]) for name in folders}
