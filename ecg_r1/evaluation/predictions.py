@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -22,6 +22,9 @@ from ecg_r1.constants import PREDICTION_BATCH_SIZE
 from ecg_r1.evaluation.cases import ENGLISH_NOTE_COLUMN
 from ecg_r1.evaluation.evaluate import Predictions
 from ecg_r1.evaluation.outputs import predictions_key, write_predictions
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +72,10 @@ def predict_cases(
         the think block of a valid completion or the raw text of an invalid one; and the raw
         completions in case order.
     """
-    from ecg_r1.modeling.contract import parse_completion
     from ecg_r1.modeling.device import resolve_device
     from ecg_r1.modeling.inference import generate_and_score
     from ecg_r1.modeling.models import load_model_and_processor
     from ecg_r1.modeling.profiles import Profile, load_profile
-    from ecg_r1.training.data import case_examples
 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     if ablation is not None and ablation not in INPUTS_TAKEN_AWAY:
@@ -87,36 +88,60 @@ def predict_cases(
     model, processor = load_model_and_processor(model_dir, profile, device=resolve_device(profile))
     completions: list[str] = []
     p_yes = np.empty(cases.height, dtype=np.float64)
-    blank_page = None
-    if ablation == "image":
-        from ecg_r1.data.canonical import LEADS, N_SAMPLES
-        from ecg_r1.imaging.draw import render_page
-
-        blank_page = render_page(np.zeros((len(LEADS), N_SAMPLES), np.float32), profile.render_config())
-        blank_page = blank_page.convert("RGB")
+    blank_page = _blank_page(profile) if ablation == "image" else None
     starts = range(0, cases.height, batch_size)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc=f"predict {name or Path(model_dir).name}", unit="batch")
     for start in starts:
-        batch = cases.slice(start, batch_size)
-        if blank_page is not None:  # every page the same blank one: none is opened
-            rows = batch.select("image_path", "age", "sex", "note").to_dicts()
-            examples = [{**row, "image": blank_page} for row in rows]
-        else:
-            examples = case_examples(batch)
-        if ablation == "note":
-            examples = [{**example, "note": None} for example in examples]
+        examples = _shown_examples(cases.slice(start, batch_size), ablation, blank_page)
         texts, p_yes[start : start + len(examples)] = generate_and_score(
             model, processor, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
         completions.extend(texts)
+    return _parsed_predictions(name or Path(model_dir).name, name or model_dir, cases, completions, p_yes)
+
+
+def _blank_page(profile: Any) -> Image.Image:
+    """The page every case is shown under the ``image`` ablation: the profile's page with flat
+    traces (grid, labels and calibration pulse kept, no ECG), in RGB."""
+    from ecg_r1.data.canonical import LEADS, N_SAMPLES
+    from ecg_r1.imaging.draw import render_page
+
+    blank_page = render_page(np.zeros((len(LEADS), N_SAMPLES), np.float32), profile.render_config())
+    return blank_page.convert("RGB")
+
+
+def _shown_examples(
+    batch: pl.DataFrame, ablation: str | None, blank_page: Image.Image | None
+) -> list[dict[str, Any]]:
+    """A batch of cases as the model is shown them: each with its page or, given ``blank_page``,
+    that one (none opened), and without its note under the ``note`` ablation."""
+    from ecg_r1.training.data import case_examples
+
+    if blank_page is not None:  # every page the same blank one: none is opened
+        rows = batch.select("image_path", "age", "sex", "note").to_dicts()
+        examples = [{**row, "image": blank_page} for row in rows]
+    else:
+        examples = case_examples(batch)
+    if ablation == "note":
+        examples = [{**example, "note": None} for example in examples]
+    return examples
+
+
+def _parsed_predictions(
+    name: str, log_name: Any, cases: pl.DataFrame, completions: list[str], p_yes: np.ndarray
+) -> tuple[Predictions, list[str]]:
+    """The completions parsed by the output contract into the row ``name``'s predictions (the
+    count of invalid ones logged under ``log_name``), with the completions."""
+    from ecg_r1.modeling.contract import parse_completion
+
     parsed = [parse_completion(text) for text in completions]
     invalid = sum(not p.valid for p in parsed)
-    logger.info("%s: %d of %d completions invalid", name or model_dir, invalid, len(parsed))
+    logger.info("%s: %d of %d completions invalid", log_name, invalid, len(parsed))
     predictions = Predictions(
-        name=name or Path(model_dir).name,
+        name=name,
         record_id=cases["record_id"].to_list(),
         y_pred=[p.answer for p in parsed],
         p_yes=p_yes,

@@ -140,29 +140,7 @@ def parse_header(path: str | os.PathLike[str], root: str | None = None) -> Heade
     warnings: list[str] = []
     if encoding != "utf-8":
         warnings.append(f"header is not UTF-8; decoded as {encoding}")
-    comments_list = []
-    body = []
-    for raw_line in text.splitlines():
-        line = raw_line.strip()
-        if not line:
-            continue
-        if line[0] == "#":
-            comments_list.append(line[1:].strip())
-        else:
-            if "#" in line:
-                line = line.split("#", 1)[0].strip()
-            if line:
-                body.append(line)
-    comments = tuple(comments_list)
-    if not body:
-        raise RecordError("bad_header", f"header {path} has no record line; it is empty or not a WFDB header")
-    for number, line in enumerate(body):
-        if not line.isascii():
-            raise RecordError(
-                "bad_header",
-                f"header {path} has non-ASCII characters in {_line_name(number)}; "
-                "the record and signal lines must be plain ASCII: re-export the header",
-            )
+    comments, body = _split_lines(text, path)
     record_name, n_sig, fs, n_samples = _parse_record_line(body[0], path)
     if "/" in body[0].split()[0]:
         raise RecordError(
@@ -181,14 +159,7 @@ def parse_header(path: str | os.PathLike[str], root: str | None = None) -> Heade
         for number, line in enumerate(signal_lines, start=1)
     )
     _check_units(signals, path)
-    for number, spec in enumerate(signals, start=1):
-        if spec.fmt not in FORMAT_BITS:
-            what = "means the signal was not stored (a null signal)" if spec.fmt == 0 else "is no WFDB format"
-            raise RecordError(
-                "unsupported_format",
-                f"header {path}: signal line {number} has storage format {spec.fmt}, which {what}; "
-                f"re-export the record in format 16 (known formats: {sorted(FORMAT_BITS)})",
-            )
+    _check_formats(signals, path)
     return Header(
         path=path,
         record_name=record_name,
@@ -201,6 +172,51 @@ def parse_header(path: str | os.PathLike[str], root: str | None = None) -> Heade
         warnings=tuple(warnings),
         root=root,
     )
+
+
+def _split_lines(text: str, path: str) -> tuple[tuple[str, ...], list[str]]:
+    """The header's comments (``#`` and any space after it stripped) and its record and signal
+    lines (trailing comments cut off), blank lines skipped.
+
+    Raises:
+        RecordError: ``bad_header`` without a record line or with a non-ASCII record or signal line.
+    """
+    comments = []
+    body = []
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line:
+            continue
+        if line[0] == "#":
+            comments.append(line[1:].strip())
+        else:
+            if "#" in line:
+                line = line.split("#", 1)[0].strip()
+            if line:
+                body.append(line)
+    if not body:
+        raise RecordError("bad_header", f"header {path} has no record line; it is empty or not a WFDB header")
+    for number, line in enumerate(body):
+        if not line.isascii():
+            raise RecordError(
+                "bad_header",
+                f"header {path} has non-ASCII characters in {_line_name(number)}; "
+                "the record and signal lines must be plain ASCII: re-export the header",
+            )
+    return tuple(comments), body
+
+
+def _check_formats(signals: tuple[SignalSpec, ...], path: str) -> None:
+    """Refuse a header with a signal in a storage format this reader does not know (see
+    :data:`FORMAT_BITS`)."""
+    for number, spec in enumerate(signals, start=1):
+        if spec.fmt not in FORMAT_BITS:
+            what = "means the signal was not stored (a null signal)" if spec.fmt == 0 else "is no WFDB format"
+            raise RecordError(
+                "unsupported_format",
+                f"header {path}: signal line {number} has storage format {spec.fmt}, which {what}; "
+                f"re-export the record in format 16 (known formats: {sorted(FORMAT_BITS)})",
+            )
 
 
 def _check_units(signals: tuple[SignalSpec, ...], path: str) -> None:
