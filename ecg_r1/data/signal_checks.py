@@ -164,6 +164,10 @@ def signal_issue(
 ) -> tuple[str, str] | None:
     """The first failed check of one record (the columns of :func:`signal_quality`).
 
+    Nine parameters, one per measured column: :func:`signal_issues` calls it for every record
+    ingested with the plain Python scalars it converted column by column, so that loop builds no
+    object per record.
+
     Returns:
         ``(reason, message)`` with reason ``nan_samples``, ``implausible_amplitude``,
         ``flat_lead``, ``saturated_lead``, ``no_ecg_structure`` or ``implausible_rate``; None when
