@@ -575,6 +575,7 @@ class TestRecordTimeout:
         assert summary.records_in == summary.loaded + 1 == 6
         assert _children() == []
 
+    @pytest.mark.slow  # waits out a stuck worker's limit: about 4 s
     def test_worker_stuck_beyond_signals_is_ended_and_only_its_record_lost(
         self, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

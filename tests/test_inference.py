@@ -139,6 +139,7 @@ class TestAnswerProbability:
         forced = inference.answer_probability(model, processor, examples, completions, batch_size=2)
         np.testing.assert_allclose(p_yes, forced, atol=1e-5)
 
+    @pytest.mark.slow  # trains a tiny model to answer in the contract first: about 3 s
     def test_a_completion_in_the_contract_is_scored_from_its_own_generation(
         self, single_token_loaded, examples, monkeypatch
     ):

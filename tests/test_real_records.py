@@ -199,6 +199,7 @@ class TestRealRecordSection:
             )
 
 
+@pytest.mark.slow  # a whole ecg-r1 evaluate run: about 4 s
 def test_evaluate_command_with_real_records(setup, tmp_path, capsys):
     from ecg_r1.cli import main
 
@@ -231,6 +232,7 @@ def test_evaluate_command_with_real_records(setup, tmp_path, capsys):
     assert read_real_records(tmp_path / "out" / REAL_SPLIT).cases == 7
 
 
+@pytest.mark.slow  # reads and renders the shared real records: about 4 s
 def test_shared_ludb_and_cinc_records(setup, ludb_dir, cinc_dir, tmp_path):
     """The real LUDB and CinC records: about 35 labelled TWI cases of both labels and sources (~5 s)."""
     started = time.perf_counter()
