@@ -99,7 +99,9 @@ class ComparisonConfig(dg.Config):
     )
     max_new_tokens: int = Field(default=0, description="Completion cap; 0: the profile's.")
     seed: int = Field(default=DEFAULT_SEED, description="Seed of the bootstrap and of the cases shown.")
-    n_case_figures: int = Field(default=4, description="Cases shown with the first model's reasoning.")
+    n_case_figures: int = Field(
+        default=ComparisonSettings.n_case_figures, description="Cases shown with the first model's reasoning."
+    )
     device: str = Field(
         default="",
         description="ECG_R1_DEVICE for this asset (cpu: a GPU profile on the CPU on purpose); empty: the environment's.",
